@@ -1,0 +1,40 @@
+"""The GPT-2 tokenizer (tiktoken "r50k_base"), with the document convention of the FineWeb shards."""
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+import tiktoken
+
+ENCODING_NAME = "r50k_base"  # tiktoken's name for the GPT-2 BPE ranks; "gpt2" is the same encoding
+EOT = 50256  # <|endoftext|>; it precedes every document, so it doubles as BOS
+
+
+class TokenizerUnavailable(RuntimeError):
+    """The GPT-2 vocabulary could not be loaded (typically: no internet and no tiktoken cache)."""
+
+
+@functools.cache
+def gpt2_encoding() -> tiktoken.Encoding:
+    """The GPT-2 encoding, loaded once per process."""
+    try:
+        return tiktoken.get_encoding(ENCODING_NAME)
+    except Exception as err:  # tiktoken fails with network, file or hash errors alike
+        raise TokenizerUnavailable(
+            f"could not load the GPT-2 vocabulary (tiktoken {ENCODING_NAME!r}: {type(err).__name__}); "
+            f"connect to the internet once so tiktoken caches it, or set TIKTOKEN_CACHE_DIR to a folder "
+            f"holding the {ENCODING_NAME} file"
+        ) from err
+
+
+def encode_documents(texts: Sequence[str]) -> np.ndarray:
+    """Tokenize `texts` as documents: [EOT, *doc0, EOT, *doc1, ...] as uint16 (special tokens are text)."""
+    encoding = gpt2_encoding()
+    encoded = [encoding.encode_ordinary(text) for text in texts]
+    out = np.empty(sum(len(ids) for ids in encoded) + len(encoded), dtype=np.uint16)
+    at = 0
+    for ids in encoded:
+        out[at] = EOT
+        out[at + 1 : at + 1 + len(ids)] = ids
+        at += 1 + len(ids)
+    return out

@@ -1,0 +1,195 @@
+"""The distributed loader: exact slices of the cyclic stream, world-size invariance, resumption,
+document alignment and the validation batches."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from data import loader as loader_module
+from data.loader import TokenLoader, validation_batches
+from data.shards import ShardError, write_shard
+from data.tokenizer import EOT
+
+E = EOT
+
+
+def make_shards(tmp_path, stream, cuts):
+    """Write `stream` as shards split at positions `cuts`; return their paths in order."""
+    pieces = np.split(np.asarray(stream), cuts)
+    return [write_shard(tmp_path / f"t_train_{i:06d}.bin", piece) for i, piece in enumerate(pieces)]
+
+
+@pytest.fixture
+def counting(tmp_path):
+    """Four shards (the second empty) whose token at stream position p is p, 357 tokens in all."""
+    stream = np.arange(357)
+    return stream, make_shards(tmp_path, stream, [100, 100, 157])
+
+
+def cyclic(stream, start, length):
+    return stream[(start + np.arange(length)) % len(stream)]
+
+
+def test_batches_are_consecutive_slices_of_the_cyclic_stream(counting):
+    stream, files = counting
+    B, T = 3, 16
+    loader = TokenLoader(files, B, T)
+    for call in range(20):  # 20 * 48 tokens: straddles every boundary and wraps twice
+        x, y = loader.next_batch()
+        assert x.dtype == torch.int64 and x.shape == (B, T) and y.shape == (B, T)
+        expected = cyclic(stream, call * B * T, B * T + 1)
+        assert x.flatten().tolist() == expected[:-1].tolist()
+        assert y.flatten().tolist() == expected[1:].tolist()
+
+
+def test_cpu_batches_are_not_pinned(counting):
+    x, y = TokenLoader(counting[1], 2, 8).next_batch()
+    assert x.device.type == "cpu" and not x.is_pinned() and not y.is_pinned()
+
+
+def global_batches(files, world_size, calls, **kwargs):
+    """Per call, the ranks' x and y concatenated in rank order."""
+    loaders = [TokenLoader(files, rank=r, world_size=world_size, **kwargs) for r in range(world_size)]
+    batches = []
+    for _ in range(calls):
+        parts = [ld.next_batch() for ld in loaders]
+        batches.append((torch.cat([x for x, _ in parts]), torch.cat([y for _, y in parts])))
+    return batches
+
+
+def test_two_calls_on_one_rank_read_what_two_ranks_read_in_one_call(counting):
+    files = counting[1]
+    one = global_batches(files, 1, 2, batch_size=2, seq_len=8)
+    two = global_batches(files, 2, 1, batch_size=2, seq_len=8)
+    assert torch.equal(torch.cat([one[0][0], one[1][0]]), two[0][0])
+    assert torch.equal(torch.cat([one[0][1], one[1][1]]), two[0][1])
+
+
+def test_data_per_step_is_the_same_for_any_world_size(counting):
+    files = counting[1]
+    # A step of 8 sequences: 1 rank x 8 micro-batches, 2 ranks x 4, or 8 ranks x 1 (grad accumulation).
+    streams = {}
+    for world_size in (1, 2, 8):
+        batches = global_batches(files, world_size, 3 * 8 // world_size, batch_size=1, seq_len=10)
+        streams[world_size] = torch.cat([x for x, _ in batches])
+    assert streams[1].shape == (24, 10)
+    assert torch.equal(streams[1], streams[2])
+    assert torch.equal(streams[1], streams[8])
+
+
+def test_restored_position_replays_the_same_batches(counting):
+    files = counting[1]
+    first = TokenLoader(files, 2, 16, rank=1, world_size=2)
+    for _ in range(7):
+        first.next_batch()
+    state = first.state_dict()
+    expected = [first.next_batch() for _ in range(5)]
+    resumed = TokenLoader(files, 2, 16, rank=1, world_size=2)
+    resumed.load_state_dict(state)
+    for x, y in expected:
+        rx, ry = resumed.next_batch()
+        assert torch.equal(rx, x) and torch.equal(ry, y)
+
+
+def test_next_shard_is_read_by_the_prefetch_thread(counting, monkeypatch):
+    readers = []
+    real = loader_module.read_shard
+
+    def recording(path):
+        readers.append((path.name, threading.current_thread().name))
+        return real(path)
+
+    monkeypatch.setattr(loader_module, "read_shard", recording)
+    loader = TokenLoader(counting[1], 1, 50)
+    loader.next_batch()  # tokens 0..50, all in shard 0
+    loader.next_batch()  # tokens 50..100: the end of shard 0 and the first token of shard 2
+    assert readers[0] == ("t_train_000000.bin", threading.current_thread().name)
+    assert readers[1][0] == "t_train_000002.bin"
+    assert readers[1][1].startswith("shard-prefetch")
+
+
+# Documents: [E 1 2] [E 3 4 5 6 7 8 9] [E 10]; the shard boundary falls inside the long document.
+DOCS = [E, 1, 2, E, 3, 4, 5, 6, 7, 8, 9, E, 10]
+
+
+def test_aligned_rows_start_at_documents_cut_long_ones_and_wrap(tmp_path):
+    files = make_shards(tmp_path, DOCS, [6])
+    loader = TokenLoader(files, 2, 3, align_to_bos=True)
+    x1, y1 = loader.next_batch()
+    x2, y2 = loader.next_batch()
+    # Row starts: 0; 3 (first EOT at/after 0+3); 11 (the long document's tail is skipped); 16 = 13 + 3
+    # (after wrapping, the first EOT at/after 11+3).
+    rows = [[E, 1, 2, E], [E, 3, 4, 5], [E, 10, E, 1], [E, 3, 4, 5]]
+    assert torch.cat([x1, x2]).tolist() == [row[:-1] for row in rows]
+    assert torch.cat([y1, y2]).tolist() == [row[1:] for row in rows]
+    assert x1.is_contiguous() and y1.is_contiguous()
+
+
+def random_documents(seed, count, max_len):
+    rng = np.random.default_rng(seed)
+    docs = [np.concatenate([[E], rng.integers(0, E, size=rng.integers(0, max_len))]) for _ in range(count)]
+    return np.concatenate(docs)
+
+
+def test_aligned_batches_are_world_size_invariant_and_start_at_eot(tmp_path):
+    files = make_shards(tmp_path, random_documents(0, 60, 40), [300, 700])
+    one = global_batches(files, 1, 4, batch_size=4, seq_len=16, align_to_bos=True)
+    four = global_batches(files, 4, 1, batch_size=4, seq_len=16, align_to_bos=True)
+    x_one = torch.cat([x for x, _ in one])
+    assert torch.equal(x_one, four[0][0])
+    assert torch.equal(torch.cat([y for _, y in one]), four[0][1])
+    assert (x_one[:, 0] == E).all()
+
+
+def test_aligned_restored_position_replays_the_same_batches(tmp_path):
+    files = make_shards(tmp_path, random_documents(1, 50, 30), [400])
+    first = TokenLoader(files, 2, 8, align_to_bos=True)
+    for _ in range(9):
+        first.next_batch()
+    resumed = TokenLoader(files, 2, 8, align_to_bos=True)
+    resumed.load_state_dict(first.state_dict())
+    for _ in range(6):
+        assert torch.equal(first.next_batch()[0], resumed.next_batch()[0])
+
+
+def test_aligned_without_any_eot_says_so(tmp_path):
+    files = make_shards(tmp_path, np.arange(1, 50), [20])
+    with pytest.raises(ShardError, match="needs EOT \\(50256\\) tokens, found none in 2 shards"):
+        TokenLoader(files, 1, 4, align_to_bos=True).next_batch()
+
+
+def test_validation_batches_cover_the_first_tokens_split_across_ranks(counting):
+    stream, files = counting
+    B, T, W = 2, 10, 3
+    per_rank = [list(validation_batches(files, B, T, 2 * W * B * T, rank=r, world_size=W)) for r in range(W)]
+    assert all(len(batches) == 2 for batches in per_rank)
+    seen = torch.cat([per_rank[r][step][0].flatten() for step in range(2) for r in range(W)])
+    assert seen.tolist() == stream[: 2 * W * B * T].tolist()
+
+
+def test_validation_is_the_same_every_time(counting):
+    first = [x for x, _ in validation_batches(counting[1], 2, 8, 64)]
+    again = [x for x, _ in validation_batches(counting[1], 2, 8, 64)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+
+
+def test_validation_tokens_must_be_a_multiple_of_the_global_batch(counting):
+    with pytest.raises(ValueError, match="max_tokens=100 must be a positive multiple of .*=64; use e.g. 64"):
+        validation_batches(counting[1], 2, 8, 100, world_size=4)
+
+
+def test_validation_needs_enough_tokens(counting):
+    with pytest.raises(ShardError, match="holds 357 tokens, fewer than max_tokens=360"):
+        validation_batches(counting[1], 2, 10, 360)
+
+
+def test_loader_rejects_bad_arguments(counting):
+    files = counting[1]
+    with pytest.raises(ValueError, match="rank must be in \\[0, world_size=2\\), got 2"):
+        TokenLoader(files, 1, 8, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="non-empty list of shard paths"):
+        TokenLoader([], 1, 8)
+    with pytest.raises(ValueError, match="non-empty list of shard paths"):
+        TokenLoader(str(files[0]), 1, 8)
