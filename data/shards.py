@@ -9,7 +9,7 @@ File size is exactly 1024 + 2N bytes. This is llm.c's format, used by the FineWe
 import argparse
 import os
 import sys
-import tempfile
+import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -35,16 +35,19 @@ def write_shard(path: str | Path, tokens) -> Path:
     body = _as_token_array(tokens, path)
     header = np.zeros(HEADER_INTS, dtype=HEADER_DTYPE)
     header[:3] = (MAGIC, VERSION, len(body))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A unique hidden name in the same directory, so os.replace is an atomic rename; unlike
+    # tempfile.mkstemp, os.open with 0o666 lets the umask set the usual permissions.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(header.tobytes())
-            f.write(body.tobytes())
+            f.write(body.data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
     return path
@@ -136,7 +139,7 @@ def _as_token_array(tokens, path: Path) -> np.ndarray:
         low, high = int(array.min()), int(array.max())
         if low < 0 or high > 65535:
             raise ShardError(f"{path}: token ids must fit uint16 (0..65535), found ids in [{low}, {high}]")
-    return array.astype(TOKEN_DTYPE, copy=False)
+    return np.ascontiguousarray(array, dtype=TOKEN_DTYPE)
 
 
 def _fsync_dir(directory: Path) -> None:
