@@ -30,11 +30,7 @@ def gpt2_encoding() -> tiktoken.Encoding:
 def encode_documents(texts: Sequence[str]) -> np.ndarray:
     """Tokenize `texts` as documents: [EOT, *doc0, EOT, *doc1, ...] as uint16 (special tokens are text)."""
     encoding = gpt2_encoding()
-    encoded = [encoding.encode_ordinary(text) for text in texts]
-    out = np.empty(sum(len(ids) for ids in encoded) + len(encoded), dtype=np.uint16)
-    at = 0
-    for ids in encoded:
-        out[at] = EOT
-        out[at + 1 : at + 1 + len(ids)] = ids
-        at += 1 + len(ids)
-    return out
+    eot = np.array([EOT], dtype=np.uint32)
+    # With no special token allowed or disallowed this is encode_ordinary, without building a list.
+    parts = [part for text in texts for part in (eot, encoding.encode_to_numpy(text, disallowed_special=()))]
+    return np.concatenate(parts).astype(np.uint16) if parts else np.empty(0, dtype=np.uint16)
