@@ -13,7 +13,10 @@ from data.shards import ShardError, read_shard, write_shard
 
 
 class FakeHub:
-    """Records requests and writes a small valid shard (or a broken file) where the Hub client would."""
+    """Records requests and writes a small valid shard (or a broken file) where the Hub client would.
+
+    Like huggingface_hub with local_dir, it keeps a file already in place rather than fetching it again.
+    """
 
     def __init__(self, broken=False):
         self.calls = []
@@ -22,6 +25,8 @@ class FakeHub:
     def __call__(self, repo_id, filename, directory):
         self.calls.append((repo_id, filename))
         path = directory / filename
+        if path.exists():
+            return str(path)
         if self.broken:
             path.write_bytes(b"<html>rate limited</html>")
         else:

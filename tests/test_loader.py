@@ -125,6 +125,16 @@ def test_aligned_rows_start_at_documents_cut_long_ones_and_wrap(tmp_path):
     assert torch.cat([x1, x2]).tolist() == [row[:-1] for row in rows]
     assert torch.cat([y1, y2]).tolist() == [row[1:] for row in rows]
     assert x1.is_contiguous() and y1.is_contiguous()
+    assert loader.state_dict() == {"position": 16 + 3}
+
+
+def test_aligned_search_wraps_from_the_last_shard_to_the_first(tmp_path):
+    files = make_shards(tmp_path, DOCS, [6])
+    loader = TokenLoader(files, 1, 1, align_to_bos=True)
+    rows = [loader.next_batch()[0].item() for _ in range(4)]
+    # Starts 0, 3, 11, then past the last EOT of the last shard: the first EOT of the next lap, 13.
+    assert rows == [E, E, E, E]
+    assert loader.state_dict() == {"position": 13 + 1}
 
 
 def random_documents(seed, count, max_len):
