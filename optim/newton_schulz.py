@@ -108,8 +108,8 @@ def orthogonalize(
     X = G.reshape(-1, m, n)
     if m > n:
         X = X.mT
-    # Normalize in G's precision (at most the float32 the gradient came in): the norm is a
-    # reduction over many terms and loses more than the matmuls do if taken in bf16.
+    # Normalize in G's own precision, before the cast: the norm sums m·n squares and would lose
+    # more in bf16 than the matmuls do.
     norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
     X = (X / (norm * schedule.scale + schedule.eps)).to(dtype)
     for step in range(steps):

@@ -56,6 +56,31 @@ def singular_values(X: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(X.double())
 
 
+@pytest.mark.parametrize(
+    "name, scale, eps",
+    [
+        ("cubic", 1.0, 1e-7),
+        ("quintic", 1.0, 1e-7),
+        ("muon", 1.0, 1e-7),
+        ("polar_express", 1.01, 1e-7),
+        ("polar_express_speedrun", 1.02, 1e-6),
+    ],
+)
+def test_each_coefficient_set_normalizes_per_matrix_as_specified(name, scale, eps):
+    # ‖G‖_F ~ 1e-6 makes eps visible; steps=0 returns X₀ itself.
+    G = 1e-7 * torch.randn(3, 4, 6, generator=torch.Generator().manual_seed(0), dtype=F64)
+    expected = G / (scale * torch.linalg.norm(G, dim=(-2, -1), keepdim=True) + eps)
+    torch.testing.assert_close(orthogonalize(G, 0, name, dtype=F64), expected, rtol=1e-14, atol=0)
+
+
+def test_polar_express_schedule_has_the_safety_factor_then_the_limit_polynomial():
+    triples = COEFFICIENTS["polar_express"].triples
+    # Algorithm 1's first triple with x ↦ x/1.01 folded in: (a/1.01, b/1.01³, c/1.01⁵).
+    first = (8.28721201814563 / 1.01, -23.595886519098837 / 1.01**3, 17.300387312530933 / 1.01**5)
+    assert triples[0] == pytest.approx(first, rel=1e-15)
+    assert len(triples) == 8 and triples[7] == (1.875, -1.25, 0.375)  # repeats from step 8 on
+
+
 @PROPERTY
 @given(shapes, seeds)
 def test_muon_quintic_lands_in_band(shape, seed):
