@@ -31,7 +31,7 @@ import numpy as np
 from data.shards import ShardError, write_shard
 from data.tokenizer import TokenizerUnavailable, encode_documents, gpt2_encoding
 
-CHUNK_CHARS = 1 << 19  # text per worker task: large enough to amortize inter-process overhead
+CHUNK_BYTES = 1 << 18  # input per worker task: enough to amortize the inter-process overhead
 SPLIT_FIRST_INDEX = {"val": 0, "train": 1}  # FineWeb's numbering
 
 
@@ -42,7 +42,8 @@ class PrepareError(ValueError):
 class Doc(NamedTuple):
     path: str
     line: int  # 0 for a whole text file, else the JSONL line holding the document
-    raw: str  # the text, or the JSONL line
+    raw: bytes | None  # the JSONL line; None for a text file, which the worker reads itself
+    size: int  # bytes of input
 
 
 class Chunk(NamedTuple):
@@ -55,7 +56,7 @@ class Chunk(NamedTuple):
 @dataclass
 class Summary:
     documents: int = 0
-    chars: int = 0
+    bytes: int = 0
     shards: dict[str, list[Path]] = field(default_factory=lambda: {"train": [], "val": []})
     tokens: dict[str, int] = field(default_factory=lambda: {"train": 0, "val": 0})
 
@@ -70,7 +71,7 @@ def find_files(inputs: Iterable[str | Path]) -> list[Path]:
     files = []
     for given in map(Path, inputs):
         if given.is_dir():
-            found = sorted(p for p in given.rglob("*.txt") if p.is_file())
+            found = sorted((p for p in given.rglob("*.txt") if p.is_file()), key=lambda p: p.parts)
             if not found:
                 raise PrepareError(
                     f"{given}: no .txt files in this directory; expected text files to tokenize"
@@ -84,41 +85,43 @@ def find_files(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def read_docs(files: Iterable[Path]) -> Iterator[Doc]:
+    """The documents of `files` in order; only JSONL lines are read here, text files by the workers."""
     for path in files:
-        # newline="" keeps the text exactly as stored (no \r\n translation).
-        with path.open(encoding="utf-8", newline="") as f:
-            try:
-                if path.suffix.lower() != ".jsonl":
-                    yield Doc(str(path), 0, f.read())
-                    continue
-                for number, line in enumerate(f, start=1):
-                    if line.strip():
-                        yield Doc(str(path), number, line)
-            except UnicodeDecodeError as err:
-                raise PrepareError(f"{path}: not UTF-8 text ({err.reason}); convert it to UTF-8") from err
+        if path.suffix.lower() != ".jsonl":
+            yield Doc(str(path), 0, None, path.stat().st_size)
+            continue
+        with path.open("rb") as f:  # bytes: lines split at \n only, and decoded in the workers
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    yield Doc(str(path), number, line, len(line))
 
 
 def make_chunks(docs: Iterable[Doc], jsonl_field: str, val_fraction: float) -> Iterator[Chunk]:
     batch: list[Doc] = []
-    chars = first = 0
+    size = first = 0
     for index, doc in enumerate(docs):
         if not batch:
             first = index
         batch.append(doc)
-        chars += len(doc.raw)
-        if chars >= CHUNK_CHARS:
+        size += doc.size
+        if size >= CHUNK_BYTES:
             yield Chunk(first, batch, jsonl_field, val_fraction)
-            batch, chars = [], 0
+            batch, size = [], 0
     if batch:
         yield Chunk(first, batch, jsonl_field, val_fraction)
 
 
 def document_text(doc: Doc, jsonl_field: str) -> str:
-    if not doc.line:
-        return doc.raw
-    where = f"{doc.path}:{doc.line}"
+    where = f"{doc.path}:{doc.line}" if doc.line else doc.path
     try:
-        record = json.loads(doc.raw)
+        # Decoding bytes ourselves keeps the text exactly as stored (no newline translation).
+        text = (Path(doc.path).read_bytes() if doc.raw is None else doc.raw).decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise PrepareError(f"{where}: not UTF-8 text ({err.reason}); convert it to UTF-8") from err
+    if not doc.line:
+        return text
+    try:
+        record = json.loads(text)
     except json.JSONDecodeError as err:
         raise PrepareError(
             f"{where}: not valid JSON ({err.msg} at column {err.colno}); fix or remove the line"
@@ -201,11 +204,11 @@ class Progress:
         if not self.enabled or (not final and now - self.last < (0.5 if self.tty else 10)):
             return
         self.last = now
-        megabytes = summary.chars / 1e6
+        megabytes = summary.bytes / 1e6
         tokens = sum(summary.tokens.values())
         line = (
-            f"{summary.documents:,} documents, {megabytes:,.1f} M chars -> {tokens:,} tokens "
-            f"({megabytes / max(now - self.start, 1e-9):.2f} M chars/s)"
+            f"{summary.documents:,} documents, {megabytes:,.1f} MB -> {tokens:,} tokens "
+            f"({megabytes / max(now - self.start, 1e-9):.2f} MB/s)"
         )
         print(f"\r{line}" if self.tty else line, end="\n" if final or not self.tty else "", file=sys.stderr)
 
@@ -264,7 +267,7 @@ def prepare(
     chunks = make_chunks(read_docs(files), jsonl_field, val_fraction)
     for chunk, tokens in tokenize_in_order(chunks, workers):
         summary.documents += len(chunk.docs)
-        summary.chars += sum(len(doc.raw) for doc in chunk.docs)
+        summary.bytes += sum(doc.size for doc in chunk.docs)
         for split, writer in writers.items():
             writer.add(tokens[split])
             summary.tokens[split] += len(tokens[split])

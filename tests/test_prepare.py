@@ -88,7 +88,7 @@ def test_output_is_byte_identical_across_runs_and_worker_counts(tmp_path, monkey
     rng = np.random.default_rng(0)
     for i in range(40):
         (corpus / f"{i:02d}.txt").write_text(" ".join(f"w{n}" for n in rng.integers(0, 999, size=50)))
-    monkeypatch.setattr(prepare_module, "CHUNK_CHARS", 1000)  # many chunks, so order really is at stake
+    monkeypatch.setattr(prepare_module, "CHUNK_BYTES", 1000)  # many chunks, so order really is at stake
     outputs = []
     for run, workers in enumerate([1, 2, 2]):
         out = tmp_path / f"out{run}"
