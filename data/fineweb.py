@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from data.shards import ShardError, read_header
+from data.shards import ShardError, count_tokens, read_header
 
 DATA_DIR = Path(__file__).resolve().parent
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
         paths = download_shards(args.dataset, args.train_shards, args.dir)
     except (DownloadError, ShardError, OSError) as err:
         sys.exit(f"error: {err}")
-    tokens = sum(read_header(path) for path in paths)
+    tokens = count_tokens(paths)
     print(f"{len(paths)} shards ({tokens:,} tokens) in {paths[0].parent}")
 
 
