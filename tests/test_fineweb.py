@@ -119,3 +119,11 @@ def test_real_hub_client_offline_gives_one_line_without_traceback(tmp_path):
         "cannot find the requested files in the local cache); unset HF_HUB_OFFLINE (it forbids downloads) "
         "and re-run (complete files are kept)"
     ]
+
+
+def test_command_reports_each_file_and_the_total(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fineweb, "hf_download", FakeHub())
+    fineweb.main(["--train-shards", "2", "--dir", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"[1/3] {tmp_path}/fineweb_val_000000.bin: downloading from kjj0/fineweb10B-gpt2"
+    assert lines[-1] == f"3 shards (6 tokens) in {tmp_path}"  # the stand-in writes 1, 2 and 3 tokens
