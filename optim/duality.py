@@ -14,19 +14,22 @@ import torch
 from .newton_schulz import orthogonalize, polar_reference
 
 
-def _polar(G: torch.Tensor, exact: bool, **newton_schulz) -> torch.Tensor:
-    return polar_reference(G).to(G.dtype) if exact else orthogonalize(G, **newton_schulz)
-
-
-def dualize_linear(G: torch.Tensor, exact: bool = False, **newton_schulz) -> torch.Tensor:
+def dualize_linear(
+    G: torch.Tensor,
+    steps: int = 5,
+    coefficients="muon",
+    dtype: torch.dtype | None = None,
+    exact: bool = False,
+) -> torch.Tensor:
     """Linear, RMS→RMS operator norm ‖W‖ = √(d_in/d_out)·σ_max(W).
 
     G (..., d_out, d_in) = U Σ Vᵀ  ↦  √(d_out/d_in)·U Vᵀ;  dual norm √(d_out/d_in)·‖G‖_nuclear.
-    U Vᵀ comes from `orthogonalize` (keyword arguments steps, coefficients, dtype pass through),
-    or from the float64 SVD when exact=True.
+    U Vᵀ comes from `orthogonalize(G, steps, coefficients, dtype)`, or from the float64 SVD
+    (`polar_reference`) when exact=True.
     """
     d_out, d_in = G.shape[-2:]
-    return _polar(G, exact, **newton_schulz) * math.sqrt(d_out / d_in)
+    polar = polar_reference(G).to(G.dtype) if exact else orthogonalize(G, steps, coefficients, dtype)
+    return polar * math.sqrt(d_out / d_in)
 
 
 def dualize_embed(G: torch.Tensor) -> torch.Tensor:
@@ -40,16 +43,23 @@ def dualize_embed(G: torch.Tensor) -> torch.Tensor:
     return G * torch.where(norm > 0, math.sqrt(G.shape[-1]) / norm, 0.0)
 
 
-def dualize_conv2d(G: torch.Tensor, exact: bool = False, **newton_schulz) -> torch.Tensor:
+def dualize_conv2d(
+    G: torch.Tensor,
+    steps: int = 5,
+    coefficients="muon",
+    dtype: torch.dtype | None = None,
+    exact: bool = False,
+) -> torch.Tensor:
     """Conv2D, norm k²·max over kernel offsets (i, j) of ‖W[:, :, i, j]‖_{RMS→RMS}.
 
     G (..., d_out, d_in, k, k): each offset slice G_ij = U_ij Σ_ij V_ijᵀ ↦ (1/k²)·√(d_out/d_in)·U_ij V_ijᵀ;
     dual norm Σ_ij (1/k²)·√(d_out/d_in)·‖G_ij‖_nuclear. All k² slices go through one batched
-    `orthogonalize` call (or the float64 SVD when exact=True).
+    `orthogonalize` call (or the float64 SVD when exact=True); arguments as for dualize_linear.
     """
     k_h, k_w = G.shape[-2:]
     slices = G.movedim((-2, -1), (-4, -3))  # (..., k, k, d_out, d_in)
-    return dualize_linear(slices, exact, **newton_schulz).movedim((-4, -3), (-2, -1)) / (k_h * k_w)
+    dual = dualize_linear(slices, steps, coefficients, dtype, exact)
+    return dual.movedim((-4, -3), (-2, -1)) / (k_h * k_w)
 
 
 def dualize_sign(G: torch.Tensor) -> torch.Tensor:
