@@ -58,6 +58,9 @@ class Muon(torch.optim.Optimizer):
       of one shape are stacked into one batched call: that stack is the unit a distributed step
       shards across ranks.
 
+    - Adam groups run torch's fused kernel when all their parameters are on CUDA as the group is
+      added (torch.optim.Adam's convention, kept in group["fused"]), its foreach kernel otherwise.
+
     State per parameter: "momentum_buffer", or for adam torch.optim.Adam's "step", "exp_avg",
     "exp_avg_sq"; state_dict()/load_state_dict() are torch's.
     """
