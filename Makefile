@@ -4,13 +4,18 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test train lint
+NGPU   ?= $(shell nvidia-smi -L 2>/dev/null | wc -l | awk '{print ($$1 > 0) ? $$1 : 1}')
+
+.PHONY: help install test train data speedrun bench lint
 .DEFAULT_GOAL := help
 
 help:
 	@echo "make install   create .venv and install pinned requirements"
 	@echo "make test      run the test suite (installs first if needed)"
 	@echo "make train     train (CPU demo by default; see README for presets)"
+	@echo "make data      download FineWeb: the val shard + 9 train shards (enough for the 124M speedrun)"
+	@echo "make speedrun  make data, then the speedrun preset on every visible GPU (torchrun)"
+	@echo "make bench     CPU benchmarks (optimizer, tokenization)"
 	@echo "make lint      ruff check"
 
 install: $(STAMP)
@@ -25,6 +30,16 @@ test: $(STAMP)
 
 train: $(STAMP)
 	$(PY) train_gpt.py $(ARGS)
+
+data: $(STAMP)
+	$(PY) -m data.fineweb --train-shards 9
+
+speedrun: data
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NGPU) train_gpt.py --preset speedrun $(ARGS)
+
+bench: $(STAMP)
+	$(PY) -m bench.optim --device cpu
+	$(PY) -m bench.tokenize
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
