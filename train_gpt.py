@@ -316,6 +316,9 @@ def main(cfg: TrainConfig) -> dict:
         tokens_seen += cfg.tokens_per_step
 
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
+            if world_size > 1:
+                dist.all_reduce(train_loss)
+                train_loss /= world_size
             loss_value = train_loss.item()
             tokens_per_s = cfg.tokens_per_step / step_s
             log.print(f"step {step + 1}/{cfg.max_steps} train_loss {loss_value:.4f} lr {factor:.3f}x "
