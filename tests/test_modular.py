@@ -1,0 +1,67 @@
+"""optim.modular: masses and sensitivities give each atom its share of the step (REFERENCE §1)."""
+
+import pytest
+import torch
+
+from optim import Muon
+from optim.modular import atom, bond, chain, compose, concatenate, modular_groups, modular_norm, step_shares
+
+
+@pytest.mark.parametrize("depth", [1, 2, 5, 16])
+def test_a_chain_of_unit_mass_layers_gives_each_layer_one_over_depth(depth):
+    shares = step_shares(chain([f"w{i}" for i in range(depth)]))
+    assert shares == pytest.approx({f"w{i}": 1 / depth for i in range(depth)}, rel=1e-12)
+
+
+def test_composition_divides_the_inner_share_by_the_outer_sensitivity():
+    # μ = 1 + 3: inner gets (1/4)/ν_outer with ν_outer = 2·1 (the bond, then b), outer gets 3/4.
+    shares = step_shares(compose(atom("a", 1.0), bond(2.0), atom("b", 3.0)))
+    assert shares == pytest.approx({"a": 1 / 8, "b": 3 / 4}, rel=1e-12)
+
+
+def test_concatenation_splits_by_mass():
+    shares = step_shares(concatenate(atom("q", 1.0), atom("k", 1.0), atom("v", 2.0)))
+    assert shares == pytest.approx({"q": 0.25, "k": 0.25, "v": 0.5}, rel=1e-12)
+
+
+@pytest.mark.parametrize("n_blocks", [1, 4, 12])
+def test_gpt_embed_and_head_each_get_one_seventh_for_block_mass_five(n_blocks):
+    blocks = compose(*(atom(f"block{i}", 5 / n_blocks) for i in range(n_blocks)))
+    shares = step_shares(compose(atom("embed"), blocks, atom("head")))
+    assert shares["embed"] == pytest.approx(1 / 7, rel=1e-12)
+    assert shares["head"] == pytest.approx(1 / 7, rel=1e-12)
+    assert sum(shares[f"block{i}"] for i in range(n_blocks)) == pytest.approx(5 / 7, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        chain(["w0", "w1", "w2"]),
+        compose(atom("embed"), concatenate(atom("q"), atom("k", 2.0)), bond(0.5), atom("head", 3.0)),
+        concatenate(compose(atom("a"), bond(2.0), atom("b")), atom("c", 0.5)),
+    ],
+)
+def test_the_dualized_compound_has_modular_norm_exactly_one(module):
+    # Each atom's dualized gradient has norm 1 in its own norm; scaled by its share it has norm = share.
+    shares = step_shares(module)
+    assert modular_norm(module, shares) == pytest.approx(1.0, rel=1e-12)
+
+
+def test_modular_groups_set_each_group_lr_to_lr_times_share():
+    layers = {name: [torch.zeros(4, 4, requires_grad=True)] for name in ("w0", "w1", "w2", "w3")}
+    groups = modular_groups(layers, chain(layers), lr=0.2, kind="hidden", momentum=0.0)
+    assert [g["lr"] for g in groups] == pytest.approx([0.05] * 4, rel=1e-12)
+    opt = Muon(groups)
+    assert all(g["kind"] == "hidden" and g["momentum"] == 0.0 for g in opt.param_groups)
+
+
+def test_modular_groups_refuse_params_that_do_not_match_the_atoms():
+    with pytest.raises(ValueError, match="params name atoms"):
+        modular_groups({"w0": []}, chain(["w0", "w1"]), lr=0.1)
+
+
+def test_an_atom_needs_positive_mass_and_a_unique_name():
+    with pytest.raises(ValueError, match="mass must be > 0"):
+        atom("w", 0.0)
+    with pytest.raises(ValueError, match="appears twice"):
+        step_shares(compose(atom("w"), atom("w")))
