@@ -1,0 +1,34 @@
+"""Shared fixtures: a tiny GPT saved as a checkpoint directory (tools/checkpoint.py's format)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from tools.checkpoint import save_checkpoint
+
+# GPT-2's padded vocabulary, so that sampled ids decode as text; everything else tiny.
+TINY_GPT2 = GPTConfig(vocab_size=50304, n_layer=2, n_head=2, head_dim=8, dim=16, max_seq_len=64,
+                      value_embeds=1)
+
+
+def random_gpt(cfg: GPTConfig, seed: int = 0) -> GPT:
+    """A GPT whose zero-initialized weights (head, output projections) are random too."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(checkpoint directory holding `latest`, the saved model)."""
+    model = random_gpt(TINY_GPT2)
+    directory = tmp_path_factory.mktemp("run") / "checkpoints"
+    shared = dict(model=model.state_dict(), model_config=dataclasses.asdict(TINY_GPT2), config={}, step=7,
+                  loader={})
+    save_checkpoint(directory, 7, shared, per_rank={})
+    return directory, model
