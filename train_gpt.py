@@ -10,11 +10,16 @@ LM head and scalars. Reads top to bottom: config, set-up, data, model, optimizer
 """
 
 import argparse
+import copy
 import dataclasses
 import math
 import os
+import resource
+import shutil
+import signal
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 # Large CPU tensors (the 50304-wide logits) on transparent huge pages: the CPU demo otherwise spends
@@ -29,7 +34,8 @@ from data.shards import ShardError, list_shards  # noqa: E402
 from data.tokenizer import TokenizerUnavailable, gpt2_encoding  # noqa: E402
 from model import GPT, GPT2_EOT, PRESETS  # noqa: E402
 from optim import Muon  # noqa: E402
-from tools.runlog import RunLog  # noqa: E402
+from tools.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint  # noqa: E402
+from tools.runlog import RunLog, WandbSink, code_listing, environment, peak_flops  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -78,6 +84,17 @@ class TrainConfig:
     sample_tokens: int = 64
     sample_prompt: str = "The"
     plot: bool = True
+    # checkpoints: <out-dir>/checkpoints/step_XXXXXX/; resume "auto" continues the run in --out-dir
+    save_every: int = 0
+    resume: str = ""
+    exit_after_steps: int = 0  # save and exit after this many steps of this invocation
+    # record mode: stop at the first validation at or below the target; timing excludes warm-up
+    target_val_loss: float = 0.0
+    warmup_kernel_steps: int = 0  # untimed steps (compile, autotune) whose effects are then undone
+    # wandb (rank 0, opt-in); WANDB_MODE=offline|disabled is honoured
+    wandb: bool = False
+    wandb_project: str = "modular-duality-speedrun"
+    run_name: str = ""
 
 
 PRESETS_TRAIN: dict[str, dict] = {
@@ -90,6 +107,7 @@ PRESETS_TRAIN: dict[str, dict] = {
         batch_size=1, seq_len=48 * 1024, val_every=125, val_tokens=10_485_760, val_seq_len=256 * 1024,
         log_every=1, lr=0.05, embed_lr=0.6, head_lr=0.22, scalar_lr=0.04, embed_map="adam",
         lr_scale="muon", cooldown_frac=0.45, window_start=128, window_end=1792, sample_tokens=0,
+        warmup_kernel_steps=10,
     ),
 }
 
@@ -180,8 +198,18 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+# A rank that waits longer than this in a collective raises instead of hanging. torchrun already ends
+# the job when a rank exits; this covers a peer that is stuck, or gone where this node's torchrun
+# cannot see it. Long enough for the first step's torch.compile and a checkpoint write on rank 0.
+COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+
+
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device) from torchrun's environment; one process if not under torchrun."""
+    """(rank, world_size, device) from torchrun's environment; one process if not under torchrun.
+
+    NCCL on GPUs, gloo on CPU processes: the same code either way, one node or many (torchrun's c10d
+    rendezvous flags). The optimizer then owns gradient synchronization (optim/distributed.py).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return 0, 1, device
@@ -189,25 +217,59 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", device_id=
-                            device if device.type == "cuda" else None)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT,
+                            device_id=device if device.type == "cuda" else None)
     return rank, world_size, device
 
 
-def all_reduce_gradients(model: torch.nn.Module, world_size: int) -> None:
-    """Average gradients over ranks (sum, then divide: gloo has no AVG)."""
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world_size)
-
-
 def main(cfg: TrainConfig) -> dict:
+    """Train; returns {"val_loss", "train_time_s", "step"}. Collective under torchrun."""
     device = resolve_device(cfg.device)
     rank, world_size, device = init_distributed(device)
+    try:
+        return train(cfg, rank, world_size, device)
+    finally:
+        if world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, world_size: int, device: torch.device) -> bool:
+        """True on every rank if any rank was signalled (ranks must leave the loop together)."""
+        flag = torch.tensor(float(self.signal_name is not None), device=device)
+        if world_size > 1:
+            dist.all_reduce(flag)
+        return flag.item() > 0
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def peak_memory(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated (CUDA)"
+    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident (process)"
+
+
+def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> dict:
     master = rank == 0
     out_dir = Path(cfg.out_dir or f"out/{cfg.preset}")
-    log = RunLog(out_dir, enabled=master)
+    checkpoint_dir = out_dir / "checkpoints"
+    resume_from = resolve_checkpoint(cfg.resume, checkpoint_dir) if cfg.resume else None
+    wandb = None
+    if master and cfg.wandb:
+        wandb = WandbSink(cfg.wandb_project, cfg.run_name or None, dataclasses.asdict(cfg), out_dir)
+    log = RunLog(out_dir, enabled=master, append=resume_from is not None, wandb=wandb)
     torch.manual_seed(cfg.seed)
 
     if master and cfg.sample_tokens:
@@ -254,11 +316,37 @@ def main(cfg: TrainConfig) -> dict:
     forward = torch.compile(model, dynamic=False) if use_compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
+    progress = {"step": 0, "train_time": 0.0}  # steps done, seconds spent in training steps
+    if resume_from is not None:
+        shared, own = load_checkpoint(resume_from, rank, world_size)
+        if shared["model_config"] != dataclasses.asdict(model_cfg):
+            raise SystemExit(f"--resume {resume_from}: saved for model {shared['model_config']}, but this "
+                             f"run builds {dataclasses.asdict(model_cfg)}; use the run's original flags")
+        model.load_state_dict(shared["model"])
+        optimizer.load_state_dict(own["optimizer"])
+        loader.load_state_dict(shared["loader"])
+        torch.set_rng_state(own["rng"])
+        progress = {"step": shared["step"], "train_time": shared["train_time"]}
+
+    def save(tag: str) -> None:
+        shared = dict(model=model.state_dict(), model_config=dataclasses.asdict(model_cfg),
+                      config=dataclasses.asdict(cfg), loader=loader.state_dict(), **progress)
+        own = dict(optimizer=optimizer.state_dict(), rng=torch.get_rng_state())
+        path = save_checkpoint(checkpoint_dir, progress["step"], shared, own, rank)
+        log.print(f"checkpoint ({tag}): {path}")
+
     n_params = sum(p.numel() for p in model.parameters())
+    flops_per_token = model.flops_per_token(cfg.seq_len, cfg.window_end or None)
+    peak = peak_flops(device)
+    if resume_from is None:
+        log.print(code_listing(), console=False)
+        log.print(environment(), console=False)
+    log.print(f"config {dataclasses.asdict(cfg)}", console=False)
     log.print(f"preset {cfg.preset}: model {cfg.model} ({n_params / 1e6:.1f}M parameters), data {data_dir}")
     log.print(f"device {device}, world size {world_size}, grad accumulation {grad_accum}, "
               f"{cfg.tokens_per_step:,} tokens/step, compile {use_compile}")
-    log.print(f"config {dataclasses.asdict(cfg)}", console=False)
+    if resume_from is not None:
+        log.print(f"resumed from {resume_from} at step {progress['step']}")
 
     def evaluate(window: int | None) -> float:
         model.eval()
@@ -274,69 +362,120 @@ def main(cfg: TrainConfig) -> dict:
         model.train()
         return total.item() / count
 
+    def train_step(step: int) -> torch.Tensor:
+        """One optimizer step (all micro-batches); returns the loss averaged over ranks and micro-batches."""
+        factor = lr_factor(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+            if group["kind"] != "adam":
+                group["momentum"] = momentum_at(step, cfg)
+        window = window_at(step, cfg)
+        train_loss = torch.zeros((), device=device)
+        for micro_step in range(grad_accum):
+            x, y = loader.next_batch()
+            with autocast:
+                loss = forward(x, y, window=window) / grad_accum
+            # Under torchrun the optimizer averages gradients over ranks itself, sending each bucket
+            # during the last backward as soon as it is complete (optim/distributed.py).
+            with optimizer.sync_gradients(enabled=micro_step == grad_accum - 1):
+                loss.backward()
+            train_loss += loss.detach()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if world_size > 1:
+            dist.all_reduce(train_loss)
+            train_loss /= world_size
+        return train_loss
+
+    if cfg.warmup_kernel_steps and progress["step"] == 0:
+        # Compile and warm the kernels on real steps, then put everything back: the timed run starts
+        # from exactly the state it would have had without warm-up.
+        saved = copy.deepcopy((model.state_dict(), optimizer.state_dict(), loader.state_dict(),
+                               torch.get_rng_state()))
+        t0 = time.perf_counter()
+        for step in range(cfg.warmup_kernel_steps):
+            train_step(step)
+        evaluate(window_at(0, cfg))
+        model.load_state_dict(saved[0])
+        optimizer.load_state_dict(saved[1])
+        loader.load_state_dict(saved[2])
+        torch.set_rng_state(saved[3])
+        log.print(f"warm-up: {cfg.warmup_kernel_steps} steps + 1 validation in "
+                  f"{time.perf_counter() - t0:.1f}s (untimed, state restored)")
+
     # ------------------------------------------------------------------------------------------------
     # Training loop
 
-    train_time = 0.0  # seconds spent in training steps: excludes validation and logging
-    tokens_seen = 0
+    stop = StopRequest()
+    start_step = progress["step"]
     val_loss = float("nan")
-    for step in range(cfg.max_steps + 1):
+    reached_target = False
+    for step in range(start_step, cfg.max_steps + 1):
+        progress["step"] = step
+        if stop.agreed(world_size, device):
+            log.print(f"{stop.signal_name or 'stop'} received: saving and exiting at step {step}")
+            save("on signal")
+            break
         last = step == cfg.max_steps
-        window = window_at(step, cfg)
         if last or (cfg.val_every and step % cfg.val_every == 0):
-            val_loss = evaluate(window)
-            log.print(f"step {step}/{cfg.max_steps} val_loss {val_loss:.4f} train_time {train_time:.1f}s")
-            log.metrics(step=step, val_loss=val_loss, train_time_s=train_time)
+            val_loss = evaluate(window_at(step, cfg))
+            log.print(f"step {step}/{cfg.max_steps} val_loss {val_loss:.4f} "
+                      f"train_time {progress['train_time']:.1f}s")
+            log.metrics(step=step, val_loss=val_loss, train_time_s=progress["train_time"])
+            if cfg.target_val_loss and val_loss <= cfg.target_val_loss:
+                reached_target = True
+                log.print(f"target val_loss {cfg.target_val_loss} reached at step {step} after "
+                          f"{progress['train_time']:.2f}s of training")
+                break
         if last:
             break
 
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        factor = lr_factor(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * factor
-            if group["kind"] != "adam":
-                group["momentum"] = momentum_at(step, cfg)
-        train_loss = torch.zeros((), device=device)
-        for _ in range(grad_accum):
-            x, y = loader.next_batch()
-            with autocast:
-                loss = forward(x, y, window=window) / grad_accum
-            loss.backward()
-            train_loss += loss.detach()
-        if world_size > 1:
-            all_reduce_gradients(model, world_size)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        train_loss = train_step(step).item()  # also a host sync: the step is finished on the device
         step_s = time.perf_counter() - t0
-        train_time += step_s
-        tokens_seen += cfg.tokens_per_step
+        progress["train_time"] += step_s
+        progress["step"] = step + 1
+        if not math.isfinite(train_loss):
+            log.print(f"step {step + 1}: train loss is {train_loss}; stopping. The last good checkpoint is "
+                      f"kept in {checkpoint_dir} (lower --lr or resume with --resume auto)")
+            raise SystemExit(f"error: non-finite train loss ({train_loss}) at step {step + 1}")
 
         if step % cfg.log_every == 0 or step == cfg.max_steps - 1:
-            if world_size > 1:
-                dist.all_reduce(train_loss)
-                train_loss /= world_size
-            loss_value = train_loss.item()
             tokens_per_s = cfg.tokens_per_step / step_s
-            log.print(f"step {step + 1}/{cfg.max_steps} train_loss {loss_value:.4f} lr {factor:.3f}x "
-                      f"step {1000 * step_s:.0f}ms {tokens_per_s:,.0f} tok/s")
-            log.metrics(step=step + 1, train_loss=loss_value, lr=factor * cfg.lr, step_ms=1000 * step_s,
-                        tokens_per_s=tokens_per_s, tokens=tokens_seen)
+            mfu = flops_per_token * tokens_per_s / (peak * world_size) if peak else None
+            mfu_text = f" MFU {100 * mfu:.1f}%" if mfu else ""
+            log.print(f"step {step + 1}/{cfg.max_steps} train_loss {train_loss:.4f} "
+                      f"lr {lr_factor(step, cfg):.3f}x step {1000 * step_s:.0f}ms {tokens_per_s:,.0f} tok/s "
+                      f"({tokens_per_s / world_size:,.0f}/device){mfu_text}")
+            log.metrics(step=step + 1, train_loss=train_loss, lr=lr_factor(step, cfg) * cfg.lr,
+                        step_ms=1000 * step_s, tokens_per_s=tokens_per_s,
+                        tokens_per_s_per_device=tokens_per_s / world_size, mfu=mfu,
+                        tokens=(step + 1) * cfg.tokens_per_step, train_time_s=progress["train_time"])
+        if cfg.save_every and (step + 1) % cfg.save_every == 0:
+            save("periodic")
+        if cfg.exit_after_steps and step + 1 - start_step == cfg.exit_after_steps:
+            save(f"--exit-after-steps {cfg.exit_after_steps}")
+            log.print(f"exiting after {cfg.exit_after_steps} steps; continue with --resume auto")
+            break
+    stop.restore()
 
-    log.print(f"done: {cfg.max_steps} steps, final val_loss {val_loss:.4f}, training time {train_time:.1f}s")
-    if master and cfg.sample_tokens:
+    log.print(f"done: step {progress['step']}/{cfg.max_steps}, val_loss {val_loss:.4f}, "
+              f"training time {progress['train_time']:.1f}s, peak memory {peak_memory(device)}")
+    if master and cfg.sample_tokens and progress["step"] == cfg.max_steps:
         log.print("sample: " + sample_text(model, cfg, device))
     if master and cfg.plot:
         from tools.plot import plot_runs
 
         log.print(f"loss plot: {plot_runs([out_dir], out_dir / 'loss.png')}")
     log.close()
-    if world_size > 1:
-        dist.destroy_process_group()
-    return {"val_loss": val_loss, "train_time_s": train_time}
+    if master and cfg.target_val_loss:
+        record = Path("records") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.preset}.txt"
+        record.parent.mkdir(exist_ok=True)
+        shutil.copyfile(out_dir / "log.txt", record)
+        print(f"record log: {record} (target {'reached' if reached_target else 'NOT reached'})")
+    return {"val_loss": val_loss, "train_time_s": progress["train_time"], "step": progress["step"]}
 
 
 def sample_text(model: GPT, cfg: TrainConfig, device: torch.device) -> str:
