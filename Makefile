@@ -3,10 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The GPU machine has torch but no .venv: bench-gpu falls back to the system python3 there.
+BENCH_PY := $(if $(wildcard $(PY)),$(PY),python3)
 
 NGPU   ?= $(shell nvidia-smi -L 2>/dev/null | wc -l | awk '{print ($$1 > 0) ? $$1 : 1}')
 
-.PHONY: help install test train data speedrun bench lint
+.PHONY: help install test train data speedrun bench bench-gpu lint
 .DEFAULT_GOAL := help
 
 help:
@@ -16,6 +18,7 @@ help:
 	@echo "make data      download FineWeb: the val shard + 9 train shards (enough for the 124M speedrun)"
 	@echo "make speedrun  make data, then the speedrun preset on every visible GPU (torchrun)"
 	@echo "make bench     CPU benchmarks (optimizer, tokenization)"
+	@echo "make bench-gpu the whole GPU benchmark in one command (ARGS=--smoke: toy sizes, runs on a CPU too)"
 	@echo "make lint      ruff check"
 
 install: $(STAMP)
@@ -40,6 +43,9 @@ speedrun: data
 bench: $(STAMP)
 	$(PY) -m bench.optim --device cpu
 	$(PY) -m bench.tokenize
+
+bench-gpu:
+	$(BENCH_PY) -m bench.gpu $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
