@@ -179,16 +179,23 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     def flops_per_token(self, seq_len: int, window: int | None = None) -> float:
-        """Training FLOPs per token: 6 * (matmul parameters) + attention's 6 * L * 2 * H*D * context.
+        """Training FLOPs per token: 6 * (matmul parameters) + sum over layers of 6 * 2 * H*D * context.
 
         Matmul parameters are every Linear weight (blocks and LM head); embeddings are lookups.
-        context is the mean number of keys a query sees: T/2 causal, at most the window.
+        context is the mean number of keys a query sees, (1/T) * sum_t min(t + 1, w), with w the
+        layer's window (long, or half of it on short-window layers; T when attention is full causal).
         """
         cfg = self.config
         matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        context = seq_len / 2 if window is None else min(window, seq_len / 2)
-        attention = 6 * cfg.n_layer * 2 * cfg.n_head * cfg.head_dim * context
-        return 6 * matmul_params + attention
+
+        def mean_context(w: int) -> float:
+            w = min(w, seq_len)
+            return w - w * (w - 1) / (2 * seq_len)
+
+        contexts = [mean_context(seq_len if window is None else
+                                 (window if is_long_window_layer(i, cfg.n_layer) else max(1, window // 2)))
+                    for i in range(cfg.n_layer)]
+        return 6 * matmul_params + 6 * 2 * cfg.n_head * cfg.head_dim * sum(contexts)
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,

@@ -134,3 +134,13 @@ def test_sequence_longer_than_rotary_table_is_refused():
 
 def test_eot_is_gpt2s():
     assert GPT2_EOT == 50256 and PRESETS["124m"].vocab_size % 128 == 0
+
+
+def test_flops_per_token_counts_matmuls_and_each_layers_attention_window():
+    model = GPT(TINY)
+    matmuls = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    per_key = 6 * 2 * TINY.n_head * TINY.head_dim
+    # full causal over T=4: queries see 1, 2, 3, 4 keys -> mean 2.5, in each of the 4 layers
+    assert model.flops_per_token(4) == 6 * matmuls + per_key * 4 * 2.5
+    # window 2 on T=4: long layers (0 and 3) see 1, 2, 2, 2 keys (mean 1.75); short ones (w=1) see 1
+    assert model.flops_per_token(4, window=2) == 6 * matmuls + per_key * (2 * 1.75 + 2 * 1.0)
