@@ -1,10 +1,12 @@
 """Muon: momentum, then the duality map of each parameter's layer kind (REFERENCE §1, §3)."""
 
+import contextlib
 import math
 
 import torch
 from torch.optim.adamw import adamw
 
+from .distributed import Sharding
 from .duality import dualize_conv2d, dualize_embed, dualize_linear, dualize_sign
 from .newton_schulz import orthogonalize, resolve_coefficients
 
@@ -63,6 +65,15 @@ class Muon(torch.optim.Optimizer):
 
     State per parameter: "momentum_buffer", or for adam torch.optim.Adam's "step", "exp_avg",
     "exp_avg_sq"; state_dict()/load_state_dict() are torch's.
+
+    Distributed: when torch.distributed's default process group has more than one rank as the
+    optimizer is built, the optimizer owns gradient synchronization (no DDP wrapper; see
+    optim/distributed.py). Hidden and conv matrices are sharded: each rank receives the averaged
+    gradients of its share of every stack by reduce-scatter, runs momentum and Newton–Schulz on that
+    share only (so holds momentum buffers only for it), and all-gathers the updated matrices; the other
+    kinds are all-reduced and stepped on every rank. Each step equals the one-process step on the
+    gradient averaged over ranks. p.grad keeps this rank's own gradient. Wrap the last micro-step's
+    backward in `sync_gradients()` so communication overlaps it; with one process that is a no-op.
     """
 
     def __init__(
@@ -80,6 +91,8 @@ class Muon(torch.optim.Optimizer):
         adam_betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
     ):
+        # Before the groups are added: add_param_group gives each group its buckets and hooks.
+        self._sharding = Sharding.for_default_group()
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -107,6 +120,28 @@ class Muon(torch.optim.Optimizer):
             # torch.optim.Adam's convention: fused keeps state["step"] on the device, and
             # load_state_dict reads this flag to put it back there.
             group.setdefault("fused", all(p.is_cuda for p in group["params"]))
+        if self._sharding is not None:
+            params = group["params"]
+            stacks = [[params[i] for i in same] for same in _by_shape(params)]
+            self._sharding.add_group(len(self.param_groups) - 1, group, stacks)
+
+    def sync_gradients(self, enabled: bool = True) -> contextlib.AbstractContextManager:
+        """Context for the backward of the last micro-step before step(), when `enabled`.
+
+        Inside it, distributed, each bucket of gradients is sent to the other ranks as soon as its
+        gradients are accumulated, overlapping the rest of backward; outside it (earlier micro-steps)
+        gradients only accumulate. Misuse fails loudly: a backward that adds to gradients already sent
+        raises RuntimeError. Without it, step() sends everything itself (correct, just not overlapped).
+        With one process it does nothing.
+
+            for micro_step in range(grad_accum):
+                with optimizer.sync_gradients(enabled=micro_step == grad_accum - 1):
+                    loss.backward()
+            optimizer.step()
+        """
+        if self._sharding is None or not enabled:
+            return contextlib.nullcontext()
+        return self._sharding.sync_backward()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -114,21 +149,28 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._sharding is not None:
+            self._sharding.step(self.param_groups, self._update)
+            return loss
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if group["kind"] == "adam":
-                self._adam(group, params)
-                continue
-            for same_shape in _by_shape(params):
-                self._apply(group, same_shape, self._dual_updates(group, same_shape))
+            self._update(group, params, [p.grad for p in params])
         return loss
 
-    def _dual_updates(self, group: dict, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """Step `params` by their group's kind, given their gradients (averaged over ranks, if any)."""
+        if not params:
+            return
+        if group["kind"] == "adam":
+            self._adam(group, params, grads)
+            return
+        for same in _by_shape(params):
+            same_params, same_grads = [params[i] for i in same], [grads[i] for i in same]
+            self._apply(group, same_params, self._dual_updates(group, same_params, same_grads))
+
+    def _dual_updates(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]):
         """The updates u of same-shape parameters, with one batched map for the matrix kinds."""
         kind = group["kind"]
-        grads = [p.grad for p in params]
         if kind == "embed":
             grads = [dualize_embed(g) for g in grads]  # before momentum: see the class docstring
         updates = self._momentum(group, params, grads)
@@ -158,7 +200,7 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_mul_(params, 1 - lr * wd)
         torch._foreach_add_(params, updates, alpha=-lr)
 
-    def _adam(self, group: dict, params: list[torch.Tensor]) -> None:
+    def _adam(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         """torch's AdamW math and state layout: foreach on CPU, fused on CUDA."""
         fused = group["fused"]
         for p in params:
@@ -171,7 +213,7 @@ class Muon(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         adamw(
             params,
-            [p.grad for p in params],
+            grads,
             [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states],
             [],
@@ -201,11 +243,11 @@ def _dualize_stack(group: dict, U: torch.Tensor) -> torch.Tensor:
     return orthogonalize(U, **newton_schulz).mul_(LR_SCALES[group["lr_scale"]](d_out, d_in))
 
 
-def _by_shape(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """Split into same shape, dtype and device, in first-seen order: each list becomes one stack."""
-    groups: dict[tuple, list[torch.Tensor]] = {}
-    for p in params:
-        groups.setdefault((p.shape, p.dtype, p.device), []).append(p)
+def _by_shape(params: list[torch.Tensor]) -> list[list[int]]:
+    """Indices of the same shape, dtype and device, in first-seen order: each list becomes one stack."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault((p.shape, p.dtype, p.device), []).append(i)
     return list(groups.values())
 
 
