@@ -8,7 +8,7 @@ BENCH_PY := $(if $(wildcard $(PY)),$(PY),python3)
 
 NGPU   ?= $(shell nvidia-smi -L 2>/dev/null | wc -l | awk '{print ($$1 > 0) ? $$1 : 1}')
 
-.PHONY: help install test train data speedrun bench bench-gpu lint
+.PHONY: help install test train data speedrun bench bench-gpu lint bundle
 .DEFAULT_GOAL := help
 
 help:
@@ -20,6 +20,7 @@ help:
 	@echo "make bench     CPU benchmarks (optimizer, tokenization)"
 	@echo "make bench-gpu the whole GPU benchmark in one command (ARGS=--smoke: toy sizes, runs on a CPU too)"
 	@echo "make lint      ruff check"
+	@echo "make bundle    dist/train_gpt.py: train_gpt.py with its repo modules inlined (record submissions)"
 
 install: $(STAMP)
 
@@ -49,3 +50,6 @@ bench-gpu:
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+bundle: $(STAMP)
+	$(PY) -m tools.bundle --out dist/train_gpt.py
