@@ -32,10 +32,11 @@ import torch.distributed as dist  # noqa: E402
 from data.loader import TokenLoader, validation_batches  # noqa: E402
 from data.shards import ShardError, list_shards  # noqa: E402
 from data.tokenizer import TokenizerUnavailable, gpt2_encoding  # noqa: E402
-from model import GPT, GPT2_EOT, PRESETS  # noqa: E402
+from model import GPT, PRESETS  # noqa: E402
 from optim import Muon  # noqa: E402
 from tools.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint  # noqa: E402
 from tools.runlog import RunLog, WandbSink, code_listing, environment, peak_flops  # noqa: E402
+from tools.sample import sample  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Configuration
@@ -464,7 +465,7 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
     log.print(f"done: step {progress['step']}/{cfg.max_steps}, val_loss {val_loss:.4f}, "
               f"training time {progress['train_time']:.1f}s, peak memory {peak_memory(device)}")
     if master and cfg.sample_tokens and progress["step"] == cfg.max_steps:
-        log.print("sample: " + sample_text(model, cfg, device))
+        log.print("sample: " + sample(model.eval(), cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed))
     if master and cfg.plot:
         from tools.plot import plot_runs
 
@@ -476,16 +477,6 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
         shutil.copyfile(out_dir / "log.txt", record)
         print(f"record log: {record} (target {'reached' if reached_target else 'NOT reached'})")
     return {"val_loss": val_loss, "train_time_s": progress["train_time"], "step": progress["step"]}
-
-
-def sample_text(model: GPT, cfg: TrainConfig, device: torch.device) -> str:
-    """A short continuation of cfg.sample_prompt (temperature 0.8, top-k 40, seeded)."""
-    enc = gpt2_encoding()
-    prompt = torch.tensor([[GPT2_EOT, *enc.encode_ordinary(cfg.sample_prompt)]], device=device)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    model.eval()
-    out = model.generate(prompt, cfg.sample_tokens, temperature=0.8, top_k=40, generator=generator)
-    return enc.decode(out[0, 1:].tolist())
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def write_shard(path: str | Path, tokens) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
@@ -142,8 +142,8 @@ def _as_token_array(tokens, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=TOKEN_DTYPE)
 
 
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every platform lets a directory be opened.
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable (a no-op where a directory cannot be opened)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

@@ -54,7 +54,7 @@ def test_command_line_run_prints_a_sample(tmp_path):
     done = subprocess.run([sys.executable, "train_gpt.py", *flags, "--out-dir", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "sample: " in done.stdout and "final val_loss" in done.stdout
+    assert "sample: " in done.stdout and "done: step 2/2, val_loss" in done.stdout
 
 
 def test_bad_shard_stops_with_one_line_naming_the_file(tmp_path):

@@ -19,18 +19,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data.shards import fsync_dir
+
 
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_file(obj, path: Path) -> None:
@@ -44,7 +38,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save_checkpoint(directory: str | Path, step: int, shared: dict, per_rank: dict, rank: int = 0,
@@ -62,7 +56,7 @@ def save_checkpoint(directory: str | Path, step: int, shared: dict, per_rank: di
         _save_file(shared, tmp / "shared.pt")
     _barrier()
     if rank == 0:
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
