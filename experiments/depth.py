@@ -18,6 +18,7 @@ import time
 from experiments.datasets import load_task
 from experiments.mlp import build, dual_sgd, train
 from experiments.report import (
+    LOSS_CEILING,
     best_lr,
     experiment_parser,
     finite_or_none,
@@ -93,6 +94,7 @@ def plot(results: dict, path):
                title=result["label"] + moves)
         integer_ticks(ax)
         plain_log_y(ax)
+        ax.set_ylim(top=LOSS_CEILING)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"LR transfer across depth, width {results['settings']['width']} MLP, {results['task']}",

@@ -28,7 +28,7 @@ import dataclasses
 import math
 import sys
 import time
-from itertools import pairwise
+from itertools import pairwise, takewhile
 
 import numpy as np
 import torch
@@ -173,10 +173,16 @@ def _loss_or_inf(run: dict) -> float:
 
 
 def steps_to_reach(curve: list, target: float) -> float | None:
-    """First step at which the val curve reaches `target`, interpolating linearly between evaluations."""
-    for (s0, v0), (s1, v1) in pairwise(curve):
-        if v1 is not None and v1 <= target:
-            return s1 - (s1 - s0) * (target - v1) / (v0 - v1) if v0 is not None and v0 > target else s0
+    """First step at which the val curve reaches `target`, interpolating linearly between evaluations.
+
+    None if it never does; a NaN evaluation (None) ends the curve, as divergence ends a run.
+    """
+    valid = list(takewhile(lambda point: point[1] is not None, curve))
+    if valid and valid[0][1] <= target:
+        return valid[0][0]
+    for (s0, v0), (s1, v1) in pairwise(valid):
+        if v1 <= target:
+            return s1 - (s1 - s0) * (target - v1) / (v0 - v1)
     return None
 
 

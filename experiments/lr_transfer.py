@@ -20,6 +20,7 @@ import time
 from experiments.datasets import load_task
 from experiments.mlp import adam, build, dual_sgd, train
 from experiments.report import (
+    LOSS_CEILING,
     best_lr,
     experiment_parser,
     finite_or_none,
@@ -103,6 +104,7 @@ def plot(results: dict, path):
         ax.set(xlabel="log2 learning rate", ylabel="final train loss", title=result["label"] + moves)
         integer_ticks(ax)
         plain_log_y(ax)
+        ax.set_ylim(top=LOSS_CEILING)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(f"LR transfer across width, 3-layer MLP, {results['task']}", fontsize=8)

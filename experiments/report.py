@@ -11,6 +11,9 @@ from pathlib import Path
 import torch
 
 OUT_ROOT = Path("out/experiments")
+# Top of the loss axes: 1.3·ln(10), above the 10-class uniform guess; a run that ends higher made
+# no progress or blew up, and is drawn running off the top.
+LOSS_CEILING = 3.0
 
 
 def experiment_parser(description: str) -> argparse.ArgumentParser:

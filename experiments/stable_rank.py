@@ -140,7 +140,7 @@ def plot(results: dict, path):
         ranks.plot(widths, [r["stable_rank"][key] for r in rows], "o-", ms=4, label=label)
     ranks.plot(widths, [min(w, settings["batch_size"]) for w in widths], "k:", label="min(width, batch)")
     ranks.set(xlabel="width w (hidden layer w×w)", ylabel="stable rank",
-              title=f"stable rank of the hidden-layer update (batch {settings['batch_size']})")
+              title=f"stable rank of the w×w update, batch {settings['batch_size']}")
     for rule, label in (("dual", "dual step (Newton–Schulz)"),
                         ("normalized_gradient", "raw gradient at the same spectral size")):
         moved.plot(widths, [r[rule]["relative_frobenius_change"] for r in rows], "o-", ms=4,
@@ -148,12 +148,14 @@ def plot(results: dict, path):
         moved.plot(widths, [r[rule]["relative_spectral_change"] for r in rows], "x--", ms=4,
                    label=f"{label}: spectral")
     moved.set(xlabel="width w", ylabel="‖W_T − W_0‖ / ‖W_0‖",
-              title=f"hidden weight's movement after {settings['steps']} steps of lr {settings['lr']:g}")
+              title=f"movement of W after {settings['steps']} steps of lr {settings['lr']:g}")
     for ax in (ranks, moved):
         log_ticks(ax, widths)
         plain_log_y(ax)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
+    # room below the lowest line for the legend
+    moved.set_ylim(bottom=min(r["normalized_gradient"]["relative_frobenius_change"] for r in rows) / 4)
     fig.suptitle(f"3-layer MLP, {results['task']}", fontsize=8)
     return save_figure(fig, path)
 
