@@ -6,12 +6,15 @@ passed with --cifar DIR; nothing is downloaded at run time. Without it the exper
 teacher task below, which needs nothing but torch and is the same on every machine.
 """
 
+import argparse
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from experiments.report import int_list
 
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST = "test_batch"
@@ -83,6 +86,16 @@ def _cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.as_tensor(batch[b"labels"], dtype=torch.long)
 
 
+def add_task_flags(parser: argparse.ArgumentParser, sizes: str, help: str) -> argparse.ArgumentParser:
+    """The MLP experiments' flags: --cifar DIR and a comma-separated list of sizes (e.g. --widths)."""
+    parser.add_argument("--cifar", default=None, help="folder of CIFAR-10 python-pickle batches")
+    parser.add_argument(f"--{sizes}", type=int_list, default=None, help=help)
+    return parser
+
+
 def load_task(cifar: Path | None, n_train: int) -> Classification:
-    """CIFAR-10 from `cifar` (its first n_train training images) if given, else the teacher task."""
-    return cifar10(cifar, n_train) if cifar else teacher_task(n_train=n_train)
+    """CIFAR-10 from `cifar` (its first n_train training images) if given, else the teacher task;
+    its name goes to stdout."""
+    task = cifar10(cifar, n_train) if cifar else teacher_task(n_train=n_train)
+    print(f"data: {task.name}")
+    return task

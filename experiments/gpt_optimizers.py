@@ -40,13 +40,14 @@ from data.shards import ShardError, list_shards, read_shard
 from data.tokenizer import EOT, TokenizerUnavailable
 from experiments.report import (
     experiment_parser,
+    finish,
     finite_or_none,
     integer_ticks,
+    mode_settings,
     output_paths,
     pyplot,
     save_figure,
     torch_threads,
-    write_results,
 )
 from model import GPT, GPTConfig
 
@@ -247,12 +248,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = experiment_parser(__doc__)
     parser.add_argument("--steps", type=int, default=None, help="training steps per run")
     args = parser.parse_args(argv)
-    settings = dict(SETTINGS["quick" if args.quick else "full"])
+    settings = mode_settings(args, SETTINGS)
     if args.steps is not None:
         if args.steps < 1:
             parser.error(f"--steps must be >= 1, got {args.steps}")
         settings.update(steps=args.steps, eval_every=max(1, args.steps // 10))
-    json_path, png_path = output_paths(args, NAME)
+    paths = output_paths(args, NAME)
     try:
         corpus = compact_corpus(demo_shards())
     except (ShardError, TokenizerUnavailable) as err:
@@ -260,17 +261,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"demo corpus, vocabulary compacted to {corpus.vocab_size} ids")
     with torch_threads(args.threads):
         outcome = run(corpus, settings, args.seed)
-    results = {"experiment": NAME, "mode": "quick" if args.quick else "full", "seed": args.seed,
-               "vocab_size": corpus.vocab_size, "settings": settings, **outcome}
-    write_results(json_path, NAME, argv, results)
-    plot(results, png_path)
     for contender in outcome["contenders"].values():
         best = contender["best"]
         print(f"{contender['label']:34s} best lr {best['lr']:.5f}, final val loss {best['final_val_loss']}, "
               f"steps to AdamW's final {contender['steps_to_adamw_final']}")
-    print(f"results {json_path}, figure {png_path}")
-    return results
-
+    return finish(NAME, argv, args, paths, {"vocab_size": corpus.vocab_size, "settings": settings, **outcome},
+                  plot)
 
 if __name__ == "__main__":
     main()

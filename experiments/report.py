@@ -67,6 +67,24 @@ def output_paths(args: argparse.Namespace, name: str) -> tuple[Path, Path]:
     return out / f"{name}.json", figure
 
 
+def mode_settings(args: argparse.Namespace, table: dict[str, dict], **flags) -> dict:
+    """A copy of table["quick"] or table["full"], with each flag given (not None) put in its place."""
+    settings = dict(table["quick" if args.quick else "full"])
+    settings.update({key: value for key, value in flags.items() if value is not None})
+    return settings
+
+
+def finish(name: str, argv: list[str], args: argparse.Namespace, paths: tuple[Path, Path],
+           results: dict, plot) -> dict:
+    """Write the results JSON (with the experiment, mode and seed) and plot(results, figure path)."""
+    json_path, png_path = paths
+    results = {"experiment": name, "mode": "quick" if args.quick else "full", "seed": args.seed, **results}
+    write_results(json_path, name, argv, results)
+    plot(results, png_path)
+    print(f"results {json_path}, figure {png_path}")
+    return results
+
+
 def finite_or_none(x: float) -> float | None:
     """A loss for the JSON: None where the run diverged (NaN or inf), which JSON cannot hold."""
     return float(x) if math.isfinite(x) else None

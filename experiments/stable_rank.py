@@ -26,18 +26,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-from experiments.datasets import load_task
+from experiments.datasets import add_task_flags, load_task
 from experiments.mlp import build, dual_sgd, linear_layers
 from experiments.report import (
     experiment_parser,
-    int_list,
+    finish,
     log_ticks,
+    mode_settings,
     output_paths,
     plain_log_y,
     pyplot,
     save_figure,
     torch_threads,
-    write_results,
 )
 from optim import orthogonalize, polar_reference
 
@@ -162,23 +162,15 @@ def plot(results: dict, path):
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
-    parser = experiment_parser(__doc__)
-    parser.add_argument("--cifar", default=None, help="folder of CIFAR-10 python-pickle batches")
-    parser.add_argument("--widths", type=int_list, default=None, help="comma-separated widths")
+    parser = add_task_flags(experiment_parser(__doc__), "widths", "comma-separated widths")
     args = parser.parse_args(argv)
-    settings = dict(SETTINGS["quick" if args.quick else "full"])
-    settings["widths"] = args.widths or settings["widths"]
-    json_path, png_path = output_paths(args, NAME)
+    settings = mode_settings(args, SETTINGS, widths=args.widths)
+    paths = output_paths(args, NAME)
     with torch_threads(args.threads):
         task = load_task(args.cifar, settings["n_train"])
-        print(f"data: {task.name}")
         rows = run(task, settings, args.seed)
-    results = {"experiment": NAME, "mode": "quick" if args.quick else "full", "task": task.name,
-               "seed": args.seed, "settings": settings, "updates": UPDATES, "widths": rows}
-    write_results(json_path, NAME, argv, results)
-    plot(results, png_path)
-    print(f"results {json_path}, figure {png_path}")
-    return results
+    results = {"task": task.name, "settings": settings, "updates": UPDATES, "widths": rows}
+    return finish(NAME, argv, args, paths, results, plot)
 
 
 if __name__ == "__main__":
