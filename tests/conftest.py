@@ -13,13 +13,13 @@ TINY_GPT2 = GPTConfig(vocab_size=50304, n_layer=2, n_head=2, head_dim=8, dim=16,
                       value_embeds=1)
 
 
-def random_gpt(cfg: GPTConfig, seed: int = 0) -> GPT:
-    """A GPT whose zero-initialized weights (head, output projections) are random too."""
+def random_gpt(cfg: GPTConfig, seed: int = 0, scale: float = 0.5) -> GPT:
+    """A GPT whose zero-initialized weights (head, output projections) are random too: N(0, scale²)."""
     torch.manual_seed(seed)
     model = GPT(cfg)
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
+            p.copy_(torch.randn_like(p) * scale)
     return model.eval()
 
 

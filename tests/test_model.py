@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import random_gpt
 
 from model import GPT, GPT2_EOT, PRESETS, GPTConfig
 
@@ -12,14 +13,9 @@ TINY = GPTConfig(vocab_size=256, n_layer=4, n_head=2, head_dim=16, dim=32, max_s
                  bos_token=0)
 
 
-def randomized(cfg: GPTConfig, seed: int = 0) -> GPT:
-    """A model whose zero-initialized weights are made random too, so every path carries signal."""
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.3)
-    return model.eval()
+def randomized(cfg: GPTConfig) -> GPT:
+    """Every weight random (N(0, 0.3²)), so every path, zero-initialized ones too, carries signal."""
+    return random_gpt(cfg, scale=0.3)
 
 
 def tokens(batch: int, length: int, seed: int = 1, low: int = 1) -> torch.Tensor:
