@@ -100,6 +100,7 @@ def sharded_steps(rank: int, world_size: int, tmp: Path) -> None:
         return orthogonalize(G, **kwargs)
 
     counting = mock.patch.object(optim.muon, "orthogonalize", counted_orthogonalize)
+    sent_during_backward = []
     for step in range(STEPS):
         if step == RESTORED_AT:
             halve_lr_after_a_round_trip(opt)
@@ -111,22 +112,29 @@ def sharded_steps(rank: int, world_size: int, tmp: Path) -> None:
             for micro in range(2):
                 with opt.sync_gradients(enabled=micro == 1):
                     sum((params[i] * parts[i][micro]).sum() for i in mine).backward()
+            sent_during_backward.append(opt._sharding.launched)
         ns_calls.clear()
         with counting:
             opt.step()
         opt.zero_grad(set_to_none=True)
         history.append([p.clone() for p in params])
-    state = {i: dict(opt.state[p]) for i, p in enumerate(params) if p in opt.state}
-    torch.save({"history": history, "state": state, "ns_calls": ns_calls}, tmp / f"rank{rank}.pt")
+    state = {i: {key: value.clone() for key, value in opt.state[p].items()}
+             for i, p in enumerate(params) if p in opt.state}
 
     # Misuse: a backward after the synchronized one adds to gradients already sent.
     loss = sum((params[i] * parts[i][0]).sum() for i in mine)
     with opt.sync_gradients():
         loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="accumulated after it was sent"):
+    try:
         loss.backward()
+        misuse_error = None
+    except RuntimeError as error:
+        misuse_error = str(error)
     opt.step()  # completes the collectives the synchronized backward started, on every rank alike
     dist.destroy_process_group()
+    torch.save(dict(history=history, state=state, ns_calls=ns_calls, misuse_error=misuse_error,
+                    sent_during_backward=sent_during_backward, buckets=len(opt._sharding.buckets)),
+               tmp / f"rank{rank}.pt")
 
 
 def reference_steps(world_size: int) -> tuple[list[list[torch.Tensor]], Muon, list[torch.Tensor]]:
@@ -206,6 +214,26 @@ def test_each_rank_orthogonalizes_only_its_share_in_one_call_per_stack(sharded_r
         assert sorted(saved["ns_calls"]) == sorted(expected)  # stacks go in the order their gradients fill
     total = sum(call[0] for saved in ranks for call in saved["ns_calls"])
     assert total == len(SHAPES["hidden"])  # every matrix orthogonalized once, by one rank
+
+
+def test_buckets_are_sent_during_the_synchronized_backward(sharded_run):
+    _, ranks, _ = sharded_run
+    # Step 0's backward only records the order buckets fill in (agreed in step 0's step()). Later
+    # backwards send each bucket once it and those before it in that order are full. On rank 0 that
+    # is all but the Adam bucket holding the parameter no rank has a gradient for, which step() sends.
+    # Other ranks stop earlier, at the chunk holding the matrix only rank 0 has a gradient for.
+    first, *later = (saved["sent_during_backward"] for saved in ranks)
+    assert first == [0, ranks[0]["buckets"] - 1, ranks[0]["buckets"] - 1]
+    for sent, saved in zip(later, ranks[1:], strict=True):
+        assert sent[0] == 0 and 0 < sent[1] == sent[2] < saved["buckets"] - 1
+
+
+def test_a_backward_after_the_synchronized_one_raises(sharded_run):
+    _, ranks, _ = sharded_run
+    for saved in ranks:
+        assert saved["misuse_error"] is not None
+        assert "accumulated after it was sent" in saved["misuse_error"]
+        assert "optimizer.sync_gradients()" in saved["misuse_error"]
 
 
 # ---- train_gpt.py under torchrun ------------------------------------------------------------------
