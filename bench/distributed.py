@@ -1,0 +1,202 @@
+"""Sharding cost: per-rank Newton–Schulz work and time, and bytes sent per step, against world size.
+
+    python -m bench.distributed [--world-sizes 1 2 3 4] [--layers 4] [--dim 256] [--steps 5] [--json PATH]
+
+W gloo processes on the CPU, one thread each, step the hidden matrices of `layers` GPT blocks at width
+`dim` (bench.optim.gpt_hidden_shapes: per layer 4 dim×dim, 4dim×dim, dim×4dim) and their 2 norm gains
+each (Adam) with optim.Muon, float32. Gradients are set directly, so step() does all communication
+(nothing overlaps a backward here). After a warm-up step (which also agrees the launch order), per W:
+
+  newton_schulz   matrices and GFLOP per rank; wall time per rank (the slowest rank, median step)
+  step            wall time of the whole step (the slowest rank, median step)
+  bytes           sent per rank per step, measured on the loopback interface (/proc/net/dev counts
+                  the whole machine, so the least over the steps), and predicted for ring algorithms:
+                  reduce-scatter (W−1)/W·P·(M+1)·4 (+1: the has-gradient flag) and all-gather
+                  (W−1)/W·P·M·4 per stack of n matrices of M elements padded to P = W·⌈n/W⌉;
+                  gloo builds reduce-scatter from an all-reduce, 2(W−1)/W·P·(M+1)·4; the gains'
+                  all-reduce 2(W−1)/W·(k+g)·4 for k elements of g gains
+  all_reduce      the same gradients all-reduced instead, as an all-reduce-then-compute step would
+                  send them: measured, and predicted 2(W−1)/W·(all elements)·4
+
+With more processes than cores (W > 2 on 2 cores) ranks share cores, so per-rank wall times include
+waiting for a core; the GFLOP column is the work itself. Prints a table and writes JSON (default
+bench/results/distributed-cpu-<time>.json).
+"""
+
+import argparse
+import datetime
+import json
+import math
+import statistics
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import optim.muon
+from bench.optim import gpt_hidden_shapes, machine
+from optim import Muon, newton_schulz_flops, orthogonalize
+
+ELEMENT = 4  # bytes: float32
+
+
+def loopback_bytes_sent() -> int | None:
+    """Bytes the loopback interface has sent since boot (every process's), or None off Linux."""
+    try:
+        lines = Path("/proc/net/dev").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            return int(counters.split()[8])
+    return None
+
+
+def problem(layers: int, dim: int) -> list[dict]:
+    """Muon param groups: the blocks' hidden matrices, and their gains (Adam), seeded alike on every rank."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = gpt_hidden_shapes(layers, dim)
+    hidden = [torch.randn(shape, generator=gen) / math.sqrt(shape[1]) for shape in shapes]
+    gains = [torch.ones(dim) for _ in range(2 * layers)]
+    return [dict(params=hidden, kind="hidden"), dict(params=gains, kind="adam")]
+
+
+def set_gradients(groups: list[dict], step: int, rank: int) -> None:
+    gen = torch.Generator().manual_seed(1000 * step + rank)
+    for group in groups:
+        for p in group["params"]:
+            p.grad = torch.randn(p.shape, generator=gen)
+
+
+def predicted_bytes(layers: int, dim: int, world_size: int) -> dict:
+    """Bytes a rank sends per step, ring algorithms (module docstring)."""
+    W = world_size
+    ring = (W - 1) / W
+    stacks = Counter(gpt_hidden_shapes(layers, dim))
+    padded = {shape: W * math.ceil(n / W) for shape, n in stacks.items()}
+    scatter_elements = sum(P * (math.prod(shape) + 1) for shape, P in padded.items())
+    gather_elements = sum(P * math.prod(shape) for shape, P in padded.items())
+    gains = 2 * layers * (dim + 1)  # each gain and its flag
+    all_elements = sum(n * math.prod(shape) for shape, n in stacks.items()) + 2 * layers * dim
+    return dict(
+        sharded=ELEMENT * (ring * scatter_elements + ring * gather_elements + 2 * ring * gains),
+        sharded_gloo=ELEMENT * (2 * ring * scatter_elements + ring * gather_elements + 2 * ring * gains),
+        all_reduce=ELEMENT * 2 * ring * all_elements,
+        padded_matrices=sum(padded.values()),
+    )
+
+
+def rank_worker(rank: int, world_size: int, args: argparse.Namespace, tmp: Path) -> None:
+    """One rank's measurements, written to tmp/rank<r>.json."""
+    torch.set_num_threads(1)
+    if world_size > 1:
+        dist.init_process_group("gloo", init_method=f"file://{tmp / 'store'}", rank=rank,
+                                world_size=world_size)
+    groups = problem(args.layers, args.dim)
+    opt = Muon(groups, lr=0.02, momentum=0.95)
+    ns_seconds, ns_shapes = [0.0], []
+
+    def timed_orthogonalize(G, **kwargs):
+        start = time.perf_counter()
+        out = orthogonalize(G, **kwargs)
+        ns_seconds[0] += time.perf_counter() - start
+        ns_shapes.append(tuple(G.shape))
+        return out
+
+    steps = []
+    with mock.patch.object(optim.muon, "orthogonalize", timed_orthogonalize):
+        for step in range(args.steps + 1):  # step 0: warm-up
+            set_gradients(groups, step, rank)
+            ns_seconds[0], ns_shapes[:] = 0.0, []
+            steps.append(measure(lambda: opt.step(), world_size) | dict(ns_s=ns_seconds[0]))
+    result = dict(steps=steps[1:], ns_shapes=ns_shapes)
+    if world_size > 1:
+        flat = torch.cat([p.grad.reshape(-1) for g in groups for p in g["params"]])
+        result["all_reduce"] = [measure(lambda: dist.all_reduce(flat), world_size) for _ in range(args.steps)]
+        dist.destroy_process_group()
+    (tmp / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def measure(run, world_size: int) -> dict:
+    """Seconds of run() on this rank and loopback bytes sent meanwhile by all ranks, per rank.
+
+    Barriers around it start the ranks together and keep other ranks' traffic out of rank 0's reading.
+    """
+    if world_size == 1:
+        start = time.perf_counter()
+        run()
+        return dict(seconds=time.perf_counter() - start, bytes=0)
+    dist.barrier()
+    before = loopback_bytes_sent()
+    dist.barrier()
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    dist.barrier()
+    after = loopback_bytes_sent()
+    sent = None if before is None else (after - before) / world_size
+    return dict(seconds=seconds, bytes=sent)
+
+
+def run_world(world_size: int, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(rank_worker, args=(world_size, args, Path(tmp)), nprocs=world_size)
+        ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world_size)]
+    report = dict(world_size=world_size, predicted=predicted_bytes(args.layers, args.dim, world_size))
+    report["ns_matrices"] = [sum(s[0] for s in r["ns_shapes"]) for r in ranks]
+    report["ns_gflop"] = [sum(newton_schulz_flops(s) for s in r["ns_shapes"]) / 1e9 for r in ranks]
+    report["ns_ms"] = [1e3 * statistics.median(s["ns_s"] for s in r["steps"]) for r in ranks]
+    report["step_ms"] = [1e3 * statistics.median(s["seconds"] for s in r["steps"]) for r in ranks]
+    # Rank 0 read the counter; other processes on the machine can only add to it.
+    report["bytes"] = min(s["bytes"] for s in ranks[0]["steps"]) if world_size > 1 else 0
+    if world_size > 1:
+        report["all_reduce_bytes"] = min(s["bytes"] for s in ranks[0]["all_reduce"])
+        report["all_reduce_ms"] = 1e3 * statistics.median(s["seconds"] for s in ranks[0]["all_reduce"])
+    return report
+
+
+def print_report(report: dict) -> None:
+    print(f"\n{report['machine']}\n{report['problem']}")
+    header = (f"{'W':>2} {'NS matrices/rank':>17} {'NS GFLOP/rank':>14} {'NS ms/rank':>11} {'step ms':>8} "
+              f"{'MB/rank measured':>17} {'pred. gloo':>11} {'pred. ring':>11} {'all-reduce MB':>14}")
+    print(header)
+    for w in report["world_sizes"]:
+        gloo, ring = w["predicted"]["sharded_gloo"] / 1e6, w["predicted"]["sharded"] / 1e6
+        all_reduce = f"{w['all_reduce_bytes'] / 1e6:.2f}" if w["world_size"] > 1 else "-"
+        print(f"{w['world_size']:>2} {max(w['ns_matrices']):>17} {max(w['ns_gflop']):>14.2f} "
+              f"{max(w['ns_ms']):>11.0f} {max(w['step_ms']):>8.0f} {w['bytes'] / 1e6:>17.2f} "
+              f"{gloo:>11.2f} {ring:>11.2f} {all_reduce:>14}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
+    parser.add_argument("--json", type=Path, help="where to write results (bench/results/distributed-*.json)")
+    args = parser.parse_args(argv)
+    shapes = Counter(gpt_hidden_shapes(args.layers, args.dim))
+    report = dict(
+        date=datetime.date.today().isoformat(),
+        machine=machine(torch.device("cpu")) | dict(threads_per_rank=1),
+        problem=f"{args.layers} layers at dim {args.dim}: stacks {dict(shapes)}, {2 * args.layers} gains",
+        world_sizes=[run_world(w, args) for w in args.world_sizes],
+    )
+    print_report(report)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = args.json or Path("bench/results") / f"distributed-cpu-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
