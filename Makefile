@@ -17,7 +17,7 @@ help:
 	@echo "make train     train (CPU demo by default; see README for presets)"
 	@echo "make data      download FineWeb: the val shard + 9 train shards (enough for the 124M speedrun)"
 	@echo "make speedrun  make data, then the speedrun preset on every visible GPU (torchrun)"
-	@echo "make bench     CPU benchmarks (optimizer, tokenization)"
+	@echo "make bench     CPU benchmarks (optimizer, tokenization, distributed sharding)"
 	@echo "make bench-gpu the whole GPU benchmark in one command (ARGS=--smoke: toy sizes, runs on a CPU too)"
 	@echo "make lint      ruff check"
 	@echo "make bundle    dist/train_gpt.py: train_gpt.py with its repo modules inlined (record submissions)"
@@ -44,6 +44,7 @@ speedrun: data
 bench: $(STAMP)
 	$(PY) -m bench.optim --device cpu
 	$(PY) -m bench.tokenize
+	$(PY) -m bench.distributed
 
 bench-gpu:
 	$(BENCH_PY) -m bench.gpu $(ARGS)
