@@ -34,7 +34,7 @@ from data.shards import ShardError, list_shards  # noqa: E402
 from data.tokenizer import TokenizerUnavailable, gpt2_encoding  # noqa: E402
 from model import GPT, PRESETS  # noqa: E402
 from optim import Muon  # noqa: E402
-from tools.checkpoint import load_checkpoint, resolve_checkpoint, save_checkpoint  # noqa: E402
+from tools.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint  # noqa: E402
 from tools.runlog import RunLog, WandbSink, code_listing, environment, peak_flops  # noqa: E402
 from tools.sample import sample  # noqa: E402
 
@@ -482,5 +482,5 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
 if __name__ == "__main__":
     try:
         main(parse_config())
-    except (ShardError, TokenizerUnavailable) as error:  # bad data or no vocabulary: one line, no traceback
+    except (ShardError, TokenizerUnavailable, CheckpointError) as error:  # one line, no traceback
         raise SystemExit(f"error: {error}") from None
