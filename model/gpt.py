@@ -132,8 +132,8 @@ PRESETS: dict[str, GPTConfig] = {
     "124m": GPTConfig(max_seq_len=65536, long_window_layers=(0, 4, 7, 11), attention_free_layers=(7,),
                       **RECORD),
     # Deeper shapes take the record's head, value scaling and dtypes, which do not depend on depth.
-    # They keep attention in every block: the record dropped layer 7 by ablation at 12 layers, and
-    # nothing says which blocks can go at 24 or 48. Long windows follow the default mirrored rule.
+    # They keep attention in every block: the record drops layer 7's at 12 layers, and no measurement
+    # says which blocks could go at 24 or 48. Long windows follow the default mirrored rule.
     "350m": GPTConfig(n_layer=24, n_head=8, head_dim=128, dim=1024, max_seq_len=65536, **RECORD),
     "1.5b": GPTConfig(n_layer=48, n_head=25, head_dim=64, dim=1600, max_seq_len=65536, **RECORD),
 }
