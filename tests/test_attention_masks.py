@@ -37,14 +37,12 @@ def random_cases(n: int, seed: int, max_len: int = 900):
         yield length, window, random_documents(2, length, mean_docs, g)
 
 
-def elementwise_rule(window: int | None, docs: torch.Tensor | None):
+def elementwise_rule(length: int, window: int | None, docs: torch.Tensor | None):
+    """The rule as a mask_mod, read off the dense (T, T) mask that the SDPA back end uses."""
+    dense = dense_mask(length, None if window is None else torch.tensor(window), docs, "cpu")
+
     def mask_mod(b, h, q_idx, kv_idx):
-        allowed = q_idx >= kv_idx
-        if window is not None:
-            allowed = allowed & (q_idx - kv_idx < window)
-        if docs is not None:
-            allowed = allowed & (docs[b, q_idx] == docs[b, kv_idx])
-        return allowed
+        return dense[b if docs is not None else 0, 0, q_idx, kv_idx]
 
     return mask_mod
 
@@ -59,7 +57,8 @@ def test_block_mask_equals_the_elementwise_definition():
     # from that; ours must give the same kv and q block lists (counts and order), exactly.
     for length, window, docs in random_cases(40, seed=0):
         got = flex_block_mask(length, torch.tensor(window), docs, "cpu")
-        expected = create_block_mask(elementwise_rule(window, docs), 2, None, length, length, device="cpu")
+        expected = create_block_mask(elementwise_rule(length, window, docs), 2, None, length, length,
+                                     device="cpu")
         assert_same_block_mask(got, expected, f"T={length}, window={window}, docs={docs[:, -1].tolist()}")
 
 
@@ -67,8 +66,8 @@ def test_block_mask_equals_the_elementwise_definition():
 def test_block_mask_without_window_or_documents_equals_the_elementwise_definition(window, with_docs):
     docs = random_documents(2, 700, 4, torch.Generator().manual_seed(1)) if with_docs else None
     got = flex_block_mask(700, None if window is None else torch.tensor(window), docs, "cpu")
-    expected = create_block_mask(elementwise_rule(window, docs), 2 if with_docs else None, None, 700, 700,
-                                 device="cpu")
+    batch = 2 if with_docs else None
+    expected = create_block_mask(elementwise_rule(700, window, docs), batch, None, 700, 700, device="cpu")
     assert_same_block_mask(got, expected, f"window={window}, docs={with_docs}")
 
 
