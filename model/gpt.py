@@ -29,11 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from data.tokenizer import EOT, VOCAB_SIZE
 from model.attention import Rotary, attend, build_mask, document_ids, short_window
-
-GPT2_EOT = 50256  # <|endoftext|>: precedes every document, so it doubles as BOS
-GPT2_VOCAB = 50257  # real GPT-2 vocabulary; the model pads its tables to a multiple of 128
-
 
 SOFTCAPS = ("tanh", "sigmoid")
 CUDA_DTYPES = ("float32", "bfloat16")
@@ -83,7 +80,7 @@ class GPTConfig:
     sigmoid_softcap_scale: float = 7.5
     attn_scale: float = 0.12
     rope_base: float = 1024.0
-    bos_token: int = GPT2_EOT
+    bos_token: int = EOT
     document_masking: bool = True
     attention: str = "auto"
     long_window_layers: tuple[int, ...] | None = None
@@ -337,7 +334,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 vocab_limit: int = GPT2_VOCAB, generator: torch.Generator | None = None) -> Tensor:
+                 vocab_limit: int = VOCAB_SIZE, generator: torch.Generator | None = None) -> Tensor:
         """Sample max_new_tokens tokens after idx (B, T); returns (B, T + max_new_tokens).
 
         Only ids < vocab_limit are sampled (the table is padded past the tokenizer's vocabulary).

@@ -8,7 +8,8 @@ import torch
 import torch._dynamo
 from conftest import random_gpt
 
-from model import GPT, GPT2_EOT, PRESETS, GPTConfig
+from data.tokenizer import EOT
+from model import GPT, PRESETS, GPTConfig
 from model.gpt import long_window_layers
 
 TINY = GPTConfig(vocab_size=256, n_layer=4, n_head=2, head_dim=16, dim=32, max_seq_len=64, value_embeds=2,
@@ -131,7 +132,7 @@ def test_sequence_longer_than_rotary_table_is_refused():
 
 
 def test_eot_is_gpt2s():
-    assert GPT2_EOT == 50256 and PRESETS["124m"].vocab_size % 128 == 0
+    assert EOT == 50256 and PRESETS["124m"].vocab_size % 128 == 0
 
 
 def test_flops_per_token_counts_matmuls_and_each_layers_attention_window():
