@@ -36,7 +36,7 @@ class Kind:
     the gradient is dualized and momentum averages the results (embed), instead of the momentum
     being dualized (every other kind). shard: MATRIX, ROW or ELEMENT. ndim: the fewest and most
     dims a parameter may have (None: no limit). lr_scale: the group's lr_scale rule (LR_SCALES)
-    multiplies the map; otherwise the map's own norm fixes the update's size.
+    multiplies a MATRIX kind's map; otherwise the map's own norm fixes the update's size.
     """
 
     name: str

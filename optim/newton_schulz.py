@@ -99,15 +99,13 @@ def default_dtype(device: torch.device) -> torch.dtype:
     """
     if device.type == "cuda":
         return torch.bfloat16
-    if device.type == "cpu" and _cpu_has_bf16_dot_product():
+    if device.type == "cpu" and CPU_HAS_BF16_DOT_PRODUCT:
         return torch.bfloat16
     return torch.float32
 
 
-@functools.cache
-def _cpu_has_bf16_dot_product() -> bool:
-    detect = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # absent on non-x86 builds
-    return bool(detect and detect())
+# Detected once, at import: a constant that code under torch.compile can read (the probe cannot be traced).
+CPU_HAS_BF16_DOT_PRODUCT = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def orthogonalize(
@@ -128,7 +126,8 @@ def orthogonalize(
     `compile`: None compiles on CUDA only, True compiles anywhere, False never, a torch.compile
     backend (name or callable) compiles with it. Compiled means torch.compile(fullgraph=True,
     dynamic=False), built lazily at the first call: one graph per stack shape, dtype and schedule,
-    none of them broken (no Python branch depends on tensor values).
+    none of them broken (no Python branch depends on tensor values). Called from code torch.compile is
+    tracing, it adds its iteration to that graph instead.
     """
     schedule = resolve_coefficients(coefficients)
     triples = tuple(schedule.triples[min(step, len(schedule.triples) - 1)] for step in range(steps))
@@ -136,7 +135,7 @@ def orthogonalize(
     backend = ("inductor" if G.is_cuda else None) if compile is None else compile
     if backend is True:
         backend = "inductor"
-    if backend:
+    if backend and not torch.compiler.is_compiling():  # inside a traced caller the caller's graph has it
         iterate = _compiled_newton_schulz(backend)
     return iterate(G, triples, schedule.scale, schedule.eps, dtype or default_dtype(G.device))
 

@@ -230,7 +230,7 @@ def test_bad_coefficients_are_rejected(bad):
 @pytest.mark.parametrize("bf16_dot_product, expected", [(True, torch.bfloat16), (False, torch.float32)])
 def test_the_cpu_default_precision_follows_the_hardware(bf16_dot_product, expected):
     G = torch.randn(6, 10, generator=torch.Generator().manual_seed(3), dtype=F64)
-    with mock.patch.object(optim.newton_schulz, "_cpu_has_bf16_dot_product", lambda: bf16_dot_product):
+    with mock.patch.object(optim.newton_schulz, "CPU_HAS_BF16_DOT_PRODUCT", bf16_dot_product):
         assert default_dtype(torch.device("cpu")) == expected
         X = orthogonalize(G)
     assert X.dtype == F64  # the input's dtype, whatever the iteration's
@@ -263,6 +263,19 @@ def test_compiles_in_one_graph_per_stack_shape_with_no_breaks():
         torch._dynamo.reset()
     for G, X in zip(stacks, compiled, strict=True):
         torch.testing.assert_close(X, orthogonalize(G, 5, "polar_express", compile=False), rtol=0, atol=0)
+
+
+def test_a_compiled_caller_traces_through_it_in_one_graph():
+    counter = CompileCounter()
+    G = torch.randn(3, 8, 12, generator=torch.Generator().manual_seed(6))
+    caller = torch.compile(lambda G: 2 * orthogonalize(G, compile=True), backend=counter, fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        X = caller(G)
+        assert counter.frame_count == 1  # no compile inside the trace: the caller's graph holds it
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(X, 2 * orthogonalize(G, compile=False), rtol=0, atol=0)
 
 
 def test_compiles_on_cuda_only_by_default():
