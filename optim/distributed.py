@@ -182,8 +182,8 @@ class DataParallel:
     def close(self) -> None:
         if self.closed:
             return
-        for bucket in self.buckets[: self.launched]:
-            bucket.work.wait()
+        for i in (self.order or [])[: self.launched]:  # sent by a backward no step followed
+            self.buckets[i].work.wait()
         self._remove_hooks()
         dist.destroy_process_group(self.group)
         self.group = None  # the last reference: its threads end with it
@@ -226,11 +226,11 @@ class DataParallel:
                 partial(_on_gradient, weakref.ref(self), bucket))
 
     def _broadcast(self, params: list[torch.Tensor]) -> None:
-        by_kind: dict[tuple, list[torch.Tensor]] = {}
+        by_type: dict[tuple, list[torch.Tensor]] = {}
         for p in params:
-            by_kind.setdefault((p.dtype, p.device), []).append(p)
+            by_type.setdefault((p.dtype, p.device), []).append(p)
         with torch.no_grad():
-            for same in by_kind.values():
+            for same in by_type.values():
                 flat = torch.cat([p.reshape(-1) for p in same])
                 dist.broadcast(flat, src=self.source, group=self.group)
                 pieces = flat.split([p.numel() for p in same])
