@@ -126,8 +126,9 @@ def orthogonalize(
     `compile`: None compiles on CUDA only, True compiles anywhere, False never, a torch.compile
     backend (name or callable) compiles with it. Compiled means torch.compile(fullgraph=True,
     dynamic=False), built lazily at the first call: one graph per stack shape, dtype and schedule,
-    none of them broken (no Python branch depends on tensor values). Called from code torch.compile is
-    tracing, it adds its iteration to that graph instead.
+    none of them broken (no Python branch depends on tensor values); torch's recompile limit (8 by
+    default) bounds how many a process compiles. Called from code torch.compile is tracing, it adds
+    its iteration to that graph instead.
     """
     schedule = resolve_coefficients(coefficients)
     triples = tuple(schedule.triples[min(step, len(schedule.triples) - 1)] for step in range(steps))
