@@ -39,7 +39,7 @@ from bench.optim import gpt_hidden_shapes, machine, orthogonalize_each, stacks
 from model import GPT, GPT2_VOCAB, PRESETS, GPTConfig
 from optim import COEFFICIENTS, Muon, newton_schulz_flops
 from tools.runlog import peak_flops
-from train_gpt import PRESETS_TRAIN, TrainConfig, build_optimizer
+from training.recipe import PRESETS_TRAIN, TrainConfig, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 NS_STEPS = 5
