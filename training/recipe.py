@@ -151,6 +151,17 @@ def build_optimizer(model: GPT, cfg: TrainConfig) -> Muon:
     ]
     counted = sum(p.numel() for g in groups for p in g["params"])
     assert counted == sum(p.numel() for p in model.parameters()), "a parameter is missing from the groups"
+    for group in groups:
+        group["initial_lr"] = group["lr"]  # the base that schedule() multiplies by lr_factor
     return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                 ns_steps=cfg.ns_steps, ns_coefficients=cfg.ns_coefficients, lr_scale=cfg.lr_scale,
                 adam_betas=cfg.adam_betas, adam_eps=cfg.adam_eps)
+
+
+def schedule(optimizer: Muon, step: int, cfg: TrainConfig) -> None:
+    """Set this step's lr in every group (its initial_lr × lr_factor) and momentum in the Muon groups."""
+    factor = lr_factor(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+        if group["kind"] != "adam":
+            group["momentum"] = momentum_at(step, cfg)

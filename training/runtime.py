@@ -41,6 +41,19 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return rank, world_size, device
 
 
+def close_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """`value` averaged over every rank, in place (collective under torchrun; one process: itself)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value
+
+
 class StopRequest:
     """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
 
@@ -51,10 +64,10 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self, world_size: int, device: torch.device) -> bool:
+    def agreed(self, device: torch.device) -> bool:
         """True on every rank if any rank was signalled (ranks must leave the loop together)."""
         flag = torch.tensor(float(self.signal_name is not None), device=device)
-        if world_size > 1:
+        if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flag)
         return flag.item() > 0
 
