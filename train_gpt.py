@@ -34,14 +34,25 @@ from model import GPT, PRESETS  # noqa: E402
 from tools.checkpoint import resolve_checkpoint  # noqa: E402
 from tools.runlog import RunLog, WandbSink, code_listing, environment, peak_flops  # noqa: E402
 from tools.sample import sample  # noqa: E402
-from training.recipe import TrainConfig, build_optimizer, lr_factor, parse_config, schedule, window_at  # noqa: E402
+from training.recipe import (  # noqa: E402
+    BatchLayout,
+    TrainConfig,
+    batch_layout,
+    build_optimizer,
+    lr_factor,
+    parse_config,
+    schedule,
+    window_at,
+)
 from training.runtime import (  # noqa: E402
     StopRequest,
+    check_writable,
     close_distributed,
     init_distributed,
     mean_over_ranks,
     peak_memory,
     resolve_device,
+    world_size_from_env,
 )
 from training.state import RunState, count_over_ranks, load_run, save_run  # noqa: E402
 
@@ -50,27 +61,33 @@ from training.state import RunState, count_over_ranks, load_run, save_run  # noq
 
 
 def main(cfg: TrainConfig) -> dict:
-    """Train; returns {"val_loss", "train_time_s", "step"}. Collective under torchrun."""
+    """Train; returns {"val_loss", "train_time_s", "step"}. Collective under torchrun.
+
+    What can be checked before any process group or file exists is checked first, each failure one line.
+    """
+    layout = batch_layout(cfg, world_size_from_env())
+    cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or f"out/{cfg.preset}")
+    check_writable(Path(cfg.out_dir), "--out-dir")
+    check_writable(Path(cfg.out_dir) / "checkpoints", "the checkpoint folder of --out-dir")
     device = resolve_device(cfg.device)
     rank, world_size, device = init_distributed(device)
     try:
-        return train(cfg, rank, world_size, device)
+        return train(cfg, layout, rank, world_size, device)
     finally:
         close_distributed()
 
 
-def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) -> dict:
-    out_dir = Path(cfg.out_dir or f"out/{cfg.preset}")
-    grad_accum = micro_steps(cfg, world_size)
+def train(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, device: torch.device) -> dict:
+    out_dir = Path(cfg.out_dir)
     resume_from = resolve_checkpoint(cfg.resume, out_dir / "checkpoints") if cfg.resume else None
     torch.manual_seed(cfg.seed)
     if rank == 0 and cfg.sample_tokens:
         gpt2_encoding()  # fail now, not after training, if the GPT-2 vocabulary cannot be loaded
 
     data_dir = shard_dir(cfg, rank, world_size)
-    loader = TokenLoader(list_shards(data_dir, "train"), cfg.batch_size, cfg.seq_len, rank=rank,
+    loader = TokenLoader(list_shards(data_dir, "train"), layout.micro_batch, cfg.seq_len, rank=rank,
                          world_size=world_size, device=device)
-    val_batches = partial(validation_batches, list_shards(data_dir, "val"), cfg.batch_size, cfg.val_seq_len,
+    val_batches = partial(validation_batches, list_shards(data_dir, "val"), layout.val_batch, cfg.val_seq_len,
                           cfg.val_tokens, rank=rank, world_size=world_size, device=device)
     val_batches()  # refuses now, not at the first validation, if the val split is too short
 
@@ -79,6 +96,9 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
     run = RunState(model, build_optimizer(model, cfg), loader)
     if resume_from is not None:
         load_run(run, resume_from, rank, world_size, dataclasses.asdict(model_cfg))
+        if run.step > cfg.max_steps:
+            raise SystemExit(f"error: --max-steps {cfg.max_steps}: --resume {resume_from} is at step "
+                             f"{run.step}, past the end; pass --max-steps {run.step} or more")
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     forward = torch.compile(model, dynamic=False) if compiled else model
 
@@ -86,11 +106,14 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
     log = open_log(cfg, out_dir, rank, resumed=resume_from is not None)
     n_params = sum(p.numel() for p in model.parameters())
     log.print(f"preset {cfg.preset}: model {cfg.model} ({n_params / 1e6:.1f}M parameters), data {data_dir}")
-    log.print(f"device {device}, world size {world_size}, grad accumulation {grad_accum}, "
-              f"{cfg.tokens_per_step:,} tokens/step, compile {compiled}")
+    log.print(f"device {device}, compile {compiled}, {cfg.tokens_per_step:,} tokens/step = {world_size} "
+              f"processes x {layout.micro_batch} sequences x {cfg.seq_len} tokens x {layout.grad_accum} "
+              f"micro-batches")
     if resume_from is not None:
         log.print(f"resumed from {resume_from} at step {run.step}")
-    step = partial(train_step, forward=forward, cfg=cfg, grad_accum=grad_accum, device=device)
+    elif cfg.resume == "auto":
+        log.print(f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}; a new run starts at step 0")
+    step = partial(train_step, forward=forward, cfg=cfg, grad_accum=layout.grad_accum, device=device)
     validate = partial(evaluate, forward, model, val_batches, device=device)
     if cfg.warmup_kernel_steps and run.step == 0:
         warm_up(run, step, validate, cfg, log)
@@ -100,19 +123,6 @@ def train(cfg: TrainConfig, rank: int, world_size: int, device: torch.device) ->
     throughput = Throughput(cfg.tokens_per_step, world_size, flops_per_token, peak_flops(device))
     val_loss, reached_target = loop(run, step, validate, save, cfg, log, throughput, device)
     return finish(run, cfg, log, out_dir, rank, val_loss, reached_target, device)
-
-
-def micro_steps(cfg: TrainConfig, world_size: int) -> int:
-    """Micro-batches per optimizer step: tokens_per_step = world_size × batch_size × seq_len × this."""
-    micro_tokens = world_size * cfg.batch_size * cfg.seq_len
-    if cfg.tokens_per_step % micro_tokens:
-        raise SystemExit(f"--tokens-per-step {cfg.tokens_per_step} must be a multiple of world_size x "
-                         f"--batch-size x --seq-len = {world_size} x {cfg.batch_size} x {cfg.seq_len}")
-    val_micro_tokens = world_size * cfg.batch_size * cfg.val_seq_len
-    if cfg.val_tokens % val_micro_tokens:
-        raise SystemExit(f"--val-tokens {cfg.val_tokens} must be a multiple of world_size x --batch-size x "
-                         f"--val-seq-len = {world_size} x {cfg.batch_size} x {cfg.val_seq_len}")
-    return cfg.tokens_per_step // micro_tokens
 
 
 def shard_dir(cfg: TrainConfig, rank: int, world_size: int) -> Path:
@@ -310,6 +320,6 @@ def finish(run: RunState, cfg: TrainConfig, log: RunLog, out_dir: Path, rank: in
 
 if __name__ == "__main__":
     try:
-        main(parse_config())
+        main(parse_config(description=__doc__))
     except (ShardError, TokenizerUnavailable) as error:  # bad data or no vocabulary: one line, no traceback
         raise SystemExit(f"error: {error}") from None

@@ -9,6 +9,7 @@ so a crashed run keeps everything it logged; a resumed run appends to them.
 
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -82,14 +83,16 @@ def environment() -> str:
 class WandbSink:
     """wandb on rank 0; imported lazily. Any failure (not installed, not logged in, network down)
     prints one warning and turns the sink off: logging must never stop training.
-    WANDB_MODE=offline|disabled is honoured by wandb itself."""
+    WANDB_MODE=offline|disabled and WANDB_DIR are honoured."""
 
     def __init__(self, project: str, run_name: str | None, config: dict, out_dir: Path):
         self.run = None
         try:
             import wandb
 
-            self.run = wandb.init(project=project, name=run_name, config=config, dir=str(out_dir))
+            # WANDB_DIR, when set, says where wandb writes; otherwise the run's folder does.
+            where = None if os.environ.get("WANDB_DIR") else str(out_dir)
+            self.run = wandb.init(project=project, name=run_name, config=config, dir=where)
         except Exception as error:  # noqa: BLE001 -- any wandb failure must leave training running
             print(f"warning: wandb disabled ({type(error).__name__}: {error}); logging locally only",
                   file=sys.stderr, flush=True)

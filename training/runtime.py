@@ -1,9 +1,12 @@
 """Process set-up for a training run: the device, the process group under torchrun, stop signals."""
 
+import importlib
 import os
 import resource
 import signal
+import tempfile
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -15,12 +18,25 @@ COLLECTIVE_TIMEOUT = timedelta(minutes=5)
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device: auto (CUDA if visible, else CPU), cpu, cuda, cuda:N or mps; one-line SystemExit if absent."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SystemExit(f"error: --device {name}: expected auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: no CUDA device is visible (use --device cpu)")
+        raise SystemExit(f"error: --device {name}: no CUDA device is visible (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise SystemExit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA devices are visible")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"error: --device {name}: MPS is not available here (use --device cpu)")
     return device
+
+
+def world_size_from_env() -> int:
+    """Processes in the job: torchrun's WORLD_SIZE, 1 when not under torchrun."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
@@ -29,16 +45,34 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     NCCL on GPUs, gloo on CPU processes: the same code either way, one node or many (torchrun's c10d
     rendezvous flags). The optimizer then owns gradient synchronization (optim/distributed.py).
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = world_size_from_env()
     if world_size == 1:
         return 0, 1, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    # torch._dynamo, imported for the first time after the group exists (torch.optim.Optimizer imports
+    # it lazily), keeps references to the group: destroy_process_group() then cannot join gloo's
+    # threads, and one of them can abort the interpreter at exit. Imported first, it cannot.
+    importlib.import_module("torch._dynamo")
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT,
                             device_id=device if device.type == "cuda" else None)
     return rank, world_size, device
+
+
+def check_writable(folder: Path, what: str) -> None:
+    """One-line SystemExit naming `what` unless `folder` is, or can be made, a folder this process can
+    write in: checked before a run writes anything, so a bad --out-dir costs nothing."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == folder else f"{existing} is a file"
+        raise SystemExit(f"error: {what} {folder}: {where}, expected a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise SystemExit(f"error: {what} {folder}: cannot write in {existing} ({error.strerror})") from None
 
 
 def close_distributed() -> None:
