@@ -107,8 +107,8 @@ def train(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, dev
     n_params = sum(p.numel() for p in model.parameters())
     log.print(f"preset {cfg.preset}: model {cfg.model} ({n_params / 1e6:.1f}M parameters), data {data_dir}")
     log.print(f"device {device}, compile {compiled}, {cfg.tokens_per_step:,} tokens/step = {world_size} "
-              f"processes x {layout.micro_batch} sequences x {cfg.seq_len} tokens x {layout.grad_accum} "
-              f"micro-batches")
+              f"process(es) x {layout.micro_batch} sequences x {cfg.seq_len} tokens x {layout.grad_accum} "
+              f"micro-batch(es)")
     if resume_from is not None:
         log.print(f"resumed from {resume_from} at step {run.step}")
     elif cfg.resume == "auto":
@@ -259,8 +259,8 @@ def checkpoint(run: RunState, save, log: RunLog, tag: str, device: torch.device)
     """Save the run, but only a finite state: a diverged one stops the run, keeping the last good one."""
     bad = run.non_finite()
     if count_over_ranks(len(bad), device):
-        stop_diverged(run, log, f"{len(bad)} model/optimizer tensors are not finite ({', '.join(bad[:3])})",
-                      "non-finite weights")
+        where = ", ".join(bad[:3]) + (" and more" if len(bad) > 3 else "") if bad else "another rank's state"
+        stop_diverged(run, log, f"NaN/inf in {where}", "non-finite weights")
     log.print(f"checkpoint ({tag}): {save()}")
 
 
@@ -318,8 +318,17 @@ def finish(run: RunState, cfg: TrainConfig, log: RunLog, out_dir: Path, rank: in
     return {"val_loss": val_loss, "train_time_s": run.train_time, "step": run.step}
 
 
-if __name__ == "__main__":
+# Errors whose message says what was wrong and how to fix it, in one line: bad data, no vocabulary.
+ONE_LINE_ERRORS = (ShardError, TokenizerUnavailable)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """The command line: parse the flags, train; a ONE_LINE_ERRORS error ends it as one line (exit 1)."""
     try:
-        main(parse_config(description=__doc__))
-    except (ShardError, TokenizerUnavailable) as error:  # bad data or no vocabulary: one line, no traceback
+        main(parse_config(argv, description=__doc__))
+    except ONE_LINE_ERRORS as error:
         raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    cli()

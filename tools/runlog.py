@@ -91,7 +91,7 @@ class WandbSink:
             import wandb
 
             # WANDB_DIR, when set, says where wandb writes; otherwise the run's folder does.
-            where = None if os.environ.get("WANDB_DIR") else str(out_dir)
+            where = os.environ.get("WANDB_DIR") or str(out_dir)
             self.run = wandb.init(project=project, name=run_name, config=config, dir=where)
         except Exception as error:  # noqa: BLE001 -- any wandb failure must leave training running
             print(f"warning: wandb disabled ({type(error).__name__}: {error}); logging locally only",
