@@ -23,6 +23,8 @@ RANK_KEYS = ("optimizer", "rng")  # differ between ranks; the rest is shared and
 
 
 class RunState:
+    """A run's model, optimizer, loader position, RNG, step and train time (the module docstring)."""
+
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, loader):
         self.model, self.optimizer, self.loader = model, optimizer, loader
         self.step = 0
