@@ -13,17 +13,24 @@ then the loop and its parts (a training step, a validation, a checkpoint).
 
 import copy
 import dataclasses
+import json
 import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 # Large CPU tensors (the 50304-wide logits) on transparent huge pages: the CPU demo otherwise spends
 # about half its time in the kernel zeroing freshly mapped 4 KiB pages. Read when torch allocates.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# CUDA's caching allocator grows segments in place instead of stranding memory between the
+# training (48k-token) and validation (256k-token) shapes, as the record runs. Read by torch's CUDA
+# allocator when it starts, so set before torch is imported; a value the user set wins.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
@@ -31,12 +38,14 @@ from data.loader import TokenLoader, validation_batches  # noqa: E402
 from data.shards import ShardError, list_shards  # noqa: E402
 from data.tokenizer import TokenizerUnavailable, gpt2_encoding  # noqa: E402
 from model import GPT, PRESETS  # noqa: E402
-from tools.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
+from tools.checkpoint import CheckpointError, resolve_checkpoint, write_text_atomic  # noqa: E402
 from tools.runlog import RunLog, WandbSink, code_listing, environment, peak_flops  # noqa: E402
 from tools.sample import sample  # noqa: E402
+from training.compiling import GraphCount, compile_model, graphs_compiled  # noqa: E402
 from training.recipe import (  # noqa: E402
     BatchLayout,
     TrainConfig,
+    WindowTensors,
     batch_layout,
     build_optimizer,
     lr_factor,
@@ -46,12 +55,17 @@ from training.recipe import (  # noqa: E402
 )
 from training.runtime import (  # noqa: E402
     StopRequest,
+    Stopwatch,
+    agree,
+    autocast_dtype,
     check_writable,
     close_distributed,
     init_distributed,
     mean_over_ranks,
     peak_memory,
+    peak_memory_gib,
     resolve_device,
+    wait_for_all_ranks,
     world_size_from_env,
 )
 from training.state import RunState, load_run, save_run  # noqa: E402
@@ -86,13 +100,13 @@ def train(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, dev
 
     data_dir = shard_dir(cfg, rank, world_size)
     loader = TokenLoader(list_shards(data_dir, "train"), layout.micro_batch, cfg.seq_len, rank=rank,
-                         world_size=world_size, device=device)
+                         world_size=world_size, device=device, align_to_bos=cfg.align_to_bos)
     val_batches = partial(validation_batches, list_shards(data_dir, "val"), layout.val_batch, cfg.val_seq_len,
                           cfg.val_tokens, rank=rank, world_size=world_size, device=device)
     val_batches()  # refuses now, not at the first validation, if the val split is too short
 
     model_cfg = dataclasses.replace(PRESETS[cfg.model], max_seq_len=max(cfg.seq_len, cfg.val_seq_len))
-    model = GPT(model_cfg).to(device)
+    model = GPT(model_cfg).to_device(device)  # on CUDA, the embedding tables in the preset's dtype
     run = RunState(model, build_optimizer(model, cfg), loader)
     if resume_from is not None:
         load_run(run, resume_from, rank, world_size, dataclasses.asdict(model_cfg))
@@ -100,29 +114,36 @@ def train(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, dev
             raise SystemExit(f"error: --max-steps {cfg.max_steps}: --resume {resume_from} is at step "
                              f"{run.step}, past the end; pass --max-steps {run.step} or more")
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    forward = torch.compile(model, dynamic=False) if compiled else model
+    forward, graphs = compile_model(model, cfg.compile_backend) if compiled else (model, None)
+    autocast = autocast_dtype(model, device)
 
     # Everything is checked and loaded: the run starts, and only now writes its log.
     log = open_log(cfg, out_dir, rank, resumed=resume_from is not None)
     n_params = sum(p.numel() for p in model.parameters())
     log.print(f"preset {cfg.preset}: model {cfg.model} ({n_params / 1e6:.1f}M parameters), data {data_dir}")
-    log.print(f"device {device}, compile {compiled}, {cfg.tokens_per_step:,} tokens/step = {world_size} "
-              f"process(es) x {layout.micro_batch} sequences x {cfg.seq_len} tokens x {layout.grad_accum} "
-              f"micro-batch(es)")
+    log.print(f"device {device}, compile {cfg.compile_backend if compiled else 'off'}, residual stream "
+              f"{model.embed.weight.dtype}, autocast {autocast or 'off'}")
+    log.print(f"{cfg.tokens_per_step:,} tokens/step = {world_size} process(es) x {layout.micro_batch} "
+              f"sequences x {cfg.seq_len} tokens x {layout.grad_accum} micro-batch(es)")
     if resume_from is not None:
         log.print(f"resumed from {resume_from} at step {run.step}")
     elif cfg.resume == "auto":
         log.print(f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}; a new run starts at step 0")
-    step = partial(train_step, forward=forward, cfg=cfg, grad_accum=layout.grad_accum, device=device)
-    validate = partial(evaluate, forward, model, val_batches, device=device)
-    if cfg.warmup_kernel_steps and run.step == 0:
-        warm_up(run, step, validate, cfg, log)
+    windows = WindowTensors(cfg, device)
+    precision = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=autocast is not None)
+    step = partial(train_step, forward=forward, windows=windows, cfg=cfg, grad_accum=layout.grad_accum,
+                   precision=precision)
+    validate = partial(evaluate, forward, model, val_batches, windows=windows, precision=precision)
+    if cfg.warmup_kernel_steps and run.step < cfg.max_steps:
+        warm_up(run, step, validate, cfg, log, device)
     save = partial(save_run, run, out_dir / "checkpoints", rank, model_config=dataclasses.asdict(model_cfg),
                    config=dataclasses.asdict(cfg))
-    flops_per_token = model.flops_per_token(cfg.seq_len, cfg.window_end or None)
-    throughput = Throughput(cfg.tokens_per_step, world_size, flops_per_token, peak_flops(device))
+    throughput = Throughput(cfg.tokens_per_step, world_size, partial(flops_per_token, model, cfg),
+                            peak_flops(device))
+    timed_from = TimedRun(run.step, run.train_time, graphs_compiled())
     val_loss, reached_target = loop(run, step, validate, save, cfg, log, throughput, device)
-    return finish(run, cfg, log, out_dir, rank, val_loss, reached_target, device)
+    summary = run_summary(run, timed_from, throughput, graphs, device)
+    return finish(run, cfg, log, out_dir, rank, val_loss, reached_target, summary, device)
 
 
 def shard_dir(cfg: TrainConfig, rank: int, world_size: int) -> Path:
@@ -157,17 +178,20 @@ def open_log(cfg: TrainConfig, out_dir: Path, rank: int, resumed: bool) -> RunLo
 
 def loop(run: RunState, step, validate, save, cfg: TrainConfig, log: RunLog, throughput: "Throughput",
          device: torch.device) -> tuple[float, bool]:
-    """Train from run.step to cfg.max_steps, validating on schedule; (last val_loss, target reached)."""
-    stop = StopRequest()
+    """Train from run.step to cfg.max_steps, validating on schedule; (last val_loss, target reached).
+
+    Steps run in stretches, each ending at a logged step, a validation, a checkpoint or the end
+    (`stretch_ends`). Inside a stretch nothing waits for the device; at its end the clock stops on a
+    device sync, and the step's loss and any rank's stop signal are read with one collective and one
+    host read. The loss is checked there: a NaN or inf loss leaves NaN in the weights, so the next
+    check sees it too.
+    """
+    stop, clock = StopRequest(), Stopwatch(device)
     start_step, val_loss = run.step, float("nan")
     try:
-        while run.step <= cfg.max_steps:
-            if stop.agreed(device):
-                log.print(f"{stop.signal_name or 'stop'} received: saving and exiting at step {run.step}")
-                checkpoint(run, save, log, "on signal")
-                return val_loss, False
-            if run.step == cfg.max_steps or (cfg.val_every and run.step % cfg.val_every == 0):
-                val_loss = validate(window_at(run.step, cfg))
+        while True:
+            if validation_due(run.step, cfg):
+                val_loss = validate(run.step)
                 log.print(f"step {run.step}/{cfg.max_steps} val_loss {val_loss:.4f} "
                           f"train_time {run.train_time:.1f}s")
                 log.metrics(step=run.step, val_loss=val_loss, train_time_s=run.train_time)
@@ -178,79 +202,96 @@ def loop(run: RunState, step, validate, save, cfg: TrainConfig, log: RunLog, thr
             if run.step == cfg.max_steps:
                 return val_loss, False
 
-            train_loss, step_s = timed(step, run, device)
-            run.step, run.train_time = run.step + 1, run.train_time + step_s
+            first = run.step
+            clock.start()
+            while True:
+                loss = step(run)
+                run.step += 1
+                if stretch_ends(run.step, cfg, start_step):
+                    break
+            seconds = clock.stop()
+            run.train_time += seconds
+            train_loss, stopping = agree(loss, stop.requested)
             if not math.isfinite(train_loss):
                 stop_diverged(run, log, f"train loss is {train_loss}",
                               f"non-finite train loss ({train_loss})")
-            if (run.step - 1) % cfg.log_every == 0 or run.step == cfg.max_steps:
-                log_step(run, cfg, log, train_loss, throughput.of(step_s))
+            if logged(run.step, cfg):
+                log_step(run, cfg, log, train_loss, throughput.of(range(first, run.step), seconds))
+            if stopping:
+                log.print(f"{stop.signal_name or 'stop'} received: saving and exiting at step {run.step}")
+                checkpoint(run, save, log, "on signal")
+                return val_loss, False
             if cfg.save_every and run.step % cfg.save_every == 0:
                 checkpoint(run, save, log, "periodic")
             if cfg.exit_after_steps and run.step - start_step == cfg.exit_after_steps:
                 checkpoint(run, save, log, f"--exit-after-steps {cfg.exit_after_steps}")
                 log.print(f"exiting after {cfg.exit_after_steps} steps; continue with --resume auto")
                 return val_loss, False
-        return val_loss, False
     finally:
         stop.restore()
 
 
-def train_step(run: RunState, forward, cfg: TrainConfig, grad_accum: int,
-               device: torch.device) -> torch.Tensor:
-    """One optimizer step (all micro-batches) at run.step; the loss averaged over ranks and micro-batches."""
+def validation_due(step: int, cfg: TrainConfig) -> bool:
+    return step == cfg.max_steps or bool(cfg.val_every and step % cfg.val_every == 0)
+
+
+def logged(step: int, cfg: TrainConfig) -> bool:
+    """Whether the train loss of `step` (steps done) is logged: the first of every log_every, and the last."""
+    return (step - 1) % cfg.log_every == 0 or step == cfg.max_steps
+
+
+def stretch_ends(step: int, cfg: TrainConfig, start_step: int) -> bool:
+    """Whether the loop stops the clock after `step` steps: to log, validate, save, exit or finish."""
+    saving = bool(cfg.save_every and step % cfg.save_every == 0)
+    exiting = bool(cfg.exit_after_steps and step - start_step == cfg.exit_after_steps)
+    return logged(step, cfg) or validation_due(step, cfg) or saving or exiting
+
+
+def train_step(run: RunState, forward, windows: WindowTensors, cfg: TrainConfig, grad_accum: int,
+               precision: Callable[[], torch.autocast]) -> torch.Tensor:
+    """One optimizer step (all micro-batches) at run.step; this rank's loss, left on the device."""
     schedule(run.optimizer, run.step, cfg)
-    window = window_at(run.step, cfg)
-    train_loss = torch.zeros((), device=device)
+    window = windows(run.step)
+    train_loss = None
     for micro_step in range(grad_accum):
         x, y = run.loader.next_batch()
-        with mixed_precision(device):
+        with precision():
             loss = forward(x, y, window=window) / grad_accum
         # Under torchrun the optimizer averages gradients over ranks itself, sending each bucket
         # during the last backward as soon as it is complete (optim/distributed.py).
         with run.optimizer.sync_gradients(enabled=micro_step == grad_accum - 1):
             loss.backward()
-        train_loss += loss.detach()
+        train_loss = loss.detach() if train_loss is None else train_loss + loss.detach()
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return mean_over_ranks(train_loss)
+    return train_loss
 
 
-def timed(step, run: RunState, device: torch.device) -> tuple[float, float]:
-    """(train loss, seconds) of one training step; the clock covers only the step's work on the device."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    train_loss = step(run).item()  # also a host sync: the step is finished on the device
-    return train_loss, time.perf_counter() - t0
-
-
-def evaluate(forward, model: GPT, val_batches, window: int | None, device: torch.device) -> float:
-    """Mean loss over the fixed validation batches (every rank its share, averaged over ranks)."""
+def evaluate(forward, model: GPT, val_batches, step: int, windows: WindowTensors,
+             precision: Callable[[], torch.autocast]) -> float:
+    """Mean loss over the fixed validation batches at `step`'s window (every rank its share, averaged)."""
     model.eval()
-    total, count = torch.zeros((), device=device), 0
-    with torch.no_grad(), mixed_precision(device):
+    window, total, count = windows(step), None, 0
+    with torch.no_grad(), precision():
         for x, y in val_batches():
-            total += forward(x, y, window=window).float()
+            loss = forward(x, y, window=window).float()
+            total = loss if total is None else total + loss
             count += 1
     model.train()
     return mean_over_ranks(total).item() / count
 
 
-def mixed_precision(device: torch.device) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def warm_up(run: RunState, step, validate, cfg: TrainConfig, log: RunLog) -> None:
-    """Compile and warm the kernels on real steps and a validation, then put the whole state back:
-    the timed run starts from exactly the state it would have had without warm-up."""
+def warm_up(run: RunState, step, validate, cfg: TrainConfig, log: RunLog, device: torch.device) -> None:
+    """Compile and warm every graph the run uses, on real steps and a validation at the run's current
+    step, then put the whole state back: the timed run starts from exactly the state it would have
+    had without warm-up. With the window a tensor, that is one training and one validation graph."""
     saved = copy.deepcopy(run.state_dict())
     t0 = time.perf_counter()
     for _ in range(cfg.warmup_kernel_steps):
         step(run)
-        run.step += 1
-    validate(window_at(0, cfg))
+    validate(run.step)
     run.load_state_dict(saved)
+    wait_for_all_ranks(device)  # the timed run starts together on every rank
     log.print(f"warm-up: {cfg.warmup_kernel_steps} steps + 1 validation in "
               f"{time.perf_counter() - t0:.1f}s (untimed, state restored)")
 
@@ -272,21 +313,27 @@ def stop_diverged(run: RunState, log: RunLog, what: str, error: str) -> None:
     raise SystemExit(f"error: {error} at step {run.step}")
 
 
+def flops_per_token(model: GPT, cfg: TrainConfig, step: int) -> float:
+    """Training FLOPs per token of `step`, at its attention window."""
+    return model.flops_per_token(cfg.seq_len, window_at(step, cfg))
+
+
 @dataclass(frozen=True)
 class Throughput:
-    """Tokens/s and MFU (model FLOPs over the devices' dense bf16 peak, where known) of a step."""
+    """Tokens/s and MFU (model FLOPs over the devices' dense bf16 peak, where known) of a stretch of steps."""
 
     tokens_per_step: int
     world_size: int
-    flops_per_token: float
+    flops_per_token: Callable[[int], float]  # of a step
     peak_flops: float | None
 
-    def of(self, step_s: float) -> dict:
-        tokens_per_s = self.tokens_per_step / step_s
+    def of(self, steps: range, seconds: float) -> dict:
+        tokens_per_s = self.tokens_per_step * len(steps) / seconds
         mfu = None
         if self.peak_flops:
-            mfu = self.flops_per_token * tokens_per_s / (self.peak_flops * self.world_size)
-        return dict(step_ms=1000 * step_s, tokens_per_s=tokens_per_s,
+            flops = self.tokens_per_step * sum(self.flops_per_token(s) for s in steps)
+            mfu = flops / seconds / (self.peak_flops * self.world_size)
+        return dict(step_ms=1000 * seconds / len(steps), tokens_per_s=tokens_per_s,
                     tokens_per_s_per_device=tokens_per_s / self.world_size, mfu=mfu)
 
 
@@ -300,11 +347,39 @@ def log_step(run: RunState, cfg: TrainConfig, log: RunLog, train_loss: float, sp
                 tokens=run.step * cfg.tokens_per_step, train_time_s=run.train_time)
 
 
+class TimedRun(NamedTuple):
+    """Where the timed run began: its first step, the train time then, the graphs compiled by then
+    (graphs_compiled: the model's and any other compiled function's)."""
+
+    step: int
+    train_time: float
+    graphs: int
+
+
+def run_summary(run: RunState, timed_from: TimedRun, throughput: Throughput, graphs: GraphCount | None,
+                device: torch.device) -> dict:
+    """The timed run's figures: speed over all its steps, peak memory, and the graphs compiled (if any)."""
+    summary = dict(step=run.step, train_time_s=run.train_time, peak_memory_gib=peak_memory_gib(device),
+                   graphs_in_timed_run=graphs_compiled() - timed_from.graphs)
+    if run.step > timed_from.step:
+        summary |= throughput.of(range(timed_from.step, run.step), run.train_time - timed_from.train_time)
+    if graphs is not None:
+        summary |= dict(graphs_training=graphs.training, graphs_validation=graphs.validation)
+    return summary
+
+
 def finish(run: RunState, cfg: TrainConfig, log: RunLog, out_dir: Path, rank: int, val_loss: float,
-           reached_target: bool, device: torch.device) -> dict:
-    """The summary line, a sample and the loss plot (rank 0), and in record mode the record log."""
+           reached_target: bool, summary: dict, device: torch.device) -> dict:
+    """The summary (log lines and, on rank 0, summary.json), a sample and the loss plot (rank 0), and in
+    record mode the record log."""
     log.print(f"done: step {run.step}/{cfg.max_steps}, val_loss {val_loss:.4f}, "
               f"training time {run.train_time:.1f}s, peak memory {peak_memory(device)}")
+    if "graphs_training" in summary:
+        log.print(f"compiled model graphs: training {summary['graphs_training']}, validation "
+                  f"{summary['graphs_validation']}")
+    log.print(f"graphs compiled in the timed run: {summary['graphs_in_timed_run']}")
+    if rank == 0:
+        write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     if rank == 0 and cfg.sample_tokens and run.step == cfg.max_steps:
         log.print("sample: " + sample(run.model.eval(), cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed))
     if rank == 0 and cfg.plot:

@@ -60,7 +60,8 @@ def test_each_choice_flag_lists_exactly_its_choices():
 
 def test_every_value_the_table_lists_is_accepted():
     alternatives = listed_alternatives()
-    assert len(alternatives) == 8  # preset model embed-map lr-scale ns-coefficients device compile resume
+    assert len(alternatives) == 9  # preset model embed-map lr-scale ns-coefficients device compile
+    # compile-backend resume
     for name, values in alternatives.items():
         for value in values:
             if value.isupper():  # a placeholder such as PATH
@@ -100,6 +101,8 @@ RUN_ELSEWHERE = {
         "tests/test_bundle.py::test_bundled_train_gpt_runs_alone_with_the_repo_versions_losses",
     "make bench-gpu":
         "tests/test_bench_gpu.py::test_smoke_report_has_every_section_with_finite_positive_numbers",
+    'make gpu-check ARGS="--out-dir DIR"':
+        "tests/test_gpu_check.py::test_the_smoke_check_passes_every_check_and_writes_json_and_markdown",
 }
 NOT_ON_A_CPU = {
     "make install": "installs packages from the package index",

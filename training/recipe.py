@@ -15,8 +15,10 @@ import typing
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import torch
+
 from model import GPT, PRESETS
-from optim import COEFFICIENTS, LR_SCALES, Muon
+from optim import COEFFICIENTS, LR_SCALES, Muon, param_groups
 
 
 @dataclass(frozen=True)
@@ -46,14 +48,15 @@ DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 PRESETS_TRAIN: dict[str, dict] = {
     # ~3 minutes on 2 CPU cores; validation loss falls from ~10.8 to well under half of that.
     "demo": {},
-    # The 124M speedrun on FineWeb (docs/RECIPE.md): 1750 steps x 393,216 tokens; on 8 GPUs one
-    # 48k-token sequence per rank per step, on fewer GPUs the same step by gradient accumulation.
+    # The 124M speedrun on FineWeb: the 2025-07-12 record's recipe, setting by setting in docs/RECIPE.md
+    # (tests/test_recipe.py checks this preset against that table). 1750 steps x 393,216 tokens; on 8
+    # GPUs one 48k-token sequence per rank per step, on fewer GPUs the same step by gradient accumulation.
     "speedrun": dict(
         model="124m", data_dir="data/fineweb10B", max_steps=1750, tokens_per_step=8 * 48 * 1024,
-        batch_size=1, seq_len=48 * 1024, val_every=125, val_tokens=10_485_760, val_seq_len=256 * 1024,
-        log_every=1, lr=0.05, embed_lr=0.6, head_lr=0.22, scalar_lr=0.04, embed_map="adam",
-        lr_scale="muon", cooldown_frac=0.45, window_start=128, window_end=1792, sample_tokens=0,
-        warmup_kernel_steps=10,
+        batch_size=1, seq_len=48 * 1024, align_to_bos=True, val_every=125, val_tokens=10_485_760,
+        val_seq_len=256 * 1024, log_every=25, lr=0.05, embed_lr=0.6, head_lr=0.22, scalar_lr=0.04,
+        embed_map="adam", lr_scale="muon", adam_eps=1e-10 / (48 * 1024), cooldown_frac=0.45, lr_floor=0.05,
+        window_start=0, window_end=1728, sample_tokens=0, warmup_kernel_steps=10,
     ),
 }
 
@@ -77,6 +80,10 @@ class TrainConfig:
     device: str = option("auto", "auto (CUDA if visible, else CPU), cpu, cuda, cuda:N or mps")
     compile: str = option("auto", "torch.compile the model (auto: on for CUDA)",
                           choices=("auto", "on", "off"))
+    compile_backend: str = option("inductor", "torch.compile backend: inductor (generates kernels), or "
+                                  "aot_eager or eager, which trace and count graphs but generate no code "
+                                  "(quick checks of the compiled path on a CPU)",
+                                  choices=("inductor", "aot_eager", "eager"))
     # batch: tokens_per_step = processes x batch_size x seq_len x micro-batches (gradient accumulation)
     max_steps: int = option(150, "optimizer steps of the run", within=AT_LEAST_1)
     tokens_per_step: int = option(1024, "tokens per optimizer step, over all processes", within=AT_LEAST_1)
@@ -84,6 +91,9 @@ class TrainConfig:
                              "step is split into the fewest equal micro-batches of at most N (gradient "
                              "accumulation), validation likewise", within=AT_LEAST_1)
     seq_len: int = option(128, "tokens per training sequence", within=AT_LEAST_1)
+    align_to_bos: bool = option(False, "start every training sequence at a document's first token (BOS), "
+                                "the next one at least --seq-len after the previous start; validation is "
+                                "never aligned")
     val_every: int = option(25, "validate every N steps (0: only at the end)", within=AT_LEAST_0)
     val_tokens: int = option(8192, "validate on the first N tokens of the val split", within=AT_LEAST_1)
     val_seq_len: int = option(128, "tokens per validation sequence", within=AT_LEAST_1)
@@ -113,11 +123,12 @@ class TrainConfig:
     ns_coefficients: str = option("muon", "Newton-Schulz coefficient set",
                                   choices=tuple(sorted(COEFFICIENTS)))
     ns_steps: int = option(5, "Newton-Schulz iterations", within=AT_LEAST_1)
-    # attention: the long window grows linearly from window_start to window_end (0: full causal attention)
-    window_start: int = option(0, "long attention window at step 0, in tokens (rounded up to 128)",
-                               within=AT_LEAST_0)
-    window_end: int = option(0, "long attention window at the last step (0: full causal attention)",
-                             within=AT_LEAST_0)
+    # attention: the long window grows linearly from window_start to window_end, rounded up to a multiple
+    # of 128 tokens, at least 128 (window_end 0: full causal attention)
+    window_start: int = option(0, "long attention window at step 0, in tokens, before rounding up to a "
+                               "multiple of 128 (at least 128)", within=AT_LEAST_0)
+    window_end: int = option(0, "long attention window at the last step, before rounding up to a multiple "
+                             "of 128 (0: full causal attention)", within=AT_LEAST_0)
     # end of run
     sample_tokens: int = option(64, "tokens sampled after the last step (0: no sample)", within=AT_LEAST_0)
     sample_prompt: str = option("The", "prompt of that sample")
@@ -291,30 +302,41 @@ def momentum_at(step: int, cfg: TrainConfig) -> float:
 
 
 def window_at(step: int, cfg: TrainConfig) -> int | None:
-    """Long attention window for this step, grown in multiples of 128 tokens (None: full causal)."""
+    """Long attention window of a step, in tokens (None: full causal attention).
+
+    128 * ceil(size / 128), at least 128, where size = start + (end - start) * (step / max_steps) grows
+    linearly from --window-start to --window-end. The speedrun's start 0 and end 1728 give the
+    record's 128 * ceil(1728 * (step / 1750) / 128): 128 at step 0, 1792 at the end, 14 values.
+    """
     if not cfg.window_end:
         return None
-    size = cfg.window_start + (cfg.window_end - cfg.window_start) * step / cfg.max_steps
-    return int(128 * math.ceil(size / 128))
+    size = cfg.window_start + (cfg.window_end - cfg.window_start) * (step / cfg.max_steps)
+    return 128 * max(1, math.ceil(size / 128))
+
+
+class WindowTensors:
+    """window_at(step) as a 0-dim int32 tensor on the device: one tensor per distinct window of the run,
+    all made when this is built, before any timed step. The compiled model reads the window on the
+    device, so every value runs through one graph, and no step copies a window from the host."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.cfg = cfg
+        windows = {window_at(step, cfg) for step in range(cfg.max_steps + 1)} - {None}
+        self.tensors = {w: torch.tensor(w, dtype=torch.int32, device=device) for w in sorted(windows)}
+
+    def __call__(self, step: int) -> torch.Tensor | None:
+        window = window_at(step, self.cfg)
+        return None if window is None else self.tensors[window]
 
 
 def build_optimizer(model: GPT, cfg: TrainConfig) -> Muon:
-    """Route every parameter to the duality map of its layer kind.
+    """Route every parameter to the duality map of its layer kind, by its role (optim.param_groups).
 
     hidden matrices (attention q/k/v/o, MLP fc/proj) -> Newton-Schulz; token and value embeddings ->
     the embedding dual map (or Adam); LM head -> Adam; gains, lambdas, skip weights -> Adam.
     """
-    hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
-    embeds = [model.embed.weight, *(t.weight for t in model.value_embeds)]
-    scalars = [p for p in model.parameters() if p.ndim < 2]
-    groups = [
-        dict(params=hidden, kind="hidden", lr=cfg.lr),
-        dict(params=embeds, kind="embed" if cfg.embed_map == "dual" else "adam", lr=cfg.embed_lr),
-        dict(params=[model.lm_head.weight], kind="adam", lr=cfg.head_lr),
-        dict(params=scalars, kind="adam", lr=cfg.scalar_lr),
-    ]
-    counted = sum(p.numel() for g in groups for p in g["params"])
-    assert counted == sum(p.numel() for p in model.parameters()), "a parameter is missing from the groups"
+    groups = param_groups(model, embed="embed" if cfg.embed_map == "dual" else "adam", head="adam",
+                          lrs=dict(hidden=cfg.lr, embed=cfg.embed_lr, head=cfg.head_lr, scalar=cfg.scalar_lr))
     for group in groups:
         group["initial_lr"] = group["lr"]  # the base that schedule() multiplies by lr_factor
     return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,

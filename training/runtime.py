@@ -1,10 +1,12 @@
-"""Process set-up for a training run: the device, the process group under torchrun, stop signals."""
+"""Process set-up for a training run: the device and its precision, the process group under torchrun,
+stop signals and their agreement across ranks, the clock."""
 
 import importlib
 import os
 import resource
 import signal
 import tempfile
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,8 +15,13 @@ import torch.distributed as dist
 
 # A rank that waits longer than this in a collective raises instead of hanging. torchrun already ends
 # the job when a rank exits; this covers a peer that is stuck, or gone where this node's torchrun
-# cannot see it. Long enough for the first step's torch.compile and a checkpoint write on rank 0.
-COLLECTIVE_TIMEOUT = timedelta(minutes=5)
+# cannot see it. It must outlast the longest wait of a healthy run: the warm-up's compilation on a cold
+# cache, where each rank compiles the training graph (forward and backward), the validation graph and
+# its Newton-Schulz stacks, minutes each, and 8 ranks compiling at once share the host's CPUs, so the
+# first rank done can wait for the last for most of that time. NCCL's own default (10 minutes) is
+# about what a cold 8-rank compile takes; 30 minutes is three times that, and a checkpoint write on
+# rank 0 is far shorter.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,6 +87,50 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
+def autocast_dtype(model: torch.nn.Module, device: torch.device) -> torch.dtype | None:
+    """bf16 for a model whose residual stream is float32 on CUDA (run it under autocast), else None.
+
+    The stream takes the token embedding's dtype. With bf16 tables (GPT.to_device, cuda_dtype
+    "bfloat16": the record's dtypes) the stream and every matmul already run in bf16 and the loss in
+    float32, so autocast stays off; off CUDA the models stay float32, without autocast.
+    """
+    stream = model.embed.weight.dtype
+    return torch.bfloat16 if device.type == "cuda" and stream == torch.float32 else None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait until the device has done all the work queued on it (nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def wait_for_all_ranks(device: torch.device) -> None:
+    """This device idle, and every rank at this point (a barrier under torchrun)."""
+    synchronize(device)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class Stopwatch:
+    """Wall time of a stretch of work on the device: start() and stop() each wait for the device, so
+    steps in between run unsynchronized and are timed together, the host reading nothing per step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.started = 0.0
+
+    def start(self) -> None:
+        synchronize(self.device)
+        self.started = time.perf_counter()
+
+    def stop(self) -> float:
+        """Seconds since start(), once the device has finished the stretch's work."""
+        synchronize(self.device)
+        return time.perf_counter() - self.started
+
+
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     """`value` averaged over every rank, in place (collective under torchrun; one process: itself)."""
     if dist.is_available() and dist.is_initialized():
@@ -89,7 +140,8 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
 
 
 class StopRequest:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits."""
+    """SIGTERM/SIGINT set a flag; the ranks agree on it where they meet anyway (`agree`, at the loop's
+    logged steps), then save a checkpoint and exit together."""
 
     def __init__(self):
         self.signal_name = None
@@ -98,19 +150,36 @@ class StopRequest:
     def _handle(self, signum, frame):
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank was signalled (ranks must leave the loop together)."""
-        flag = torch.tensor(float(self.signal_name is not None), device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flag)
-        return flag.item() > 0
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
 
     def restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
 
-def peak_memory(device: torch.device) -> str:
+def agree(loss: torch.Tensor, stopping: bool) -> tuple[float, bool]:
+    """(loss averaged over ranks, whether any rank is stopping): one all-reduce, one host read.
+
+    The flag joins the loss on the device by a fill (a kernel argument, no host-to-device copy); one
+    process reads its loss alone.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return loss.item(), stopping
+    packet = torch.stack([loss.float(), torch.full((), float(stopping), device=loss.device)])
+    dist.all_reduce(packet)
+    total, stopping_ranks = packet.tolist()
+    return total / dist.get_world_size(), stopping_ranks > 0
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """GiB: the most allocated on a GPU since the process began, else the process's peak resident set."""
     if device.type == "cuda":
-        return f"{torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated (CUDA)"
-    return f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB resident (process)"
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_memory(device: torch.device) -> str:
+    what = "allocated (CUDA)" if device.type == "cuda" else "resident (process)"
+    return f"{peak_memory_gib(device):.2f} GiB {what}"

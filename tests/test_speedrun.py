@@ -1,0 +1,176 @@
+"""The speedrun path of train_gpt.py on a CPU: one compiled graph per mode over the whole window
+schedule, nothing compiled inside timed steps, one host read per logged step, the record's dtypes."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch._dynamo
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import train_gpt
+from data.loader import TokenLoader, validation_batches
+from data.shards import list_shards, write_shard
+from data.tokenizer import EOT
+from model import GPT, PRESETS
+from training import recipe
+from training.compiling import compile_model
+from training.runtime import autocast_dtype
+from training.state import RunState
+
+ROOT = Path(__file__).resolve().parents[1]
+# Two 64-token sequences a step, one batch of two to validate: the demo model's 50304-wide head is
+# most of a step's cost.
+SHORT = ["--seq-len", "64", "--val-seq-len", "64", "--tokens-per-step", "128", "--val-tokens", "128",
+         "--sample-tokens", "0", "--no-plot"]
+
+
+def documents(n_tokens: int, seed: int) -> np.ndarray:
+    """Random GPT-2 ids with an EOT (document start) every 40 tokens on average."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, EOT, n_tokens)
+    tokens[rng.random(n_tokens) < 1 / 40] = EOT
+    tokens[0] = EOT
+    return tokens
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shards")
+    write_shard(folder / "t_val_000000.bin", documents(4096, seed=1))
+    write_shard(folder / "t_train_000001.bin", documents(16384, seed=2))
+    return folder
+
+
+def metrics(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(out_dir: Path) -> list[float]:
+    return [r.get("train_loss", r.get("val_loss")) for r in metrics(out_dir)]
+
+
+def train(out_dir: Path, *flags: str) -> dict:
+    return train_gpt.main(train_gpt.parse_config(["--out-dir", str(out_dir), *SHORT, *flags]))
+
+
+def test_the_speedrun_window_schedule_compiles_one_graph_per_mode(shards):
+    # The loop's own step and validation functions, the speedrun preset's schedule (1750 steps, the
+    # record's windows), the compiled 124M architecture shrunk to width 32: one step and one
+    # validation at the first step of each window. A graph per window (an int window) would be 14
+    # graphs per mode, past Dynamo's limit of 8, after which the model runs eagerly.
+    cfg = recipe.parse_config(["--preset", "speedrun", "--data-dir", str(shards), "--seq-len", "64",
+                               "--val-seq-len", "64", "--tokens-per-step", "64", "--val-tokens", "64"])
+    firsts = {}
+    for s in range(cfg.max_steps + 1):
+        firsts.setdefault(recipe.window_at(s, cfg), s)
+    assert len(firsts) == 14  # 128, 256, ..., 1792
+    model = GPT(dataclasses.replace(PRESETS["124m"], dim=32, n_head=2, head_dim=16, max_seq_len=64,
+                                    attention="sdpa"))  # Flex compiles no backward on a CPU
+    torch._dynamo.reset()  # no graphs or recompile budget left over from other tests
+    forward, graphs = compile_model(model, "eager")
+    loader = TokenLoader(list_shards(shards, "train"), 1, 64, align_to_bos=True)
+    run = RunState(model, recipe.build_optimizer(model, cfg), loader)
+    windows = recipe.WindowTensors(cfg, torch.device("cpu"))
+    precision = partial(torch.autocast, "cpu", enabled=False)
+    step = partial(train_gpt.train_step, forward=forward, windows=windows, cfg=cfg, grad_accum=1,
+                   precision=precision)
+    val_batches = partial(validation_batches, list_shards(shards, "val"), 1, 64, 64)
+    validate = partial(train_gpt.evaluate, forward, model, val_batches, windows=windows, precision=precision)
+    for first in firsts.values():
+        run.step = first
+        step(run)
+        validate(first)
+    assert (graphs.training, graphs.validation) == (1, 1)
+
+
+def test_warm_up_compiles_every_graph_so_the_timed_run_compiles_none(tmp_path, shards):
+    # 5 steps cross 6 windows (128 ... 1792); a validation at steps 0, 3 and 5.
+    schedule = ["--data-dir", str(shards), "--max-steps", "5", "--val-every", "3", "--log-every", "1",
+                "--window-end", "1728"]
+    torch._dynamo.reset()
+    train(tmp_path / "warm", *schedule, "--compile", "on", "--compile-backend", "eager",
+          "--warmup-kernel-steps", "2")
+    summary = json.loads((tmp_path / "warm" / "summary.json").read_text())
+    graphs = summary["graphs_training"], summary["graphs_validation"], summary["graphs_in_timed_run"]
+    assert graphs == (1, 1, 0)
+    train(tmp_path / "plain", *schedule, "--compile", "off")
+    assert losses(tmp_path / "warm") == losses(tmp_path / "plain")  # warm-up restored every state
+
+
+class HostReads(TorchDispatchMode):
+    """Counts reads of tensor values on the host: item(), bool(), float(), int() (all one aten op),
+    plus tolist() and numpy(), which read memory directly (patched by `counting_host_reads`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def counting_host_reads(monkeypatch, reads: HostReads) -> None:
+    for name in ("tolist", "numpy"):
+        method = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _method=method, **kwargs):
+            reads.count += 1
+            return _method(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_the_loop_reads_the_host_once_per_logged_step_and_once_per_validation(tmp_path, monkeypatch):
+    # 6 steps, logged at steps 1, 4 and 6, one validation at the end: 3 + 1 reads. A read per step
+    # (a loss or a stop flag checked every step) would make it 7 or more.
+    reads, loop = HostReads(), train_gpt.loop
+
+    def counted_loop(*args, **kwargs):
+        counting_host_reads(monkeypatch, reads)
+        with reads:
+            return loop(*args, **kwargs)
+
+    monkeypatch.setattr(train_gpt, "loop", counted_loop)
+    result = train(tmp_path, "--max-steps", "6", "--log-every", "3", "--val-every", "0")
+    assert result["step"] == 6
+    assert [r["step"] for r in metrics(tmp_path) if "train_loss" in r] == [1, 4, 6]
+    assert reads.count == 4
+
+
+def test_autocast_only_for_a_float32_stream_on_cuda():
+    model = GPT(dataclasses.replace(PRESETS["demo"], n_layer=2))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert autocast_dtype(model, cuda) == torch.bfloat16 and autocast_dtype(model, cpu) is None
+    model.cast_embeddings(torch.bfloat16)  # what GPT.to_device does on CUDA for the record's presets
+    assert autocast_dtype(model, cuda) is None
+
+
+def test_window_tensors_are_made_once_per_distinct_window():
+    cfg = recipe.parse_config(["--preset", "speedrun"])
+    windows = recipe.WindowTensors(cfg, torch.device("cpu"))
+    assert sorted(windows.tensors) == [128 * k for k in range(1, 15)]
+    assert windows(0) is windows(1) and windows(0).dtype == torch.int32
+    assert windows(cfg.max_steps) is windows.tensors[1792] and int(windows(875)) == recipe.window_at(875, cfg)
+    assert recipe.WindowTensors(recipe.parse_config([]), torch.device("cpu"))(3) is None  # demo: full causal
+
+
+@pytest.mark.parametrize("given, expected", [(None, "expandable_segments:True"), ("max_split_size_mb:64",
+                                                                                     "max_split_size_mb:64")])
+def test_cuda_allocator_grows_segments_unless_the_user_says_otherwise(given, expected):
+    env = {k: v for k, v in os.environ.items() if k != "PYTORCH_CUDA_ALLOC_CONF"}
+    if given:
+        env["PYTORCH_CUDA_ALLOC_CONF"] = given
+    probe = "import os, sys, train_gpt; print(os.environ['PYTORCH_CUDA_ALLOC_CONF'])"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert done.stdout.strip() == expected
