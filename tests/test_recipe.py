@@ -1,10 +1,14 @@
 """training/recipe.py: flags over presets, flags that explain and check themselves, the batch layout
 over processes, the schedules, the optimizer's groups."""
 
+import ast
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
 
+from model import PRESETS, GPTConfig
 from training import recipe
 
 FIELDS = {f.name: f for f in dataclasses.fields(recipe.TrainConfig)}
@@ -150,3 +154,74 @@ def test_batch_size_caps_the_micro_batch_and_accumulation_makes_up_the_step():
     assert recipe.batch_layout(cfg, 1) == recipe.BatchLayout(micro_batch=2, grad_accum=4, val_batch=2)
     speedrun = recipe.parse_config(["--preset", "speedrun"])  # one 48k sequence per GPU per step
     assert [recipe.batch_layout(speedrun, gpus).grad_accum for gpus in (1, 2, 4, 8)] == [8, 4, 2, 1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# docs/RECIPE.md: the speedrun preset beside the record it follows
+
+RECIPE_MD = Path(__file__).resolve().parents[1] / "docs" / "RECIPE.md"
+# The TrainConfig fields the preset leaves at their defaults but the record also sets.
+RECORD_DEFAULTS = ("adam_betas", "weight_decay", "warmup_steps", "momentum", "momentum_start",
+                   "momentum_warmup_steps", "ns_coefficients", "ns_steps")
+
+
+def table_value(text: str):
+    """A table cell as a value: a Python literal, arithmetic on number literals (`0.008 * 75`), or the
+    text itself (`sigmoid`)."""
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError:
+        return text
+    literal = (ast.Expression, ast.Constant, ast.Tuple, ast.BinOp, ast.UnaryOp, ast.Load, ast.Mult, ast.Div,
+               ast.Add, ast.Sub, ast.USub)
+    if not all(isinstance(node, literal) for node in ast.walk(tree)):
+        return text
+    return eval(compile(tree, "RECIPE.md", "eval"), {"__builtins__": {}})
+
+
+def same(a, b) -> bool:
+    """Equal, numbers to 1e-12 relative (0.008 * 75 is 0.6000000000000001 in floats)."""
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == pytest.approx(b, rel=1e-12)
+    return a == b
+
+
+def recipe_rows() -> dict[str, dict]:
+    """The settings table's rows that name a field: field -> {speedrun, record, why}."""
+    rows = {}
+    section = RECIPE_MD.read_text().split("## Settings\n", 1)[1].split("\n## ", 1)[0]
+    for line in section.splitlines():
+        cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+        if len(cells) == 5 and cells[1].startswith("`"):
+            rows[cells[1].strip("`")] = dict(speedrun=cells[2], record=cells[3], why=cells[4])
+    return rows
+
+
+def preset_value(field: str):
+    cfg = recipe.parse_config(["--preset", "speedrun"])
+    if field.startswith("model."):
+        return getattr(PRESETS[cfg.model], field.removeprefix("model."))
+    return getattr(cfg, field)
+
+
+@pytest.mark.parametrize("field", sorted(recipe_rows()))
+def test_recipe_md_holds_the_speedrun_presets_value(field):
+    row = recipe_rows()[field]
+    assert same(table_value(row["speedrun"]), preset_value(field)), f"docs/RECIPE.md row {field}: {row}"
+
+
+@pytest.mark.parametrize("field", sorted(recipe_rows()))
+def test_recipe_md_says_why_wherever_the_preset_differs_from_the_record(field):
+    # A reason where the values differ, none where they agree; a setting the record lacks (—) may have one.
+    row = recipe_rows()[field]
+    if row["record"] != "—":
+        differs = not same(table_value(row["speedrun"]), table_value(row["record"]))
+        assert bool(row["why"]) == differs, f"docs/RECIPE.md row {field}: a reason iff the values differ"
+
+
+def test_recipe_md_has_a_row_for_every_setting_of_the_preset_and_its_model():
+    fields = {*recipe.PRESETS_TRAIN["speedrun"], *RECORD_DEFAULTS}
+    fields |= {f"model.{f.name}" for f in dataclasses.fields(GPTConfig)}
+    assert fields - set(recipe_rows()) == set()
