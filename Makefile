@@ -8,7 +8,7 @@ BENCH_PY := $(if $(wildcard $(PY)),$(PY),python3)
 
 NGPU   ?= $(shell nvidia-smi -L 2>/dev/null | wc -l | awk '{print ($$1 > 0) ? $$1 : 1}')
 
-.PHONY: help install test train data speedrun bench bench-gpu lint bundle
+.PHONY: help install test train data speedrun bench bench-gpu gpu-check lint bundle
 .DEFAULT_GOAL := help
 
 help:
@@ -19,6 +19,7 @@ help:
 	@echo "make speedrun  make data, then the speedrun preset on every visible GPU (torchrun)"
 	@echo "make bench     CPU benchmarks (optimizer, tokenization, distributed sharding)"
 	@echo "make bench-gpu the whole GPU benchmark in one command (ARGS=--smoke: toy sizes, runs on a CPU too)"
+	@echo "make gpu-check the speedrun preset compressed to 300 steps on one GPU (ARGS=\"--out-dir DIR [--smoke]\")"
 	@echo "make lint      ruff check"
 	@echo "make bundle    dist/train_gpt.py: train_gpt.py with its repo modules inlined (record submissions)"
 
@@ -48,6 +49,9 @@ bench: $(STAMP)
 
 bench-gpu:
 	$(BENCH_PY) -m bench.gpu $(ARGS)
+
+gpu-check:
+	$(BENCH_PY) -m bench.gpu_check $(ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
