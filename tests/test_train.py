@@ -1,5 +1,6 @@
 """train_gpt.py end to end on the CPU demo: metrics, logs, plot, sample, determinism, schedules, errors."""
 
+import ast
 import json
 import math
 import subprocess
@@ -82,3 +83,11 @@ def test_tokens_per_step_must_split_into_micro_batches(tmp_path):
     cfg = train_gpt.parse_config(["--tokens-per-step", "1000", "--out-dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="--tokens-per-step 1000"):
         train_gpt.main(cfg)
+
+
+def test_no_function_in_train_gpt_is_longer_than_a_screen():
+    # The loop reads in one screen: each function of the entry script at most 60 lines, docstring included.
+    tree = ast.parse((ROOT / "train_gpt.py").read_text())
+    lengths = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+               if isinstance(node, ast.FunctionDef)}
+    assert lengths and {name: n for name, n in lengths.items() if n > 60} == {}
