@@ -12,8 +12,8 @@ from perf_counter; both behind `Clock`.
                   the share of the measured matmul ceiling
   optimizer_step  one step over the same matrices: optim.Muon, torch.optim.Muon, fused AdamW
   train_124m      the speedrun model's compiled training step on random tokens (B=1, T=48·1024,
-                  window 1792, optimizer as train_gpt.py builds it): ms/step, tokens/s, MFU, peak
-                  memory, and optimizer.step's share of the step
+                  window 1792 as a tensor, dtypes and optimizer as train_gpt.py has them): ms/step,
+                  tokens/s, MFU, peak memory, and optimizer.step's share of the step
   train_demo      the same for the CPU demo's model and batch
 Writes gpu-<device>-<time>.json and .md under --out-dir (default bench/results/) and, unless
 --smoke, appends the markdown to docs/BENCHMARKS.md. --smoke runs every section at toy sizes in
@@ -41,6 +41,7 @@ from model import GPT, PRESETS, GPTConfig
 from optim import COEFFICIENTS, Muon, newton_schulz_flops
 from tools.runlog import peak_flops
 from training.recipe import PRESETS_TRAIN, TrainConfig, build_optimizer
+from training.runtime import autocast_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 NS_STEPS = 5
@@ -226,15 +227,17 @@ def bench_train(plan: Plan, case: StepCase, device: torch.device, clock: Clock, 
     """Time training steps as train_gpt.py runs them: forward+backward, then optimizer.step and zero_grad."""
     baseline = memory_baseline(device)
     torch.manual_seed(0)
-    model = GPT(case.model).to(device)
+    model = GPT(case.model).to_device(device)  # the dtypes train_gpt.py runs: bf16 tables on CUDA
     optimizer = build_optimizer(model, TrainConfig(preset=case.recipe, **PRESETS_TRAIN[case.recipe]))
     forward = torch.compile(model, dynamic=False, backend=plan.compile_backend)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    enabled = autocast_dtype(model, device) is not None  # only for an fp32 residual stream on CUDA
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    window = None if case.window is None else torch.tensor(case.window, dtype=torch.int32, device=device)
     marks = []
     for x, y in random_batches(case, plan.warmup + plan.train_steps, device):
         start = clock.mark()
         with autocast:
-            loss = forward(x, y, window=case.window)
+            loss = forward(x, y, window=window)
         loss.backward()
         before_step = clock.mark()
         optimizer.step()
@@ -358,8 +361,8 @@ def optimizer_md(step: dict) -> str:
 
 
 def train_md(report: dict) -> str:
-    lines = ["Training step (compiled, bf16 autocast on a GPU, random tokens); optimizer share of this "
-             "one-micro-step step, and of the recipe's step with its gradient accumulation:",
+    lines = ["Training step (compiled, bf16 on a GPU as train_gpt.py runs it, random tokens); optimizer "
+             "share of this one-micro-step step, and of the recipe's step with its gradient accumulation:",
              "",
              "| case | model | B × T | window | step ms | optimizer ms | share (recipe) | tokens/s | "
              "MFU | MFU of measured | peak GiB |",
