@@ -38,6 +38,7 @@ grads, flags)` (Muon._update) steps any local tensors, whole parameters or slice
 
 import importlib
 import os
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -53,8 +54,9 @@ from .zero import BUCKET_ELEMENTS, FlatShard, GradientBucket, MatrixShard
 
 WORLD = "world"
 
-# Steps (keys, tensors) by their group's rule given averaged gradients and flags: Muon._update.
-Update = Callable[[dict, list, list, list, "torch.Tensor | None"], None]
+# Steps (keys, tensors) by their group's rule given averaged gradients and flags: Muon._update. A
+# keyword `dualize` stands in for a matrix kind's stacked map (optim/update.py kind_update).
+Update = Callable[..., None]
 
 
 def resolve_process_group(process_group) -> "dist.ProcessGroup | None":
@@ -76,20 +78,47 @@ def resolve_process_group(process_group) -> "dist.ProcessGroup | None":
     return process_group
 
 
+def make_distribution(params: list[torch.Tensor], process_group):
+    """How Muon spreads its step, from its first param group's tensors: FullyShardedParallel
+    (optim/fsdp.py) for DTensor parameters, else DataParallel over resolve_process_group(process_group),
+    or None for one process."""
+    if not any(is_dtensor(p) for p in params):
+        group = resolve_process_group(process_group)
+        return None if group is None else DataParallel(group)
+    if process_group != WORLD:
+        raise ValueError(f"Muon: process_group={process_group!r} with DTensor (fully_shard) parameters; "
+                         f"leave it {WORLD!r}: the parameters' device mesh names the ranks")
+    from .fsdp import FullyShardedParallel  # torch.distributed.tensor: imported only where it is in use
+
+    return FullyShardedParallel(next(p for p in params if is_dtensor(p)).device_mesh)
+
+
+def is_dtensor(p: torch.Tensor) -> bool:
+    # No DTensor exists unless torch.distributed.tensor was imported: checking sys.modules spares
+    # every other process that module's half-second import.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(p, module.DTensor)
+
+
+def own_group(parent: "dist.ProcessGroup") -> "dist.ProcessGroup":
+    """A new process group over `parent`'s ranks and backend, for the optimizer's collectives alone."""
+    # torch.optim.Optimizer imports torch._dynamo on first use, and that import keeps every process
+    # group existing at the time alive past destroy_process_group (its gloo threads then outlive
+    # main() and may abort the interpreter's exit). Importing it first spares the group made here.
+    importlib.import_module("torch._dynamo")
+    ranks = dist.get_process_group_ranks(parent)
+    # Over the whole world every rank takes part, and the group gets a fresh name; a subgroup's is
+    # made among its own ranks only, and torch names it by those ranks.
+    subgroup = len(ranks) < dist.get_world_size()
+    return dist.new_group(ranks, backend=dist.get_backend(parent), use_local_synchronization=subgroup)
+
+
 class DataParallel:
     """Muon's gradient averaging over a process group: its own group, shards, buckets, hooks, guards."""
 
     def __init__(self, parent: "dist.ProcessGroup"):
-        # torch.optim.Optimizer imports torch._dynamo on first use, and that import keeps every process
-        # group existing at the time alive past destroy_process_group (its gloo threads then outlive
-        # main() and may abort the interpreter's exit). Importing it first spares the group made here.
-        importlib.import_module("torch._dynamo")
+        self.group = own_group(parent)
         ranks = dist.get_process_group_ranks(parent)
-        # Over the whole world every rank takes part, and the group gets a fresh name; a subgroup's is
-        # made among its own ranks only, and torch names it by those ranks.
-        subgroup = len(ranks) < dist.get_world_size()
-        self.group = dist.new_group(ranks, backend=dist.get_backend(parent),
-                                    use_local_synchronization=subgroup)
         self.rank, self.world_size, self.source = dist.get_rank(self.group), len(ranks), ranks[0]
         self.shards: list = []
         self.shard_of: dict[int, object] = {}  # id(param) -> its shard
@@ -106,13 +135,17 @@ class DataParallel:
         """Broadcast a param group's parameters from the first rank; give them shards and buckets."""
         params, kind = list(group["params"]), KINDS[group["kind"]]
         for p in params:
+            if is_dtensor(p):
+                raise ValueError(f"Muon: a DTensor (fully_shard) parameter of shape {tuple(p.shape)} in a "
+                                 "param group after plain ones; fully_shard the whole model, so that every "
+                                 "parameter is sharded")
             if not p.is_contiguous():
                 raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} is not contiguous; "
                                  "distributed Muon steps flat views of its parameters")
         self._broadcast(params)
         if kind.shard == MATRIX:
             shards = [MatrixShard(group_index, same, self.rank, self.world_size)
-                      for same in _same_shape(params)]
+                      for same in same_shape(params)]
         else:
             shards = [FlatShard(group_index, same, unit, kind.shard == ROW, self.rank, self.world_size)
                       for same, unit in _flat_buckets(params, kind.shard == ROW)]
@@ -192,6 +225,16 @@ class DataParallel:
     def state_shape(self, p: torch.Tensor) -> tuple | None:
         shard = self.shard_of.get(id(p))
         return None if shard is None else shard.state_shape(p)
+
+    def stamp(self) -> dict:
+        """What state_dict() records and load_state_dict() requires: each rank loads its own state."""
+        return {"rank": self.rank, "world_size": self.world_size}
+
+    def saved(self, state_dict: dict, groups: list[dict]) -> dict:
+        return state_dict  # each rank's own slices, as plain tensors
+
+    def loaded(self, state_dict: dict, groups: list[dict]) -> dict:
+        return state_dict
 
     def gradient_ready(self, bucket: GradientBucket, p: torch.Tensor) -> None:
         """A parameter's gradient was accumulated: during a synchronized backward, maybe send buckets."""
@@ -333,7 +376,7 @@ def _graph_leaves(loss: torch.Tensor) -> Iterator[torch.Tensor]:
                     yield node.variable
 
 
-def _same_shape(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+def same_shape(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """Stacks of one shape, dtype and device, in first-seen order."""
     stacks: dict[tuple, list[torch.Tensor]] = {}
     for p in params:

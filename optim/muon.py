@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 
-from .distributed import WORLD, DataParallel, resolve_process_group
+from .distributed import WORLD, make_distribution
 from .kinds import KINDS, LR_SCALES, MATRIX
 from .newton_schulz import resolve_coefficients
 from .state import check_muon_state_dict, muon_state_layout
@@ -84,9 +84,9 @@ class Muon(torch.optim.Optimizer):
         adam_eps: float = 1e-8,
         process_group=WORLD,
     ):
-        # Before the groups are added: add_param_group gives each group its buckets and hooks.
-        group = resolve_process_group(process_group)
-        self._distribution = DataParallel(group) if group is not None else None
+        # Chosen at the first param group, whose tensors say how (DTensors: FSDP); add_param_group then
+        # gives each group its shards, buckets and hooks.
+        self._process_group, self._distribution = process_group, None
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -110,6 +110,8 @@ class Muon(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_group(group)
+        if len(self.param_groups) == 1:
+            self._distribution = make_distribution(group["params"], self._process_group)
         if self._distribution is not None:  # collective: every rank adds the same groups in order
             self._distribution.add_group(len(self.param_groups) - 1, group)
 
@@ -184,9 +186,12 @@ class Muon(torch.optim.Optimizer):
             self._distribution.close()
 
     def state_dict(self) -> dict:
+        """torch's state dict plus "distribution" (self._stamp()). On fully_shard parameters it holds
+        every parameter's state, zeros where none was made yet, as DTensors sharded like the parameter,
+        which torch.distributed.checkpoint saves and loads on any number of ranks."""
         state = super().state_dict()
         state["distribution"] = self._stamp()
-        return state
+        return state if self._distribution is None else self._distribution.saved(state, self.param_groups)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, after checking that the state is this optimizer's and this rank's (else ValueError).
@@ -195,6 +200,8 @@ class Muon(torch.optim.Optimizer):
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
+        if self._distribution is not None:
+            state_dict = self._distribution.loaded(state_dict, self.param_groups)
         check_muon_state_dict(self, state_dict, self._stamp())
         saved_groups = state_dict["param_groups"]
         params = {i: p for saved, group in zip(saved_groups, self.param_groups, strict=True)
@@ -217,14 +224,14 @@ class Muon(torch.optim.Optimizer):
         return None if shape is None else muon_state_layout(p, kind, shape)
 
     def _stamp(self) -> dict:
-        if self._distribution is None:
-            return {"rank": 0, "world_size": 1}
-        return {"rank": self._distribution.rank, "world_size": self._distribution.world_size}
+        return {"rank": 0, "world_size": 1} if self._distribution is None else self._distribution.stamp()
 
-    def _update(self, group: dict, keys: list, tensors: list, grads: list, flags) -> None:
-        """Step `tensors` (params or this rank's slices of `keys`) given their averaged gradients."""
+    def _update(self, group: dict, keys: list, tensors: list, grads: list, flags, dualize=None) -> None:
+        """Step `tensors` (params or this rank's slices of `keys`) given their averaged gradients;
+        `dualize` stands in for a matrix kind's stacked map (optim/update.py kind_update)."""
         if tensors:
-            kind_update(KINDS[group["kind"]], group, [self.state[k] for k in keys], tensors, grads, flags)
+            states = [self.state[k] for k in keys]
+            kind_update(KINDS[group["kind"]], group, states, tensors, grads, flags, dualize)
 
 
 def _batches(group: dict, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
