@@ -30,10 +30,13 @@ wrapper's averaging does this). step() and clip_grad_norm_() refuse the same lat
 torch.nn.utils.clip_grad_norm_ or GradScaler.unscale_ on p.grad). The gradient hooks hold the
 optimizer weakly and are removed when it is dropped or closed.
 
-Another way to distribute (e.g. FSDP2's DTensor parameters, each rank holding a dim-0 shard) plugs in
-beside DataParallel with the same methods: add_group, sync_backward, step(groups, update),
-clip_grad_norm_, discard, close, state_shape, rank and world_size. `update(group, keys, tensors,
-grads, flags)` (Muon._update) steps any local tensors, whole parameters or slices, by their kind.
+Distributions. make_distribution picks one from Muon's first param group: FullyShardedParallel
+(optim/fsdp.py) when its parameters are DTensors (fully_shard), else DataParallel, or None. Each has
+the same methods: add_group, sync_backward, step(groups, update), clip_grad_norm_, discard, close,
+state_shape, stamp, saved and loaded (state_dict() and load_state_dict() pass the state dict through
+these two), rank and world_size. `update(group, keys, tensors, grads, flags, dualize=None)`
+(Muon._update) steps any local tensors, whole parameters or slices, by their kind; `dualize` stands in
+for a matrix kind's stacked map (optim/update.py kind_update).
 """
 
 import importlib
@@ -93,6 +96,16 @@ def make_distribution(params: list[torch.Tensor], process_group):
     return FullyShardedParallel(next(p for p in params if is_dtensor(p)).device_mesh)
 
 
+def shards_of(group_index: int, params: list[torch.Tensor], kind, rank: int,
+              world_size: int) -> list["MatrixShard | FlatShard"]:
+    """How DataParallel splits a param group of `kind` (optim/zero.py): whole matrices per same-shape
+    stack, or flat buckets of elements or rows."""
+    if kind.shard == MATRIX:
+        return [MatrixShard(group_index, same, rank, world_size) for same in same_shape(params)]
+    return [FlatShard(group_index, same, unit, kind.shard == ROW, rank, world_size)
+            for same, unit in _flat_buckets(params, kind.shard == ROW)]
+
+
 def is_dtensor(p: torch.Tensor) -> bool:
     # No DTensor exists unless torch.distributed.tensor was imported: checking sys.modules spares
     # every other process that module's half-second import.
@@ -143,13 +156,7 @@ class DataParallel:
                 raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} is not contiguous; "
                                  "distributed Muon steps flat views of its parameters")
         self._broadcast(params)
-        if kind.shard == MATRIX:
-            shards = [MatrixShard(group_index, same, self.rank, self.world_size)
-                      for same in same_shape(params)]
-        else:
-            shards = [FlatShard(group_index, same, unit, kind.shard == ROW, self.rank, self.world_size)
-                      for same, unit in _flat_buckets(params, kind.shard == ROW)]
-        for shard in shards:
+        for shard in shards_of(group_index, params, kind, self.rank, self.world_size):
             self.shards.append(shard)
             self.shard_of.update((id(p), shard) for p in shard.params)
             for bucket in shard.buckets:

@@ -138,7 +138,7 @@ class FullyShardedParallel:
         return {**state_dict, "state": state}
 
     def _local_shape(self, p: DTensor) -> tuple:
-        return (_rows(p.shape[0], self.rank, self.world_size), *p.shape[1:])
+        return local_shape(p.shape, self.rank, self.world_size)
 
     def _sharded_like(self, p: DTensor, value: torch.Tensor) -> torch.Tensor:
         if value.ndim == 0:
@@ -154,9 +154,9 @@ class FullyShardedParallel:
         if p.device_mesh != self.mesh or tuple(p.placements) != (Shard(0),):
             raise ValueError(f"{where} is placed {tuple(p.placements)} on {p.device_mesh}; Muon expects "
                              f"fully_shard's Shard(0) on {self.mesh} for every parameter")
-        if p.ndim and p.to_local().shape[0] != _rows(p.shape[0], self.rank, self.world_size):
-            raise ValueError(f"{where} holds {p.to_local().shape[0]} rows on rank {self.rank}, not "
-                             f"torch.chunk's {_rows(p.shape[0], self.rank, self.world_size)}")
+        if tuple(p.to_local().shape) != self._local_shape(p):
+            raise ValueError(f"{where} is {tuple(p.to_local().shape)} on rank {self.rank}, not torch.chunk's "
+                             f"{self._local_shape(p)}")
 
     def _check_open(self) -> None:
         if self.closed:
@@ -179,7 +179,7 @@ class OwnerExchange:
         self.slots = [None] * lead + list(range(len(stack)))
         self.slots += [None] * (-len(self.slots) % world_size)
         self.columns = len(self.slots) // world_size
-        self.rows = _rows(self.shape[0], rank, world_size)
+        self.rows = shard_rows(self.shape[0], rank, world_size)
 
     def dualize(self, kind: Kind, group: dict, updates: list[torch.Tensor]) -> list[torch.Tensor]:
         """Gather whole matrices to their owners, map them there, return this rank's rows of each map."""
@@ -207,10 +207,15 @@ class OwnerExchange:
         return received
 
 
-def _rows(m: int, rank: int, world_size: int) -> int:
-    """Rows of an m-row parameter on `rank`: torch.chunk's share, c = ⌈m/W⌉ each until none are left."""
+def shard_rows(m: int, rank: int, world_size: int) -> int:
+    """Rows of an m-row parameter on `rank` under fully_shard: torch.chunk's, ⌈m/W⌉ until none are left."""
     c = math.ceil(m / world_size)
     return max(0, min(m, (rank + 1) * c) - rank * c)
+
+
+def local_shape(shape: tuple, rank: int, world_size: int) -> tuple:
+    """A parameter's shape on `rank` under fully_shard: its rows, every other dim whole."""
+    return (shard_rows(shape[0], rank, world_size), *shape[1:]) if len(shape) else ()
 
 
 def _local(params: list[DTensor]) -> list[torch.Tensor]:

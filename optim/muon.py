@@ -66,6 +66,15 @@ class Muon(torch.optim.Optimizer):
     Wrap the last micro-step's backward in `sync_gradients()` so communication overlaps it; clip
     with `clip_grad_norm_`, drop a step with `discard_gradients`, release hooks and the group with
     `close` (or by dropping the optimizer).
+
+    FSDP2 (optim/fsdp.py): on a model sharded with torch.distributed.fsdp.fully_shard, whose
+    parameters are DTensors split by rows over a 1-D device mesh, build it the same way
+    (`Muon(param_groups(model))`, process_group left "world"). fully_shard averages the gradients;
+    each rank steps its rows; a matrix kind's momentum stays sharded and each whole matrix is
+    mapped on one rank (round-robin) and returned as rows. Nothing is broadcast: start every rank
+    from the same seed or a checkpoint. state_dict() is then DTensors, for torch.distributed.checkpoint
+    on any number of ranks. sync_gradients() does nothing (fully_shard's backward communicates;
+    for gradient accumulation, model.set_requires_gradient_sync(False) skips it on early micro-steps).
     """
 
     def __init__(
