@@ -18,9 +18,10 @@ optimizer sees is thus already averaged; it steps each rank's rows:
   copies of only its own matrices of one stack.
 
 Each step thus equals the one-process step on the averaged gradient. Bytes a rank sends per step for
-a stack of n matrices of M elements, b bytes an element: 2·(W−1)·⌈n/W⌉·⌈m/W⌉·(M/m)·b, about
-2·(W−1)/W²·n·M·b: 1/W of what DataParallel's reduce-scatter and all-gather send, on top of fully_shard's
-own reduce-scatter of gradients and all-gathers of parameters.
+a stack of n (m, …) matrices of M elements, b bytes an element, in C = ⌈(n + lead)/W⌉ columns
+(OwnerExchange): 2·(W−1)·C·⌈m/W⌉·(M/m)·b, about 2·(W−1)/W²·n·M·b: 1/W of what DataParallel's
+reduce-scatter and all-gather send, on top of fully_shard's own reduce-scatter of gradients and
+all-gathers of parameters.
 
 Collectives run on a process group of the optimizer's own over the mesh's ranks, as DataParallel's.
 fully_shard's reduce-scatter covers the parameters that have a gradient and must cover the same ones
@@ -179,17 +180,19 @@ class OwnerExchange:
         self.slots = [None] * lead + list(range(len(stack)))
         self.slots += [None] * (-len(self.slots) % world_size)
         self.columns = len(self.slots) // world_size
+        mine = [c for c in range(self.columns) if self.slots[c * world_size + rank] is not None]
+        self.owned = (mine[0], mine[-1] + 1) if mine else (0, 0)  # a range: slots hold matrices in a row
         self.rows = shard_rows(self.shape[0], rank, world_size)
 
     def dualize(self, kind: Kind, group: dict, updates: list[torch.Tensor]) -> list[torch.Tensor]:
         """Gather whole matrices to their owners, map them there, return this rank's rows of each map."""
         W, C, c, rest = self.world_size, self.columns, self.chunk, self.shape[1:]
-        received = self._all_to_all(self._pack(updates))
-        whole = received.transpose(0, 1).reshape(C, W * c, *rest)[:, : self.shape[0]]
-        mine = [column for column in range(C) if self.slots[column * W + self.rank] is not None]
+        first, last = self.owned
+        received = self._all_to_all(self._pack(updates))[:, first:last]  # every rank's rows of mine
+        whole = received.transpose(0, 1).reshape(last - first, W * c, *rest)[:, : self.shape[0]]
         mapped = whole.new_zeros(C, W * c, *rest)
-        if mine:
-            mapped[mine, : self.shape[0]] = torch.stack(dualize_all(kind, group, list(whole[mine].unbind())))
+        if last > first:
+            mapped[first:last, : self.shape[0]] = torch.stack(dualize_all(kind, group, list(whole.unbind())))
         returned = self._all_to_all(mapped.view(C, W, c, *rest).transpose(0, 1).contiguous())
         return [returned[s % W, s // W, : self.rows] for s, i in enumerate(self.slots) if i is not None]
 
