@@ -30,8 +30,8 @@ wrapper's averaging does this). step() and clip_grad_norm_() refuse the same lat
 torch.nn.utils.clip_grad_norm_ or GradScaler.unscale_ on p.grad). The gradient hooks hold the
 optimizer weakly and are removed when it is dropped or closed.
 
-Distributions. make_distribution picks one from Muon's first param group: FullyShardedParallel
-(optim/fsdp.py) when its parameters are DTensors (fully_shard), else DataParallel, or None. Each has
+Distributions. Muon picks one from its first param group: FullyShardedParallel (optim/fsdp.py) when
+its parameters are DTensors (fully_shard), else DataParallel, or None for one process. Each has
 the same methods: add_group, sync_backward, step(groups, update), clip_grad_norm_, discard, close,
 state_shape, stamp, saved and loaded (state_dict() and load_state_dict() pass the state dict through
 these two), rank and world_size. `update(group, keys, tensors, grads, flags, dualize=None)`
@@ -79,21 +79,6 @@ def resolve_process_group(process_group) -> "dist.ProcessGroup | None":
     if process_group is None or dist.get_world_size(process_group) == 1:
         return None
     return process_group
-
-
-def make_distribution(params: list[torch.Tensor], process_group):
-    """How Muon spreads its step, from its first param group's tensors: FullyShardedParallel
-    (optim/fsdp.py) for DTensor parameters, else DataParallel over resolve_process_group(process_group),
-    or None for one process."""
-    if not any(is_dtensor(p) for p in params):
-        group = resolve_process_group(process_group)
-        return None if group is None else DataParallel(group)
-    if process_group != WORLD:
-        raise ValueError(f"Muon: process_group={process_group!r} with DTensor (fully_shard) parameters; "
-                         f"leave it {WORLD!r}: the parameters' device mesh names the ranks")
-    from .fsdp import FullyShardedParallel  # torch.distributed.tensor: imported only where it is in use
-
-    return FullyShardedParallel(next(p for p in params if is_dtensor(p)).device_mesh)
 
 
 def shards_of(group_index: int, params: list[torch.Tensor], kind, rank: int,

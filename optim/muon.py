@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 
-from .distributed import WORLD, make_distribution
+from .distributed import WORLD, DataParallel, is_dtensor, resolve_process_group
 from .kinds import KINDS, LR_SCALES, MATRIX
 from .newton_schulz import resolve_coefficients
 from .state import check_muon_state_dict, muon_state_layout
@@ -120,7 +120,7 @@ class Muon(torch.optim.Optimizer):
         group = self.param_groups[-1]
         _check_group(group)
         if len(self.param_groups) == 1:
-            self._distribution = make_distribution(group["params"], self._process_group)
+            self._distribution = _make_distribution(group["params"], self._process_group)
         if self._distribution is not None:  # collective: every rank adds the same groups in order
             self._distribution.add_group(len(self.param_groups) - 1, group)
 
@@ -241,6 +241,21 @@ class Muon(torch.optim.Optimizer):
         if tensors:
             states = [self.state[k] for k in keys]
             kind_update(KINDS[group["kind"]], group, states, tensors, grads, flags, dualize)
+
+
+def _make_distribution(params: list[torch.Tensor], process_group):
+    """How Muon spreads its step, from its first param group's tensors: FullyShardedParallel
+    (optim/fsdp.py) for DTensor parameters, else DataParallel over resolve_process_group(process_group),
+    or None for one process."""
+    if not any(is_dtensor(p) for p in params):
+        group = resolve_process_group(process_group)
+        return None if group is None else DataParallel(group)
+    if process_group != WORLD:
+        raise ValueError(f"Muon: process_group={process_group!r} with DTensor (fully_shard) parameters; "
+                         f"leave it {WORLD!r}: the parameters' device mesh names the ranks")
+    from .fsdp import FullyShardedParallel  # torch.distributed.tensor: imported only where it is in use
+
+    return FullyShardedParallel(next(p for p in params if is_dtensor(p)).device_mesh)
 
 
 def _batches(group: dict, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
