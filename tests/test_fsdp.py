@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from test_distributed import init_gloo, spawn
+from test_distributed import counting_host_reads, init_gloo, spawn
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -169,6 +169,15 @@ def held_bytes(model: GPT, opt: Muon) -> dict[str, int]:
                 state=sum(v.numel() * v.element_size() for v in state))
 
 
+def host_reads_in_a_step(model: GPT, opt: Muon) -> list[str]:
+    tokens = batch(STEPS)
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    with counting_host_reads([]) as reads:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return reads
+
+
 def checkpoint(model: GPT, opt: Muon) -> dict:
     return {"model": model.state_dict(), "optim": opt.state_dict()}
 
@@ -202,6 +211,7 @@ def scenarios(mesh: DeviceMesh, tmp: Path) -> dict:
     later, ns_matrices = train_to_the_end(model, opt, mesh)
     record = dict(losses=losses + later, ns_matrices=ns_matrices, held=held_bytes(model, opt),
                   lrs=[group["lr"] for group in opt.param_groups])
+    record["host_reads"] = host_reads_in_a_step(model, opt)
     record["every_kind"] = every_kind_steps(mesh, world_size)
     record["resumed"] = resumed(tmp / f"checkpoint{world_size}", mesh)
     if world_size == 3:
@@ -292,6 +302,12 @@ def test_each_rank_orthogonalizes_a_wth_of_the_matrices(runs, one_process, world
     counts = [record["ns_matrices"] for record in runs[world_size]]
     assert sum(counts) == one_process["ns_matrices"] == 6 * CFG.n_layer  # q, k, v, o, fc, proj
     assert max(counts) - min(counts) <= 1  # dealt round-robin across stacks
+
+
+@WORLD_SIZES
+def test_a_step_reads_nothing_on_the_host(runs, world_size):
+    for record in runs[world_size]:
+        assert record["host_reads"] == []
 
 
 @WORLD_SIZES
