@@ -133,10 +133,6 @@ class DataParallel:
         """Broadcast a param group's parameters from the first rank; give them shards and buckets."""
         params, kind = list(group["params"]), KINDS[group["kind"]]
         for p in params:
-            if is_dtensor(p):
-                raise ValueError(f"Muon: a DTensor (fully_shard) parameter of shape {tuple(p.shape)} in a "
-                                 "param group after plain ones; fully_shard the whole model, so that every "
-                                 "parameter is sharded")
             if not p.is_contiguous():
                 raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} is not contiguous; "
                                  "distributed Muon steps flat views of its parameters")

@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
-from .distributed import Update, is_dtensor, own_group, same_shape
+from .distributed import Update, own_group, same_shape
 from .kinds import KINDS, MATRIX, Kind
 from .state import muon_state_layout
 from .update import clip_coefficient, dualize_all
@@ -149,9 +149,6 @@ class FullyShardedParallel:
 
     def _check_sharded(self, p: torch.Tensor) -> None:
         where = f"Muon: a parameter of shape {tuple(p.shape)}"
-        if not is_dtensor(p):
-            raise ValueError(f"{where} is a plain tensor among DTensor (fully_shard) ones; fully_shard the "
-                             "root module too, so that every parameter is sharded")
         if p.device_mesh != self.mesh or tuple(p.placements) != (Shard(0),):
             raise ValueError(f"{where} is placed {tuple(p.placements)} on {p.device_mesh}; Muon expects "
                              f"fully_shard's Shard(0) on {self.mesh} for every parameter")

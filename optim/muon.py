@@ -119,6 +119,7 @@ class Muon(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_group(group)
+        _check_sharding(group, sharded=any(is_dtensor(p) for p in self.param_groups[0]["params"]))
         if len(self.param_groups) == 1:
             self._distribution = _make_distribution(group["params"], self._process_group)
         if self._distribution is not None:  # collective: every rank adds the same groups in order
@@ -244,9 +245,9 @@ class Muon(torch.optim.Optimizer):
 
 
 def _make_distribution(params: list[torch.Tensor], process_group):
-    """How Muon spreads its step, from its first param group's tensors: FullyShardedParallel
-    (optim/fsdp.py) for DTensor parameters, else DataParallel over resolve_process_group(process_group),
-    or None for one process."""
+    """How Muon spreads its step, from its first param group's tensors (all DTensors or all plain):
+    FullyShardedParallel (optim/fsdp.py) for DTensors, else DataParallel over
+    resolve_process_group(process_group), or None for one process."""
     if not any(is_dtensor(p) for p in params):
         group = resolve_process_group(process_group)
         return None if group is None else DataParallel(group)
@@ -255,7 +256,7 @@ def _make_distribution(params: list[torch.Tensor], process_group):
                          f"leave it {WORLD!r}: the parameters' device mesh names the ranks")
     from .fsdp import FullyShardedParallel  # torch.distributed.tensor: imported only where it is in use
 
-    return FullyShardedParallel(next(p for p in params if is_dtensor(p)).device_mesh)
+    return FullyShardedParallel(params[0].device_mesh)  # the group has DTensors only
 
 
 def _batches(group: dict, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -276,6 +277,15 @@ def _default_kinds(params) -> dict[str, list]:
         tensor = p[1] if isinstance(p, tuple) else p  # (name, tensor) pairs carry param_names
         split["hidden" if tensor.ndim == 2 else "adam"].append(p)
     return {kind: ps for kind, ps in split.items() if ps}
+
+
+def _check_sharding(group: dict, sharded: bool) -> None:
+    """All DTensors (fully_shard) or all plain tensors: one distribution steps them all."""
+    for p in group["params"]:
+        if is_dtensor(p) != sharded:
+            which = "a plain tensor among DTensors (fully_shard)" if sharded else "a DTensor among plain ones"
+            raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} is {which}; fully_shard the root "
+                             "module too, so that every parameter is sharded, or none is")
 
 
 def _check_group(group: dict) -> None:

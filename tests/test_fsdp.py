@@ -219,6 +219,7 @@ def scenarios(mesh: DeviceMesh, tmp: Path) -> dict:
     plain = torch.nn.Parameter(torch.zeros(4, 4))
     record["mixed_error"] = refusal(lambda: Muon([*model.parameters(), plain]))
     record["no_group_error"] = refusal(lambda: Muon(model.parameters(), process_group=None))
+    record["later_error"] = refusal(lambda: Muon([{"params": [plain]}, {"params": list(model.parameters())}]))
     opt.close()
     return record
 
@@ -326,7 +327,8 @@ def test_a_checkpoint_of_two_ranks_resumes_on_three(runs):
 
 
 @WORLD_SIZES
-def test_plain_tensors_among_sharded_ones_and_a_process_group_are_refused(runs, world_size):
+def test_plain_tensors_mixed_with_sharded_ones_and_a_process_group_are_refused(runs, world_size):
     record = runs[world_size][0]
-    assert "plain tensor among DTensor" in record["mixed_error"]
+    assert "plain tensor among DTensors" in record["mixed_error"]
     assert "process_group=None with DTensor" in record["no_group_error"]
+    assert "a DTensor among plain ones" in record["later_error"]
