@@ -40,7 +40,7 @@ from data.tokenizer import VOCAB_SIZE
 from model import GPT, PRESETS, GPTConfig
 from optim import COEFFICIENTS, Muon, newton_schulz_flops
 from tools.runlog import peak_flops
-from train_gpt import PRESETS_TRAIN, TrainConfig, build_optimizer
+from training.recipe import PRESETS_TRAIN, TrainConfig, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 NS_STEPS = 5

@@ -33,7 +33,6 @@ from itertools import pairwise, takewhile
 import numpy as np
 import torch
 
-import train_gpt
 from data.demo import demo_shards
 from data.loader import TokenLoader, validation_batches
 from data.shards import ShardError, list_shards, read_shard
@@ -50,6 +49,7 @@ from experiments.report import (
     torch_threads,
 )
 from model import GPT, GPTConfig
+from training import recipe as train_gpt
 
 NAME = "gpt_optimizers"
 ADAM = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +20,6 @@ import torch.nn.functional as F
 
 from tools.checkpoint import (
     CheckpointError,
-    check_writable,
     load_checkpoint,
     non_finite_tensors,
     resolve_checkpoint,
@@ -263,43 +261,6 @@ def test_checkpoint_of_another_world_size(tmp_path):
         load_checkpoint(step, rank=1, world_size=2)
     assert one_line(caught) == (f"{step}: written by 1 process, this run has 2; resume with 1 process "
                                 f"(each holds its own optimizer shard)")
-
-
-def test_folder_under_a_file_is_not_writable(tmp_path):
-    (tmp_path / "file").write_text("")
-    with pytest.raises(CheckpointError) as caught:
-        check_writable(tmp_path / "file" / "checkpoints")
-    assert one_line(caught) == (f"{tmp_path / 'file' / 'checkpoints'}: cannot write checkpoints there "
-                                f"(Not a directory); expected a writable folder: choose another --out-dir")
-
-
-@pytest.fixture
-def read_only_folder():
-    """A folder its user cannot write in, under parents anyone can enter (not pytest's private tmp)."""
-    parent = Path(tempfile.mkdtemp(prefix="checkpoint-test-"))
-    parent.chmod(0o755)
-    folder = parent / "read_only"
-    folder.mkdir(mode=0o555)
-    yield folder
-    shutil.rmtree(parent)
-
-
-def test_read_only_folder_is_not_writable(read_only_folder):
-    root = os.geteuid() == 0
-    if root:
-        os.seteuid(65534)  # root may write anywhere: ask as "nobody", as a user's run would
-    try:
-        with pytest.raises(CheckpointError) as caught:
-            check_writable(read_only_folder)
-    finally:
-        if root:
-            os.seteuid(0)
-    message = one_line(caught)
-    assert message.startswith(f"{read_only_folder}: cannot write checkpoints there (Permission denied)")
-
-
-def test_missing_folder_is_created(tmp_path):
-    assert check_writable(tmp_path / "new" / "checkpoints").is_dir()
 
 
 def test_the_training_script_prints_one_line_for_a_bad_resume(tmp_path):

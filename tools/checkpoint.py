@@ -35,21 +35,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message is one line naming the path."""
 
 
-def check_writable(directory: str | Path) -> Path:
-    """Create `directory` if needed and write a file in it: call at start, so that a folder that
-    cannot hold checkpoints stops the run before its first step, not at its first save."""
-    directory = Path(directory)
-    probe = directory / f".write-test-{os.getpid()}"
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"checkpoint")
-        probe.unlink()
-    except OSError as error:
-        raise CheckpointError(f"{directory}: cannot write checkpoints there ({error.strerror or error}); "
-                              f"expected a writable folder: choose another --out-dir") from None
-    return directory
-
-
 def non_finite_tensors(state, prefix: str = "") -> list[str]:
     """Dotted names of the floating-point tensors in `state` (nested dicts, lists, tuples) that hold
     a NaN or an infinity, in the order met. One host read per device, whatever the tensor count."""

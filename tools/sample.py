@@ -16,6 +16,7 @@ import torch
 
 from data.tokenizer import EOT, TokenizerUnavailable, gpt2_encoding
 from tools.checkpoint import CheckpointError, load_model
+from training.runtime import resolve_device
 
 
 def open_checkpoint(path: str | Path, device: torch.device) -> torch.nn.Module:
@@ -41,8 +42,6 @@ def sample(model: torch.nn.Module, prompt: str, max_tokens: int, temperature: fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train_gpt import resolve_device
-
     parser = argparse.ArgumentParser(prog="python -m tools.sample",
                                      description="Sample text from a checkpoint.")
     parser.add_argument("checkpoint", help="step directory, checkpoint directory, or run --out-dir")
