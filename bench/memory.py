@@ -5,31 +5,33 @@
 
 Nothing is allocated: the model is built on the meta device, and every figure comes from its
 parameters' shapes and dtypes, from how the optimizer lays out its state, and from one forward pass on
-the meta device. Columns, for the rank that holds the most (GiB = 2³⁰ bytes):
+fake tensors. Columns, for the rank that holds the most (GiB = 2³⁰ bytes):
 
-  parameters   default: as GPT.to_device stores them on CUDA (Linear weights and scalars float32,
-               embedding tables in the preset's cuda_dtype); --fsdp: this rank's rows of every parameter
-               (fully_shard's torch.chunk split, optim.fsdp.local_shape), float32
-  gradients    p.grad: default the parameter's shape and dtype; --fsdp float32 rows
+  parameters   default: every parameter whole, float32, as train_gpt.py keeps them (its forward runs
+               under bf16 autocast on CUDA); --fsdp: this rank's rows of every parameter (fully_shard's
+               torch.chunk split, optim.fsdp.local_shape), float32
+  gradients    p.grad, float32: default whole, --fsdp this rank's rows
   optimizer    Muon's state on this rank: optim.state.muon_state_layout on the shapes DataParallel's
                shards (optim.distributed.shards_of) or fully_shard's rows give it; the speedrun's
                param groups (hidden matrices: momentum; embeddings, head, scalars: Adam's two moments,
                or momentum for the embeddings with --embed-map dual)
   activations  the tensors autograd keeps for backward in one forward of a micro-batch of
-               tokens-per-gpu tokens (one sequence), measured on the meta device in eager mode
+               tokens-per-gpu tokens (one sequence), parameters and buffers excluded, in eager mode
                (torch.compile recomputes some of them in backward, so a compiled step keeps at most
-               this; a second table gives the share of the logits-sized tensors of head and loss); attention
-               counted as FlexAttention keeps it: q, k, v, the output and a float32 log-sum-exp per
-               query and head. Default: with the bf16 copies of the Linear weights CastedLinear makes;
-               --fsdp: the weights are fully_shard's gathered bf16 copies, counted in flight instead
+               this; a second table gives the share of vocabulary-wide tensors: head, soft-cap, loss).
+               Measured on fake tensors under bf16 autocast (activation_bytes); attention counted as
+               FlexAttention keeps it: q, k, v, the output and a float32 log-sum-exp per query and head.
+               Default: autocast's bf16 copies of the float32 weights are kept too; --fsdp: the
+               parameters are fully_shard's gathered bf16 copies, counted in flight instead
   in flight    transient buffers, upper bounds from the code. Default, W > 1: DataParallel's
                reduce-scatter rows (a copy of every gradient, with its flags) and all-gather outputs (a
                copy of every parameter), padded as optim/zero.py pads them. --fsdp: the bf16 gathered
                parameters, their bf16 gradients and the float32 copies reduce-scattered (8 bytes an
-               element) of the root module (embeddings, head, scalars: fully_shard keeps the root's
-               gathered from forward through backward) and of two blocks (the one computing and the
-               one prefetched); plus optim.fsdp's exchange for the largest stack: six float32 buffers
-               of its W·C·c·(d_in) elements (optim.fsdp.OwnerExchange)
+               element) of the two largest units of training/fsdp.py (the one computing and the one
+               prefetched: embedding tables and head, each its own unit, outweigh a block) and of the
+               root's own parameters (fully_shard keeps the root gathered from forward through
+               backward); plus optim.fsdp's exchange for the largest stack: six float32 buffers of its
+               W·C·c·(d_in) elements (optim.fsdp.OwnerExchange)
 
 The total adds every column, though DataParallel's buffers peak after backward has freed the
 activations: an upper bound. Prints markdown tables, one per --tokens-per-gpu; --write replaces what
@@ -44,6 +46,7 @@ from pathlib import Path
 from unittest import mock
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import model.gpt
 from model import GPT, PRESETS
@@ -53,6 +56,7 @@ from optim.fsdp import OwnerExchange, local_shape
 from optim.kinds import MATRIX
 from optim.state import muon_state_layout
 from optim.zero import MatrixShard
+from training.fsdp import sharding_units
 
 GiB = 2**30
 BF16, FP32 = 2, 4  # bytes an element
@@ -122,9 +126,9 @@ def fully_sharded(gpt: GPT, groups: list[dict], world_size: int, rank: int) -> d
     local = [local_shape(tuple(p.shape), rank, world_size) for group in groups for p in group["params"]]
     held = sum(nbytes(shape, torch.float32) for shape in local)
     state = state_bytes(groups, lambda p, g: local_shape(tuple(p.shape), rank, world_size))
-    root = sum(p.numel() for p in gpt.parameters()) - sum(p.numel() for p in gpt.blocks.parameters())
-    block = max(sum(p.numel() for p in b.parameters()) for b in gpt.blocks)
-    gathered = (root + 2 * block) * (BF16 + BF16 + FP32)
+    units = sorted(sum(p.numel() for p in unit.parameters()) for unit in sharding_units(gpt))
+    root = sum(p.numel() for p in gpt.parameters()) - sum(units)
+    gathered = (root + sum(units[-2:])) * (BF16 + BF16 + FP32)
     return dict(parameters=held, gradients=held, optimizer=state,
                 **{"in flight": gathered + exchange_bytes(groups, world_size, rank)})
 
@@ -159,29 +163,37 @@ class _FlexSaved(torch.autograd.Function):
 
 
 def activation_bytes(preset: str, tokens: int, fsdp: bool) -> dict[str, int]:
-    """Bytes of the distinct storages autograd saves in one forward of one sequence, parameters excluded
-    (meta device): "all", and "logits" for the tensors of the head's output width (head and loss)."""
-    gpt = meta_gpt(preset)
-    if fsdp:
-        gpt.to(torch.bfloat16)  # fully_shard's MixedPrecisionPolicy(param_dtype=bf16): every parameter
-    else:
-        gpt.cast_embeddings(getattr(torch, gpt.config.cuda_dtype))  # as GPT.to_device does on CUDA
-    params = {p.untyped_storage()._cdata for p in gpt.parameters()}
-    saved: dict[int, tuple[int, bool]] = {}
+    """Bytes of the distinct storages autograd saves in one forward of one sequence, parameters and
+    buffers excluded: "all", and "logits" for those as wide as the vocabulary (head, soft-cap, loss).
 
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage._cdata not in params:
-            saved[storage._cdata] = (storage.nbytes(), tensor.shape[-1:] == (gpt.config.vocab_size,))
-        return tensor
+    On fake tensors (shapes and dtypes, no memory), under bf16 autocast as train_gpt.py's forward runs
+    on CUDA; CPU autocast's op lists stand in for CUDA's (both cast the matmuls to bf16). --fsdp: bf16
+    parameters, as fully_shard's MixedPrecisionPolicy gathers them.
+    """
+    with FakeTensorMode():
+        dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16 if fsdp else dtype)
+        try:
+            gpt = GPT(PRESETS[preset])
+        finally:
+            torch.set_default_dtype(dtype)
+        if tokens > gpt.config.max_seq_len:
+            raise SystemExit(f"--tokens-per-gpu {tokens}: one sequence of at most {gpt.config.max_seq_len}")
+        persistent = {t.untyped_storage()._cdata for t in [*gpt.parameters(), *gpt.buffers()]}
+        saved: dict[int, tuple[int, bool]] = {}
 
-    if tokens > gpt.config.max_seq_len:
-        raise SystemExit(f"--tokens-per-gpu {tokens}: one sequence, at most {gpt.config.max_seq_len} tokens")
-    idx = torch.zeros(1, tokens, dtype=torch.long, device="meta")
-    flex = mock.patch.object(model.gpt, "attend", lambda backend, q, k, v, *_: _FlexSaved.apply(q, k, v))
-    no_mask = mock.patch.object(model.gpt, "build_mask", lambda *args: None)
-    with flex, no_mask, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        gpt(idx, idx)
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage._cdata not in persistent:
+                saved[storage._cdata] = (storage.nbytes(), tensor.shape[-1:] == (gpt.config.vocab_size,))
+            return tensor
+
+        idx = torch.zeros(1, tokens, dtype=torch.long)
+        flex = mock.patch.object(model.gpt, "attend", lambda backend, q, k, v, *_: _FlexSaved.apply(q, k, v))
+        no_mask = mock.patch.object(model.gpt, "build_mask", lambda *args: None)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        with flex, no_mask, autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            gpt(idx, idx)
     return dict(all=sum(size for size, _ in saved.values()),
                 logits=sum(size for size, logits in saved.values() if logits))
 
@@ -191,13 +203,12 @@ def rows(presets: list[str], world_sizes: list[int], tokens: int, embed_map: str
     table = []
     for preset in presets:
         gpt = meta_gpt(preset)
-        default_gpt = meta_gpt(preset).cast_embeddings(getattr(torch, gpt.config.cuda_dtype))
-        default_groups, fsdp_groups = speedrun_groups(default_gpt, embed_map), speedrun_groups(gpt, embed_map)
+        groups = speedrun_groups(gpt, embed_map)
         activations = {fsdp: activation_bytes(preset, tokens, fsdp) for fsdp in (False, True)}
         for world_size in world_sizes:
             for fsdp in (False, True):
-                per_rank = [fully_sharded(gpt, fsdp_groups, world_size, r) if fsdp
-                            else data_parallel(default_groups, world_size, r) for r in range(world_size)]
+                per_rank = [fully_sharded(gpt, groups, world_size, r) if fsdp
+                            else data_parallel(groups, world_size, r) for r in range(world_size)]
                 largest = max(per_rank, key=lambda held: sum(held.values()))
                 table.append(dict(preset=preset, world_size=world_size, fsdp=fsdp, **largest,
                                   activations=activations[fsdp]["all"], logits=activations[fsdp]["logits"]))
@@ -216,8 +227,9 @@ def markdown(table: list[dict], tokens: int, embed_map: str) -> str:
         cells = " | ".join(f"{x:.2f}" for x in [*figures, sum(figures)])
         fsdp = "yes" if row["fsdp"] else "no"
         lines.append(f"| {row['preset']} | {row['world_size']} | {fsdp} | {cells} |")
-    lines += ["", "Activations per token, KiB (eager), and the part in logits-sized tensors (head, soft-cap, "
-              "loss):", "", "| preset | --fsdp | per token | logits-sized |", "|---|---|---|---|"]
+    lines += ["", "Activations per token, KiB (eager), and the part in vocabulary-wide tensors (head, "
+              "soft-cap, loss):", "",
+              "| preset | --fsdp | per token | vocabulary-wide |", "|---|---|---|---|"]
     shares = {(row["preset"], row["fsdp"]): row for row in table}
     for (preset, fsdp), row in shares.items():
         per_token, logits = row["activations"] / tokens / 1024, row["logits"] / tokens / 1024

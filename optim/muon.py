@@ -73,8 +73,8 @@ class Muon(torch.optim.Optimizer):
     each rank steps its rows; a matrix kind's momentum stays sharded and each whole matrix is
     mapped on one rank (round-robin) and returned as rows. Nothing is broadcast: start every rank
     from the same seed or a checkpoint. state_dict() is then DTensors, for torch.distributed.checkpoint
-    on any number of ranks. sync_gradients() does nothing (fully_shard's backward communicates;
-    for gradient accumulation, model.set_requires_gradient_sync(False) skips it on early micro-steps).
+    on any number of ranks. sync_gradients() does nothing: fully_shard's backward communicates
+    (model.set_requires_gradient_sync(False) on early micro-steps trades memory for communication).
     """
 
     def __init__(
