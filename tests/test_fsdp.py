@@ -347,14 +347,17 @@ def test_plain_tensors_mixed_with_sharded_ones_and_a_process_group_are_refused(r
 DEMO = ["--max-steps", "4", "--tokens-per-step", "512", "--seq-len", "64", "--batch-size", "2",
         "--log-every", "1", "--val-every", "0", "--val-tokens", "1024", "--val-seq-len", "64", "--no-plot",
         "--adam-eps", "1e-3"]
-SAMPLE = ["--sample-tokens", "4", "--sample-prompt", "The", "--seed", "0"]
+# The first --fsdp run also warms up (a step and a validation, then the state put back), saves at step
+# 2 and samples at the end.
+FIRST = ["--warmup-kernel-steps", "1", "--save-every", "2", "--sample-tokens", "4", "--sample-prompt", "The",
+         "--seed", "0"]
 
 
 def test_train_gpt_with_fsdp_follows_the_default_run_resumes_bitwise_and_samples(tmp_path):
     fsdp = [*TORCHRUN, "--nproc_per_node=2", "train_gpt.py", "--fsdp", *DEMO]
     one_process = [sys.executable, "train_gpt.py", *DEMO, "--sample-tokens", "0"]
     first = [[*one_process, "--out-dir", str(tmp_path / "one")],
-             [*fsdp, *SAMPLE, "--save-every", "2", "--out-dir", str(tmp_path / "fsdp")]]
+             [*fsdp, *FIRST, "--out-dir", str(tmp_path / "fsdp")]]
     with ThreadPoolExecutor(2) as pool:  # side by side: the one-process run uses one core of two
         one, sharded = pool.map(lambda command: run_command(command, timeout=240), first)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -370,6 +373,8 @@ def test_train_gpt_with_fsdp_follows_the_default_run_resumes_bitwise_and_samples
         # Same tokens, same averaged gradient: only the summation order differs (gloo's reduce-scatter
         # of 2 processes' halves of the batch), which Newton–Schulz carries on: measured ≤ 8.6e-6.
         assert value == pytest.approx(want, abs=5e-5), f"step {step} {key}"
+    # The first run warmed up a step and a validation first, then put the state back: that too must
+    # leave its losses on the default run's. The resumed run, from step 2, has no warm-up.
     assert losses(tmp_path / "resumed") == got[2:]  # steps 3, 4 and the validation: bitwise
     # tools.sample reads an --fsdp checkpoint in one process, and writes what the run wrote after step 4.
     model = load_model(tmp_path / "fsdp" / "checkpoints" / "step_000004")
