@@ -206,15 +206,18 @@ def is_sharded(path: str | Path) -> bool:
     return (Path(path) / SHARDED).is_dir()
 
 
-def load_sharded(path: str | Path, template: dict, one_process: bool = False) -> dict:
-    """`template` (DTensors, or whole tensors with one_process) filled from the step's SHARDED folder,
-    whatever the number of processes that wrote it; collective unless one_process."""
+def load_sharded(path: str | Path, template: dict) -> dict:
+    """`template` filled from the step's SHARDED folder, whatever the number of processes that wrote it.
+
+    Under a process group (a resumed --fsdp run) the template holds this run's DTensors and the load is
+    collective; in a process without one (tools.sample) it holds whole tensors, read in full.
+    """
     import torch.distributed.checkpoint as dcp
 
     try:
-        with warnings.catch_warnings():  # DCP warns that one process loads: what one_process asks for
+        with warnings.catch_warnings():  # without a process group DCP warns that it loads in one process
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(template, checkpoint_id=Path(path) / SHARDED, no_dist=one_process)
+            dcp.load(template, checkpoint_id=Path(path) / SHARDED)
     except Exception as error:  # DCP raises its own CheckpointException, OS and pickle errors alike
         reason = (str(error).splitlines() or [""])[0][:160]
         raise CheckpointError(f"{Path(path) / SHARDED}: cannot be read ({type(error).__name__}: {reason}); "
@@ -243,9 +246,9 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         raise CheckpointError(f"{path / 'shared.pt'}: expected a train_gpt.py checkpoint (model and "
                               f"model_config), found {type(shared).__name__}")
     model = GPT(GPTConfig(**shared["model_config"]))
-    weights = load_sharded(path, {"model": model.state_dict()}, one_process=True)["model"] \
-        if is_sharded(path) else shared["model"]
-    model.load_state_dict(weights)
+    if is_sharded(path):  # written with --fsdp: the weights are in SHARDED, read here in full
+        shared["model"] = load_sharded(path, {"model": model.state_dict()})["model"]
+    model.load_state_dict(shared["model"])
     return model.to(device).eval()
 
 
