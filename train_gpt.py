@@ -16,6 +16,7 @@ import dataclasses
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -335,11 +336,24 @@ ONE_LINE_ERRORS = (ShardError, TokenizerUnavailable, CheckpointError)
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """The command line: parse the flags, train; a ONE_LINE_ERRORS error ends it as one line (exit 1)."""
+    """The command line: parse the flags, train. A run that cannot start or go on ends with one line on
+    stderr and exit code 1 (a ONE_LINE_ERRORS error, or a SystemExit carrying its message)."""
     try:
         main(parse_config(argv, description=__doc__))
     except ONE_LINE_ERRORS as error:
-        raise SystemExit(f"error: {error}") from None
+        exit_with(f"error: {error}")
+    except SystemExit as stop:
+        if not isinstance(stop.code, str):
+            raise
+        exit_with(stop.code)
+
+
+def exit_with(line: str) -> None:
+    # One write of the whole line: under torchrun every rank may say it at once on a shared stderr,
+    # and the interpreter's own report of SystemExit(str) writes the message and its newline apart.
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+    raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

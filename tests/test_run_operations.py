@@ -251,21 +251,20 @@ from pathlib import Path
 sys.path.insert(0, {root!r})
 runpy.run_path(os.path.join({root!r}, "train_gpt.py"), run_name="__main__")
 threads = sorted(Path(task, "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
-print("threads of rank", os.environ["RANK"], "after main():", json.dumps(threads), flush=True)
+Path({report_dir!r}, "threads.rank" + os.environ["RANK"] + ".json").write_text(json.dumps(threads))
 """
 
 
 def test_no_gloo_thread_survives_main_under_torchrun(tmp_path):
     # A gloo thread alive after main() can abort the interpreter at exit (see init_distributed); it
-    # is there or not deterministically, so this does not flake as the abort does.
+    # is there or not deterministically, so this does not flake as the abort does. Each rank reports
+    # to its own file: the ranks share stdout, where one rank's line can land inside the other's.
     script = tmp_path / "threads.py"
-    script.write_text(NO_GLOO_THREAD_LEFT.format(root=str(ROOT)))
+    script.write_text(NO_GLOO_THREAD_LEFT.format(root=str(ROOT), report_dir=str(tmp_path)))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                str(script), "--out-dir", str(tmp_path / "out"), "--max-steps", "1", *FAST]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    reports = [json.loads(line.split("after main(): ")[1]) for line in done.stdout.splitlines()
-               if line.startswith("threads of rank")]
-    assert len(reports) == 2
+    reports = [json.loads((tmp_path / f"threads.rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [[name for name in threads if "gloo" in name] for threads in reports] == [[], []]
