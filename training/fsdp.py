@@ -29,12 +29,21 @@ def shard(model: GPT, device: torch.device) -> GPT:
     # Imported here: FSDP's modules take a while to import, and only --fsdp needs them.
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    policy = mixed_precision(device)
     for unit in sharding_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def mixed_precision(device: torch.device):
+    """fully_shard's MixedPrecisionPolicy: on CUDA, parameters all-gathered in bf16 (the compute dtype)
+    and gradients reduce-scattered in float32; elsewhere float32 throughout (no casts)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
