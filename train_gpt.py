@@ -35,6 +35,7 @@ from model import GPT, PRESETS  # noqa: E402
 from tools.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
 from tools.runlog import RunLog, WandbSink, code_listing, environment, peak_flops  # noqa: E402
 from tools.sample import sample  # noqa: E402
+from training.fsdp import shard  # noqa: E402
 from training.recipe import (  # noqa: E402
     BatchLayout,
     TrainConfig,
@@ -71,7 +72,7 @@ def main(cfg: TrainConfig) -> dict:
     check_writable(Path(cfg.out_dir), "--out-dir")
     check_writable(Path(cfg.out_dir) / "checkpoints", "the checkpoint folder of --out-dir")
     device = resolve_device(cfg.device)
-    rank, world_size, device = init_distributed(device)
+    rank, world_size, device = init_distributed(device, group_of_one=cfg.fsdp)
     try:
         return train(cfg, layout, rank, world_size, device)
     finally:
@@ -82,7 +83,7 @@ def train(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, dev
     out_dir = Path(cfg.out_dir)
     resume_from = resolve_checkpoint(cfg.resume, out_dir / "checkpoints") if cfg.resume else None
     torch.manual_seed(cfg.seed)
-    if rank == 0 and cfg.sample_tokens:
+    if samples(rank, cfg) and cfg.sample_tokens:
         gpt2_encoding()  # fail now, not after training, if the GPT-2 vocabulary cannot be loaded
 
     data_dir = shard_dir(cfg, rank, world_size)
@@ -94,6 +95,8 @@ def train(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, dev
 
     model_cfg = dataclasses.replace(PRESETS[cfg.model], max_seq_len=max(cfg.seq_len, cfg.val_seq_len))
     model = GPT(model_cfg).to(device)
+    if cfg.fsdp:
+        shard(model, device)  # training/fsdp.py: every rank keeps 1/W of each parameter's rows
     run = RunState(model, build_optimizer(model, cfg), loader)
     if resume_from is not None:
         load_run(run, resume_from, rank, world_size, dataclasses.asdict(model_cfg))
@@ -301,12 +304,18 @@ def log_step(run: RunState, cfg: TrainConfig, log: RunLog, train_loss: float, sp
                 tokens=run.step * cfg.tokens_per_step, train_time_s=run.train_time)
 
 
+def samples(rank: int, cfg: TrainConfig) -> bool:
+    """Whether this rank generates the final sample: rank 0, or every rank under --fsdp, whose forward
+    needs all of them (the same seed gives each the same text; rank 0 prints it)."""
+    return rank == 0 or cfg.fsdp
+
+
 def finish(run: RunState, cfg: TrainConfig, log: RunLog, out_dir: Path, rank: int, val_loss: float,
            reached_target: bool, device: torch.device) -> dict:
     """The summary line, a sample and the loss plot (rank 0), and in record mode the record log."""
     log.print(f"done: step {run.step}/{cfg.max_steps}, val_loss {val_loss:.4f}, "
               f"training time {run.train_time:.1f}s, peak memory {peak_memory(device)}")
-    if rank == 0 and cfg.sample_tokens and run.step == cfg.max_steps:
+    if samples(rank, cfg) and cfg.sample_tokens and run.step == cfg.max_steps:
         log.print("sample: " + sample(run.model.eval(), cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed))
     if rank == 0 and cfg.plot:
         from tools.plot import plot_runs
