@@ -43,6 +43,7 @@ from tools.checkpoint import CheckpointError, resolve_checkpoint, write_text_ato
 from tools.runlog import RunLog, WandbSink, code_listing, environment, peak_flops  # noqa: E402
 from tools.sample import sample  # noqa: E402
 from training.compiling import GraphCount, compile_model, graphs_compiled  # noqa: E402
+from training.fsdp import shard  # noqa: E402
 from training.recipe import (  # noqa: E402
     BatchLayout,
     TrainConfig,
@@ -85,7 +86,7 @@ def main(cfg: TrainConfig) -> dict:
     check_writable(Path(cfg.out_dir), "--out-dir")
     check_writable(Path(cfg.out_dir) / "checkpoints", "the checkpoint folder of --out-dir")
     device = resolve_device(cfg.device)
-    rank, world_size, device = init_distributed(device)
+    rank, world_size, device = init_distributed(device, group_of_one=cfg.fsdp)
     try:
         return train(cfg, layout, rank, world_size, device)
     finally:
@@ -96,7 +97,7 @@ def train(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, dev
     out_dir = Path(cfg.out_dir)
     resume_from = resolve_checkpoint(cfg.resume, out_dir / "checkpoints") if cfg.resume else None
     torch.manual_seed(cfg.seed)
-    if rank == 0 and cfg.sample_tokens:
+    if samples(rank, cfg) and cfg.sample_tokens:
         gpt2_encoding()  # fail now, not after training, if the GPT-2 vocabulary cannot be loaded
 
     data_dir = shard_dir(cfg, rank, world_size)
@@ -107,7 +108,11 @@ def train(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, dev
     val_batches()  # refuses now, not at the first validation, if the val split is too short
 
     model_cfg = dataclasses.replace(PRESETS[cfg.model], max_seq_len=max(cfg.seq_len, cfg.val_seq_len))
-    model = GPT(model_cfg).to_device(device)  # on CUDA, the embedding tables in the preset's dtype
+    model = GPT(model_cfg)
+    if cfg.fsdp:  # training/fsdp.py: every rank keeps 1/W of each parameter's rows, float32
+        shard(model.to(device), device)
+    else:
+        model.to_device(device)  # on CUDA, the embedding tables in the preset's dtype
     run = RunState(model, build_optimizer(model, cfg), loader)
     if resume_from is not None:
         load_run(run, resume_from, rank, world_size, dataclasses.asdict(model_cfg))
@@ -369,6 +374,12 @@ def run_summary(run: RunState, timed_from: TimedRun, throughput: Throughput, gra
     return summary
 
 
+def samples(rank: int, cfg: TrainConfig) -> bool:
+    """Whether this rank generates the final sample: rank 0, or every rank under --fsdp, whose forward
+    needs all of them (the same seed gives each the same text; rank 0 prints it)."""
+    return rank == 0 or cfg.fsdp
+
+
 def finish(run: RunState, cfg: TrainConfig, log: RunLog, out_dir: Path, rank: int, val_loss: float,
            reached_target: bool, summary: dict, device: torch.device) -> dict:
     """The summary (log lines and, on rank 0, summary.json), a sample and the loss plot (rank 0), and in
@@ -381,7 +392,7 @@ def finish(run: RunState, cfg: TrainConfig, log: RunLog, out_dir: Path, rank: in
     log.print(f"graphs compiled in the timed run: {summary['graphs_in_timed_run']}")
     if rank == 0:
         write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
-    if rank == 0 and cfg.sample_tokens and run.step == cfg.max_steps:
+    if samples(rank, cfg) and cfg.sample_tokens and run.step == cfg.max_steps:
         log.print("sample: " + sample(run.model.eval(), cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed))
     if rank == 0 and cfg.plot:
         from tools.plot import plot_runs

@@ -30,14 +30,18 @@ wrapper's averaging does this). step() and clip_grad_norm_() refuse the same lat
 torch.nn.utils.clip_grad_norm_ or GradScaler.unscale_ on p.grad). The gradient hooks hold the
 optimizer weakly and are removed when it is dropped or closed.
 
-Another way to distribute (e.g. FSDP2's DTensor parameters, each rank holding a dim-0 shard) plugs in
-beside DataParallel with the same methods: add_group, sync_backward, step(groups, update),
-clip_grad_norm_, discard, close, state_shape, rank and world_size. `update(group, keys, tensors,
-grads, flags)` (Muon._update) steps any local tensors, whole parameters or slices, by their kind.
+Distributions. Muon picks one from its first param group: FullyShardedParallel (optim/fsdp.py) when
+its parameters are DTensors (fully_shard), else DataParallel, or None for one process. Each has
+the same methods: add_group, sync_backward, step(groups, update), clip_grad_norm_, discard, close,
+state_shape, stamp, saved and loaded (state_dict() and load_state_dict() pass the state dict through
+these two), rank and world_size. `update(group, keys, tensors, grads, flags, dualize=None)`
+(Muon._update) steps any local tensors, whole parameters or slices, by their kind; `dualize` stands in
+for a matrix kind's stacked map (optim/update.py kind_update).
 """
 
 import importlib
 import os
+import sys
 import weakref
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -53,8 +57,9 @@ from .zero import BUCKET_ELEMENTS, FlatShard, GradientBucket, MatrixShard
 
 WORLD = "world"
 
-# Steps (keys, tensors) by their group's rule given averaged gradients and flags: Muon._update.
-Update = Callable[[dict, list, list, list, "torch.Tensor | None"], None]
+# Steps (keys, tensors) by their group's rule given averaged gradients and flags: Muon._update. A
+# keyword `dualize` stands in for a matrix kind's stacked map (optim/update.py kind_update).
+Update = Callable[..., None]
 
 
 def resolve_process_group(process_group) -> "dist.ProcessGroup | None":
@@ -76,20 +81,42 @@ def resolve_process_group(process_group) -> "dist.ProcessGroup | None":
     return process_group
 
 
+def shards_of(group_index: int, params: list[torch.Tensor], kind, rank: int,
+              world_size: int) -> list["MatrixShard | FlatShard"]:
+    """How DataParallel splits a param group of `kind` (optim/zero.py): whole matrices per same-shape
+    stack, or flat buckets of elements or rows."""
+    if kind.shard == MATRIX:
+        return [MatrixShard(group_index, same, rank, world_size) for same in same_shape(params)]
+    return [FlatShard(group_index, same, unit, kind.shard == ROW, rank, world_size)
+            for same, unit in _flat_buckets(params, kind.shard == ROW)]
+
+
+def is_dtensor(p: torch.Tensor) -> bool:
+    # No DTensor exists unless torch.distributed.tensor was imported: checking sys.modules spares
+    # every other process that module's half-second import.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(p, module.DTensor)
+
+
+def own_group(parent: "dist.ProcessGroup") -> "dist.ProcessGroup":
+    """A new process group over `parent`'s ranks and backend, for the optimizer's collectives alone."""
+    # torch.optim.Optimizer imports torch._dynamo on first use, and that import keeps every process
+    # group existing at the time alive past destroy_process_group (its gloo threads then outlive
+    # main() and may abort the interpreter's exit). Importing it first spares the group made here.
+    importlib.import_module("torch._dynamo")
+    ranks = dist.get_process_group_ranks(parent)
+    # Over the whole world every rank takes part, and the group gets a fresh name; a subgroup's is
+    # made among its own ranks only, and torch names it by those ranks.
+    subgroup = len(ranks) < dist.get_world_size()
+    return dist.new_group(ranks, backend=dist.get_backend(parent), use_local_synchronization=subgroup)
+
+
 class DataParallel:
     """Muon's gradient averaging over a process group: its own group, shards, buckets, hooks, guards."""
 
     def __init__(self, parent: "dist.ProcessGroup"):
-        # torch.optim.Optimizer imports torch._dynamo on first use, and that import keeps every process
-        # group existing at the time alive past destroy_process_group (its gloo threads then outlive
-        # main() and may abort the interpreter's exit). Importing it first spares the group made here.
-        importlib.import_module("torch._dynamo")
+        self.group = own_group(parent)
         ranks = dist.get_process_group_ranks(parent)
-        # Over the whole world every rank takes part, and the group gets a fresh name; a subgroup's is
-        # made among its own ranks only, and torch names it by those ranks.
-        subgroup = len(ranks) < dist.get_world_size()
-        self.group = dist.new_group(ranks, backend=dist.get_backend(parent),
-                                    use_local_synchronization=subgroup)
         self.rank, self.world_size, self.source = dist.get_rank(self.group), len(ranks), ranks[0]
         self.shards: list = []
         self.shard_of: dict[int, object] = {}  # id(param) -> its shard
@@ -110,13 +137,7 @@ class DataParallel:
                 raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} is not contiguous; "
                                  "distributed Muon steps flat views of its parameters")
         self._broadcast(params)
-        if kind.shard == MATRIX:
-            shards = [MatrixShard(group_index, same, self.rank, self.world_size)
-                      for same in _same_shape(params)]
-        else:
-            shards = [FlatShard(group_index, same, unit, kind.shard == ROW, self.rank, self.world_size)
-                      for same, unit in _flat_buckets(params, kind.shard == ROW)]
-        for shard in shards:
+        for shard in shards_of(group_index, params, kind, self.rank, self.world_size):
             self.shards.append(shard)
             self.shard_of.update((id(p), shard) for p in shard.params)
             for bucket in shard.buckets:
@@ -192,6 +213,16 @@ class DataParallel:
     def state_shape(self, p: torch.Tensor) -> tuple | None:
         shard = self.shard_of.get(id(p))
         return None if shard is None else shard.state_shape(p)
+
+    def stamp(self) -> dict:
+        """What state_dict() records and load_state_dict() requires: each rank loads its own state."""
+        return {"rank": self.rank, "world_size": self.world_size}
+
+    def saved(self, state_dict: dict, groups: list[dict]) -> dict:
+        return state_dict  # each rank's own slices, as plain tensors
+
+    def loaded(self, state_dict: dict, groups: list[dict]) -> dict:
+        return state_dict
 
     def gradient_ready(self, bucket: GradientBucket, p: torch.Tensor) -> None:
         """A parameter's gradient was accumulated: during a synchronized backward, maybe send buckets."""
@@ -333,7 +364,7 @@ def _graph_leaves(loss: torch.Tensor) -> Iterator[torch.Tensor]:
                     yield node.variable
 
 
-def _same_shape(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+def same_shape(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
     """Stacks of one shape, dtype and device, in first-seen order."""
     stacks: dict[tuple, list[torch.Tensor]] = {}
     for p in params:

@@ -4,7 +4,7 @@ import contextlib
 
 import torch
 
-from .distributed import WORLD, DataParallel, resolve_process_group
+from .distributed import WORLD, DataParallel, is_dtensor, resolve_process_group
 from .kinds import KINDS, LR_SCALES, MATRIX
 from .newton_schulz import resolve_coefficients
 from .state import check_muon_state_dict, muon_state_layout
@@ -66,6 +66,15 @@ class Muon(torch.optim.Optimizer):
     Wrap the last micro-step's backward in `sync_gradients()` so communication overlaps it; clip
     with `clip_grad_norm_`, drop a step with `discard_gradients`, release hooks and the group with
     `close` (or by dropping the optimizer).
+
+    FSDP2 (optim/fsdp.py): on a model sharded with torch.distributed.fsdp.fully_shard, whose
+    parameters are DTensors split by rows over a 1-D device mesh, build it the same way
+    (`Muon(param_groups(model))`, process_group left "world"). fully_shard averages the gradients;
+    each rank steps its rows; a matrix kind's momentum stays sharded and each whole matrix is
+    mapped on one rank (round-robin) and returned as rows. Nothing is broadcast: start every rank
+    from the same seed or a checkpoint. state_dict() is then DTensors, for torch.distributed.checkpoint
+    on any number of ranks. sync_gradients() does nothing: fully_shard's backward communicates
+    (model.set_requires_gradient_sync(False) on early micro-steps trades memory for communication).
     """
 
     def __init__(
@@ -84,9 +93,9 @@ class Muon(torch.optim.Optimizer):
         adam_eps: float = 1e-8,
         process_group=WORLD,
     ):
-        # Before the groups are added: add_param_group gives each group its buckets and hooks.
-        group = resolve_process_group(process_group)
-        self._distribution = DataParallel(group) if group is not None else None
+        # Chosen at the first param group, whose tensors say how (DTensors: FSDP); add_param_group then
+        # gives each group its shards, buckets and hooks.
+        self._process_group, self._distribution = process_group, None
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -110,6 +119,9 @@ class Muon(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_group(group)
+        _check_sharding(group, sharded=any(is_dtensor(p) for p in self.param_groups[0]["params"]))
+        if len(self.param_groups) == 1:
+            self._distribution = _make_distribution(group["params"], self._process_group)
         if self._distribution is not None:  # collective: every rank adds the same groups in order
             self._distribution.add_group(len(self.param_groups) - 1, group)
 
@@ -184,9 +196,12 @@ class Muon(torch.optim.Optimizer):
             self._distribution.close()
 
     def state_dict(self) -> dict:
+        """torch's state dict plus "distribution" (self._stamp()). On fully_shard parameters it holds
+        every parameter's state, zeros where none was made yet, as DTensors sharded like the parameter,
+        which torch.distributed.checkpoint saves and loads on any number of ranks."""
         state = super().state_dict()
         state["distribution"] = self._stamp()
-        return state
+        return state if self._distribution is None else self._distribution.saved(state, self.param_groups)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, after checking that the state is this optimizer's and this rank's (else ValueError).
@@ -195,6 +210,8 @@ class Muon(torch.optim.Optimizer):
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
+        if self._distribution is not None:
+            state_dict = self._distribution.loaded(state_dict, self.param_groups)
         check_muon_state_dict(self, state_dict, self._stamp())
         saved_groups = state_dict["param_groups"]
         params = {i: p for saved, group in zip(saved_groups, self.param_groups, strict=True)
@@ -217,14 +234,29 @@ class Muon(torch.optim.Optimizer):
         return None if shape is None else muon_state_layout(p, kind, shape)
 
     def _stamp(self) -> dict:
-        if self._distribution is None:
-            return {"rank": 0, "world_size": 1}
-        return {"rank": self._distribution.rank, "world_size": self._distribution.world_size}
+        return {"rank": 0, "world_size": 1} if self._distribution is None else self._distribution.stamp()
 
-    def _update(self, group: dict, keys: list, tensors: list, grads: list, flags) -> None:
-        """Step `tensors` (params or this rank's slices of `keys`) given their averaged gradients."""
+    def _update(self, group: dict, keys: list, tensors: list, grads: list, flags, dualize=None) -> None:
+        """Step `tensors` (params or this rank's slices of `keys`) given their averaged gradients;
+        `dualize` stands in for a matrix kind's stacked map (optim/update.py kind_update)."""
         if tensors:
-            kind_update(KINDS[group["kind"]], group, [self.state[k] for k in keys], tensors, grads, flags)
+            states = [self.state[k] for k in keys]
+            kind_update(KINDS[group["kind"]], group, states, tensors, grads, flags, dualize)
+
+
+def _make_distribution(params: list[torch.Tensor], process_group):
+    """How Muon spreads its step, from its first param group's tensors (all DTensors or all plain):
+    FullyShardedParallel (optim/fsdp.py) for DTensors, else DataParallel over
+    resolve_process_group(process_group), or None for one process."""
+    if not any(is_dtensor(p) for p in params):
+        group = resolve_process_group(process_group)
+        return None if group is None else DataParallel(group)
+    if process_group != WORLD:
+        raise ValueError(f"Muon: process_group={process_group!r} with DTensor (fully_shard) parameters; "
+                         f"leave it {WORLD!r}: the parameters' device mesh names the ranks")
+    from .fsdp import FullyShardedParallel  # torch.distributed.tensor: imported only where it is in use
+
+    return FullyShardedParallel(params[0].device_mesh)  # the group has DTensors only
 
 
 def _batches(group: dict, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -245,6 +277,15 @@ def _default_kinds(params) -> dict[str, list]:
         tensor = p[1] if isinstance(p, tuple) else p  # (name, tensor) pairs carry param_names
         split["hidden" if tensor.ndim == 2 else "adam"].append(p)
     return {kind: ps for kind, ps in split.items() if ps}
+
+
+def _check_sharding(group: dict, sharded: bool) -> None:
+    """All DTensors (fully_shard) or all plain tensors: one distribution steps them all."""
+    for p in group["params"]:
+        if is_dtensor(p) != sharded:
+            which = "a plain tensor among DTensors (fully_shard)" if sharded else "a DTensor among plain ones"
+            raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} is {which}; fully_shard the root "
+                             "module too, so that every parameter is sharded, or none is")
 
 
 def _check_group(group: dict) -> None:

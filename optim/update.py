@@ -8,9 +8,14 @@ host. Optimizer state is kept in at least float32, whatever the parameter's dtyp
 update is computed in it from the stored value; a bf16 parameter is then rounded once, as it is stored.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from .kinds import LR_SCALES, MATRIX, Kind
+
+# (kind, group, updates) -> the mapped updates, in order: dualize_all or a distributed stand-in.
+Dualize = Callable[[Kind, dict, list[torch.Tensor]], list[torch.Tensor]]
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -31,23 +36,26 @@ def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 
 def kind_update(kind: Kind, group: dict, states: list[dict], tensors: list[torch.Tensor],
-                grads: list[torch.Tensor], flags: torch.Tensor | None) -> None:
+                grads: list[torch.Tensor], flags: torch.Tensor | None,
+                dualize: Dualize | None = None) -> None:
     """Step `tensors` in place by their kind's rule, given their gradients (averaged over ranks, if any).
 
-    For MATRIX kinds the tensors share one shape: their maps run as one stacked call.
+    For MATRIX kinds the tensors share one shape: their maps run as one stacked call, `dualize_all`,
+    unless `dualize` replaces it (same arguments and result): optim/fsdp.py passes one that assembles
+    whole matrices from row shards, maps them on one rank and returns the shards of the result.
     """
     precise = [t if t.dtype == state_dtype(t) else t.to(state_dtype(t)) for t in tensors]
     grads = [g.to(state_dtype(t)) for g, t in zip(grads, tensors, strict=True)]
     if kind.dualize is None:
         _adam_update(group, states, precise, grads, flags)
     else:
-        _momentum_update(kind, group, states, precise, grads, flags)
+        _momentum_update(kind, group, states, precise, grads, flags, dualize or dualize_all)
     for t, p in zip(tensors, precise, strict=True):
         if p is not t:
             t.copy_(p)  # a low-precision parameter, rounded once
 
 
-def _momentum_update(kind, group, states, tensors, grads, flags) -> None:
+def _momentum_update(kind, group, states, tensors, grads, flags, dualize) -> None:
     """u = map(m(g)), or m(map(g)) for kinds that dualize before momentum; p ← p·(1 − lr·wd) − lr·u."""
     if kind.before_momentum:
         grads = [kind.dualize(g, group) for g in grads]
@@ -60,11 +68,12 @@ def _momentum_update(kind, group, states, tensors, grads, flags) -> None:
     torch._foreach_lerp_(bufs, grads, where_flagged(flags, 1 - mu))  # buf ← lerp(buf, g, 1−μ)
     updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs  # Nesterov: lerp(g, buf, μ)
     if not kind.before_momentum:
-        updates = _dualize_all(kind, group, updates)
+        updates = dualize(kind, group, updates)
     _apply(group, tensors, updates, flags)
 
 
-def _dualize_all(kind: Kind, group: dict, updates: list[torch.Tensor]) -> list[torch.Tensor]:
+def dualize_all(kind: Kind, group: dict, updates: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The kind's map of each update; a MATRIX kind's same-shape updates in one stacked call."""
     if kind.shard != MATRIX:
         return [kind.dualize(u, group) for u in updates]
     dual = kind.dualize(torch.stack(updates), group)  # one batched Newton–Schulz call

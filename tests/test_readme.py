@@ -89,6 +89,7 @@ RUN_HERE = {
     "python train_gpt.py --save-every 150": (f"{SMALL} --save-every 2", {}),
     'python -m tools.sample out/demo --prompt "The list" --max-tokens 60 --seed 1': ("--max-tokens 4", {}),
     "python -m tools.record_stats records/*.txt --target 3.28": ("", {}),
+    "python -m bench.memory": ("--presets 124m --world-sizes 1 2 --tokens-per-gpu 1024", {}),
 }
 RUN_ELSEWHERE = {
     "make test": "the suite itself",
@@ -103,6 +104,8 @@ RUN_ELSEWHERE = {
         "tests/test_bench_gpu.py::test_smoke_report_has_every_section_with_finite_positive_numbers",
     'make gpu-check ARGS="--out-dir DIR"':
         "tests/test_gpu_check.py::test_the_smoke_check_passes_every_check_and_writes_json_and_markdown",
+    "torchrun --standalone --nproc_per_node=2 train_gpt.py --fsdp":
+        "tests/test_fsdp.py::test_train_gpt_with_fsdp_follows_the_default_run_resumes_bitwise_and_samples",
 }
 NOT_ON_A_CPU = {
     "make install": "installs packages from the package index",
@@ -114,6 +117,11 @@ NOT_ON_A_CPU = {
     "torchrun --standalone --nproc_per_node=8 train_gpt.py --preset speedrun": "8 GPUs and FineWeb",
     "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=run1 "
     "train_gpt.py --preset speedrun": "2 nodes of 8 GPUs",
+    "torchrun --standalone --nproc_per_node=8 train_gpt.py --preset speedrun --model 350m --fsdp":
+        "8 GPUs and FineWeb",
+    "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=run2 "
+    "train_gpt.py --preset speedrun --model 1.5b --fsdp --seq-len 8192 --val-seq-len 65536":
+        "2 nodes of 8 GPUs",
 }
 
 

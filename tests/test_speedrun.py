@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
-from torch.utils._python_dispatch import TorchDispatchMode
+from test_distributed import counting_host_reads
 
 import train_gpt
 from data.loader import TokenLoader, validation_batches
@@ -105,46 +105,20 @@ def test_warm_up_compiles_every_graph_so_the_timed_run_compiles_none(tmp_path, s
     assert losses(tmp_path / "warm") == losses(tmp_path / "plain")  # warm-up restored every state
 
 
-class HostReads(TorchDispatchMode):
-    """Counts reads of tensor values on the host: item(), bool(), float(), int() (all one aten op),
-    plus tolist() and numpy(), which read memory directly (patched by `counting_host_reads`)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def counting_host_reads(monkeypatch, reads: HostReads) -> None:
-    for name in ("tolist", "numpy"):
-        method = getattr(torch.Tensor, name)
-
-        def counted(self, *args, _method=method, **kwargs):
-            reads.count += 1
-            return _method(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counted)
-
-
 def test_the_loop_reads_the_host_once_per_logged_step_and_once_per_validation(tmp_path, monkeypatch):
     # 6 steps, logged at steps 1, 4 and 6, one validation at the end: 3 + 1 reads. A read per step
     # (a loss or a stop flag checked every step) would make it 7 or more.
-    reads, loop = HostReads(), train_gpt.loop
+    reads, loop = [], train_gpt.loop
 
     def counted_loop(*args, **kwargs):
-        counting_host_reads(monkeypatch, reads)
-        with reads:
+        with counting_host_reads(reads):
             return loop(*args, **kwargs)
 
     monkeypatch.setattr(train_gpt, "loop", counted_loop)
     result = train(tmp_path, "--max-steps", "6", "--log-every", "3", "--val-every", "0")
     assert result["step"] == 6
     assert [r["step"] for r in metrics(tmp_path) if "train_loss" in r] == [1, 4, 6]
-    assert reads.count == 4
+    assert reads == ["item"] * 4
 
 
 def test_autocast_only_for_a_float32_stream_on_cuda():

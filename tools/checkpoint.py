@@ -5,6 +5,8 @@ Layout under a run's checkpoint directory:
     step_000120/shared.pt     rank 0: model weights, model config, train config, step, loader position
     step_000120/rank0.pt      every rank: its optimizer state (sharded under torchrun) and RNG states
     step_000120/rank1.pt
+    step_000120/sharded/      with --fsdp: model weights and optimizer state as DTensors, written by
+                              torch.distributed.checkpoint (each rank its rows), instead of the above
     latest                    text file naming the newest complete step directory
 
 A checkpoint is written into `step_XXXXXX.tmp/`, which is renamed to `step_XXXXXX/` only once every
@@ -20,6 +22,7 @@ always finite. Every failure a user can meet raises CheckpointError, whose messa
 import os
 import re
 import shutil
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,8 +30,10 @@ import torch
 import torch.distributed as dist
 
 from data.shards import fsync_dir
+from optim.distributed import is_dtensor
 
 STEP_NAME = re.compile(r"step_\d{6}")
+SHARDED = "sharded"  # the torch.distributed.checkpoint folder of a step written with --fsdp
 
 
 class CheckpointError(RuntimeError):
@@ -49,8 +54,8 @@ def non_finite_tensors(state, prefix: str = "") -> list[str]:
 
 def _floating_tensors(state, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
     if isinstance(state, torch.Tensor):
-        if state.is_floating_point() or state.is_complex():
-            yield prefix.rstrip("."), state.detach()
+        if state.is_floating_point() or state.is_complex():  # a DTensor: this rank's rows
+            yield prefix.rstrip("."), (state.to_local() if is_dtensor(state) else state).detach()
     elif isinstance(state, dict):
         for key, value in state.items():
             yield from _floating_tensors(value, f"{prefix}{key}.")
@@ -60,15 +65,16 @@ def _floating_tensors(state, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def save_checkpoint(directory: str | Path, step: int, shared: dict, per_rank: dict, rank: int = 0,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, sharded: dict | None = None) -> Path:
     """Write step `step`; returns its directory and keeps the newest `keep` steps.
 
-    Collective under torchrun: every rank calls it; `shared` is written (and checked) by rank 0 only.
+    Collective under torchrun: every rank calls it; `shared` is written (and checked) by rank 0 only;
+    `sharded` (DTensors, every rank its rows) goes through torch.distributed.checkpoint into SHARDED.
     Raises CheckpointError on every rank, writing nothing, if any rank's state is not finite.
     """
     directory = Path(directory)
-    _refuse_non_finite(directory, step, {"shared": shared, "rank0": per_rank} if rank == 0 else
-                       {f"rank{rank}": per_rank})
+    own = {"shared": shared, "rank0": per_rank} if rank == 0 else {f"rank{rank}": per_rank}
+    _refuse_non_finite(directory, step, own if sharded is None else {**own, SHARDED: sharded})
     final = directory / f"step_{step:06d}"
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
     try:
@@ -76,6 +82,8 @@ def save_checkpoint(directory: str | Path, step: int, shared: dict, per_rank: di
             shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed mid-save
             tmp.mkdir(parents=True)
         _barrier()
+        if sharded is not None:
+            _save_sharded(sharded, tmp / SHARDED)
         _save_file(per_rank, tmp / f"rank{rank}.pt")
         if rank == 0:
             _save_file(shared, tmp / "shared.pt")
@@ -91,6 +99,8 @@ def save_checkpoint(directory: str | Path, step: int, shared: dict, per_rank: di
 
 def _publish(directory: Path, tmp: Path, final: Path, old: Path, keep: int) -> None:
     """Rename the complete `tmp` to `final`, point `latest` at it, then delete what it replaces."""
+    if (tmp / SHARDED).is_dir():
+        fsync_dir(tmp / SHARDED)
     fsync_dir(tmp)
     for interrupted in directory.glob("step_??????.old"):  # a kill between the renames below: undo
         if not interrupted.with_suffix("").exists():
@@ -191,6 +201,36 @@ def load_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> tup
     return _load(path / "shared.pt"), _load(path / f"rank{rank}.pt")
 
 
+def is_sharded(path: str | Path) -> bool:
+    """Whether the step directory `path` was written with --fsdp (model and optimizer in SHARDED)."""
+    return (Path(path) / SHARDED).is_dir()
+
+
+def load_sharded(path: str | Path, template: dict) -> dict:
+    """`template` filled from the step's SHARDED folder, whatever the number of processes that wrote it.
+
+    Under a process group (a resumed --fsdp run) the template holds this run's DTensors and the load is
+    collective; in a process without one (tools.sample) it holds whole tensors, read in full.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        with warnings.catch_warnings():  # without a process group DCP warns that it loads in one process
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(template, checkpoint_id=Path(path) / SHARDED)
+    except Exception as error:  # DCP raises its own CheckpointException, OS and pickle errors alike
+        reason = (str(error).splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{Path(path) / SHARDED}: cannot be read ({type(error).__name__}: {reason}); "
+                              f"the checkpoint is damaged: resume from another step directory") from None
+    return template
+
+
+def _save_sharded(state: dict, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp  # only --fsdp runs write one
+
+    dcp.save(state, checkpoint_id=folder)
+
+
 def _processes(count: int) -> str:
     return f"{count} process{'es' * (count != 1)}"
 
@@ -201,10 +241,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
     path = resolve_checkpoint(str(path))
     shared = _load(path / "shared.pt")
-    if not isinstance(shared, dict) or not {"model", "model_config"} <= shared.keys():
+    weights_here = isinstance(shared, dict) and ("model" in shared or is_sharded(path))
+    if not weights_here or "model_config" not in shared:
         raise CheckpointError(f"{path / 'shared.pt'}: expected a train_gpt.py checkpoint (model and "
                               f"model_config), found {type(shared).__name__}")
     model = GPT(GPTConfig(**shared["model_config"]))
+    if is_sharded(path):  # written with --fsdp: the weights are in SHARDED, read here in full
+        shared["model"] = load_sharded(path, {"model": model.state_dict()})["model"]
     model.load_state_dict(shared["model"])
     return model.to(device).eval()
 

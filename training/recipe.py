@@ -84,6 +84,9 @@ class TrainConfig:
                                   "aot_eager or eager, which trace and count graphs but generate no code "
                                   "(quick checks of the compiled path on a CPU)",
                                   choices=("inductor", "aot_eager", "eager"))
+    fsdp: bool = option(False, "shard parameters, gradients and optimizer state over the processes with "
+                        "FSDP2 (fully_shard; bf16 compute, fp32 gradient reduction on CUDA); checkpoints "
+                        "through torch.distributed.checkpoint")
     # batch: tokens_per_step = processes x batch_size x seq_len x micro-batches (gradient accumulation)
     max_steps: int = option(150, "optimizer steps of the run", within=AT_LEAST_1)
     tokens_per_step: int = option(1024, "tokens per optimizer step, over all processes", within=AT_LEAST_1)

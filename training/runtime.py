@@ -46,16 +46,18 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+def init_distributed(device: torch.device, group_of_one: bool = False) -> tuple[int, int, torch.device]:
     """(rank, world_size, device) from torchrun's environment; one process if not under torchrun.
 
     NCCL on GPUs, gloo on CPU processes: the same code either way, one node or many (torchrun's c10d
     rendezvous flags). The optimizer then owns gradient synchronization (optim/distributed.py).
+    One process gets a process group (of one, on an in-memory store) only with group_of_one: --fsdp
+    shards over a group whatever its size.
     """
     world_size = world_size_from_env()
-    if world_size == 1:
+    if world_size == 1 and not group_of_one:
         return 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -63,8 +65,9 @@ def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     # it lazily), keeps references to the group: destroy_process_group() then cannot join gloo's
     # threads, and one of them can abort the interpreter at exit. Imported first, it cannot.
     importlib.import_module("torch._dynamo")
+    alone = dict(store=dist.HashStore(), rank=0, world_size=1) if world_size == 1 else {}
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT,
-                            device_id=device if device.type == "cuda" else None)
+                            device_id=device if device.type == "cuda" else None, **alone)
     return rank, world_size, device
 
 
