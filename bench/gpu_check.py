@@ -50,7 +50,7 @@ VOCAB_USED = 4096  # ids the synthetic documents use; the model's vocabulary sta
 STRIDE = 7  # each clean id is the previous one + STRIDE (mod VOCAB_USED)
 NOISE = 0.1  # share of ids replaced by uniform random ones
 WINDOWS = 14  # the speedrun's long windows: 128, 256, ..., 1792
-TIMEOUT_S = 600
+TIMEOUT_S = 540  # under the 600 s a device session's command may run, so this one reports why
 
 # train_gpt.py flags over --preset speedrun; the data and output flags are added by `run`.
 FULL = ("--max-steps", "300", "--tokens-per-step", str(48 * 1024), "--val-every", "50",
@@ -90,19 +90,25 @@ def write_shards(folder: Path, flags: tuple[str, ...]) -> Path:
 
 def run(out_dir: Path, flags: tuple[str, ...]) -> tuple[list[dict], dict, float]:
     """train_gpt.py --preset speedrun on the synthetic shards in a separate process; (its metrics
-    records, its summary.json, wall seconds). Its console output goes to out_dir/train_gpt.out; a
-    failure raises with the output's last lines."""
+    records, its summary.json, wall seconds). Its console output is written to out_dir/train_gpt.out as
+    it comes, so a run that fails or is stopped at TIMEOUT_S leaves what it printed; either ends this
+    with the output's last lines."""
     shards = write_shards(out_dir / "shards", flags)
     command = [sys.executable, str(REPO / "train_gpt.py"), "--preset", "speedrun", *flags,
                "--data-dir", str(shards), "--out-dir", str(out_dir / "run"), "--sample-tokens", "0",
                "--no-plot", "--no-wandb"]
+    console = out_dir / "train_gpt.out"
     start = time.perf_counter()
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S)
+    with open(console, "w") as out:
+        try:
+            code = subprocess.run(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=TIMEOUT_S).returncode
+        except subprocess.TimeoutExpired:
+            code = f"timeout after {TIMEOUT_S} s"
     wall_s = time.perf_counter() - start
-    (out_dir / "train_gpt.out").write_text(done.stdout + done.stderr)
-    if done.returncode:
-        tail = "\n".join((done.stdout + done.stderr).splitlines()[-20:])
-        raise SystemExit(f"error: train_gpt.py exited with {done.returncode}:\n{tail}")
+    if code != 0:
+        tail = "\n".join(console.read_text().splitlines()[-20:])
+        raise SystemExit(f"error: train_gpt.py ended with {code} (all of its output: {console}):\n{tail}")
     records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
     return records, json.loads((out_dir / "run" / "summary.json").read_text()), wall_s
 

@@ -55,3 +55,11 @@ def test_synthetic_documents_start_at_bos_and_follow_their_stride():
     clean = (following - previous) % gpu_check.VOCAB_USED == gpu_check.STRIDE
     # A step is clean when neither id was replaced: about (1 - NOISE)^2 = 81% of them.
     assert clean[inside].mean() == pytest.approx((1 - gpu_check.NOISE) ** 2, abs=0.02)
+
+
+def test_a_run_past_the_time_limit_ends_naming_the_limit_and_its_output(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "TIMEOUT_S", 0.5)  # train_gpt.py only starts in that time
+    limit = r"ended with timeout after 0.5 s \(all of its output: .*train_gpt.out\)"
+    with pytest.raises(SystemExit, match=limit):
+        gpu_check.main(["--smoke", "--out-dir", str(tmp_path)])
+    assert (tmp_path / "train_gpt.out").exists() and not (tmp_path / "gpu_check.json").exists()
