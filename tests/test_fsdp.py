@@ -26,7 +26,7 @@ from model import GPT, GPTConfig
 from optim import Muon, orthogonalize, param_groups
 from tools.checkpoint import load_model
 from tools.sample import sample
-from training.fsdp import mixed_precision
+from training.fsdp import mixed_precision_policy
 
 # The demo's architecture made tiny; every matrix dim divisible by 2 and 3, so rows split evenly and only
 # the 2-element scalar vectors (lambdas, skip weights) split unevenly at W = 3. Values scaled in every
@@ -341,7 +341,7 @@ def test_plain_tensors_mixed_with_sharded_ones_and_a_process_group_are_refused(r
 
 
 def test_fsdp_computes_in_bf16_and_reduces_gradients_in_float32_on_cuda_only():
-    cuda, cpu = mixed_precision(torch.device("cuda")), mixed_precision(torch.device("cpu"))
+    cuda, cpu = mixed_precision_policy(torch.device("cuda")), mixed_precision_policy(torch.device("cpu"))
     assert (cuda.param_dtype, cuda.reduce_dtype) == (torch.bfloat16, torch.float32)
     assert (cpu.param_dtype, cpu.reduce_dtype) == (None, None)  # the parameters' own float32: no casts
 

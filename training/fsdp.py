@@ -32,14 +32,14 @@ def shard(model: GPT, device: torch.device) -> GPT:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    policy = mixed_precision(device)
+    policy = mixed_precision_policy(device)
     for unit in sharding_units(model):
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
-def mixed_precision(device: torch.device):
+def mixed_precision_policy(device: torch.device):
     """fully_shard's MixedPrecisionPolicy: on CUDA, parameters all-gathered in bf16 (the compute dtype)
     and gradients reduce-scattered in float32; elsewhere float32 throughout (no casts)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
