@@ -38,6 +38,7 @@ def run_quick(module, tmp_path, *flags: str) -> dict:
     saved = json.loads((tmp_path / f"{module.NAME}.json").read_text())
     assert saved["experiment"] == module.NAME and saved["mode"] == "quick"
     assert saved["command"].startswith(f"python -m experiments.{module.NAME} --quick")
+    assert saved["threads"] == 1  # the runs' --threads (default 1), not torch's count once restored
     png = tmp_path / f"{module.NAME}.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < MAX_PNG_BYTES
     return results
