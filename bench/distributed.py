@@ -1,22 +1,27 @@
-"""Sharding cost: per-rank Newton–Schulz work and time, and bytes sent per step, against world size.
+"""Sharding cost: per-rank Newton–Schulz work, optimizer state and time, and bytes sent per step, against W.
 
-    python -m bench.distributed [--world-sizes 1 2 3 4] [--layers 4] [--dim 256] [--steps 5] [--json PATH]
+    python -m bench.distributed [--world-sizes 1 2 3 4] [--layers 4] [--dim 256] [--vocab 4096]
+                                [--steps 5] [--json PATH]
 
-W gloo processes on the CPU, one thread each, step the hidden matrices of `layers` GPT blocks at width
-`dim` (bench.optim.gpt_hidden_shapes: per layer 4 dim×dim, 4dim×dim, dim×4dim) and their 2 norm gains
-each (Adam) with optim.Muon, float32. Gradients are set directly, so step() does all communication
-(nothing overlaps a backward here). After a warm-up step (which also agrees the launch order), per W:
+W gloo processes on the CPU, one thread each, step with optim.Muon a small GPT's parameters: the hidden
+matrices of `layers` blocks at width `dim` (bench.optim.gpt_hidden_shapes: per layer 4 dim×dim,
+4dim×dim, dim×4dim; kind hidden) and, as the speedrun's Adam side, a token embedding and a head of
+`vocab`×`dim` and 2 gains a block (kind adam). Gradients are set directly, so step() does all
+communication (nothing overlaps a backward here). After a warm-up step (which also agrees the launch
+order), per W:
 
   newton_schulz   matrices and GFLOP per rank; wall time per rank (the slowest rank, median step)
   step            wall time of the whole step (the slowest rank, median step)
+  state           optimizer-state bytes per rank (the largest), and as a multiple of 1/W of all ranks' sum
   bytes           sent per rank per step, measured on the loopback interface (/proc/net/dev counts
-                  the whole machine, so the least over the steps), and predicted for ring algorithms:
-                  reduce-scatter (W−1)/W·P·(M+1)·4 (+1: the has-gradient flag) and all-gather
-                  (W−1)/W·P·M·4 per stack of n matrices of M elements padded to P = W·⌈n/W⌉;
-                  gloo builds reduce-scatter from an all-reduce, 2(W−1)/W·P·(M+1)·4; the gains'
-                  all-reduce 2(W−1)/W·(k+g)·4 for k elements of g gains
-  all_reduce      the same gradients all-reduced instead, as an all-reduce-then-compute step would
-                  send them: measured, and predicted 2(W−1)/W·(all elements)·4
+                  the whole machine, so the least over the steps), and predicted (optim/zero.py):
+                  per stack of n matrices of M elements padded to P = W·⌈n/W⌉, reduce-scatter
+                  (W−1)/W·P·(M+1)·4 and all-gather (W−1)/W·P·M·4; for the Adam side's N elements
+                  and k parameters in ranges of S = ⌈N/W⌉, reduce-scatter (W−1)·(S+k)·4 and
+                  all-gather (W−1)·S·4. Gloo builds a reduce-scatter from an all-reduce of the whole
+                  input, which sends twice a ring reduce-scatter's bytes: predicted both ways
+  all_reduce      the same gradients all-reduced instead, as a replicated step (DDP, or this
+                  optimizer before ZeRO-1) sends them: measured, and predicted 2(W−1)/W·(elements)·4
 
 With more processes than cores (W > 2 on 2 cores) ranks share cores, so per-rank wall times include
 waiting for a core; the GFLOP column is the work itself. Prints a table and writes JSON (default
@@ -25,6 +30,7 @@ bench/results/distributed-cpu-<time>.json).
 
 import argparse
 import datetime
+import importlib
 import json
 import math
 import statistics
@@ -38,9 +44,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import optim.muon
+import optim.kinds
 from bench.optim import gpt_hidden_shapes, machine
-from optim import Muon, newton_schulz_flops, orthogonalize
+from optim import Muon, default_dtype, newton_schulz_flops, orthogonalize
 
 ELEMENT = 4  # bytes: float32
 
@@ -58,13 +64,18 @@ def loopback_bytes_sent() -> int | None:
     return None
 
 
-def problem(layers: int, dim: int) -> list[dict]:
-    """Muon param groups: the blocks' hidden matrices, and their gains (Adam), seeded alike on every rank."""
+def adam_shapes(layers: int, dim: int, vocab: int) -> list[tuple[int, ...]]:
+    """The Adam side: token embedding, head, 2 gains a block."""
+    return [(vocab, dim), (vocab, dim)] + [(dim,)] * (2 * layers)
+
+
+def problem(layers: int, dim: int, vocab: int) -> list[dict]:
+    """Muon param groups, seeded alike on every rank: the blocks' hidden matrices, and the Adam side."""
     gen = torch.Generator().manual_seed(0)
     shapes = gpt_hidden_shapes(layers, dim)
     hidden = [torch.randn(shape, generator=gen) / math.sqrt(shape[1]) for shape in shapes]
-    gains = [torch.ones(dim) for _ in range(2 * layers)]
-    return [dict(params=hidden, kind="hidden"), dict(params=gains, kind="adam")]
+    adam = [torch.randn(shape, generator=gen) for shape in adam_shapes(layers, dim, vocab)]
+    return [dict(params=hidden, kind="hidden"), dict(params=adam, kind="adam")]
 
 
 def set_gradients(groups: list[dict], step: int, rank: int) -> None:
@@ -74,20 +85,25 @@ def set_gradients(groups: list[dict], step: int, rank: int) -> None:
             p.grad = torch.randn(p.shape, generator=gen)
 
 
-def predicted_bytes(layers: int, dim: int, world_size: int) -> dict:
-    """Bytes a rank sends per step, ring algorithms (module docstring)."""
+def predicted_bytes(layers: int, dim: int, vocab: int, world_size: int) -> dict:
+    """Bytes a rank sends per step (module docstring)."""
     W = world_size
     ring = (W - 1) / W
     stacks = Counter(gpt_hidden_shapes(layers, dim))
     padded = {shape: W * math.ceil(n / W) for shape, n in stacks.items()}
-    scatter_elements = sum(P * (math.prod(shape) + 1) for shape, P in padded.items())
-    gather_elements = sum(P * math.prod(shape) for shape, P in padded.items())
-    gains = 2 * layers * (dim + 1)  # each gain and its flag
-    all_elements = sum(n * math.prod(shape) for shape, n in stacks.items()) + 2 * layers * dim
+    scatter_matrices = ring * sum(P * (math.prod(shape) + 1) for shape, P in padded.items())
+    gather_matrices = ring * sum(P * math.prod(shape) for shape, P in padded.items())
+    adam = adam_shapes(layers, dim, vocab)
+    N, k = sum(math.prod(shape) for shape in adam), len(adam)
+    S = math.ceil(N / W)
+    scatter_adam, gather_adam = (W - 1) * (S + k), (W - 1) * S
+    elements = sum(n * math.prod(shape) for shape, n in stacks.items()) + N
     return dict(
-        sharded=ELEMENT * (ring * scatter_elements + ring * gather_elements + 2 * ring * gains),
-        sharded_gloo=ELEMENT * (2 * ring * scatter_elements + ring * gather_elements + 2 * ring * gains),
-        all_reduce=ELEMENT * 2 * ring * all_elements,
+        matrices=ELEMENT * (scatter_matrices + gather_matrices),
+        adam=ELEMENT * (scatter_adam + gather_adam),
+        sharded=ELEMENT * (scatter_matrices + gather_matrices + scatter_adam + gather_adam),
+        sharded_gloo=ELEMENT * (2 * scatter_matrices + gather_matrices + 2 * scatter_adam + gather_adam),
+        all_reduce=ELEMENT * 2 * ring * elements,
         padded_matrices=sum(padded.values()),
     )
 
@@ -95,10 +111,11 @@ def predicted_bytes(layers: int, dim: int, world_size: int) -> dict:
 def rank_worker(rank: int, world_size: int, args: argparse.Namespace, tmp: Path) -> None:
     """One rank's measurements, written to tmp/rank<r>.json."""
     torch.set_num_threads(1)
+    importlib.import_module("torch._dynamo")  # before the group: see optim/distributed.py
     if world_size > 1:
         dist.init_process_group("gloo", init_method=f"file://{tmp / 'store'}", rank=rank,
                                 world_size=world_size)
-    groups = problem(args.layers, args.dim)
+    groups = problem(args.layers, args.dim, args.vocab)
     opt = Muon(groups, lr=0.02, momentum=0.95)
     ns_seconds, ns_shapes = [0.0], []
 
@@ -110,12 +127,13 @@ def rank_worker(rank: int, world_size: int, args: argparse.Namespace, tmp: Path)
         return out
 
     steps = []
-    with mock.patch.object(optim.muon, "orthogonalize", timed_orthogonalize):
+    with mock.patch.object(optim.kinds, "orthogonalize", timed_orthogonalize):
         for step in range(args.steps + 1):  # step 0: warm-up
             set_gradients(groups, step, rank)
             ns_seconds[0], ns_shapes[:] = 0.0, []
             steps.append(measure(lambda: opt.step(), world_size) | dict(ns_s=ns_seconds[0]))
-    result = dict(steps=steps[1:], ns_shapes=ns_shapes)
+    state = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values())
+    result = dict(steps=steps[1:], ns_shapes=ns_shapes, state_bytes=state)
     if world_size > 1:
         flat = torch.cat([p.grad.reshape(-1) for g in groups for p in g["params"]])
         result["all_reduce"] = [measure(lambda: dist.all_reduce(flat), world_size) for _ in range(args.steps)]
@@ -148,11 +166,13 @@ def run_world(world_size: int, args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(rank_worker, args=(world_size, args, Path(tmp)), nprocs=world_size)
         ranks = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(world_size)]
-    report = dict(world_size=world_size, predicted=predicted_bytes(args.layers, args.dim, world_size))
+    predicted = predicted_bytes(args.layers, args.dim, args.vocab, world_size)
+    report = dict(world_size=world_size, predicted=predicted)
     report["ns_matrices"] = [sum(s[0] for s in r["ns_shapes"]) for r in ranks]
     report["ns_gflop"] = [sum(newton_schulz_flops(s) for s in r["ns_shapes"]) / 1e9 for r in ranks]
     report["ns_ms"] = [1e3 * statistics.median(s["ns_s"] for s in r["steps"]) for r in ranks]
     report["step_ms"] = [1e3 * statistics.median(s["seconds"] for s in r["steps"]) for r in ranks]
+    report["state_bytes"] = [r["state_bytes"] for r in ranks]
     # Rank 0 read the counter; other processes on the machine can only add to it.
     report["bytes"] = min(s["bytes"] for s in ranks[0]["steps"]) if world_size > 1 else 0
     if world_size > 1:
@@ -163,15 +183,19 @@ def run_world(world_size: int, args: argparse.Namespace) -> dict:
 
 def print_report(report: dict) -> None:
     print(f"\n{report['machine']}\n{report['problem']}")
-    header = (f"{'W':>2} {'NS matrices/rank':>17} {'NS GFLOP/rank':>14} {'NS ms/rank':>11} {'step ms':>8} "
-              f"{'MB/rank measured':>17} {'pred. gloo':>11} {'pred. ring':>11} {'all-reduce MB':>14}")
+    header = (f"{'W':>2} {'NS mat/rank':>11} {'NS GFLOP/rank':>13} {'NS ms':>6} {'step ms':>8} "
+              f"{'state MB/rank':>13} {'MB/rank sent':>13} {'pred. gloo':>10} {'pred. ring':>10} "
+              f"{'all-reduce MB meas./ring':>25}")
     print(header)
     for w in report["world_sizes"]:
         gloo, ring = w["predicted"]["sharded_gloo"] / 1e6, w["predicted"]["sharded"] / 1e6
-        all_reduce = f"{w['all_reduce_bytes'] / 1e6:.2f}" if w["world_size"] > 1 else "-"
-        print(f"{w['world_size']:>2} {max(w['ns_matrices']):>17} {max(w['ns_gflop']):>14.2f} "
-              f"{max(w['ns_ms']):>11.0f} {max(w['step_ms']):>8.0f} {w['bytes'] / 1e6:>17.2f} "
-              f"{gloo:>11.2f} {ring:>11.2f} {all_reduce:>14}")
+        all_reduce = (f"{w['all_reduce_bytes'] / 1e6:.2f} / {w['predicted']['all_reduce'] / 1e6:.2f}"
+                      if w["world_size"] > 1 else "-")
+        state = max(w["state_bytes"])  # the largest share, as a multiple of an even 1/W of the sum
+        share = f"({state * w['world_size'] / sum(w['state_bytes']):.2f}/W)"
+        print(f"{w['world_size']:>2} {max(w['ns_matrices']):>11} {max(w['ns_gflop']):>13.2f} "
+              f"{max(w['ns_ms']):>6.0f} {max(w['step_ms']):>8.0f} {state / 1e6:>6.2f} {share:>8} "
+              f"{w['bytes'] / 1e6:>13.2f} {gloo:>10.2f} {ring:>10.2f} {all_reduce:>25}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -180,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=4096, help="rows of the embedding and the head (Adam)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after one warm-up step")
     parser.add_argument("--json", type=Path, help="where to write results (bench/results/distributed-*.json)")
     args = parser.parse_args(argv)
@@ -187,7 +212,9 @@ def main(argv: list[str] | None = None) -> None:
     report = dict(
         date=datetime.date.today().isoformat(),
         machine=machine(torch.device("cpu")) | dict(threads_per_rank=1),
-        problem=f"{args.layers} layers at dim {args.dim}: stacks {dict(shapes)}, {2 * args.layers} gains",
+        ns_dtype=str(default_dtype(torch.device("cpu"))),
+        problem=(f"{args.layers} layers at dim {args.dim}: hidden stacks {dict(shapes)}; Adam: embedding and "
+                 f"head {args.vocab}x{args.dim}, {2 * args.layers} gains"),
         world_sizes=[run_world(w, args) for w in args.world_sizes],
     )
     print_report(report)

@@ -36,10 +36,11 @@ from pathlib import Path
 import torch
 
 from bench.optim import gpt_hidden_shapes, machine, orthogonalize_each, stacks
-from model import GPT, GPT2_VOCAB, PRESETS, GPTConfig
+from data.tokenizer import VOCAB_SIZE
+from model import GPT, PRESETS, GPTConfig
 from optim import COEFFICIENTS, Muon, newton_schulz_flops
 from tools.runlog import peak_flops
-from train_gpt import PRESETS_TRAIN, TrainConfig, build_optimizer
+from training.recipe import PRESETS_TRAIN, TrainConfig, build_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 NS_STEPS = 5
@@ -200,7 +201,7 @@ def random_batches(case: StepCase, count: int, device: torch.device) -> list[tup
     """`count` (inputs, targets) pairs of uniform random token ids (GPT-2's, or a toy vocabulary's)."""
     generator = torch.Generator(device).manual_seed(0)
     shape = (case.batch, case.seq_len + 1)
-    vocab = min(GPT2_VOCAB, case.model.vocab_size)
+    vocab = min(VOCAB_SIZE, case.model.vocab_size)
     tokens = [torch.randint(0, vocab, shape, device=device, generator=generator) for _ in range(count)]
     return [(t[:, :-1], t[:, 1:]) for t in tokens]
 

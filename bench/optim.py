@@ -4,10 +4,13 @@
 
 All on the hidden matrices of a GPT block stack (per layer q, k, v, o: dim×dim; MLP in 4dim×dim,
 out dim×4dim; the 124M model is 12 layers at dim 768):
-  newton_schulz  orthogonalize() on the same-shape stacks Muon builds, 5 steps, per coefficient set;
-                 TFLOP/s against a measured matmul peak in the same dtype
-  step           one optimizer step over the same parameters: optim.Muon, torch.optim.Muon, AdamW
+  newton_schulz  orthogonalize() on the same-shape stacks Muon builds, 5 steps, per coefficient set,
+                 eager, in the default dtype (optim.default_dtype: bf16 on CUDA and on CPUs with bf16 dot
+                 products, float32 elsewhere); TFLOP/s against a measured matmul peak in that dtype
+  step           one optimizer step over the same parameters: optim.Muon (default dtype; on a CPU also
+                 the other dtype), torch.optim.Muon, AdamW, each with its ratio to torch.optim.Muon
   svd            one matrix: orthogonalize() vs U Vᵀ from torch.linalg.svd (float32)
+The report records the default dtype chosen and the CPU's bf16 flags (avx512_bf16, amx_bf16).
 Sizes: "full" is the 124M model (the default on CUDA); "quick" (the default on CPU, ~1-2 minutes)
 times Newton–Schulz on one layer of 124M shapes and steps a 2-layer dim-256 stack, because
 torch.optim.Muon always iterates in bf16, which a CPU without bf16 matmul units runs ~100x
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from optim import COEFFICIENTS, Muon, newton_schulz_flops, orthogonalize
+from optim import COEFFICIENTS, Muon, default_dtype, newton_schulz_flops, orthogonalize
 
 SIZES = {
     "full": dict(ns_layers=12, ns_dim=768, step_layers=12, step_dim=768, repeats=10),
@@ -84,7 +87,8 @@ def stacks(shapes: list[tuple[int, int]], device: torch.device) -> list[torch.Te
 
 
 def orthogonalize_each(mats: list[torch.Tensor], coefficients: str, dtype: torch.dtype) -> list[torch.Tensor]:
-    return [orthogonalize(m, 5, coefficients, dtype) for m in mats]
+    """Eager Newton–Schulz on each stack (bench.gpu wraps this in torch.compile for the compiled figure)."""
+    return [orthogonalize(m, 5, coefficients, dtype, compile=False) for m in mats]
 
 
 def svd_polar(G: torch.Tensor) -> torch.Tensor:
@@ -120,8 +124,10 @@ def bench_step(device, layers, dim, repeats) -> dict:
 
     cuda = device.type == "cuda"
     optimizers = {"optim.Muon": lambda ps: Muon(ps)}
-    if not cuda:  # on CUDA our default already iterates in bf16, as torch's does
-        optimizers["optim.Muon (bf16 NS)"] = lambda ps: Muon(ps, ns_dtype=torch.bfloat16)
+    if not cuda:  # on CUDA our default already iterates in bf16, as torch's does; on a CPU, the other one
+        other = torch.float32 if default_dtype(device) == torch.bfloat16 else torch.bfloat16
+        name = f"optim.Muon ({str(other).removeprefix('torch.')} NS)"
+        optimizers[name] = lambda ps: Muon(ps, ns_dtype=other)
     optimizers["torch.optim.Muon"] = lambda ps: torch.optim.Muon(ps, adjust_lr_fn="original")
     optimizers["torch.optim.AdamW"] = lambda ps: torch.optim.AdamW(ps, fused=cuda, foreach=not cuda)
     seconds = time_runs({name: make(params()).step for name, make in optimizers.items()}, device, repeats)
@@ -148,14 +154,24 @@ def machine(device: torch.device) -> dict:
     info = dict(torch=torch.__version__, python=platform.python_version(), cpus=os.cpu_count())
     info["threads"] = torch.get_num_threads()
     info["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    info["bf16_cpu_flags"] = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in cpu_flags()]
     return info
 
 
-def cpu_name() -> str:
+def cpu_info(key: str) -> str:
+    """The first /proc/cpuinfo value of `key`, or "" off Linux."""
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.machine()
+    values = [line.split(":", 1)[1].strip() for line in lines if line.split(":", 1)[0].strip() == key]
+    return values[0] if values else ""
+
+
+def cpu_name() -> str:
+    return cpu_info("model name") or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+    return set(cpu_info("flags").split())
 
 
 def print_report(report: dict) -> None:
@@ -173,10 +189,12 @@ def print_report(report: dict) -> None:
         "  (4m²n + 2m³ FLOPs per step for every set; cubic's c = 0 lets BLAS skip A², so its rate overstates)"
     )
     step = report["step"]
-    print(f"\nOptimizer step, {step['matrices']} matrices ({step['layers']} layers at dim {step['dim']})")
+    print(f"\nOptimizer step, {step['matrices']} matrices ({step['layers']} layers at dim {step['dim']}); "
+          f"default Newton–Schulz dtype {report['ns_default_dtype']} "
+          f"(bf16 CPU flags: {report['machine']['bf16_cpu_flags'] or 'none'})")
     for name, row in step["optimizers"].items():
         print(f"  {name:24s} {row['ms']:10.1f} ms  {row['vs_torch_muon']:8.3f}x torch.optim.Muon")
-    print("\nOne matrix, float32: Newton–Schulz (default dtype) vs U Vᵀ by torch.linalg.svd")
+    print(f"\nOne float32 matrix: Newton–Schulz ({report['ns_default_dtype']}) vs U Vᵀ by torch.linalg.svd")
     for shape, row in report["svd"].items():
         ns_ms, svd_ms = row["newton_schulz_ms"], row["svd_ms"]
         print(f"  {shape:24s} NS {ns_ms:8.1f} ms  SVD {svd_ms:8.1f} ms  {row['speedup']:6.1f}x")
@@ -197,12 +215,13 @@ def main(argv: list[str] | None = None) -> None:
     size_name = args.size or ("full" if device.type == "cuda" else "quick")
     size = SIZES[size_name]
     repeats = args.repeats or size["repeats"]
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # orthogonalize()'s default
+    dtype = default_dtype(device)  # orthogonalize()'s and Muon's default
     report = dict(
         date=datetime.datetime.now().isoformat(timespec="seconds"),
         size=size_name,
         repeats=repeats,
         machine=machine(device),
+        ns_default_dtype=str(dtype),
         newton_schulz=bench_newton_schulz(device, dtype, size["ns_layers"], size["ns_dim"], repeats),
         step=bench_step(device, size["step_layers"], size["step_dim"], repeats),
         svd=bench_svd(device, size["ns_dim"], repeats),

@@ -1,13 +1,21 @@
-"""The GPT-2 tokenizer (tiktoken "r50k_base"), with the document convention of the FineWeb shards."""
+"""The GPT-2 tokenizer (tiktoken "r50k_base"), with the document convention of the FineWeb shards.
+
+EOT and VOCAB_SIZE are the repo's one definition of GPT-2's constants; tiktoken is imported only
+when the encoding itself is needed, so reading the constants needs nothing but numpy.
+"""
 
 import functools
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tiktoken
+
+if TYPE_CHECKING:
+    import tiktoken
 
 ENCODING_NAME = "r50k_base"  # tiktoken's name for the GPT-2 BPE ranks; "gpt2" is the same encoding
 EOT = 50256  # <|endoftext|>; it precedes every document, so it doubles as BOS
+VOCAB_SIZE = 50257  # ids 0..50256; the model pads its tables past this, so larger ids are not text
 
 
 class TokenizerUnavailable(RuntimeError):
@@ -15,8 +23,10 @@ class TokenizerUnavailable(RuntimeError):
 
 
 @functools.cache
-def gpt2_encoding() -> tiktoken.Encoding:
+def gpt2_encoding() -> "tiktoken.Encoding":
     """The GPT-2 encoding, loaded once per process."""
+    import tiktoken
+
     try:
         return tiktoken.get_encoding(ENCODING_NAME)
     except Exception as err:  # tiktoken fails with network, file or hash errors alike

@@ -2,16 +2,24 @@
 
 A decoder-only transformer in the shape of the mid-2025 NanoGPT speedrun:
   - token embedding and LM head untied; every residual-stream read goes through a weightless RMSNorm;
-  - attention with QK-norm, rotary position embedding, scale 0.12, causal with optional sliding
-    window and document masking (see model/attention.py);
+  - attention with QK-norm, rotary position embedding, scale 0.12, causal with sliding windows (long
+    on some blocks, half as long on the others) and document masking (see model/attention.py);
+    optionally some blocks have no attention at all (MLP only);
   - value embeddings: extra embedding tables mixed into the attention values of the first and last
-    few layers, v <- l0 * v + l1 * ve, with learned (l0, l1);
-  - every block mixes back the embedding: x <- k0 * x + k1 * x0, with learned (k0, k1);
+    few layers, v <- l0 * v + l1 * ve, with learned (l0, l1); optionally v <- l0 * v elsewhere;
+  - every block mixes back the embedding: x <- k0 * x + k1 * x0, with learned (k0, k1) from (1, 0);
   - U-net skips: the first half of the blocks push their outputs, the second half pop them and add
-    them back with learned weights;
+    them back with learned weights (from 1);
   - ReLU^2 MLP (4x width); zero-initialized output projections (attention out, MLP out, LM head);
-  - logits soft-capped: z <- c * tanh(z / c).
-Weights y = W x are stored PyTorch-style as W of shape (d_out, d_in).
+  - logits soft-capped: z <- c * tanh(z / c), or the record's c * sigmoid(z / (7.5 sqrt(dim))).
+Weights y = W x are stored PyTorch-style as W of shape (d_out, d_in), float32. The activations take
+the embedding tables' dtype: float32 by default, bf16 after `to_device` on CUDA for the GPU presets.
+
+Calling it (the speedrun loop):
+    model = GPT(PRESETS["124m"]).to_device(device)        # bf16 tables on CUDA: no autocast
+    compiled = torch.compile(model, dynamic=False)
+    window = torch.tensor(1792, dtype=torch.int32, device=device)  # long window, in tokens
+    loss = compiled(idx, targets, window=window)           # one graph for every window value
 """
 
 import math
@@ -21,37 +29,110 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.attention import Rotary, attend, build_mask, document_ids
+from data.tokenizer import EOT, VOCAB_SIZE
+from model.attention import Rotary, attend, build_mask, document_ids, short_window
 
-GPT2_EOT = 50256  # <|endoftext|>: precedes every document, so it doubles as BOS
-GPT2_VOCAB = 50257  # real GPT-2 vocabulary; the model pads its tables to a multiple of 128
+SOFTCAPS = ("tanh", "sigmoid")
+CUDA_DTYPES = ("float32", "bfloat16")
+ATTENTION_BACKENDS = ("auto", "flex", "sdpa")
 
 
 @dataclass(frozen=True)
 class GPTConfig:
-    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 128
+    """The architecture. Defaults are the generic model; PRESETS["124m"] pins the speedrun record's choices.
+
+    vocab_size: embedding and head rows (GPT-2's 50257 padded to a multiple of 128).
+    n_layer, n_head, head_dim, dim, mlp_ratio: depth, heads x head width, residual width, MLP width / dim.
+    max_seq_len: rotary table length; sequences may not be longer.
+    value_embeds: value-embedding tables; table j feeds block j and block n_layer - n + j.
+    logit_softcap: c, the bound of the head's soft-cap.
+    head_softcap: "tanh": z <- c * tanh(z / c) (range (-c, c), slope 1 at 0);
+        "sigmoid": z <- c * sigmoid(z / (s * sqrt(dim))) (range (0, c), slope c / (4 s sqrt(dim)) at 0),
+        the record's form (with c = 30, s = 7.5 its slope at 0 is 1/27.7 of tanh's at dim 768).
+    sigmoid_softcap_scale: s above (only used by "sigmoid").
+    attn_scale: the attention logits' scale, q.k * attn_scale (QK-normed q, k).
+    rope_base: rotary base; frequencies span 1 .. 1/rope_base over half of each head.
+    bos_token: the token that starts every document.
+    document_masking: attention never crosses a BOS boundary.
+    attention: "flex", "sdpa", or "auto" (flex on CUDA, sdpa elsewhere).
+    long_window_layers: blocks that attend over the long window; the others over half of it. None:
+        every fourth block counted from the first in the first half and from the last in the second
+        half (12 layers: 0, 4, 7, 11). An attention-free block listed here has no effect.
+    attention_free_layers: blocks with no attention (MLP only): no q/k/v/o, no value lambdas.
+    value_lambda_all_layers: True: attention without a value embedding still scales its values,
+        v <- l0 * v (the record); False: those blocks use v unchanged. Blocks with a value embedding
+        always mix v <- l0 * v + l1 * ve. (l0, l1) start at (0.5, 0.5).
+    cuda_dtype: dtype of the embedding tables, hence of the residual stream and every matmul, when
+        `to_device` puts the model on CUDA. "bfloat16": the record's (run it without autocast);
+        "float32": fp32 tables (run under bf16 autocast). Off CUDA the model stays float32.
+    """
+
+    vocab_size: int = 50304
     n_layer: int = 12
     n_head: int = 6
     head_dim: int = 128
     dim: int = 768
     mlp_ratio: int = 4
-    max_seq_len: int = 1024  # rotary table length; sequences may not be longer
-    value_embeds: int = 3  # tables; each feeds one early and one late block
+    max_seq_len: int = 1024
+    value_embeds: int = 3
     logit_softcap: float = 30.0
+    head_softcap: str = "tanh"
+    sigmoid_softcap_scale: float = 7.5
     attn_scale: float = 0.12
     rope_base: float = 1024.0
-    bos_token: int = GPT2_EOT
-    document_masking: bool = True  # attention never crosses a BOS boundary
-    attention: str = "auto"  # "flex", "sdpa", or "auto" (flex on CUDA, sdpa elsewhere)
+    bos_token: int = EOT
+    document_masking: bool = True
+    attention: str = "auto"
+    long_window_layers: tuple[int, ...] | None = None
+    attention_free_layers: tuple[int, ...] = ()
+    value_lambda_all_layers: bool = False
+    cuda_dtype: str = "float32"
 
+    def __post_init__(self):
+        for name, allowed in (("head_softcap", SOFTCAPS), ("cuda_dtype", CUDA_DTYPES),
+                              ("attention", ATTENTION_BACKENDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("long_window_layers", "attention_free_layers"):
+            layers = getattr(self, name) or ()
+            if any(not 0 <= i < self.n_layer for i in layers):
+                raise ValueError(f"GPTConfig.{name} must index blocks 0..{self.n_layer - 1}, got {layers}")
+        fed = {i for i, table in enumerate(value_embedding_layers(self)) if table is not None}
+        if fed & set(self.attention_free_layers):
+            raise ValueError(f"GPTConfig.attention_free_layers {self.attention_free_layers}: blocks "
+                             f"{sorted(fed)} take a value embedding, which needs attention")
+
+
+def value_embedding_layers(cfg: GPTConfig) -> list[int | None]:
+    """For each block, the value-embedding table it uses: table j feeds block j and block L-n+j."""
+    L, n = cfg.n_layer, min(cfg.value_embeds, cfg.n_layer // 2)
+    return [i if i < n else (i - (L - n) if i >= L - n else None) for i in range(L)]
+
+
+def long_window_layers(cfg: GPTConfig) -> frozenset[int]:
+    """The blocks on the long window (see GPTConfig.long_window_layers)."""
+    if cfg.long_window_layers is not None:
+        return frozenset(cfg.long_window_layers)
+    half = cfg.n_layer // 2
+    return frozenset(i for i in range(cfg.n_layer) if (i if i < half else cfg.n_layer - 1 - i) % 4 == 0)
+
+
+# The record's architecture on the GPU presets (2025-07-12 "BosAlign", docs/RECIPE.md): sigmoid head,
+# values scaled in every attention block, bf16 tables and residual stream on CUDA.
+RECORD = dict(head_softcap="sigmoid", value_lambda_all_layers=True, cuda_dtype="bfloat16")
 
 PRESETS: dict[str, GPTConfig] = {
-    # A few minutes on 2 CPU cores; the 50304-wide head dominates its cost.
+    # A few minutes on 2 CPU cores; the 50304-wide head dominates its cost. Kept on the generic
+    # architecture (tanh head, fp32): its recipe (lrs, steps) and README's measured result are for it.
     "demo": GPTConfig(n_layer=4, n_head=2, head_dim=64, dim=128, max_seq_len=256, value_embeds=1),
-    # GPT-2 small shape, the speedrun model (REFERENCE §4).
-    "124m": GPTConfig(max_seq_len=65536),
-    "350m": GPTConfig(n_layer=24, n_head=8, head_dim=128, dim=1024, max_seq_len=65536),
-    "1.5b": GPTConfig(n_layer=48, n_head=25, head_dim=64, dim=1600, max_seq_len=65536),
+    # GPT-2 small shape, the speedrun model: the record's architecture, layer 7 attention-free.
+    "124m": GPTConfig(max_seq_len=65536, long_window_layers=(0, 4, 7, 11), attention_free_layers=(7,),
+                      **RECORD),
+    # Deeper shapes take the record's head, value scaling and dtypes, which do not depend on depth.
+    # They keep attention in every block: the record drops layer 7's at 12 layers, and no measurement
+    # says which blocks could go at 24 or 48. Long windows follow the default mirrored rule.
+    "350m": GPTConfig(n_layer=24, n_head=8, head_dim=128, dim=1024, max_seq_len=65536, **RECORD),
+    "1.5b": GPTConfig(n_layer=48, n_head=25, head_dim=64, dim=1600, max_seq_len=65536, **RECORD),
 }
 
 
@@ -60,9 +141,17 @@ def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def linear(d_in: int, d_out: int, zero: bool = False) -> nn.Linear:
-    """Bias-free Linear with W ~ U(-a, a), a = sqrt(3) * 0.5 / sqrt(d_in) (std 0.5/sqrt(d_in)), or W = 0."""
-    layer = nn.Linear(d_in, d_out, bias=False)
+class CastedLinear(nn.Linear):
+    """Bias-free y = x W^T in x's dtype: W (d_out, d_in) stays float32 (the optimizer's copy) and is
+    cast to x's dtype for the matmul, so a bf16 residual stream gets bf16 matmuls without autocast."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.type_as(x))
+
+
+def linear(d_in: int, d_out: int, zero: bool = False) -> CastedLinear:
+    """CastedLinear with W ~ U(-a, a), a = sqrt(3) * 0.5 / sqrt(d_in) (std 0.5/sqrt(d_in)), or W = 0."""
+    layer = CastedLinear(d_in, d_out, bias=False)
     with torch.no_grad():
         if zero:
             layer.weight.zero_()
@@ -76,6 +165,7 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.head_dim, self.scale = cfg.n_head, cfg.head_dim, cfg.attn_scale
+        self.scale_values = cfg.value_lambda_all_layers
         inner = cfg.n_head * cfg.head_dim
         self.q, self.k, self.v = (linear(cfg.dim, inner) for _ in range(3))
         self.o = linear(inner, cfg.dim, zero=True)
@@ -89,6 +179,8 @@ class CausalSelfAttention(nn.Module):
         q, k = rms_norm(q), rms_norm(k)  # QK-norm: bounded logits whatever the weights' scale
         if ve is not None:
             v = self.value_lambdas[0] * v + self.value_lambdas[1] * ve.view(heads)
+        elif self.scale_values:
+            v = self.value_lambdas[0] * v
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         y = attend(backend, self.rotary(q), self.rotary(k), v, self.scale, mask)
         return self.o(y.transpose(1, 2).reshape(B, T, -1))
@@ -106,21 +198,25 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
+    """x <- k0 * x + k1 * x0; x <- x + attn(norm(x)) (unless attention-free); x <- x + mlp(norm(x))."""
+
+    def __init__(self, cfg: GPTConfig, attention: bool):
         super().__init__()
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg) if attention else None
         self.mlp = MLP(cfg)
         self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, backend: str, mask) -> Tensor:
         x = self.lambdas[0] * x + self.lambdas[1] * x0
-        x = x + self.attn(rms_norm(x), ve, backend, mask)
+        if self.attn is not None:
+            x = x + self.attn(rms_norm(x), ve, backend, mask)
         return x + self.mlp(rms_norm(x))
 
 
-def is_long_window_layer(i: int, n_layer: int) -> bool:
-    """Every fourth layer and the last attend over the long window; the rest over half of it."""
-    return i % 4 == 0 or i == n_layer - 1
+def mean_context(seq_len: int, window: int) -> float:
+    """Mean number of keys a query sees, causal with window w over T tokens: (1/T) sum_t min(t + 1, w)."""
+    w = min(window, seq_len)
+    return w - w * (w - 1) / (2 * seq_len)
 
 
 class GPT(nn.Module):
@@ -132,31 +228,72 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         n_ve = min(cfg.value_embeds, cfg.n_layer // 2)
         self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.dim) for _ in range(n_ve))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, attention=i not in cfg.attention_free_layers)
+                                    for i in range(cfg.n_layer))
         self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
         self.lm_head = linear(cfg.dim, cfg.vocab_size, zero=True)
+        self.long_window = long_window_layers(cfg)
 
     def value_embedding_layers(self) -> list[int | None]:
         """For each block, the value-embedding table it uses: table j feeds block j and block L-n+j."""
-        L, n = self.config.n_layer, len(self.value_embeds)
-        return [i if i < n else (i - (L - n) if i >= L - n else None) for i in range(L)]
+        return value_embedding_layers(self.config)
 
     def attention_backend(self, device: torch.device) -> str:
         if self.config.attention != "auto":
             return self.config.attention
         return "flex" if device.type == "cuda" else "sdpa"
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None, window: int | None = None) -> Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab), or the mean cross-entropy if targets (B, T) given.
+    def cast_embeddings(self, dtype: torch.dtype) -> "GPT":
+        """Store the token and value embedding tables in dtype; returns self.
 
-        window: the long attention window in tokens (None: full causal); short-window layers use half.
+        The residual stream starts as an embedding lookup, so it, the attention values and every
+        matmul (CastedLinear casts its float32 weight to its input's dtype) then run in dtype; the
+        scalars (lambdas, skip weights) and Linear weights stay float32; logits and loss are float32.
+        """
+        for table in (self.embed, *self.value_embeds):
+            table.to(dtype)
+        return self
+
+    def to_device(self, device: torch.device | str) -> "GPT":
+        """Move to device; on CUDA, store the embedding tables in config.cuda_dtype. Returns self.
+
+        With cuda_dtype "bfloat16" the forward runs in bf16 with no autocast (the record's dtypes);
+        check `self.embed.weight.dtype` to decide whether to enable autocast (only for float32).
+        """
+        device = torch.device(device)
+        self.to(device)
+        if device.type == "cuda":
+            self.cast_embeddings(getattr(torch, self.config.cuda_dtype))
+        return self
+
+    def soft_cap(self, z: Tensor) -> Tensor:
+        """The head's soft-cap (GPTConfig.head_softcap), in z's dtype (float32 logits)."""
+        cfg = self.config
+        if cfg.head_softcap == "sigmoid":
+            return cfg.logit_softcap * torch.sigmoid(z / (cfg.sigmoid_softcap_scale * math.sqrt(cfg.dim)))
+        return cfg.logit_softcap * torch.tanh(z / cfg.logit_softcap)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                window: Tensor | int | None = None) -> Tensor:
+        """idx (B, T) token ids -> logits (B, T, vocab) float32, or the mean cross-entropy if targets (B, T).
+
+        window: the long attention window in tokens (query i sees key j iff 0 <= i - j < window, same
+        document); short-window layers use max(1, window // 2). None: full causal attention.
+        Pass a 0-dim integer tensor on idx's device (same dtype every call, e.g. int32): under
+        torch.compile(dynamic=False) every window value then runs through one graph, since nothing
+        reads its value on the host. A Python int works too (eager convenience), but a compiled
+        model specializes on it: one graph per distinct int.
         """
         cfg = self.config
         T = idx.size(1)
         backend = self.attention_backend(idx.device)
         docs = document_ids(idx, cfg.bos_token) if cfg.document_masking else None
+        if isinstance(window, int):
+            if window < 1:
+                raise ValueError(f"window must be >= 1 token, got {window}")
+            window = torch.tensor(window, device=idx.device)
         long_mask = build_mask(backend, T, window, docs, idx.device)
-        short_mask = long_mask if window is None else build_mask(backend, T, max(1, window // 2), docs,
+        short_mask = long_mask if window is None else build_mask(backend, T, short_window(window), docs,
                                                                  idx.device)
         ves = [table(idx) for table in self.value_embeds]
 
@@ -167,39 +304,37 @@ class GPT(nn.Module):
             if i >= cfg.n_layer - n_encoder:
                 x = x + self.skip_weights[i - (cfg.n_layer - n_encoder)] * skips.pop()
             ve = None if ve_index is None else ves[ve_index]
-            mask = long_mask if is_long_window_layer(i, cfg.n_layer) else short_mask
-            x = block(x, x0, ve, backend, mask)
+            x = block(x, x0, ve, backend, long_mask if i in self.long_window else short_mask)
             if i < n_encoder:
                 skips.append(x)
 
-        logits = self.lm_head(rms_norm(x)).float()
-        logits = cfg.logit_softcap * torch.tanh(logits / cfg.logit_softcap)
+        logits = self.soft_cap(self.lm_head(rms_norm(x)).float())
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
     def flops_per_token(self, seq_len: int, window: int | None = None) -> float:
-        """Training FLOPs per token: 6 * (matmul parameters) + sum over layers of 6 * 2 * H*D * context.
+        """Training FLOPs per token: 6 * (matmul params) + sum over attention layers of 6 * 2 * H*D * context.
 
-        Matmul parameters are every Linear weight (blocks and LM head); embeddings are lookups.
-        context is the mean number of keys a query sees, (1/T) * sum_t min(t + 1, w), with w the
-        layer's window (long, or half of it on short-window layers; T when attention is full causal).
+        Matmul parameters are every Linear weight (blocks and LM head; none in attention-free
+        blocks); embeddings are lookups. context is mean_context(T, w), w the layer's window (long,
+        or max(1, window // 2) on short-window layers; T when attention is full causal).
         """
         cfg = self.config
         matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
 
-        def mean_context(w: int) -> float:
-            w = min(w, seq_len)
-            return w - w * (w - 1) / (2 * seq_len)
+        def layer_window(i: int) -> int:
+            if window is None:
+                return seq_len
+            return window if i in self.long_window else max(1, window // 2)
 
-        contexts = [mean_context(seq_len if window is None else
-                                 (window if is_long_window_layer(i, cfg.n_layer) else max(1, window // 2)))
-                    for i in range(cfg.n_layer)]
+        contexts = [mean_context(seq_len, layer_window(i)) for i, block in enumerate(self.blocks)
+                    if block.attn is not None]
         return 6 * matmul_params + 6 * 2 * cfg.n_head * cfg.head_dim * sum(contexts)
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 vocab_limit: int = GPT2_VOCAB, generator: torch.Generator | None = None) -> Tensor:
+                 vocab_limit: int = VOCAB_SIZE, generator: torch.Generator | None = None) -> Tensor:
         """Sample max_new_tokens tokens after idx (B, T); returns (B, T + max_new_tokens).
 
         Only ids < vocab_limit are sampled (the table is padded past the tokenizer's vocabulary).

@@ -1,236 +1,231 @@
-"""Muon's distributed step: reduce-scatter gradients, orthogonalize a share per rank, all-gather.
+"""Muon across W ranks: the optimizer owns gradient averaging, sharded by kind (optim/zero.py).
 
-REFERENCE §3, pattern 2, with the optimizer owning gradient synchronization (no DDP wrapper). There are
-W ranks on torch.distributed's default process group, and every rank holds every parameter.
+Process group. Muon(process_group=...) takes "world" (the default: torch.distributed's default group
+when one is initialized, one process otherwise, and an error under torchrun, WORLD_SIZE > 1, before
+init_process_group), None (each process alone) or a ProcessGroup. With more than one rank the
+optimizer creates its own group once, at construction, over the same ranks (new_group: a collective
+call over the world, or, for a subgroup, over its ranks only; torch names a subgroup's by its ranks,
+so build one Muon per subgroup at a time), and issues every collective on it: a user's collective
+on another group between backward and step() can never be paired with one of ours. At construction
+it also broadcasts every parameter from the group's first rank, as DDP does, so that ranks built
+from different seeds start alike.
 
-Sharded kinds (hidden, conv). A param group's n matrices of one shape form a stack, the unit Muon
-batches into one Newton–Schulz call. Matrix i belongs to rank i mod W. The stack is padded with zero
-matrices to P = W·⌈n/W⌉ and cut into P/W chunks of W consecutive matrices, one per rank:
-  1. a chunk's gradients are reduce-scattered (sum) as soon as the last of them is accumulated, so
-     while backward goes on rank r receives Σ_ranks G_{cW+r}; it divides that by W: the average;
-  2. rank r applies momentum, one batched Newton–Schulz call and the update to its ⌈(n − r)/W⌉
-     matrices only; momentum buffers exist only for them;
-  3. one all-gather per stack brings every rank the others' updated matrices.
-Replicated kinds (adam, embed, head_linear, head_sign). A param group's gradients of one dtype travel
-as one flat buffer, all-reduced (sum), divided by W, and every rank applies the same update to the
-same state. Sum-then-divide works on every backend, AVG or not, and on a chunk it divides only the
-received share.
+A step. Gradients are reduce-scattered and averaged; each rank steps its share (whole matrices for
+the Newton–Schulz kinds, 1/W of the elements or rows for the others, holding that share's state
+only); updated values are all-gathered. It equals the one-process step on the gradient averaged over
+ranks. A parameter no rank has a gradient for is left alone, as one process leaves it (decided on the
+device from the flags that travel with the gradients; no host read); one missing on some ranks counts
+as zero there.
 
-Bytes a rank sends per step for a stack, ring algorithms, M elements of b bytes per matrix:
-  sharded             reduce-scatter (W−1)/W·P·(M+1)·b (+1: the flag below) + all-gather (W−1)/W·P·M·b;
-                      at most ⌈n/W⌉ matrices through Newton–Schulz
-  all-reduce first    2(W−1)/W·n·M·b; all n matrices through Newton–Schulz on every rank
-The same volume when W divides n, P/n times more otherwise: the gain is the W-fold cut in
-Newton–Schulz work. Gloo (CPU) builds its reduce-scatter from an all-reduce of the whole input,
-keeping the rank's slice, so there the reduce-scatter itself moves 2(W−1)/W·P·(M+1)·b
-(bench.distributed measures it); NCCL's is a true reduce-scatter.
-
-Each gradient travels with a flag, 1 where this rank has a gradient for it. A parameter no rank has a
-gradient for is skipped, as one process skips it; one missing on some ranks counts as zero there.
-
-Launch order: collectives must be issued in the same order on every rank. During the first
+Launch order. Collectives must be issued in the same order on every rank. During the first
 synchronized backward each rank records the order in which its buckets fill; the first step adopts
-rank 0's (one broadcast), and from then on a filled bucket is launched as soon as every bucket before
-it in that order has been. step() launches whatever backward did not, in the same order.
+rank 0's (one broadcast, the only host read, once), and from then on a filled bucket is launched as
+soon as every bucket before it in that order has been; step() launches the rest in the same order.
+
+Guards. Inside sync_gradients(), `loss.backward()` is intercepted (a TorchFunctionMode on
+Tensor.backward) to: register hooks for parameters unfrozen since construction; refuse, before any
+gradient moves, an nn.Parameter the backward reaches that is in no param group (nobody would
+average it); and, once backward returns, refuse gradients changed after they were sent (a DDP
+wrapper's averaging does this). step() and clip_grad_norm_() refuse the same late changes (e.g.
+torch.nn.utils.clip_grad_norm_ or GradScaler.unscale_ on p.grad). The gradient hooks hold the
+optimizer weakly and are removed when it is dropped or closed.
+
+Distributions. Muon picks one from its first param group: FullyShardedParallel (optim/fsdp.py) when
+its parameters are DTensors (fully_shard), else DataParallel, or None for one process. Each has
+the same methods: add_group, sync_backward, step(groups, update), clip_grad_norm_, discard, close,
+state_shape, stamp, saved and loaded (state_dict() and load_state_dict() pass the state dict through
+these two), rank and world_size. `update(group, keys, tensors, grads, flags, dualize=None)`
+(Muon._update) steps any local tensors, whole parameters or slices, by their kind; `dualize` stands in
+for a matrix kind's stacked map (optim/update.py kind_update).
 """
 
+import importlib
+import os
+import sys
+import weakref
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from functools import partial
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.overrides import TorchFunctionMode
 
-SHARDED_KINDS = ("hidden", "conv")
+from .kinds import KINDS, MATRIX, ROW
+from .update import clip_coefficient
+from .zero import BUCKET_ELEMENTS, FlatShard, GradientBucket, MatrixShard
 
-# torch 2.13 renamed the tensor forms of reduce-scatter and all-gather and warns on the old names;
-# torch 2.11 (the GPU machines') has only the old ones.
-_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+WORLD = "world"
 
-# Steps params by their group's map given their averaged gradients: Muon._update.
-Update = Callable[[dict, list[torch.Tensor], list[torch.Tensor]], None]
-
-
-class _Bucket:
-    """Gradients that travel in one collective, each followed by its has-a-gradient flag.
-
-    A chunk of a stack (`stack` set): slots[j] is rank j's matrix (None for padding); the buffer is
-    (W, M + 1), row j = [G_j, flag_j], reduce-scattered, so rank r receives row r summed over ranks.
-    A replicated group's dtype (`stack` None): the flat buffer [G_0, …, G_k, flag_0, …, flag_k],
-    all-reduced. Either way `received` ends up divided by W: averages, and flags > 0 where any rank
-    had a gradient. The param group is named by its index: Optimizer.load_state_dict replaces the
-    group dicts.
-    """
-
-    def __init__(self, group_index: int, slots: list, stack: "_Stack | None" = None):
-        self.group_index, self.slots, self.stack = group_index, slots, stack
-        self.index = -1  # position in Sharding.buckets
-        self.expected_params = [p for p in slots if p is not None and p.requires_grad]
-        self.expected = {id(p) for p in self.expected_params}
-        self.ready: set[int] = set()
-        self.work = None
-        self.received: torch.Tensor | None = None
-
-    @property
-    def filled(self) -> bool:
-        return self.ready >= self.expected
-
-    def launch(self) -> None:
-        """Start the collective on this rank's current gradients (zeros where it has none)."""
-        with torch.no_grad():
-            if self.stack is None:
-                self.received = self._flat()
-                self.work = dist.all_reduce(self.received, async_op=True)
-            else:
-                rows = self._rows()
-                self.received = rows.new_empty(rows.shape[1])
-                self.work = _reduce_scatter(self.received, rows.view(-1), async_op=True)
-
-    def wait(self, world_size: int) -> None:
-        self.work.wait()
-        self.received.div_(world_size)
-
-    def replicated_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The parameters some rank had a gradient for, with their average gradients."""
-        *grads, flags = self.received.split([p.numel() for p in self.slots] + [len(self.slots)])
-        kept = [(p, g.view_as(p)) for p, g, f in zip(self.slots, grads, flags.tolist(), strict=True) if f > 0]
-        return [p for p, _ in kept], [g for _, g in kept]
-
-    def reset(self) -> None:
-        self.ready.clear()
-        self.work = self.received = None
-
-    def _flat(self) -> torch.Tensor:
-        grads = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in self.slots]
-        like = self.slots[0]
-        flags = torch.tensor([p.grad is not None for p in self.slots], dtype=like.dtype, device=like.device)
-        return torch.cat([*grads, flags])
-
-    def _rows(self) -> torch.Tensor:
-        like = self.slots[0]  # a chunk's first slot is never padding
-        rows = like.new_zeros(len(self.slots), like.numel() + 1)
-        for row, p in zip(rows, self.slots, strict=True):
-            if p is not None and p.grad is not None:
-                row[:-1].copy_(p.grad.reshape(-1))
-                row[-1] = 1
-        return rows
+# Steps (keys, tensors) by their group's rule given averaged gradients and flags: Muon._update. A
+# keyword `dualize` stands in for a matrix kind's stacked map (optim/update.py kind_update).
+Update = Callable[..., None]
 
 
-class _Stack:
-    """A sharded group's n same-shape matrices; matrix i is owned by rank i mod W."""
-
-    def __init__(self, group_index: int, params: list[torch.Tensor], rank: int, world_size: int):
-        self.group_index, self.params, self.rank, self.world_size = group_index, params, rank, world_size
-        padded = params + [None] * (-len(params) % world_size)
-        W = world_size
-        self.chunks = [_Bucket(group_index, padded[c : c + W], self) for c in range(0, len(padded), W)]
-        self.owned = params[rank::world_size]  # one per chunk, but none from the last chunk's padding
-        self.chunks_received = 0  # this step
-
-    def owned_gradients(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """This rank's matrices that some rank had a gradient for, with their average gradients."""
-        received = [chunk.received for chunk in self.chunks[: len(self.owned)]]
-        if not received:
-            return [], []
-        flags = torch.stack([r[-1] for r in received]).tolist()  # one device sync per stack
-        kept = [(p, r[:-1].view_as(p)) for p, r, f in zip(self.owned, received, flags, strict=True) if f > 0]
-        return [p for p, _ in kept], [g for _, g in kept]
-
-    def all_gather(self) -> Callable[[], None]:
-        """Send this rank's matrices (updated or not) to all; the returned call copies in the others'."""
-        like = self.params[0]
-        padding = [torch.zeros_like(like)] * (len(self.chunks) - len(self.owned))
-        mine = torch.stack([*self.owned, *padding])
-        W, C = self.world_size, len(self.chunks)
-        everyone = like.new_empty(W * C, *like.shape)  # rank-major: row j·C + c is matrix c·W + j
-        work = _all_gather(everyone, mine, async_op=True)
-        others = [i for i in range(len(self.params)) if i % W != self.rank]
-        targets = [self.params[i] for i in others]
-
-        def finish() -> None:
-            work.wait()
-            if targets:
-                torch._foreach_copy_(targets, [everyone[i % W * C + i // W] for i in others])
-
-        return finish
+def resolve_process_group(process_group) -> "dist.ProcessGroup | None":
+    """The group to average over, or None for one process (see the module docstring)."""
+    if isinstance(process_group, str):
+        if process_group != WORLD:
+            raise ValueError(f"Muon: process_group={process_group!r}; use {WORLD!r}, None or a ProcessGroup")
+        if not (dist.is_available() and dist.is_initialized()):
+            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            if world_size > 1:
+                raise RuntimeError(
+                    f"Muon: WORLD_SIZE={world_size} (torchrun) but torch.distributed is not initialized; "
+                    "call torch.distributed.init_process_group() before building the optimizer, or pass "
+                    "process_group=None to step each process on its own gradients")
+            return None
+        process_group = dist.group.WORLD
+    if process_group is None or dist.get_world_size(process_group) == 1:
+        return None
+    return process_group
 
 
-class Sharding:
-    """Muon's gradient synchronization on the default process group: buckets, hooks, collectives."""
+def shards_of(group_index: int, params: list[torch.Tensor], kind, rank: int,
+              world_size: int) -> list["MatrixShard | FlatShard"]:
+    """How DataParallel splits a param group of `kind` (optim/zero.py): whole matrices per same-shape
+    stack, or flat buckets of elements or rows."""
+    if kind.shard == MATRIX:
+        return [MatrixShard(group_index, same, rank, world_size) for same in same_shape(params)]
+    return [FlatShard(group_index, same, unit, kind.shard == ROW, rank, world_size)
+            for same, unit in _flat_buckets(params, kind.shard == ROW)]
 
-    def __init__(self):
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.buckets: list[_Bucket] = []
-        self.stacks: list[_Stack] = []
+
+def is_dtensor(p: torch.Tensor) -> bool:
+    # No DTensor exists unless torch.distributed.tensor was imported: checking sys.modules spares
+    # every other process that module's half-second import.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(p, module.DTensor)
+
+
+def own_group(parent: "dist.ProcessGroup") -> "dist.ProcessGroup":
+    """A new process group over `parent`'s ranks and backend, for the optimizer's collectives alone."""
+    # torch.optim.Optimizer imports torch._dynamo on first use, and that import keeps every process
+    # group existing at the time alive past destroy_process_group (its gloo threads then outlive
+    # main() and may abort the interpreter's exit). Importing it first spares the group made here.
+    importlib.import_module("torch._dynamo")
+    ranks = dist.get_process_group_ranks(parent)
+    # Over the whole world every rank takes part, and the group gets a fresh name; a subgroup's is
+    # made among its own ranks only, and torch names it by those ranks.
+    subgroup = len(ranks) < dist.get_world_size()
+    return dist.new_group(ranks, backend=dist.get_backend(parent), use_local_synchronization=subgroup)
+
+
+class DataParallel:
+    """Muon's gradient averaging over a process group: its own group, shards, buckets, hooks, guards."""
+
+    def __init__(self, parent: "dist.ProcessGroup"):
+        self.group = own_group(parent)
+        ranks = dist.get_process_group_ranks(parent)
+        self.rank, self.world_size, self.source = dist.get_rank(self.group), len(ranks), ranks[0]
+        self.shards: list = []
+        self.shard_of: dict[int, object] = {}  # id(param) -> its shard
+        self.buckets: list[GradientBucket] = []
         self.order: list[int] | None = None  # agreed launch order, bucket indices
         self.filled_order: list[int] = []  # this rank's fill order until one is agreed
         self.launched = 0  # buckets launched this step: a prefix of order
         self.in_sync_backward = False
-        self.device: torch.device | None = None
+        self.closed = False
+        self.hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}  # id(param) -> its gradient hook
+        self._remove_hooks = weakref.finalize(self, _remove_all, self.hooks)
 
-    @staticmethod
-    def for_default_group() -> "Sharding | None":
-        """A Sharding when the default process group has more than one rank; None for one process."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            return Sharding()
-        return None
+    def add_group(self, group_index: int, group: dict) -> None:
+        """Broadcast a param group's parameters from the first rank; give them shards and buckets."""
+        params, kind = list(group["params"]), KINDS[group["kind"]]
+        for p in params:
+            if not p.is_contiguous():
+                raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} is not contiguous; "
+                                 "distributed Muon steps flat views of its parameters")
+        self._broadcast(params)
+        for shard in shards_of(group_index, params, kind, self.rank, self.world_size):
+            self.shards.append(shard)
+            self.shard_of.update((id(p), shard) for p in shard.params)
+            for bucket in shard.buckets:
+                self._add(bucket)
 
-    def add_group(self, group_index: int, group: dict, stacks: list[list[torch.Tensor]]) -> None:
-        """Buckets for a param group: the chunks of each same-shape stack, or one per dtype."""
-        if not group["params"]:
-            return
-        if self.device is None:
-            self.device = group["params"][0].device
-        if group["kind"] in SHARDED_KINDS:
-            for params in stacks:
-                self.stacks.append(_Stack(group_index, params, self.rank, self.world_size))
-                for chunk in self.stacks[-1].chunks:
-                    self._add(chunk)
-            return
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for p in group["params"]:
-            by_dtype.setdefault(p.dtype, []).append(p)
-        for params in by_dtype.values():
-            self._add(_Bucket(group_index, params))
+    def sync_backward(self) -> TorchFunctionMode:
+        self._check_open()
+        return _SynchronizedBackward(self)
 
-    @contextmanager
-    def sync_backward(self) -> Iterator[None]:
+    def synchronized_backward(self, backward: Callable, args: tuple, kwargs: dict):
+        """Tensor.backward with buckets sent as they fill, and the guards of the module docstring."""
+        self._check_open()
+        for bucket in self.buckets:
+            bucket.refresh()
+            for p in bucket.params:
+                self._hook(p, bucket)
+        inputs = kwargs.get("inputs", args[4] if len(args) > 4 else None)
+        self._check_covered(args[0], inputs)
         self.in_sync_backward = True
         try:
-            yield
+            result = backward(*args, **kwargs)
         finally:
             self.in_sync_backward = False
+        self._check_unchanged()
+        return result
 
     def step(self, groups: list[dict], update: Update) -> None:
-        """Launch what backward did not, then in launch order: average, update, all-gather."""
-        if self.order is None:
-            self.order = self._agree_order()
-        self._launch(only_filled=False)
+        """Launch what backward did not; then in launch order: average, update each shard, all-gather."""
+        self._receive()
+        pending = {id(shard): len(shard.buckets) for shard in self.shards}
         finish_gathers = []
         for bucket in (self.buckets[i] for i in self.order):
-            bucket.wait(self.world_size)
-            if bucket.stack is None:
-                update(groups[bucket.group_index], *bucket.replicated_gradients())
-                continue
-            stack = bucket.stack
-            stack.chunks_received += 1
-            if stack.chunks_received == len(stack.chunks):
-                update(groups[stack.group_index], *stack.owned_gradients())
-                finish_gathers.append(stack.all_gather())
+            bucket.average(self.world_size)
+            shard = bucket.shard
+            pending[id(shard)] -= 1
+            if pending[id(shard)] == 0:
+                update(groups[shard.group_index], *shard.gradients())
+                finish_gathers.append(shard.all_gather(self.group))
         for finish in finish_gathers:
             finish()
         self._reset()
 
-    def _add(self, bucket: _Bucket) -> None:
-        bucket.index = len(self.buckets)
-        self.buckets.append(bucket)
-        if self.order is not None:  # a group added after the first step goes last, on every rank
-            self.order.append(bucket.index)
-        for p in bucket.expected_params:
-            p.register_post_accumulate_grad_hook(partial(self._on_gradient, bucket))
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale this rank's averaged shares by min(1, max_norm/(‖g‖ + 1e-6)), ‖g‖ over all ranks' shares."""
+        self._receive()
+        for bucket in self.buckets:
+            bucket.average(self.world_size)
+        squares = torch.stack([shard.squares() for shard in self.shards]).sum()
+        dist.all_reduce(squares, group=self.group)
+        total = squares.sqrt()
+        factor = clip_coefficient(total, max_norm)
+        for shard in self.shards:
+            shard.scale_(factor)
+        return total
 
-    def _on_gradient(self, bucket: _Bucket, p: torch.Tensor) -> None:
+    def discard(self) -> None:
+        """Complete this step's collectives on every rank, then forget them."""
+        self._receive(check=False)
+        for bucket in self.buckets:
+            bucket.average(self.world_size)
+        self._reset()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        for i in (self.order or [])[: self.launched]:  # sent by a backward no step followed
+            self.buckets[i].work.wait()
+        self._remove_hooks()
+        dist.destroy_process_group(self.group)
+        self.group = None  # the last reference: its threads end with it
+        self.closed = True
+
+    def state_shape(self, p: torch.Tensor) -> tuple | None:
+        shard = self.shard_of.get(id(p))
+        return None if shard is None else shard.state_shape(p)
+
+    def stamp(self) -> dict:
+        """What state_dict() records and load_state_dict() requires: each rank loads its own state."""
+        return {"rank": self.rank, "world_size": self.world_size}
+
+    def saved(self, state_dict: dict, groups: list[dict]) -> dict:
+        return state_dict  # each rank's own slices, as plain tensors
+
+    def loaded(self, state_dict: dict, groups: list[dict]) -> dict:
+        return state_dict
+
+    def gradient_ready(self, bucket: GradientBucket, p: torch.Tensor) -> None:
+        """A parameter's gradient was accumulated: during a synchronized backward, maybe send buckets."""
         if bucket.work is not None:
             raise RuntimeError(
                 "Muon: a gradient was accumulated after it was sent to the other ranks; wrap only the "
@@ -247,24 +242,148 @@ class Sharding:
         else:
             self._launch(only_filled=True)
 
+    def _add(self, bucket: GradientBucket) -> None:
+        bucket.index = len(self.buckets)
+        self.buckets.append(bucket)
+        if self.order is not None:  # a group added after the first step goes last, on every rank
+            self.order.append(bucket.index)
+        bucket.refresh()
+        for p in bucket.params:
+            self._hook(p, bucket)
+
+    def _hook(self, p: torch.Tensor, bucket: GradientBucket) -> None:
+        if p.requires_grad and id(p) not in self.hooks:
+            self.hooks[id(p)] = p.register_post_accumulate_grad_hook(
+                partial(_on_gradient, weakref.ref(self), bucket))
+
+    def _broadcast(self, params: list[torch.Tensor]) -> None:
+        by_type: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            by_type.setdefault((p.dtype, p.device), []).append(p)
+        with torch.no_grad():
+            for same in by_type.values():
+                flat = torch.cat([p.reshape(-1) for p in same])
+                dist.broadcast(flat, src=self.source, group=self.group)
+                pieces = flat.split([p.numel() for p in same])
+                torch._foreach_copy_(same, [x.view_as(p) for x, p in zip(pieces, same, strict=True)])
+
+    def _check_covered(self, loss: torch.Tensor, inputs) -> None:
+        leaves = _graph_leaves(loss) if inputs is None else [inputs] if torch.is_tensor(inputs) else inputs
+        for leaf in leaves:
+            if isinstance(leaf, nn.Parameter) and leaf.requires_grad and id(leaf) not in self.shard_of:
+                raise RuntimeError(
+                    f"Muon: a parameter of shape {tuple(leaf.shape)} gets a gradient in this synchronized "
+                    "backward but is in none of the optimizer's param groups, so no rank would average it; "
+                    "add it to a param group (optim.param_groups(model) covers every parameter)")
+
+    def _check_unchanged(self) -> None:
+        for i in (self.order or [])[: self.launched]:
+            p = self.buckets[i].changed()
+            if p is not None:
+                raise RuntimeError(
+                    f"Muon: the gradient of a parameter of shape {tuple(p.shape)} changed after "
+                    "sync_gradients() sent it to the other ranks, so the change would be lost. Clip with "
+                    "optimizer.clip_grad_norm_(), or change gradients after a backward outside "
+                    "sync_gradients() (step() then sends them as they are). A DistributedDataParallel "
+                    "wrapper does this too: Muon averages gradients itself, so do not wrap the model")
+
+    def _receive(self, check: bool = True) -> None:
+        """Agree the launch order (first step), refuse late gradient changes, launch every bucket left."""
+        self._check_open()
+        if self.order is None:
+            self.order = self._agree_order()
+        if check:
+            self._check_unchanged()
+        self._launch(only_filled=False)
+
     def _launch(self, only_filled: bool) -> None:
         while self.launched < len(self.order):
             bucket = self.buckets[self.order[self.launched]]
             if only_filled and not bucket.filled:
                 return
-            bucket.launch()
+            bucket.launch(self.group)
             self.launched += 1
 
     def _agree_order(self) -> list[int]:
         """Rank 0's fill order, then the buckets it never saw filled in index order, on every rank."""
+        if not self.buckets:
+            return []
         seen = self.filled_order + [i for i in range(len(self.buckets)) if i not in self.filled_order]
-        order = torch.tensor(seen, dtype=torch.int64, device=self.device)
-        dist.broadcast(order, src=0)
+        order = torch.tensor(seen, dtype=torch.int64, device=self.buckets[0].params[0].device)
+        dist.broadcast(order, src=self.source, group=self.group)
         return order.tolist()
 
     def _reset(self) -> None:
         for bucket in self.buckets:
             bucket.reset()
-        for stack in self.stacks:
-            stack.chunks_received = 0
         self.launched = 0
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("Muon: this optimizer was closed; build a new one")
+
+
+class _SynchronizedBackward(TorchFunctionMode):
+    """Routes `loss.backward()` inside optimizer.sync_gradients() to DataParallel.synchronized_backward."""
+
+    def __init__(self, data_parallel: DataParallel):
+        super().__init__()
+        self.data_parallel = data_parallel
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.backward:
+            return self.data_parallel.synchronized_backward(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+def _on_gradient(owner: "weakref.ref[DataParallel]", bucket: GradientBucket, p: torch.Tensor) -> None:
+    data_parallel = owner()
+    if data_parallel is not None:
+        data_parallel.gradient_ready(bucket, p)
+
+
+def _remove_all(hooks: dict) -> None:
+    for handle in hooks.values():
+        handle.remove()
+    hooks.clear()
+
+
+def _graph_leaves(loss: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The leaf tensors a backward from `loss` accumulates gradients into (its AccumulateGrad nodes)."""
+    if loss.grad_fn is None:
+        yield loss
+        return
+    seen, stack = {loss.grad_fn}, [loss.grad_fn]
+    while stack:
+        for node, _ in stack.pop().next_functions:
+            if node is not None and node not in seen:
+                seen.add(node)
+                stack.append(node)
+                if hasattr(node, "variable"):
+                    yield node.variable
+
+
+def same_shape(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Stacks of one shape, dtype and device, in first-seen order."""
+    stacks: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        stacks.setdefault((p.shape, p.dtype, p.device), []).append(p)
+    return list(stacks.values())
+
+
+def _flat_buckets(params: list[torch.Tensor], by_rows: bool) -> Iterator[tuple[list[torch.Tensor], int]]:
+    """(parameters, unit) per dtype, device and unit, packed in order up to BUCKET_ELEMENTS each."""
+    same: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        unit = p.shape[-1] if by_rows else 1
+        same.setdefault((p.dtype, p.device, unit), []).append(p)
+    for (_, _, unit), members in same.items():
+        bucket, size = [], 0
+        for p in members:
+            if bucket and size + p.numel() > BUCKET_ELEMENTS:
+                yield bucket, unit
+                bucket, size = [], 0
+            bucket.append(p)
+            size += p.numel()
+        yield bucket, unit

@@ -1,5 +1,5 @@
 """Duality maps: a gradient G is a dual vector; dualize(G) = argmax_{‖T‖=1} ⟨G, T⟩ is the unit
-update it asks for under the layer's norm (Bernstein & Newhouse 2025, REFERENCE §1).
+update it asks for under the layer's norm (Bernstein & Newhouse 2025; docs/MATH.md).
 
 Each map satisfies ‖dualize(G)‖ = 1 and ⟨G, dualize(G)⟩ = ‖G‖†. Shapes are PyTorch layouts:
 a Linear weight is (d_out, d_in), an Embedding (vocab, dim), a Conv2d (d_out, d_in, k, k).
@@ -36,11 +36,13 @@ def dualize_embed(G: torch.Tensor) -> torch.Tensor:
     """Embed, ℓ1→RMS operator norm ‖W‖ = max over tokens of the token row's RMS.
 
     G (..., vocab, dim): each row g ↦ √dim·g/‖g‖₂ (unit RMS);  dual norm Σ_rows √dim·‖g‖₂.
-    Rows of tokens absent from the batch are zero and stay exactly zero.
+    Rows of tokens absent from the batch are zero and stay exactly zero. Computed in at least
+    float32 (an fp16 row norm below ~2.4e-4 underflows), returned in G's dtype.
     """
-    norm = torch.linalg.vector_norm(G, dim=-1, keepdim=True)
+    precise = torch.promote_types(G.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(G, dim=-1, keepdim=True, dtype=precise)
     # where() rather than dividing by a clamped norm: a zero row must give 0, never 0/0.
-    return G * torch.where(norm > 0, math.sqrt(G.shape[-1]) / norm, 0.0)
+    return (G * torch.where(norm > 0, math.sqrt(G.shape[-1]) / norm, 0.0)).to(G.dtype)
 
 
 def dualize_conv2d(
@@ -69,13 +71,3 @@ def dualize_sign(G: torch.Tensor) -> torch.Tensor:
     give 0 (the argmax is then not unique and 0 is the smallest choice).
     """
     return torch.sign(G) / G.shape[-1]
-
-
-def dualize_bias(g: torch.Tensor) -> torch.Tensor:
-    """Bias (an Embed with one input), RMS norm: g (d,) ↦ √d·g/‖g‖₂; dual norm √d·‖g‖₂. Our extension."""
-    return dualize_embed(g)
-
-
-def dualize_gain(g: torch.Tensor) -> torch.Tensor:
-    """Gain (a diagonal weight) under RMS→RMS, i.e. ‖g‖_∞: g ↦ sign(g); dual norm ‖g‖₁. Our extension."""
-    return torch.sign(g)

@@ -1,77 +1,95 @@
-"""Route a model's parameters to Muon's kinds by the layer each belongs to."""
+"""Route a model's parameters to Muon param groups by the role each plays in the model."""
 
 from collections.abc import Iterable
 
 from torch import nn
 
-from .muon import KINDS
+from .kinds import KINDS
 
-_HEAD_KINDS = {"adam": "adam", "linear": "head_linear", "sign": "head_sign"}
-_EMBED_KINDS = {"dual": "embed", "adam": "adam"}
+# A parameter's role, and the kinds each role may take (the first is the default for that role).
+ROLES = {
+    "hidden": ("hidden",),  # nn.Linear weights, but the head's
+    "conv": ("conv",),  # nn.Conv2d weights
+    "embed": ("embed", "adam"),  # nn.Embedding weights: token and value embeddings
+    "head": ("adam", "head_linear", "head_sign"),  # the weight of a module named in head_names
+    "scalar": ("adam",),  # biases, gains, scalars, and any parameter no rule above claims
+}
 
 
 def param_groups(
     model: nn.Module,
     *,
-    embed: str = "dual",
+    embed: str = "embed",
     head: str = "adam",
+    lrs: dict[str, float] | None = None,
     head_names: Iterable[str] = ("lm_head",),
     overrides: dict[str, str] | None = None,
-    lrs: dict[str, float] | None = None,
 ) -> list[dict]:
-    """Muon param groups for any model, one per kind present, in the order of KINDS.
+    """Muon param groups, one per role present, in the order of ROLES, each with its kind and lr.
 
-    By layer (subclasses count as their base class):
-      - the weight of a module named in head_names (its full name, or its last component) → the
-        head map: head="adam" (practice: Muon, the speedrun), "linear" (the paper: a Linear) or
-        "sign" (Scion);
-      - nn.Embedding weights → "embed" (embed="dual") or "adam" (embed="adam");
-      - nn.Conv2d weights → "conv";  other nn.Linear weights → "hidden";
-      - everything else (biases, norm gains, scalars, parameters held directly by a module) → "adam".
-    overrides maps a parameter name (as in named_parameters) to its kind and wins over the rules,
-    e.g. for matrices a model keeps as bare nn.Parameters. lrs maps a kind to its group's lr;
-    kinds not in lrs use Muon's lr. Parameters are passed as (name, tensor) pairs, so the
-    optimizer's state_dict records their names.
+    Roles, by layer (subclasses count as their base class): "hidden" (nn.Linear weights), "conv"
+    (nn.Conv2d weights), "embed" (nn.Embedding weights), "head" (the weight of a module named in
+    head_names: its full name or its last component), "scalar" (biases, norm gains, scalars,
+    parameters a module holds directly). Kinds: hidden → "hidden", conv → "conv", scalar → "adam";
+    embed → `embed`: "embed" (the embedding duality map) or "adam"; head → `head`: "adam" (Muon,
+    the speedrun), "head_linear" (the paper: a Linear) or "head_sign" (Scion).
+
+    lrs maps a role to its group's lr; roles not in lrs use Muon's lr. overrides maps a parameter
+    name (as in named_parameters) to its role and wins over the rules, e.g. for matrices a model
+    keeps as bare nn.Parameters. Each group carries "role" and "kind"; parameters are passed as
+    (name, tensor) pairs, so the optimizer's state_dict records their names. The speedrun's grouping:
+
+        param_groups(model, embed="adam", head="adam",
+                     lrs=dict(hidden=0.05, embed=0.6, head=0.22, scalar=0.04))
     """
-    if embed not in _EMBED_KINDS:
-        raise ValueError(f"param_groups: embed={embed!r}; use one of {tuple(_EMBED_KINDS)}")
-    if head not in _HEAD_KINDS:
-        raise ValueError(f"param_groups: head={head!r}; use one of {tuple(_HEAD_KINDS)}")
+    _check_choice("embed", embed, ROLES["embed"])
+    _check_choice("head", head, ROLES["head"])
     overrides, lrs = overrides or {}, lrs or {}
     named = dict(model.named_parameters())
     _check_known(overrides, named, "overrides: no parameter named", "see model.named_parameters()")
-    _check_known(overrides.values(), KINDS, "overrides: unknown kind", f"use one of {KINDS}")
-    _check_known(lrs, KINDS, "lrs: unknown kind", f"use one of {KINDS}")
+    _check_known(overrides.values(), ROLES, "overrides: unknown role", f"use one of {tuple(ROLES)}")
+    _check_known(lrs, ROLES, "lrs: unknown role", f"use one of {tuple(ROLES)}")
 
-    kinds = {}
+    roles = {}
     for module_name, module in model.named_modules():
         is_head = any(module_name == h or module_name.endswith("." + h) for h in head_names)
         for param_name, _ in module.named_parameters(recurse=False):
             name = f"{module_name}.{param_name}" if module_name else param_name
-            kind = _kind(module, param_name, is_head, _HEAD_KINDS[head], _EMBED_KINDS[embed])
-            kinds.setdefault(name, kind)  # a shared parameter keeps its first name, as named_parameters does
-    kinds.update(overrides)
+            # A shared parameter keeps its first name, as named_parameters does.
+            roles.setdefault(name, _role(module, param_name, is_head))
+    roles.update(overrides)
 
+    kinds = {"hidden": "hidden", "conv": "conv", "embed": embed, "head": head, "scalar": "adam"}
     groups = []
-    for kind in KINDS:
-        params = [(name, p) for name, p in named.items() if kinds[name] == kind]
+    for role, kind in kinds.items():
+        params = [(name, p) for name, p in named.items() if roles[name] == role]
+        for name, p in params:
+            if not KINDS[kind].accepts(p):
+                raise ValueError(f"param_groups: {name} of shape {tuple(p.shape)} can't have role {role!r} "
+                                 f"(kind {kind!r} needs {KINDS[kind].dims()} dims); see overrides")
         if params:
-            groups.append({"params": params, "kind": kind} | ({"lr": lrs[kind]} if kind in lrs else {}))
+            lr = {"lr": lrs[role]} if role in lrs else {}
+            groups.append({"params": params, "role": role, "kind": kind} | lr)
     return groups
 
 
-def _kind(module: nn.Module, param_name: str, is_head: bool, head_kind: str, embed_kind: str) -> str:
+def _role(module: nn.Module, param_name: str, is_head: bool) -> str:
     if param_name != "weight":
-        return "adam"
+        return "scalar"
     if is_head:
-        return head_kind
+        return "head"
     if isinstance(module, nn.Embedding):
-        return embed_kind
+        return "embed"
     if isinstance(module, nn.Conv2d):
         return "conv"
     if isinstance(module, nn.Linear):
         return "hidden"
-    return "adam"
+    return "scalar"
+
+
+def _check_choice(role: str, kind: str, allowed: tuple[str, ...]) -> None:
+    if kind not in allowed:
+        raise ValueError(f"param_groups: {role}={kind!r}; use one of {allowed}")
 
 
 def _check_known(given: Iterable[str], known: Iterable[str], problem: str, hint: str) -> None:

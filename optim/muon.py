@@ -1,49 +1,36 @@
-"""Muon: momentum, then the duality map of each parameter's layer kind (REFERENCE §1, §3)."""
+"""Muon: momentum, then the duality map of each parameter's layer kind (docs/MATH.md)."""
 
 import contextlib
-import math
 
 import torch
-from torch.optim.adamw import adamw
 
-from .distributed import Sharding
-from .duality import dualize_conv2d, dualize_embed, dualize_linear, dualize_sign
-from .newton_schulz import orthogonalize, resolve_coefficients
-
-KINDS = ("hidden", "conv", "embed", "head_linear", "head_sign", "adam")
-
-# Scale of a hidden (d_out, d_in) matrix's U Vᵀ. The rules are not interchangeable: each has its
-# own good learning rate.
-LR_SCALES = {
-    "spectral": lambda d_out, d_in: math.sqrt(d_out / d_in),  # the paper: RMS→RMS duality map
-    "muon": lambda d_out, d_in: math.sqrt(max(1.0, d_out / d_in)),  # Muon, speedrun, torch "original"
-    "rms": lambda d_out, d_in: 0.2 * math.sqrt(max(d_out, d_in)),  # Moonlight: AdamW's update RMS
-}
-
-# Dimensions each kind's map needs; hidden also takes stacks of matrices (..., d_out, d_in).
-_NDIM = {"conv": 4, "embed": 2, "head_linear": 2, "head_sign": 2}
+from .distributed import WORLD, DataParallel, is_dtensor, resolve_process_group
+from .kinds import KINDS, LR_SCALES, MATRIX
+from .newton_schulz import resolve_coefficients
+from .state import check_muon_state_dict, muon_state_layout
+from .update import clip_coefficient, kind_update
 
 
 class Muon(torch.optim.Optimizer):
     """Steepest descent under each layer's own norm: momentum, then the duality map of its kind.
 
-    Each param group has a `kind`; with g the gradient and m(·) the momentum below, the update u
-    (applied as p ← p·(1 − lr·wd) − lr·u) is:
+    Each param group has a `kind` (optim.KINDS); with g the gradient and m(·) the momentum below,
+    the update u (applied as p ← p·(1 − lr·wd) − lr·u) is:
 
         hidden       orthogonalize(m(g)) · lr_scale(d_out, d_in)
         conv         dualize_conv2d(m(g))
         embed        m(dualize_embed(g))
         head_linear  dualize_linear(m(g))
         head_sign    dualize_sign(m(g))
-        adam         torch's AdamW step (betas, eps, decoupled weight decay)
+        adam         torch.optim.AdamW's step (betas, eps, decoupled weight decay)
 
     `params` takes tensors or param-group dicts. A group without a kind is split by
     torch.optim.Muon's rule: 2-D tensors are "hidden", everything else "adam";
-    `optim.param_groups(model)` routes by layer kind instead. Every constructor argument is also a
-    group key that a group may override: lr, momentum, nesterov, weight_decay, cautious_wd,
-    ns_steps, ns_coefficients, ns_dtype, lr_scale, and Adam's betas and eps (adam_betas, adam_eps
-    here). lr and momentum are read at every step, so a training loop schedules them (e.g. momentum
-    warm-up 0.85 → 0.95) by writing group["lr"] and group["momentum"].
+    `optim.param_groups(model)` routes by each parameter's role instead. Every constructor argument
+    but process_group is also a group key that a group may override: lr, momentum, nesterov,
+    weight_decay, cautious_wd, ns_steps, ns_coefficients, ns_dtype, lr_scale, and Adam's betas and
+    eps (adam_betas, adam_eps here). lr and momentum are read at every step, so a training loop
+    schedules them (e.g. momentum warm-up 0.85 → 0.95) by writing group["lr"] and group["momentum"].
 
     - Momentum m(g), EMA form: buf ← lerp(buf, g, 1−μ); Nesterov u = lerp(g, buf, μ), else u = buf.
     - lr_scale (hidden only): "spectral" √(d_out/d_in), the paper's map, making hidden exactly
@@ -56,24 +43,38 @@ class Muon(torch.optim.Optimizer):
     - Weight decay is decoupled and uses the group lr, not lr·lr_scale (as torch.optim.Muon);
       cautious_wd=True decays only coordinates where u·p ≥ 0, i.e. where the step already pulls p
       towards 0.
-    - Newton–Schulz runs in ns_dtype (None: bf16 on CUDA, float32 on CPU). Within a group, matrices
-      of one shape are stacked into one batched call: that stack is the unit a distributed step
-      shards across ranks.
+    - Newton–Schulz runs in ns_dtype (None: optim.default_dtype, bf16 on CUDA and on CPUs with
+      bf16 dot products, float32 elsewhere), compiled on CUDA. Within a group, matrices of one shape
+      are stacked into one batched call: that stack is the unit a distributed step shards.
+    - State is kept in float32 (float64 for float64 parameters) whatever the parameter's dtype, so
+      a bf16 embedding's Adam moments are float32 and its update is rounded once, as stored.
 
-    - Adam groups run torch's fused kernel when all their parameters are on CUDA as the group is
-      added (torch.optim.Adam's convention, kept in group["fused"]), its foreach kernel otherwise.
+    State per parameter: "momentum_buffer", or for adam "step" (a 0-dim float32 tensor on the
+    parameter's device), "exp_avg", "exp_avg_sq". state_dict() adds "distribution" (this rank, the
+    world size); load_state_dict() refuses, at load, a state dict that is not this optimizer's kind
+    of state, or another rank's or world size's.
 
-    State per parameter: "momentum_buffer", or for adam torch.optim.Adam's "step", "exp_avg",
-    "exp_avg_sq"; state_dict()/load_state_dict() are torch's.
+    Distributed (optim/distributed.py): process_group="world" (the default) means torch.distributed's
+    default group when one is initialized, and one process otherwise, refusing to build under
+    torchrun (WORLD_SIZE > 1) before init_process_group; None steps each process alone; or pass a
+    ProcessGroup. With more than one rank, the optimizer creates its own process group once, at
+    construction, broadcasts every parameter from the group's first rank (as DDP does), and then owns
+    gradient averaging (no DDP wrapper): gradients are reduce-scattered, each rank steps its share
+    (whole matrices for the Newton–Schulz kinds, 1/W of the elements or rows for the others, with
+    that share's state only: ZeRO-1), and updated parameters are all-gathered. Each step equals the
+    one-process step on the gradient averaged over ranks. p.grad keeps this rank's own gradient.
+    Wrap the last micro-step's backward in `sync_gradients()` so communication overlaps it; clip
+    with `clip_grad_norm_`, drop a step with `discard_gradients`, release hooks and the group with
+    `close` (or by dropping the optimizer).
 
-    Distributed: when torch.distributed's default process group has more than one rank as the
-    optimizer is built, the optimizer owns gradient synchronization (no DDP wrapper; see
-    optim/distributed.py). Hidden and conv matrices are sharded: each rank receives the averaged
-    gradients of its share of every stack by reduce-scatter, runs momentum and Newton–Schulz on that
-    share only (so holds momentum buffers only for it), and all-gathers the updated matrices; the other
-    kinds are all-reduced and stepped on every rank. Each step equals the one-process step on the
-    gradient averaged over ranks. p.grad keeps this rank's own gradient. Wrap the last micro-step's
-    backward in `sync_gradients()` so communication overlaps it; with one process that is a no-op.
+    FSDP2 (optim/fsdp.py): on a model sharded with torch.distributed.fsdp.fully_shard, whose
+    parameters are DTensors split by rows over a 1-D device mesh, build it the same way
+    (`Muon(param_groups(model))`, process_group left "world"). fully_shard averages the gradients;
+    each rank steps its rows; a matrix kind's momentum stays sharded and each whole matrix is
+    mapped on one rank (round-robin) and returned as rows. Nothing is broadcast: start every rank
+    from the same seed or a checkpoint. state_dict() is then DTensors, for torch.distributed.checkpoint
+    on any number of ranks. sync_gradients() does nothing: fully_shard's backward communicates
+    (model.set_requires_gradient_sync(False) on early micro-steps trades memory for communication).
     """
 
     def __init__(
@@ -90,9 +91,11 @@ class Muon(torch.optim.Optimizer):
         lr_scale: str = "spectral",
         adam_betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
+        process_group=WORLD,
     ):
-        # Before the groups are added: add_param_group gives each group its buckets and hooks.
-        self._sharding = Sharding.for_default_group()
+        # Chosen at the first param group, whose tensors say how (DTensors: FSDP); add_param_group then
+        # gives each group its shards, buckets and hooks.
+        self._process_group, self._distribution = process_group, None
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -116,32 +119,32 @@ class Muon(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         _check_group(group)
-        if group["kind"] == "adam":
-            # torch.optim.Adam's convention: fused keeps state["step"] on the device, and
-            # load_state_dict reads this flag to put it back there.
-            group.setdefault("fused", all(p.is_cuda for p in group["params"]))
-        if self._sharding is not None:
-            params = group["params"]
-            stacks = [[params[i] for i in same] for same in _by_shape(params)]
-            self._sharding.add_group(len(self.param_groups) - 1, group, stacks)
+        _check_sharding(group, sharded=any(is_dtensor(p) for p in self.param_groups[0]["params"]))
+        if len(self.param_groups) == 1:
+            self._distribution = _make_distribution(group["params"], self._process_group)
+        if self._distribution is not None:  # collective: every rank adds the same groups in order
+            self._distribution.add_group(len(self.param_groups) - 1, group)
 
     def sync_gradients(self, enabled: bool = True) -> contextlib.AbstractContextManager:
         """Context for the backward of the last micro-step before step(), when `enabled`.
 
-        Inside it, distributed, each bucket of gradients is sent to the other ranks as soon as its
-        gradients are accumulated, overlapping the rest of backward; outside it (earlier micro-steps)
-        gradients only accumulate. Misuse fails loudly: a backward that adds to gradients already sent
-        raises RuntimeError. Without it, step() sends everything itself (correct, just not overlapped).
-        With one process it does nothing.
+        Inside it, distributed, `loss.backward()` first checks that every nn.Parameter it reaches is
+        in this optimizer, then sends each bucket of gradients to the other ranks as soon as its
+        gradients are accumulated, overlapping the rest of backward; outside it (earlier
+        micro-steps) gradients only accumulate. Misuse fails loudly: a backward that adds to
+        gradients already sent, or a p.grad changed after it was sent (e.g. by a DDP wrapper or
+        torch.nn.utils.clip_grad_norm_; use this optimizer's clip_grad_norm_), raises RuntimeError.
+        Without it, step() sends every gradient as it then is (correct, just not overlapped). With
+        one process it does nothing.
 
             for micro_step in range(grad_accum):
                 with optimizer.sync_gradients(enabled=micro_step == grad_accum - 1):
                     loss.backward()
             optimizer.step()
         """
-        if self._sharding is None or not enabled:
+        if self._distribution is None or not enabled:
             return contextlib.nullcontext()
-        return self._sharding.sync_backward()
+        return self._distribution.sync_backward()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -149,106 +152,121 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._sharding is not None:
-            self._sharding.step(self.param_groups, self._update)
+        if self._distribution is not None:
+            self._distribution.step(self.param_groups, self._update)
             return loss
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            self._update(group, params, [p.grad for p in params])
+            for params in _batches(group, [p for p in group["params"] if p.grad is not None]):
+                self._update(group, params, params, [p.grad for p in params], None)
         return loss
 
-    def _update(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """Step `params` by their group's kind, given their gradients (averaged over ranks, if any)."""
-        if not params:
-            return
-        if group["kind"] == "adam":
-            self._adam(group, params, grads)
-            return
-        for same in _by_shape(params):
-            same_params, same_grads = [params[i] for i in same], [grads[i] for i in same]
-            self._apply(group, same_params, self._dual_updates(group, same_params, same_grads))
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Scale the gradients step() will use by min(1, max_norm/(‖g‖₂ + 1e-6)); returns ‖g‖₂.
 
-    def _dual_updates(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]):
-        """The updates u of same-shape parameters, with one batched map for the matrix kinds."""
-        kind = group["kind"]
-        if kind == "embed":
-            grads = [dualize_embed(g) for g in grads]  # before momentum: see the class docstring
-        updates = self._momentum(group, params, grads)
-        if kind == "embed":
-            return updates
-        if kind == "head_sign":
-            return [dualize_sign(u) for u in updates]
-        return list(_dualize_stack(group, torch.stack(updates)).unbind(0))
+        g is every gradient of this optimizer's parameters, averaged over ranks: the result equals
+        torch.nn.utils.clip_grad_norm_ on the averaged gradients in one process. The norm is taken
+        in float32 and stays on the device (no host sync). Distributed, it first completes the
+        gradient collectives and scales this rank's averaged share; p.grad is left as it is.
+        Call it after backward and before step().
+        """
+        if self._distribution is not None:
+            return self._distribution.clip_grad_norm_(max_norm)
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return torch.zeros(())
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        torch._foreach_mul_(grads, clip_coefficient(total, max_norm))
+        return total
 
-    def _momentum(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]):
-        bufs = []
-        for p in params:
-            state = self.state[p]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(state["momentum_buffer"])
-        mu = group["momentum"]
-        torch._foreach_lerp_(bufs, grads, 1 - mu)
-        return torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+    def discard_gradients(self) -> None:
+        """Drop this step's gradients without an update, e.g. after a non-finite loss; call on every rank.
 
-    def _apply(self, group: dict, params: list[torch.Tensor], updates: list[torch.Tensor]) -> None:
-        lr, wd = group["lr"], group["weight_decay"]
-        if wd and group["cautious_wd"]:
-            for p, u in zip(params, updates, strict=True):
-                p.sub_(p * (u * p >= 0), alpha=lr * wd)
-        elif wd:
-            torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_add_(params, updates, alpha=-lr)
+        Distributed, it first completes the gradient collectives a synchronized backward started (the
+        ranks must stay in step), then forgets them. Gradients are set to None.
+        """
+        if self._distribution is not None:
+            self._distribution.discard()
+        self.zero_grad(set_to_none=True)
 
-    def _adam(self, group: dict, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        """torch's AdamW math and state layout: foreach on CPU, fused on CUDA."""
-        fused = group["fused"]
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        states = [self.state[p] for p in params]
-        beta1, beta2 = group["betas"]
-        adamw(
-            params,
-            grads,
-            [s["exp_avg"] for s in states],
-            [s["exp_avg_sq"] for s in states],
-            [],
-            [s["step"] for s in states],
-            foreach=not fused,
-            fused=fused,
-            amsgrad=False,
-            beta1=beta1,
-            beta2=beta2,
-            lr=group["lr"],
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            maximize=False,
-        )
+    def close(self) -> None:
+        """Remove the gradient hooks and destroy the optimizer's process group; it cannot step after."""
+        if self._distribution is not None:
+            self._distribution.close()
 
+    def state_dict(self) -> dict:
+        """torch's state dict plus "distribution" (self._stamp()). On fully_shard parameters it holds
+        every parameter's state, zeros where none was made yet, as DTensors sharded like the parameter,
+        which torch.distributed.checkpoint saves and loads on any number of ranks."""
+        state = super().state_dict()
+        state["distribution"] = self._stamp()
+        return state if self._distribution is None else self._distribution.saved(state, self.param_groups)
 
-def _dualize_stack(group: dict, U: torch.Tensor) -> torch.Tensor:
-    """The matrix kinds' maps on a stack U (B, ...) of same-shape momentum updates."""
-    newton_schulz = dict(
-        steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=group["ns_dtype"]
-    )
-    if group["kind"] == "conv":
-        return dualize_conv2d(U, **newton_schulz)
-    if group["kind"] == "head_linear":
-        return dualize_linear(U, **newton_schulz)
-    d_out, d_in = U.shape[-2:]
-    return orthogonalize(U, **newton_schulz).mul_(LR_SCALES[group["lr_scale"]](d_out, d_in))
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, after checking that the state is this optimizer's and this rank's (else ValueError).
+
+        Unlike torch's, state keeps its own dtype (float32 moments stay float32 for bf16 parameters).
+        """
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
+        if self._distribution is not None:
+            state_dict = self._distribution.loaded(state_dict, self.param_groups)
+        check_muon_state_dict(self, state_dict, self._stamp())
+        saved_groups = state_dict["param_groups"]
+        params = {i: p for saved, group in zip(saved_groups, self.param_groups, strict=True)
+                  for i, p in zip(saved["params"], group["params"], strict=True)}
+        state = {params[i]: {k: v.to(device=params[i].device, copy=True) for k, v in entry.items()}
+                 for i, entry in state_dict["state"].items()}
+        groups = [{**group, **{k: v for k, v in saved.items() if k != "params"}}
+                  for saved, group in zip(saved_groups, self.param_groups, strict=True)]
+        self.state.clear()
+        self.state.update(state)
+        for group, new in zip(self.param_groups, groups, strict=True):
+            group.clear()
+            group.update(new)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _state_layout(self, p: torch.Tensor, kind: str) -> dict[str, tuple[tuple, torch.dtype]] | None:
+        """The state this rank keeps for p: key → (shape, dtype), or None if it keeps none."""
+        shape = tuple(p.shape) if self._distribution is None else self._distribution.state_shape(p)
+        return None if shape is None else muon_state_layout(p, kind, shape)
+
+    def _stamp(self) -> dict:
+        return {"rank": 0, "world_size": 1} if self._distribution is None else self._distribution.stamp()
+
+    def _update(self, group: dict, keys: list, tensors: list, grads: list, flags, dualize=None) -> None:
+        """Step `tensors` (params or this rank's slices of `keys`) given their averaged gradients;
+        `dualize` stands in for a matrix kind's stacked map (optim/update.py kind_update)."""
+        if tensors:
+            states = [self.state[k] for k in keys]
+            kind_update(KINDS[group["kind"]], group, states, tensors, grads, flags, dualize)
 
 
-def _by_shape(params: list[torch.Tensor]) -> list[list[int]]:
-    """Indices of the same shape, dtype and device, in first-seen order: each list becomes one stack."""
-    groups: dict[tuple, list[int]] = {}
-    for i, p in enumerate(params):
-        groups.setdefault((p.shape, p.dtype, p.device), []).append(i)
-    return list(groups.values())
+def _make_distribution(params: list[torch.Tensor], process_group):
+    """How Muon spreads its step, from its first param group's tensors (all DTensors or all plain):
+    FullyShardedParallel (optim/fsdp.py) for DTensors, else DataParallel over
+    resolve_process_group(process_group), or None for one process."""
+    if not any(is_dtensor(p) for p in params):
+        group = resolve_process_group(process_group)
+        return None if group is None else DataParallel(group)
+    if process_group != WORLD:
+        raise ValueError(f"Muon: process_group={process_group!r} with DTensor (fully_shard) parameters; "
+                         f"leave it {WORLD!r}: the parameters' device mesh names the ranks")
+    from .fsdp import FullyShardedParallel  # torch.distributed.tensor: imported only where it is in use
+
+    return FullyShardedParallel(params[0].device_mesh)  # the group has DTensors only
+
+
+def _batches(group: dict, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """One update call per device; matrix kinds also split by shape and dtype: each list is one stack."""
+    matrix = KINDS[group["kind"]].shard == MATRIX
+    batches: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        key = (p.device, p.shape, p.dtype) if matrix else (p.device,)
+        batches.setdefault(key, []).append(p)
+    return list(batches.values())
 
 
 def _default_kinds(params) -> dict[str, list]:
@@ -261,17 +279,25 @@ def _default_kinds(params) -> dict[str, list]:
     return {kind: ps for kind, ps in split.items() if ps}
 
 
+def _check_sharding(group: dict, sharded: bool) -> None:
+    """All DTensors (fully_shard) or all plain tensors: one distribution steps them all."""
+    for p in group["params"]:
+        if is_dtensor(p) != sharded:
+            which = "a plain tensor among DTensors (fully_shard)" if sharded else "a DTensor among plain ones"
+            raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} is {which}; fully_shard the root "
+                             "module too, so that every parameter is sharded, or none is")
+
+
 def _check_group(group: dict) -> None:
-    kind = group["kind"]
-    if kind not in KINDS:
-        raise ValueError(f"Muon: unknown param-group kind {kind!r}; use one of {KINDS}")
+    if group["kind"] not in KINDS:
+        raise ValueError(f"Muon: unknown param-group kind {group['kind']!r}; use one of {tuple(KINDS)}")
+    kind = KINDS[group["kind"]]
     if group["lr_scale"] not in LR_SCALES:
         raise ValueError(f"Muon: unknown lr_scale {group['lr_scale']!r}; use one of {tuple(LR_SCALES)}")
     resolve_coefficients(group["ns_coefficients"])  # a bad name fails here, not at the first step
     for p in group["params"]:
-        ndim_ok = p.ndim >= 2 if kind == "hidden" else p.ndim == _NDIM.get(kind, p.ndim)
-        if not ndim_ok:
+        if not kind.accepts(p):
             raise ValueError(
-                f"Muon: a parameter of shape {tuple(p.shape)} can't be kind {kind!r} "
-                f"(it needs {_NDIM.get(kind, '2 or more')} dims); give it another kind in its param group"
+                f"Muon: a parameter of shape {tuple(p.shape)} can't be kind {kind.name!r} "
+                f"(it needs {kind.dims()} dims); give it another kind in its param group"
             )

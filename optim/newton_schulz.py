@@ -4,11 +4,12 @@ Each step applies an odd polynomial p(x) = a·x + b·x³ + c·x⁵ to every sing
 with A = X Xᵀ, X ← a·X + (b·A + c·A²)·X. Starting from X₀ = G/(s·‖G‖_F + ε), whose singular values
 lie in [0, 1] because the Frobenius norm bounds the spectral norm, a well-chosen sequence of
 polynomials pushes every nonzero singular value towards 1 while U and V stay put. Only matmuls
-are needed, so it runs in bf16 on a GPU (REFERENCE §2).
+are needed, so it runs in bf16 on a GPU (docs/MATH.md).
 """
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,32 +89,76 @@ def resolve_coefficients(coefficients: "str | Coefficients | Sequence") -> Coeff
     return Coefficients(tuple(tuple(float(x) for x in t) for t in triples))
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """Newton–Schulz precision when none is given: bf16 where matmuls are fast in bf16, else float32.
+
+    bf16 on CUDA, and on a CPU with bf16 dot-product instructions (AVX512-BF16, which every CPU with
+    AMX-BF16 also has), detected once: there a bf16 matmul runs ~2-3x faster than float32 (measured
+    in docs/BENCHMARKS.md). float32 on every other CPU, where bf16 matmuls are emulated and ~100x
+    slower, and on other devices.
+    """
+    if device.type == "cuda":
+        return torch.bfloat16
+    if device.type == "cpu" and CPU_HAS_BF16_DOT_PRODUCT:
+        return torch.bfloat16
+    return torch.float32
+
+
+# Detected once, at import: a constant that code under torch.compile can read (the probe cannot be traced).
+CPU_HAS_BF16_DOT_PRODUCT = bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
 def orthogonalize(
     G: torch.Tensor,
     steps: int = 5,
     coefficients: "str | Coefficients | Sequence" = "muon",
     dtype: torch.dtype | None = None,
+    compile: "bool | str | Callable | None" = None,
 ) -> torch.Tensor:
     """≈ U Vᵀ for each matrix of G (..., m, n) = U Σ Vᵀ, by `steps` Newton–Schulz iterations.
 
     Works on the smaller Gram matrix (m×m with m ≤ n; tall inputs are transposed), so one step
-    costs 4m²n + 2m³ FLOPs. Normalization is per matrix over the last two dims. `dtype` is the
-    iteration's precision (default bf16 on CUDA, float32 elsewhere); the result has G's dtype.
-    G = 0 gives 0. No Python branch depends on tensor values, so it compiles with fullgraph=True.
+    costs 4m²n + 2m³ FLOPs. Normalization is per matrix over the last two dims, its norm taken in
+    at least float32 (an fp16 norm overflows past 65504 and underflows below ~2.4e-4). `dtype` is
+    the iteration's precision (default: `default_dtype(G.device)`); the result has G's dtype.
+    G = 0 gives 0.
+
+    `compile`: None compiles on CUDA only, True compiles anywhere, False never, a torch.compile
+    backend (name or callable) compiles with it. Compiled means torch.compile(fullgraph=True,
+    dynamic=False), built lazily at the first call: one graph per stack shape, dtype and schedule,
+    none of them broken (no Python branch depends on tensor values); torch's recompile limit (8 by
+    default) bounds how many a process compiles. Called from code torch.compile is tracing, it adds
+    its iteration to that graph instead.
     """
     schedule = resolve_coefficients(coefficients)
-    if dtype is None:
-        dtype = torch.bfloat16 if G.is_cuda else torch.float32
+    triples = tuple(schedule.triples[min(step, len(schedule.triples) - 1)] for step in range(steps))
+    iterate = _newton_schulz
+    backend = ("inductor" if G.is_cuda else None) if compile is None else compile
+    if backend is True:
+        backend = "inductor"
+    if backend and not torch.compiler.is_compiling():  # inside a traced caller the caller's graph has it
+        iterate = _compiled_newton_schulz(backend)
+    return iterate(G, triples, schedule.scale, schedule.eps, dtype or default_dtype(G.device))
+
+
+@functools.cache
+def _compiled_newton_schulz(backend: "str | Callable") -> Callable:
+    return torch.compile(_newton_schulz, backend=backend, fullgraph=True, dynamic=False)
+
+
+def _newton_schulz(G: torch.Tensor, triples: tuple[Triple, ...], scale: float, eps: float,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """X₀ = G/(scale·‖G‖_F + eps) per matrix, then X ← a·X + (b·A + c·A²)·X with A = X Xᵀ per triple."""
     m, n = G.shape[-2:]
     X = G.reshape(-1, m, n)
     if m > n:
         X = X.mT
-    # Normalize in G's own precision, before the cast: the norm sums m·n squares and would lose
-    # more in bf16 than the matmuls do.
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
-    X = (X / (norm * schedule.scale + schedule.eps)).to(dtype)
-    for step in range(steps):
-        a, b, c = schedule.triples[min(step, len(schedule.triples) - 1)]
+    # The norm sums m·n squares: in float32 at least, so fp16 neither overflows nor underflows
+    # and bf16 loses no more than the matmuls do.
+    precise = torch.promote_types(G.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=precise)
+    X = (X.to(precise) / (norm * scale + eps)).to(dtype)
+    for a, b, c in triples:
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b·A + c·A²
         X = torch.baddbmm(X, B, X, beta=a)  # a·X + B·X

@@ -97,6 +97,16 @@ def test_command_reports_accuracy_of_the_first_n_examples(tiny_checkpoint, tmp_p
                                        f"acc_norm {expected['acc_norm']:.4f}\n")
 
 
+def test_garbage_checkpoint_is_a_one_line_error(tmp_path):
+    step = tmp_path / "step_000001"
+    step.mkdir()
+    (step / "shared.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as error:
+        hellaswag.main([str(step), "--device", "cpu"])
+    message = str(error.value)
+    assert message.startswith(f"error: {step / 'shared.pt'}: cannot be read (") and "\n" not in message
+
+
 def test_malformed_line_is_named(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"ctx": "a", "endings": ["b"] * 4, "label": 0}) + "\n{\"ctx\": 1}\n")

@@ -10,7 +10,7 @@ import torch
 from data import loader as loader_module
 from data.loader import TokenLoader, validation_batches
 from data.shards import ShardError, write_shard
-from data.tokenizer import EOT
+from data.tokenizer import EOT, VOCAB_SIZE
 
 E = EOT
 
@@ -162,6 +162,76 @@ def test_aligned_restored_position_replays_the_same_batches(tmp_path):
     resumed.load_state_dict(first.state_dict())
     for _ in range(6):
         assert torch.equal(first.next_batch()[0], resumed.next_batch()[0])
+
+
+def record_starts(tokens, position, world_size, seq_len):
+    """The record's rule, written out: each rank's start is the first EOT at least seq_len past the
+    previous rank's start (the first rank: at or after `position`); the next step begins at the first
+    EOT at least seq_len past the last rank's start."""
+    bos = np.flatnonzero(np.asarray(tokens) == E)
+    starts = [int(bos[bos >= position][0])]
+    while len(starts) <= world_size:
+        starts.append(int(bos[bos >= starts[-1] + seq_len][0]))
+    return starts[:-1], starts[-1]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_aligned_rows_of_one_sequence_per_rank_are_the_records_starts(tmp_path, world_size):
+    # Documents of 1..8 tokens: an EOT lands exactly seq_len after a start often, so an off-by-one in
+    # "at least seq_len apart" changes the rows.
+    tokens = random_documents(2, 300, 8)
+    files = make_shards(tmp_path, tokens, [500, 1100])
+    T, steps = 24, 5
+    loaders = [TokenLoader(files, 1, T, rank=r, world_size=world_size, align_to_bos=True)
+               for r in range(world_size)]
+    position = 0
+    for _ in range(steps):  # 5 steps of at most 3 x (24 + 8) tokens stay inside the first lap
+        starts, position = record_starts(tokens, position, world_size, T)
+        for loader, start in zip(loaders, starts, strict=True):
+            x, y = loader.next_batch()
+            assert x[0].tolist() == tokens[start : start + T].tolist()
+            assert y[0].tolist() == tokens[start + 1 : start + T + 1].tolist()
+
+
+def test_aligned_resume_mid_stream_on_two_ranks_replays_across_shards_and_the_wrap(tmp_path):
+    files = make_shards(tmp_path, random_documents(3, 40, 30), [200, 450])
+    kwargs = dict(batch_size=2, seq_len=12, world_size=2, align_to_bos=True)
+    first = [TokenLoader(files, rank=r, **kwargs) for r in range(2)]
+    for _ in range(5):
+        for loader in first:
+            loader.next_batch()
+    states = [loader.state_dict() for loader in first]
+    assert states[0] == states[1]  # ranks agree on the stream position without communicating
+    resumed = [TokenLoader(files, rank=r, **kwargs) for r in range(2)]
+    for loader, state in zip(resumed, states, strict=True):
+        loader.load_state_dict(state)
+    total = first[0].num_tokens
+    for _ in range(12):  # 12 steps of 4 rows of >= 12 tokens: past shard ends and the wrap at `total`
+        for a, b in zip(first, resumed, strict=True):
+            (xa, ya), (xb, yb) = a.next_batch(), b.next_batch()
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert first[0].state_dict()["position"] > total
+
+
+@pytest.mark.parametrize("bad_id", [VOCAB_SIZE, 50303, 65535])
+def test_ids_outside_the_vocabulary_stop_the_loader_when_built_naming_the_shard(tmp_path, bad_id):
+    # The bad id is in the last shard: it is refused before the first batch, not when reached.
+    tokens = np.arange(300) % VOCAB_SIZE
+    tokens[250] = bad_id
+    files = make_shards(tmp_path, tokens, [100, 200])
+    expected = (f"^{files[2]}: token id {bad_id} is outside the vocabulary of {VOCAB_SIZE} "
+                f"\\(expected ids 0..50256; 1 outside, the first at position 50\\)")
+    with pytest.raises(ShardError, match=expected):
+        TokenLoader(files, 1, 8)
+    with pytest.raises(ShardError, match=expected):
+        validation_batches(files, 1, 8, 16)
+
+
+def test_vocab_size_sets_the_largest_id_accepted(tmp_path):
+    files = make_shards(tmp_path, np.arange(100), [])
+    assert TokenLoader(files, 1, 8, vocab_size=100).num_tokens == 100
+    with pytest.raises(ShardError, match="token id 99 is outside the vocabulary of 99 .*expected ids 0..98"):
+        TokenLoader(files, 1, 8, vocab_size=99)
 
 
 def test_aligned_without_any_eot_says_so(tmp_path):

@@ -1,13 +1,16 @@
-"""Newton–Schulz orthogonalization: the facts of REFERENCE §2 as properties over random shapes."""
+"""Newton–Schulz orthogonalization: the facts of docs/MATH.md as properties over random shapes."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._dynamo.testing import CompileCounter
 
-from optim import COEFFICIENTS, newton_schulz_flops, orthogonalize, polar_reference
+import optim.newton_schulz
+from optim import COEFFICIENTS, default_dtype, newton_schulz_flops, orthogonalize, polar_reference
 
 F64 = torch.float64
 PROPERTY = settings(max_examples=12, deadline=None)
@@ -86,7 +89,7 @@ def test_polar_express_schedule_has_the_safety_factor_then_the_limit_polynomial(
 def test_muon_quintic_lands_in_band(shape, seed):
     G = matrices_with_floor(shape, 1.5e-3, seed)
     sigma = singular_values(orthogonalize(G, 5, "muon", dtype=F64))
-    # REFERENCE §2: for σ_min/‖G‖_F ≥ 1.5e-3 every output σ lies in [0.67, 1.21] (measured [0.680, 1.202]).
+    # docs/MATH.md: for σ_min/‖G‖_F ≥ 1.5e-3 every output σ lies in [0.67, 1.21] (measured [0.680, 1.202]).
     assert sigma.min() >= 0.67 and sigma.max() <= 1.21
 
 
@@ -98,7 +101,7 @@ def test_muon_quintic_band_holds_in_bf16(shape, seed):
     # floor: from 3e-3 up every measured σ_min was ≥ 0.677; 5e-3 keeps a margin.
     G = matrices_with_floor(shape, 5e-3, seed)
     sigma = singular_values(orthogonalize(G, 5, "muon", dtype=torch.bfloat16))
-    # bf16 round-off moves the float64 band's bounds by at most 0.015 (REFERENCE §2).
+    # bf16 round-off moves the float64 band's bounds by at most 0.015 (docs/MATH.md).
     assert sigma.min() >= 0.67 - 0.015 and sigma.max() <= 1.21 + 0.015
 
 
@@ -111,7 +114,7 @@ def test_muon_quintic_band_holds_in_bf16(shape, seed):
 def test_convergent_iterations_reach_one(name, floor, steps, shape, seed):
     G = matrices_with_floor(shape, floor, seed)
     sigma = singular_values(orthogonalize(G, steps, name, dtype=F64))
-    # REFERENCE §2 step counts; the scalar iteration's worst case is 4.6e-4 (quintic, 0.1, 5 steps)
+    # docs/MATH.md step counts; the scalar iteration's worst case is 4.6e-4 (quintic, 0.1, 5 steps)
     # and 4.0e-4 (cubic, 0.01, 14 steps), so 1e-3 is the claim with its margin.
     assert (sigma - 1).abs().max() <= 1e-3
 
@@ -143,7 +146,7 @@ def test_bf16_matches_float64(shape, seed):
     G = torch.randn(*shape[0], shape[1], shape[2], generator=torch.Generator().manual_seed(seed), dtype=F64)
     exact = orthogonalize(G, dtype=F64)
     bf16 = orthogonalize(G, dtype=torch.bfloat16)
-    # REFERENCE §2 measures a relative Frobenius difference of 1.4e-2 to 3.1e-2 for bf16.
+    # docs/MATH.md measures a relative Frobenius difference of 1.4e-2 to 3.1e-2 for bf16.
     assert torch.linalg.norm(bf16 - exact) / torch.linalg.norm(exact) < 5e-2
 
 
@@ -151,10 +154,11 @@ def test_bf16_matches_float64(shape, seed):
 def test_zero_gives_zero_and_neighbours_are_unaffected(name):
     G = torch.randn(3, 6, 9, generator=torch.Generator().manual_seed(0))
     G[1] = 0
-    X = orthogonalize(G, coefficients=name)
+    X = orthogonalize(G, coefficients=name, dtype=torch.float32)
     assert torch.equal(X[1], torch.zeros(6, 9))  # not NaN: the normalization's eps keeps 0/0 away
     # Normalization is per matrix: a zero neighbour in the stack changes nothing.
-    torch.testing.assert_close(X[0], orthogonalize(G[0], coefficients=name), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(X[0], orthogonalize(G[0], coefficients=name, dtype=torch.float32),
+                               rtol=1e-5, atol=1e-6)
 
 
 @PROPERTY
@@ -223,20 +227,64 @@ def test_bad_coefficients_are_rejected(bad):
         orthogonalize(torch.ones(2, 3), coefficients=bad)
 
 
-def test_iterates_in_float32_on_cpu_and_returns_the_input_dtype():
+@pytest.mark.parametrize("bf16_dot_product, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_the_cpu_default_precision_follows_the_hardware(bf16_dot_product, expected):
     G = torch.randn(6, 10, generator=torch.Generator().manual_seed(3), dtype=F64)
-    X = orthogonalize(G)
-    assert X.dtype == F64
-    assert torch.equal(X, orthogonalize(G, dtype=torch.float32))
-    assert not torch.equal(X, orthogonalize(G, dtype=F64))
+    with mock.patch.object(optim.newton_schulz, "CPU_HAS_BF16_DOT_PRODUCT", bf16_dot_product):
+        assert default_dtype(torch.device("cpu")) == expected
+        X = orthogonalize(G)
+    assert X.dtype == F64  # the input's dtype, whatever the iteration's
+    assert torch.equal(X, orthogonalize(G, dtype=expected))
+    assert default_dtype(torch.device("cuda")) == torch.bfloat16  # a device name; no GPU needed
 
 
-def test_compiles_without_graph_breaks():
-    G = torch.randn(2, 16, 24, generator=torch.Generator().manual_seed(4))
-    # fullgraph=True turns any graph break (Python control flow on tensor values) into an error;
-    # the eager backend checks tracing without paying for code generation.
-    compiled = torch.compile(orthogonalize, backend="eager", fullgraph=True)
-    torch.testing.assert_close(compiled(G, 5, "polar_express"), orthogonalize(G, 5, "polar_express"))
+@pytest.mark.parametrize("scale", [1e-4, 1e4])
+def test_fp16_inputs_too_small_or_too_large_for_an_fp16_norm_are_orthogonalized(scale):
+    # ‖G‖_F of these is ~4e-3 (its squares, ~1e-8 each, underflow fp16) or ~4e5 (past fp16's 65504).
+    G = (scale * torch.randn(2, 24, 40, generator=torch.Generator().manual_seed(5))).half()
+    X = orthogonalize(G, dtype=torch.float32)
+    assert X.dtype == torch.float16 and X.isfinite().all()
+    # The float64 iteration on the same fp16 input, up to float32 matmuls and fp16's rounding of the
+    # result (at most 2⁻¹² on entries below 1: 2.4e-4); measured 1.0e-4 at both scales.
+    torch.testing.assert_close(X.double(), orthogonalize(G.double(), dtype=F64), rtol=0, atol=3e-4)
+
+
+def test_compiles_in_one_graph_per_stack_shape_with_no_breaks():
+    counter = CompileCounter()
+    stacks = [torch.randn(shape, generator=torch.Generator().manual_seed(4))
+              for shape in [(2, 16, 24), (3, 24, 16), (2, 16, 24), (3, 24, 16)]]
+    torch._dynamo.reset()
+    try:
+        # fullgraph=True turns any graph break (Python control flow on tensor values) into an error;
+        # the counting backend runs the traced graph as it is, without generating code.
+        compiled = [orthogonalize(G, 5, "polar_express", compile=counter) for G in stacks]
+        assert counter.frame_count == 2  # one graph per shape; repeated shapes reuse theirs
+    finally:
+        torch._dynamo.reset()
+    for G, X in zip(stacks, compiled, strict=True):
+        torch.testing.assert_close(X, orthogonalize(G, 5, "polar_express", compile=False), rtol=0, atol=0)
+
+
+def test_a_compiled_caller_traces_through_it_in_one_graph():
+    counter = CompileCounter()
+    G = torch.randn(3, 8, 12, generator=torch.Generator().manual_seed(6))
+    caller = torch.compile(lambda G: 2 * orthogonalize(G, compile=True), backend=counter, fullgraph=True)
+    torch._dynamo.reset()
+    try:
+        X = caller(G)
+        assert counter.frame_count == 1  # no compile inside the trace: the caller's graph holds it
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(X, 2 * orthogonalize(G, compile=False), rtol=0, atol=0)
+
+
+def test_compiles_on_cuda_only_by_default():
+    G = torch.randn(4, 6)
+    with mock.patch.object(optim.newton_schulz, "_compiled_newton_schulz") as compiled:
+        orthogonalize(G)
+        assert not compiled.called  # nothing compiles on the CPU unless asked
+        orthogonalize(G, compile=True)
+        compiled.assert_called_once_with("inductor")
 
 
 def test_flops_count_the_smaller_gram_matrix():

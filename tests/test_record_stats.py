@@ -121,6 +121,18 @@ def test_command_prints_runs_and_statistics(tmp_path, capsys):
     assert out[6] == "mean train_time 181.0s over 3 runs"
 
 
+def test_one_run_reports_its_mean_and_says_why_there_is_no_test(tmp_path, capsys):
+    path = str(write_log(tmp_path / "only.txt", [3.3, 3.29, 3.2791]))
+    record_stats.main([path])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].split() == [path, "3.2791", "181.2s"]
+    assert out[2:] == ["n 1  mean 3.27910  (no std or t-test: they need at least 2 runs)",
+                       "mean train_time 181.2s over 1 runs"]
+    assert "nan" not in "".join(out)
+    with pytest.raises(ValueError, match="need at least 2 runs, got 1"):
+        summarize([3.2791], 3.28)
+
+
 def test_a_file_without_validation_lines_is_a_one_line_error(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("step 1/10 train_loss 5.0\n")

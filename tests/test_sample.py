@@ -1,4 +1,6 @@
-"""tools.sample: seeded, reproducible text from a checkpoint; one-line error for a missing one."""
+"""tools.sample: seeded, reproducible text from a checkpoint; one-line error for a missing or corrupt one."""
+
+import shutil
 
 import pytest
 
@@ -44,4 +46,16 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     with pytest.raises(SystemExit) as error:
         sample.main([str(missing)])
     message = str(error.value)
-    assert message.startswith(f"error: {missing}: no checkpoint there") and "\n" not in message
+    assert message.startswith(f"error: {missing}: no such file or directory; expected a step directory")
+    assert "\n" not in message
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tiny_checkpoint, tmp_path):
+    directory, _ = tiny_checkpoint
+    copy = shutil.copytree(directory, tmp_path / "checkpoints")
+    shared = copy / "step_000007" / "shared.pt"
+    shared.write_bytes(shared.read_bytes()[:1000])  # truncated
+    with pytest.raises(SystemExit) as error:
+        sample.main([str(tmp_path)])
+    message = str(error.value)
+    assert message.startswith(f"error: {shared}: cannot be read (") and "\n" not in message

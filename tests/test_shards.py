@@ -99,8 +99,11 @@ def test_read_shard_names_file_and_expected_vs_found(tmp_path, damage, message):
 
 def test_check_shard_flags_ids_at_or_above_vocab(tmp_path):
     path = write_shard(tmp_path / "a.bin", [5, 50256, 50257, 60000])
-    with pytest.raises(ShardError, match="token id 50257 at position 2 \\(and 1 more\\).*vocab size 50257"):
+    with pytest.raises(ShardError) as caught:
         check_shard(path)
+    assert str(caught.value) == (f"{path}: token id 60000 is outside the vocabulary of 50257 (expected ids "
+                                 f"0..50256; 2 outside, the first at position 2); re-create or "
+                                 f"re-download it")
     assert check_shard(path, vocab_size=60001) == 4
 
 
@@ -157,7 +160,7 @@ def test_check_command_reports_each_bad_shard_on_one_line(tmp_path, capsys):
     assert lines[0] == f"ok  {good}: 10 tokens"
     assert lines[1].startswith(f"BAD {magic}: bad magic: expected {MAGIC}, found 7")
     assert lines[2].startswith(f"BAD {short}: truncated")
-    assert lines[3].startswith(f"BAD {vocab}: token id 50300")
+    assert lines[3].startswith(f"BAD {vocab}: token id 50300 is outside the vocabulary of 50257")
     assert lines[4].startswith(f"BAD {empty}: empty: expected .bin shards")
     assert lines[5].startswith(f"BAD {tmp_path}/missing.bin: cannot read shard")
     assert lines[6] == "1 good shards (10 tokens), 5 bad"

@@ -1,5 +1,9 @@
 """The GPT-2 tokenizer as the shards use it: real r50k_base ids, EOT before every document."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import requests
@@ -7,14 +11,22 @@ import tiktoken
 import tiktoken.load
 import tiktoken.registry
 
-from data.tokenizer import EOT, TokenizerUnavailable, encode_documents, gpt2_encoding
+from data.tokenizer import EOT, VOCAB_SIZE, TokenizerUnavailable, encode_documents, gpt2_encoding
 
 
-def test_encoding_is_gpt2():
+def test_encoding_is_gpt2_and_the_constants_are_its_own():
     encoding = gpt2_encoding()
     assert encoding.name == "r50k_base"
-    assert encoding.n_vocab == 50257
+    assert encoding.n_vocab == VOCAB_SIZE == 50257
     assert encoding.eot_token == EOT == 50256
+
+
+def test_the_constants_and_the_shard_format_load_without_tiktoken():
+    # Machines that only train (no tokenizing) may lack tiktoken; the constants must not need it.
+    code = "import sys, data.shards, data.tokenizer; print('tiktoken' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "False", done.stderr
 
 
 def test_every_document_is_preceded_by_eot():

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from data.tokenizer import EOT, TokenizerUnavailable, gpt2_encoding
 from tools.sample import open_checkpoint
+from training.runtime import resolve_device
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
 CACHE_DIR = Path(__file__).resolve().parents[1] / "data" / "cache" / "hellaswag"
@@ -109,8 +110,6 @@ def evaluate_hellaswag(model, examples: Iterable[dict], device: torch.device | s
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train_gpt import resolve_device
-
     parser = argparse.ArgumentParser(prog="python -m tools.hellaswag",
                                      description="HellaSwag accuracy of a checkpoint.")
     parser.add_argument("checkpoint", help="step directory, checkpoint directory, or run --out-dir")

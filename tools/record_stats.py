@@ -1,10 +1,11 @@
-"""Statistics of a set of runs against the record target (REFERENCE §4: p < 0.01 that the mean <= 3.28).
+"""Statistics of a set of runs against the record target (a record needs p < 0.01 that the mean < 3.28).
 
     python -m tools.record_stats records/run1.txt records/run2.txt ... [--target 3.28]
 
 Each LOG is a train_gpt.py log.txt, a metrics.jsonl, or a run's --out-dir holding either. A run's
 final validation loss is its last validation line. Prints each run, then n, the mean, the sample
 standard deviation and the one-sided one-sample t-test p-value for "the mean is below the target".
+With one run there is no standard deviation or test: the report says so after the mean.
 """
 
 import argparse
@@ -91,9 +92,9 @@ def t_cdf(t: float, df: float) -> float:
 def summarize(losses: list[float], target: float) -> Summary:
     """n, mean, sample std, and the one-sided one-sample t-test of H1: mean < target (needs n >= 2)."""
     n = len(losses)
-    mean = sum(losses) / n
     if n < 2:
-        return Summary(n, mean, math.nan, math.nan, math.nan)
+        raise ValueError(f"a standard deviation and a t-test need at least 2 runs, got {n}")
+    mean = sum(losses) / n
     std = math.sqrt(sum((x - mean) ** 2 for x in losses) / (n - 1))
     if std == 0:  # identical losses: the test degenerates to comparing the mean with the target
         t = math.copysign(math.inf, mean - target) if mean != target else math.nan
@@ -154,10 +155,13 @@ def report(runs: list[Run], target: float) -> str:
     for r in runs:
         time_text = "-" if r.train_time_s is None else f"{r.train_time_s:.1f}s"
         lines.append(f"{str(r.path):<{width}}  {r.val_loss:.4f}    {time_text}")
-    s = summarize([r.val_loss for r in runs], target)
-    lines.append(f"n {s.n}  mean {s.mean:.5f}  std {s.std:.5f} (sample)")
-    lines.append(f"one-sided t-test, H1: mean < {target}: t {s.t:.3f}, df {s.n - 1}, p {s.p:.3g}"
-                 f" (a record needs p < 0.01)")
+    if len(runs) < 2:
+        lines.append(f"n 1  mean {runs[0].val_loss:.5f}  (no std or t-test: they need at least 2 runs)")
+    else:
+        s = summarize([r.val_loss for r in runs], target)
+        lines.append(f"n {s.n}  mean {s.mean:.5f}  std {s.std:.5f} (sample)")
+        lines.append(f"one-sided t-test, H1: mean < {target}: t {s.t:.3f}, df {s.n - 1}, p {s.p:.3g}"
+                     f" (a record needs p < 0.01)")
     times = [r.train_time_s for r in runs if r.train_time_s is not None]
     if times:
         lines.append(f"mean train_time {sum(times) / len(times):.1f}s over {len(times)} runs")

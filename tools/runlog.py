@@ -9,6 +9,7 @@ so a crashed run keeps everything it logged; a resumed run appends to them.
 
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE_PACKAGES = ("model", "optim", "data", "tools")
+SOURCE_PACKAGES = ("model", "optim", "data", "tools", "training")
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against the device name.
 PEAK_BF16_FLOPS = {
@@ -42,7 +43,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def source_modules() -> list[Path]:
-    """The entry script and every repo module (model/, optim/, data/, tools/) imported so far."""
+    """The entry script and every repo module (model/, optim/, data/, tools/, training/) imported so far."""
     entry = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0].endswith(".py") else None
     paths = {entry} if entry and entry.is_file() else set()
     for module in list(sys.modules.values()):
@@ -82,14 +83,16 @@ def environment() -> str:
 class WandbSink:
     """wandb on rank 0; imported lazily. Any failure (not installed, not logged in, network down)
     prints one warning and turns the sink off: logging must never stop training.
-    WANDB_MODE=offline|disabled is honoured by wandb itself."""
+    WANDB_MODE=offline|disabled and WANDB_DIR are honoured."""
 
     def __init__(self, project: str, run_name: str | None, config: dict, out_dir: Path):
         self.run = None
         try:
             import wandb
 
-            self.run = wandb.init(project=project, name=run_name, config=config, dir=str(out_dir))
+            # WANDB_DIR, when set, says where wandb writes; otherwise the run's folder does.
+            where = os.environ.get("WANDB_DIR") or str(out_dir)
+            self.run = wandb.init(project=project, name=run_name, config=config, dir=where)
         except Exception as error:  # noqa: BLE001 -- any wandb failure must leave training running
             print(f"warning: wandb disabled ({type(error).__name__}: {error}); logging locally only",
                   file=sys.stderr, flush=True)

@@ -15,19 +15,19 @@ from pathlib import Path
 import torch
 
 from data.tokenizer import EOT, TokenizerUnavailable, gpt2_encoding
-from tools.checkpoint import load_model
+from tools.checkpoint import CheckpointError, load_model
+from training.runtime import resolve_device
 
 
 def open_checkpoint(path: str | Path, device: torch.device) -> torch.nn.Module:
-    """The GPT of a checkpoint, in eval mode on `device`; a missing checkpoint is a one-line SystemExit."""
+    """The GPT of a checkpoint, in eval mode on `device`; a missing or damaged one: one-line SystemExit."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         path = path / "checkpoints"
     try:
         return load_model(path, device)
-    except FileNotFoundError:
-        raise SystemExit(f"error: {path}: no checkpoint there (expected a step directory holding shared.pt, "
-                         f"a checkpoint directory holding `latest`, or a run's --out-dir)") from None
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 def sample(model: torch.nn.Module, prompt: str, max_tokens: int, temperature: float = 0.8,
@@ -42,8 +42,6 @@ def sample(model: torch.nn.Module, prompt: str, max_tokens: int, temperature: fl
 
 
 def main(argv: list[str] | None = None) -> None:
-    from train_gpt import resolve_device
-
     parser = argparse.ArgumentParser(prog="python -m tools.sample",
                                      description="Sample text from a checkpoint.")
     parser.add_argument("checkpoint", help="step directory, checkpoint directory, or run --out-dir")

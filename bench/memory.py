@@ -1,0 +1,270 @@
+"""Memory per GPU of the GPU presets on W GPUs, with and without --fsdp, from the model and the optimizer.
+
+    python -m bench.memory [--presets 124m 350m 1.5b] [--world-sizes 1 8 16]
+                           [--tokens-per-gpu 49152 8192] [--embed-map adam|dual] [--write docs/MEMORY.md]
+
+Nothing is allocated: the model is built on the meta device, and every figure comes from its
+parameters' shapes and dtypes, from how the optimizer lays out its state, and from one forward pass on
+fake tensors. Columns, for the rank that holds the most (GiB = 2³⁰ bytes):
+
+  parameters   default: every parameter whole, float32, as train_gpt.py keeps them (its forward runs
+               under bf16 autocast on CUDA); --fsdp: this rank's rows of every parameter (fully_shard's
+               torch.chunk split, optim.fsdp.local_shape), float32
+  gradients    p.grad, float32: default whole, --fsdp this rank's rows
+  optimizer    Muon's state on this rank: optim.state.muon_state_layout on the shapes DataParallel's
+               shards (optim.distributed.shards_of) or fully_shard's rows give it; the speedrun's
+               param groups (hidden matrices: momentum; embeddings, head, scalars: Adam's two moments,
+               or momentum for the embeddings with --embed-map dual)
+  activations  the tensors autograd keeps for backward in one forward of a micro-batch of
+               tokens-per-gpu tokens (one sequence), parameters and buffers excluded, in eager mode
+               (torch.compile recomputes some of them in backward, so a compiled step keeps at most
+               this; a second table gives the share of vocabulary-wide tensors: head, soft-cap, loss).
+               Measured on fake tensors under bf16 autocast (activation_bytes); attention counted as
+               FlexAttention keeps it: q, k, v, the output and a float32 log-sum-exp per query and head.
+               Default: autocast's bf16 copies of the float32 weights are kept too; --fsdp: the
+               parameters are fully_shard's gathered bf16 copies, counted in flight instead
+  in flight    transient buffers, upper bounds from the code. Default, W > 1: DataParallel's
+               reduce-scatter rows (a copy of every gradient, with its flags) and all-gather outputs (a
+               copy of every parameter), padded as optim/zero.py pads them. --fsdp: the bf16 gathered
+               parameters, their bf16 gradients and the float32 copies reduce-scattered (8 bytes an
+               element) of the two largest units of training/fsdp.py (the one computing and the one
+               prefetched: embedding tables and head, each its own unit, outweigh a block) and of the
+               root's own parameters (fully_shard keeps the root gathered from forward through
+               backward); plus optim.fsdp's exchange for the largest stack: six float32 buffers of its
+               W·C·c·(d_in) elements (optim.fsdp.OwnerExchange)
+
+The total adds every column, though DataParallel's buffers peak after backward has freed the
+activations: an upper bound. Prints markdown tables, one per --tokens-per-gpu; --write replaces what
+lies between the markers in that file with them (atomically).
+"""
+
+import argparse
+import math
+import os
+import tempfile
+from pathlib import Path
+from unittest import mock
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import model.gpt
+from model import GPT, PRESETS
+from optim import KINDS, param_groups
+from optim.distributed import same_shape, shards_of
+from optim.fsdp import OwnerExchange, local_shape
+from optim.kinds import MATRIX
+from optim.state import muon_state_layout
+from optim.zero import MatrixShard
+from training.fsdp import sharding_units
+
+GiB = 2**30
+BF16, FP32 = 2, 4  # bytes an element
+BEGIN, END = "<!-- memory table: python -m bench.memory --write -->", "<!-- end of memory table -->"
+COLUMNS = ("parameters", "gradients", "optimizer", "activations", "in flight")
+
+
+def meta_gpt(preset: str) -> GPT:
+    with torch.device("meta"):
+        return GPT(PRESETS[preset])
+
+
+def speedrun_groups(gpt: GPT, embed_map: str) -> list[dict]:
+    """The speedrun's kinds by role: hidden matrices, embeddings (Adam, or the embed map if embed_map is
+    "dual", as train_gpt.py's --embed-map), Adam for the rest; plain tensors, no names."""
+    embed = "embed" if embed_map == "dual" else "adam"
+    return [{**group, "params": [p for _, p in group["params"]]}
+            for group in param_groups(gpt, embed=embed, head="adam")]
+
+
+def nbytes(shape: tuple, dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def state_bytes(groups: list[dict], state_shape) -> int:
+    """Σ of muon_state_layout over the parameters this rank keeps state for (state_shape → None: none)."""
+    total = 0
+    for group in groups:
+        for p in group["params"]:
+            shape = state_shape(p, group)
+            if shape is not None:
+                layout = muon_state_layout(p, group["kind"], shape)
+                total += sum(nbytes(s, dtype) for s, dtype in layout.values())
+    return total
+
+
+def data_parallel(groups: list[dict], world_size: int, rank: int) -> dict:
+    """Parameters, gradients, state and in-flight buffers of one rank under the default distribution."""
+    params = [p for group in groups for p in group["params"]]
+    held = sum(nbytes(p.shape, p.dtype) for p in params)
+    if world_size == 1:
+        return dict(parameters=held, gradients=held, optimizer=state_bytes(groups, lambda p, g: p.shape),
+                    **{"in flight": 0})
+    shard_of = {}
+    for index, group in enumerate(groups):
+        for shard in shards_of(index, group["params"], KINDS[group["kind"]], rank, world_size):
+            shard_of.update((id(p), shard) for p in shard.params)
+    shards = list({id(shard): shard for shard in shard_of.values()}.values())
+    state = state_bytes(groups, lambda p, g: shard_of[id(p)].state_shape(p))
+    return dict(parameters=held, gradients=held, optimizer=state,
+                **{"in flight": sum(data_parallel_buffers(shard, world_size) for shard in shards)})
+
+
+def data_parallel_buffers(shard, world_size: int) -> int:
+    """One shard's reduce-scatter rows (W rows a bucket) and all-gather output, in its dtype."""
+    like = shard.params[0]
+    if isinstance(shard, MatrixShard):
+        matrix, buckets = like.numel(), len(shard.buckets)
+        elements = buckets * world_size * (matrix + 1) + world_size * buckets * matrix
+    else:
+        elements = world_size * (shard.span + len(shard.params)) + world_size * shard.span
+    return elements * like.dtype.itemsize
+
+
+def fully_sharded(gpt: GPT, groups: list[dict], world_size: int, rank: int) -> dict:
+    """Parameters, gradients, state and in-flight buffers of one rank under --fsdp (float32 rows)."""
+    local = [local_shape(tuple(p.shape), rank, world_size) for group in groups for p in group["params"]]
+    held = sum(nbytes(shape, torch.float32) for shape in local)
+    state = state_bytes(groups, lambda p, g: local_shape(tuple(p.shape), rank, world_size))
+    units = sorted(sum(p.numel() for p in unit.parameters()) for unit in sharding_units(gpt))
+    root = sum(p.numel() for p in gpt.parameters()) - sum(units)
+    gathered = (root + sum(units[-2:])) * (BF16 + BF16 + FP32)
+    return dict(parameters=held, gradients=held, optimizer=state,
+                **{"in flight": gathered + exchange_bytes(groups, world_size, rank)})
+
+
+def exchange_bytes(groups: list[dict], world_size: int, rank: int) -> int:
+    """Six float32 buffers of the largest stack's OwnerExchange, dealt as optim.fsdp deals them."""
+    largest, dealt = 0, 0
+    for group in groups:
+        if KINDS[group["kind"]].shard != MATRIX:
+            continue
+        for stack in same_shape(group["params"]):
+            exchange = OwnerExchange(stack, dealt, rank, world_size, group=None)
+            padded = world_size * exchange.columns * exchange.chunk * math.prod(exchange.shape[1:])
+            largest = max(largest, 6 * padded * FP32)
+            dealt += len(stack)
+    return largest
+
+
+class _FlexSaved(torch.autograd.Function):
+    """Stands in for FlexAttention: keeps what its backward keeps (q, k, v, out, log-sum-exp)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("bench.memory only measures the forward")
+
+
+def activation_bytes(preset: str, tokens: int, fsdp: bool) -> dict[str, int]:
+    """Bytes of the distinct storages autograd saves in one forward of one sequence, parameters and
+    buffers excluded: "all", and "logits" for those as wide as the vocabulary (head, soft-cap, loss).
+
+    On fake tensors (shapes and dtypes, no memory), under bf16 autocast as train_gpt.py's forward runs
+    on CUDA; CPU autocast's op lists stand in for CUDA's (both cast the matmuls to bf16). --fsdp: bf16
+    parameters, as fully_shard's MixedPrecisionPolicy gathers them.
+    """
+    with FakeTensorMode():
+        dtype = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16 if fsdp else dtype)
+        try:
+            gpt = GPT(PRESETS[preset])
+        finally:
+            torch.set_default_dtype(dtype)
+        if tokens > gpt.config.max_seq_len:
+            raise SystemExit(f"--tokens-per-gpu {tokens}: one sequence of at most {gpt.config.max_seq_len}")
+        persistent = {t.untyped_storage()._cdata for t in [*gpt.parameters(), *gpt.buffers()]}
+        saved: dict[int, tuple[int, bool]] = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            storage = tensor.untyped_storage()
+            if storage._cdata not in persistent:
+                saved[storage._cdata] = (storage.nbytes(), tensor.shape[-1:] == (gpt.config.vocab_size,))
+            return tensor
+
+        idx = torch.zeros(1, tokens, dtype=torch.long)
+        flex = mock.patch.object(model.gpt, "attend", lambda backend, q, k, v, *_: _FlexSaved.apply(q, k, v))
+        no_mask = mock.patch.object(model.gpt, "build_mask", lambda *args: None)
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+        with flex, no_mask, autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            gpt(idx, idx)
+    return dict(all=sum(size for size, _ in saved.values()),
+                logits=sum(size for size, logits in saved.values() if logits))
+
+
+def rows(presets: list[str], world_sizes: list[int], tokens: int, embed_map: str) -> list[dict]:
+    """One row per preset, W and --fsdp or not: the largest rank's bytes by column."""
+    table = []
+    for preset in presets:
+        gpt = meta_gpt(preset)
+        groups = speedrun_groups(gpt, embed_map)
+        activations = {fsdp: activation_bytes(preset, tokens, fsdp) for fsdp in (False, True)}
+        for world_size in world_sizes:
+            for fsdp in (False, True):
+                per_rank = [fully_sharded(gpt, groups, world_size, r) if fsdp
+                            else data_parallel(groups, world_size, r) for r in range(world_size)]
+                largest = max(per_rank, key=lambda held: sum(held.values()))
+                table.append(dict(preset=preset, world_size=world_size, fsdp=fsdp, **largest,
+                                  activations=activations[fsdp]["all"], logits=activations[fsdp]["logits"]))
+    return table
+
+
+def markdown(table: list[dict], tokens: int, embed_map: str) -> str:
+    """The memory table, then the logits' share of the activations per preset."""
+    embeddings = "Adam" if embed_map == "adam" else "the embed map"
+    lines = [f"Per GPU, GiB; activations of a {tokens:,}-token micro-batch; embeddings: {embeddings}.", "",
+             "| preset | W | --fsdp | parameters | gradients | optimizer state | activations | in flight "
+             "| total |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in table:
+        figures = [row[column] / GiB for column in COLUMNS]
+        cells = " | ".join(f"{x:.2f}" for x in [*figures, sum(figures)])
+        fsdp = "yes" if row["fsdp"] else "no"
+        lines.append(f"| {row['preset']} | {row['world_size']} | {fsdp} | {cells} |")
+    lines += ["", "Activations per token, KiB (eager), and the part in vocabulary-wide tensors (head, "
+              "soft-cap, loss):", "",
+              "| preset | --fsdp | per token | vocabulary-wide |", "|---|---|---|---|"]
+    shares = {(row["preset"], row["fsdp"]): row for row in table}
+    for (preset, fsdp), row in shares.items():
+        per_token, logits = row["activations"] / tokens / 1024, row["logits"] / tokens / 1024
+        lines.append(f"| {preset} | {'yes' if fsdp else 'no'} | {per_token:.1f} | {logits:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_between_markers(path: Path, text: str) -> None:
+    """Replace what lies between BEGIN and END in `path` with `text`, via a temporary file and a rename."""
+    document = path.read_text()
+    if BEGIN not in document or END not in document:
+        raise SystemExit(f"--write {path}: expected the markers {BEGIN} and {END} in it")
+    head, rest = document.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as temporary:
+        temporary.write(f"{head}{BEGIN}\n{text}{END}{tail}")
+    os.replace(temporary.name, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["124m", "350m", "1.5b"], choices=sorted(PRESETS))
+    parser.add_argument("--world-sizes", nargs="+", type=int, default=[1, 8, 16])
+    parser.add_argument("--tokens-per-gpu", nargs="+", type=int, default=[48 * 1024, 8 * 1024],
+                        help="micro-batch tokens per GPU, one sequence (48k: the speedrun's); a table each")
+    parser.add_argument("--embed-map", choices=("adam", "dual"), default="adam")
+    parser.add_argument("--write", type=Path, help="a markdown file holding the table's markers")
+    args = parser.parse_args(argv)
+    tables = [markdown(rows(args.presets, args.world_sizes, tokens, args.embed_map), tokens, args.embed_map)
+              for tokens in args.tokens_per_gpu]
+    text = "\n".join(tables)
+    print(text, end="")
+    if args.write:
+        write_between_markers(args.write, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""What a Muon state dict must hold, checked before anything is loaded: one clear ValueError, naming what
+the state dict has and what this optimizer expected."""
+
+import torch
+
+from .update import state_dtype
+
+
+def muon_state_layout(p: torch.Tensor, kind: str, shape: tuple) -> dict[str, tuple[tuple, torch.dtype]]:
+    """key → (shape, dtype) of the state a Muon kind keeps for a parameter (or this rank's slice of it)."""
+    if kind == "adam":
+        return {"step": ((), torch.float32), "exp_avg": (shape, state_dtype(p)),
+                "exp_avg_sq": (shape, state_dtype(p))}
+    return {"momentum_buffer": (shape, state_dtype(p))}
+
+
+def check_muon_state_dict(optimizer, state_dict, stamp: dict) -> None:
+    """Raise ValueError unless state_dict is one this optimizer saved on this rank, world size and groups."""
+    where = "Muon.load_state_dict"
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+        got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+        raise ValueError(f"{where}: expected a state dict with 'state' and 'param_groups', got {got}")
+    saved, groups = state_dict["param_groups"], optimizer.param_groups
+    expected = [(g["kind"], len(g["params"])) for g in groups]
+    for i, group in enumerate(saved):
+        if "kind" not in group:
+            raise ValueError(
+                f"{where}: saved param group {i} has no 'kind', so this is not an optim.Muon state dict "
+                f"(torch.optim.Muon and AdamW save none); expected groups (kind, parameters) {expected}")
+    got = [(g["kind"], len(g["params"])) for g in saved]
+    if got != expected:
+        raise ValueError(f"{where}: saved groups (kind, parameters) {got}, but this optimizer has {expected}")
+    saved_stamp = state_dict.get("distribution")
+    if saved_stamp != stamp:
+        raise ValueError(
+            f"{where}: state saved as {_describe(saved_stamp)}, but this optimizer is {_describe(stamp)}; "
+            "each rank loads the state it saved itself, with the same number of ranks")
+    _check_entries(optimizer, state_dict["state"], saved, groups)
+
+
+def _check_entries(optimizer, state: dict, saved: list[dict], groups: list[dict]) -> None:
+    for saved_group, group in zip(saved, groups, strict=True):
+        names = group.get("param_names") or [None] * len(group["params"])
+        for i, p, name in zip(saved_group["params"], group["params"], names, strict=True):
+            if i not in state:
+                continue
+            label = f"parameter {name or i} of shape {tuple(p.shape)}"
+            layout = optimizer._state_layout(p, group["kind"])
+            if layout is None:
+                raise ValueError(f"Muon.load_state_dict: the state dict holds state for {label}, which this "
+                                 "rank does not own: it is another rank's state")
+            got = {key: (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
+                   for key, value in state[i].items()}
+            if got != layout:
+                raise ValueError(f"Muon.load_state_dict: state of {label} is {got}; this optimizer keeps "
+                                 f"{layout} (kind {group['kind']!r})")
+
+
+def _describe(stamp) -> str:
+    if not isinstance(stamp, dict):
+        return "an unknown rank (no 'distribution' entry: not saved by this optim.Muon)"
+    return f"rank {stamp.get('rank')} of {stamp.get('world_size')}"

@@ -1,0 +1,240 @@
+"""docs/BAD_INPUTS.md, row by row: each bad input ends with its documented exit code and one line that
+says what was wrong, no traceback, no hang, and nothing lost.
+
+Rows run in this process through train_gpt.cli, the function the script's __main__ calls: it writes
+its line to stderr and raises SystemExit with the exit code; any other exception escaping cli() would
+be a traceback, and fails the test. Two rows also run as real processes, to pin that equivalence.
+"""
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import train_gpt
+from data.shards import write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "BAD_INPUTS.md"
+# Added to the rows that go on to train (exit 0), so that they train one short step.
+FAST = ["--max-steps", "1", "--val-every", "0", "--val-tokens", "1024", "--sample-tokens", "0", "--no-plot"]
+TIME_LIMIT_S = 120  # a row that takes longer hangs; each takes well under 10 s (one trains a step)
+
+
+@dataclass(frozen=True)
+class Row:
+    args: tuple[str, ...]
+    exit: int
+    says: tuple[str, ...]  # fragments the line holds, in order
+    checked: str
+
+    def __str__(self) -> str:
+        return " ".join(self.args)
+
+
+def table_rows() -> list[Row]:
+    rows = []
+    for line in DOC.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if len(cells) != 4 or not cells[1].isdigit():
+            continue
+        command = re.match(r"`([^`]*)`", cells[0])
+        args = tuple(shlex.split(command.group(1))) if command else ()
+        rows.append(Row(args, int(cells[1]), tuple(re.findall(r"`([^`]*)`", cells[2])), cells[3]))
+    return rows
+
+
+ROWS = table_rows()
+
+
+# ---- the places the rows name ----------------------------------------------------------------------
+
+
+def earlier_run(folder: Path) -> Path:
+    """A run folder as an earlier run leaves it: its log, its metrics, a checkpoints/ folder."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "log.txt").write_text("the earlier run's log\n")
+    (folder / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n')
+    return folder
+
+
+@contextmanager
+def unwritable(folder: Path):
+    """`folder` made unwritable for this process: chmod, or for root (whom permissions do not stop)
+    the immutable attribute. Skips where neither works."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield
+        folder.chmod(0o755)
+        return
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(folder)]).returncode:
+        pytest.skip("root here cannot make a folder unwritable (no chattr +i on this filesystem)")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A run folder holding the demo model's checkpoint at step 2 (and its log)."""
+    folder = tmp_path_factory.mktemp("trained")
+    train_gpt.main(train_gpt.parse_config(["--out-dir", str(folder), "--max-steps", "3", "--exit-after-steps",
+                                           "2", *FAST[2:]]))
+    return folder
+
+
+def copy_of(trained: Path, folder: Path) -> Path:
+    """A copy of the trained run, its big files hard links (a corruption replaces a file, never edits it)."""
+    shutil.copytree(trained, folder, copy_function=os.link)
+    return folder
+
+
+def replace(path: Path, data: bytes) -> None:
+    path.unlink()
+    path.write_bytes(data)
+
+
+def build(name: str, tmp_path: Path, request) -> Path:
+    """The place a row's placeholder names, made in tmp_path."""
+    place = tmp_path / name.lower()
+    if name in ("RUN", "LOCKED_RUN"):
+        return earlier_run(place)
+    if name == "A_FILE":
+        place.write_text("a file, not a folder\n")
+    elif name == "READ_ONLY":
+        place.mkdir()
+    elif name == "TRUNCATED_SHARDS":
+        place.mkdir()
+        write_shard(place / "x_val_000000.bin", list(range(2048)))
+        shard = write_shard(place / "x_train_000000.bin", list(range(2048)))
+        shard.write_bytes(shard.read_bytes()[:-10])
+    elif name in ("TRAINED", "TRUNCATED_SHARED", "GARBAGE_RANK0", "DANGLING_LATEST"):
+        copy_of(request.getfixturevalue("trained"), place)
+        step = place / "checkpoints" / "step_000002"
+        if name == "TRUNCATED_SHARED":
+            replace(step / "shared.pt", (step / "shared.pt").read_bytes()[:4096])
+        elif name == "GARBAGE_RANK0":
+            replace(step / "rank0.pt", b"not a checkpoint")
+        elif name == "DANGLING_LATEST":
+            shutil.rmtree(step)
+    return place  # NEW and NOWHERE: paths that do not exist
+
+
+PLACEHOLDER = re.compile(r"\b(RUN|LOCKED_RUN|NEW|NOWHERE|A_FILE|READ_ONLY|TRUNCATED_SHARDS|TRAINED|"
+                         r"TRUNCATED_SHARED|GARBAGE_RANK0|DANGLING_LATEST)\b")
+
+
+def resolve(row: Row, tmp_path: Path, request) -> tuple[list[str], tuple[str, ...], dict[str, Path]]:
+    """The row's arguments and fragments with its placeholders made real, and the places made."""
+    args = list(row.args) if "--out-dir" in row.args else [*row.args, "--out-dir", "RUN"]
+    names = sorted({m for text in (*args, *row.says) for m in PLACEHOLDER.findall(text)})
+    places = {name: build(name, tmp_path, request) for name in names}
+
+    def real(text: str) -> str:
+        return PLACEHOLDER.sub(lambda m: str(places[m.group(1)]), text)
+
+    return [real(a) for a in args], tuple(real(s) for s in row.says), places
+
+
+def snapshot(root: Path) -> dict[str, tuple]:
+    """Every file at or under root: its bytes if small, else its size and modification time."""
+    files = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        if path.is_file():
+            stat = path.stat()
+            files[str(path.relative_to(root))] = (path.read_bytes(),) if stat.st_size < 2**20 else (
+                stat.st_size, stat.st_mtime_ns)
+    return files
+
+
+@contextmanager
+def time_limit(seconds: float):
+    def expired(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of the script given args."""
+    code = 0
+    capsys.readouterr()  # what fixtures printed
+    with time_limit(TIME_LIMIT_S):
+        try:
+            train_gpt.cli(args)
+        except SystemExit as stop:
+            code = stop.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def check_row(row: Row, tmp_path: Path, request, capsys) -> None:
+    args, says, places = resolve(row, tmp_path, request)
+    protected = {name: snapshot(place) for name, place in places.items() if place.exists()}
+    with ExitStack() as locks:
+        for folder in (places.get("READ_ONLY"), places.get("LOCKED_RUN", tmp_path / "-") / "checkpoints"):
+            if folder is not None and folder.exists():
+                locks.enter_context(unwritable(folder))
+        code, out, err = run_cli(args + (FAST if row.exit == 0 else []), capsys)
+    assert code == row.exit, err[-2000:]
+    lines = [line for line in (out if row.exit == 0 else err).splitlines() if all(s in line for s in says)]
+    assert lines, f"no line holds {says}:\n{out}{err}"
+    assert re.search(".*".join(map(re.escape, says)), lines[0]), f"not in this order: {says}"
+    if row.exit:
+        assert out == "" and err.count("\n") == 1, f"more than one line:\n{out}{err}"
+    assert "Traceback" not in out + err
+    for name, before in protected.items():
+        assert snapshot(places[name]) == before, f"{name} changed"
+
+
+@pytest.mark.parametrize("row", [r for r in ROWS if r.checked == "cpu"], ids=str)
+def test_a_bad_input_ends_as_documented(row, tmp_path, request, capsys):
+    check_row(row, tmp_path, request, capsys)
+
+
+def test_the_table_lists_at_least_twenty_bad_inputs_each_checked():
+    assert len(ROWS) >= 20
+    for row in ROWS:
+        if row.checked != "cpu":
+            path, _, name = row.checked.partition("::")
+            assert f"def {name}(" in (ROOT / path).read_text(), row.checked
+
+
+@pytest.mark.parametrize("args, code, line", [
+    (["--compile", "yes"], 2, "train_gpt.py: error: argument --compile: expected one of auto, on, off"),
+    (["--tokens-per-step", "1000"], 1, "error: --tokens-per-step 1000 is not a multiple of 1 process"),
+])
+def test_as_a_process_a_bad_input_is_one_line_on_stderr_and_its_exit_code(tmp_path, args, code, line):
+    done = subprocess.run([sys.executable, "train_gpt.py", *args, "--out-dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=TIME_LIMIT_S)
+    assert (done.returncode, done.stdout) == (code, "")
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith(line)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_a_one_process_checkpoint_resumed_by_two_ranks_is_refused_on_one_line(trained, tmp_path):
+    run = copy_of(trained, tmp_path / "run")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run([*torchrun, "train_gpt.py", "--out-dir", str(run), "--resume", "auto", *FAST[2:]],
+                          cwd=ROOT, capture_output=True, text=True, timeout=TIME_LIMIT_S,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert 'train_gpt.py", line' not in output  # torchrun's own traceback is its report, not ours
+    lines = [line for line in output.splitlines() if "written by 1 process, this run has 2" in line]
+    assert 1 <= len(lines) <= 2 and len(set(lines)) == 1  # torchrun may stop a rank before it says it

@@ -1,0 +1,152 @@
+"""training/recipe.py: flags over presets, flags that explain and check themselves, the batch layout
+over processes, the schedules, the optimizer's groups."""
+
+import dataclasses
+
+import pytest
+
+from training import recipe
+
+FIELDS = {f.name: f for f in dataclasses.fields(recipe.TrainConfig)}
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def parse_error(capsys, *argv: str) -> str:
+    """The parser's stderr for argv, which must be refused with exit code 2."""
+    with pytest.raises(SystemExit) as refused:
+        recipe.parse_config(list(argv))
+    assert refused.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_flags_override_the_preset():
+    cfg = recipe.parse_config(["--preset", "speedrun", "--max-steps", "7", "--adam-betas", "0.9", "0.99"])
+    assert (cfg.model, cfg.max_steps, cfg.adam_betas, cfg.lr) == ("124m", 7, (0.9, 0.99), 0.05)
+    assert cfg.tokens_per_step == 393_216 and cfg.val_tokens == 10_485_760
+
+
+def test_lr_is_constant_then_cools_down_linearly_to_the_floor():
+    cfg = recipe.TrainConfig(max_steps=100, cooldown_frac=0.4, lr_floor=0.1)
+    assert recipe.lr_factor(0, cfg) == recipe.lr_factor(60, cfg) == 1.0
+    assert recipe.lr_factor(80, cfg) == pytest.approx(0.55)  # halfway down from 1 to 0.1
+    assert recipe.lr_factor(100, cfg) == pytest.approx(0.1)
+
+
+def test_momentum_warms_up_and_window_grows_in_blocks_of_128():
+    cfg = recipe.TrainConfig(max_steps=1000, momentum_start=0.85, momentum=0.95, momentum_warmup_steps=300,
+                                window_start=128, window_end=1792)
+    assert recipe.momentum_at(0, cfg) == 0.85 and recipe.momentum_at(150, cfg) == pytest.approx(0.90)
+    assert recipe.momentum_at(999, cfg) == 0.95
+    windows = [recipe.window_at(s, cfg) for s in range(0, 1001, 50)]
+    assert windows[0] == 128 and windows[-1] == 1792 and windows == sorted(windows)
+    assert all(w % 128 == 0 for w in windows)
+    assert recipe.window_at(5, recipe.TrainConfig()) is None  # demo: full causal attention
+
+
+def test_every_parameter_lands_in_exactly_one_optimizer_group():
+    from model import GPT, PRESETS
+
+    model = GPT(PRESETS["demo"])
+    optimizer = recipe.build_optimizer(model, recipe.TrainConfig())
+    ids = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters())
+    kinds = {g["kind"] for g in optimizer.param_groups}
+    assert kinds == {"hidden", "embed", "adam"}
+
+
+def test_lr_stays_constant_without_a_cooldown():
+    cfg = recipe.TrainConfig(max_steps=10, cooldown_frac=0.0)
+    assert [recipe.lr_factor(step, cfg) for step in (0, 9, 10)] == [1.0, 1.0, 1.0]
+
+
+def test_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        recipe.parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in FIELDS.values():
+        assert f.metadata["help"], f"{f.name} has no help text"
+        assert flag(f.name) in text and " ".join(f.metadata["help"].split()[:4]) in text
+
+
+@pytest.mark.parametrize("name", [n for n, f in FIELDS.items() if f.metadata["choices"]])
+def test_a_typo_in_a_choice_fails_at_parse_time_listing_the_choices(capsys, name):
+    error = parse_error(capsys, flag(name), "typo")
+    assert error.count("\n") == 1 and f"argument {flag(name)}: expected one of" in error
+    assert all(choice in error for choice in FIELDS[name].metadata["choices"])
+
+
+# A value just outside each range, and NaN, which no range holds.
+OUTSIDE = {recipe.AT_LEAST_1: "0", recipe.AT_LEAST_0: "-1", recipe.FRACTION: "1.5", recipe.BELOW_1: "1",
+           recipe.POSITIVE: "0"}
+
+
+@pytest.mark.parametrize("name", [n for n, f in FIELDS.items() if f.metadata["within"]])
+@pytest.mark.parametrize("bad", ["outside", "nan"])
+def test_a_number_out_of_range_fails_at_parse_time(capsys, name, bad):
+    within = FIELDS[name].metadata["within"]
+    value = OUTSIDE[within] if bad == "outside" else "nan"
+    values = [value] * (2 if name == "adam_betas" else 1)
+    error = parse_error(capsys, flag(name), *values)
+    assert error.count("\n") == 1 and f"argument {flag(name)}: expected" in error and str(within) in error
+
+
+def test_every_range_is_listed_with_a_value_outside_it():
+    assert {f.metadata["within"] for f in FIELDS.values()} - {None} == set(OUTSIDE)
+
+
+def test_an_abbreviated_flag_is_refused(capsys):
+    assert "unrecognized arguments: --max-step 1" in parse_error(capsys, "--max-step", "1")
+
+
+def test_a_device_name_is_checked_at_parse_time(capsys):
+    assert "expected auto, cpu, cuda, cuda:N or mps; got 'gpu'" in parse_error(capsys, "--device", "gpu")
+    assert recipe.parse_config(["--device", "cuda:1"]).device == "cuda:1"
+
+
+def test_a_window_that_shrinks_is_refused(capsys):
+    error = parse_error(capsys, "--window-start", "512", "--window-end", "256")
+    assert "--window-start 512 is past --window-end 256" in error
+
+
+def test_any_tuple_field_becomes_a_flag_of_that_many_values():
+    @dataclasses.dataclass
+    class Spec:
+        triple: tuple[int, int, int] = recipe.option((1, 2, 3), "three numbers", within=recipe.AT_LEAST_0)
+
+    spec = recipe.flag_spec(dataclasses.fields(Spec)[0])
+    assert spec["nargs"] == 3 and spec["type"]("7") == 7
+
+
+@pytest.mark.parametrize("preset", sorted(recipe.PRESETS_TRAIN))
+def test_every_preset_passes_the_checks_a_flag_gets(preset):
+    cfg = recipe.parse_config(["--preset", preset])
+    for name, value in recipe.PRESETS_TRAIN[preset].items():
+        assert getattr(cfg, name) == value and recipe.check(FIELDS[name], value) is None
+
+
+@pytest.mark.parametrize("processes, micro_batch", [(1, 8), (2, 4), (4, 2), (8, 1)])
+def test_the_demo_step_splits_over_processes_without_flags(processes, micro_batch):
+    layout = recipe.batch_layout(recipe.parse_config([]), processes)
+    assert layout == recipe.BatchLayout(micro_batch=micro_batch, grad_accum=1, val_batch=8)
+
+
+def test_a_step_that_cannot_split_names_the_flags_and_values_that_fit():
+    with pytest.raises(SystemExit) as refused:
+        recipe.batch_layout(recipe.parse_config([]), 3)
+    message = str(refused.value.code)
+    assert "--tokens-per-step 1024 is not a multiple of 3 processes x --seq-len 128 = 384" in message
+    assert "--val-tokens 8192 is not a multiple of 3 processes x --val-seq-len 128 = 384" in message
+    suggested = message.split("; try ")[1].split()
+    assert suggested == ["--tokens-per-step", "1152", "--val-tokens", "8064"]
+    layout = recipe.batch_layout(recipe.parse_config(suggested), 3)
+    assert layout == recipe.BatchLayout(micro_batch=3, grad_accum=1, val_batch=7)
+
+
+def test_batch_size_caps_the_micro_batch_and_accumulation_makes_up_the_step():
+    cfg = recipe.parse_config(["--batch-size", "3"])  # 8 sequences a step: 4 micro-batches of 2
+    assert recipe.batch_layout(cfg, 1) == recipe.BatchLayout(micro_batch=2, grad_accum=4, val_batch=2)
+    speedrun = recipe.parse_config(["--preset", "speedrun"])  # one 48k sequence per GPU per step
+    assert [recipe.batch_layout(speedrun, gpus).grad_accum for gpus in (1, 2, 4, 8)] == [8, 4, 2, 1]

@@ -1,0 +1,334 @@
+"""The training recipe: the run's config and its flags, the named presets, the schedules, the batch
+layout over processes, the optimizer's groups.
+
+train_gpt.py runs it; bench/ and experiments/ build the same optimizer and schedules from it. Every
+TrainConfig field is a flag (`adam_betas` -> `--adam-betas`) whose help, choices and range live with
+the field, so `--help` explains each one and a bad value fails at parse time with one line.
+"""
+
+import argparse
+import dataclasses
+import math
+import re
+import types
+import typing
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from model import GPT, PRESETS
+from optim import COEFFICIENTS, LR_SCALES, Muon
+
+
+@dataclass(frozen=True)
+class Interval:
+    """The numbers from low to high, each end included ("[", "]") or not ("(", ")"); never NaN or inf."""
+
+    low: float
+    high: float = math.inf
+    ends: str = "[]"
+
+    def __contains__(self, x: float) -> bool:
+        above = self.low < x if self.ends[0] == "(" else self.low <= x
+        below = x < self.high if self.ends[1] == ")" else x <= self.high
+        return math.isfinite(x) and above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.ends[0] == '(' else '>='} {self.low:g}"
+        return f"in {self.ends[0]}{self.low:g}, {self.high:g}{self.ends[1]}"
+
+
+AT_LEAST_1, AT_LEAST_0 = Interval(1), Interval(0)
+POSITIVE, FRACTION, BELOW_1 = Interval(0, ends="(]"), Interval(0, 1), Interval(0, 1, "[)")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+PRESETS_TRAIN: dict[str, dict] = {
+    # ~3 minutes on 2 CPU cores; validation loss falls from ~10.8 to well under half of that.
+    "demo": {},
+    # The 124M speedrun on FineWeb (docs/RECIPE.md): 1750 steps x 393,216 tokens; on 8 GPUs one
+    # 48k-token sequence per rank per step, on fewer GPUs the same step by gradient accumulation.
+    "speedrun": dict(
+        model="124m", data_dir="data/fineweb10B", max_steps=1750, tokens_per_step=8 * 48 * 1024,
+        batch_size=1, seq_len=48 * 1024, val_every=125, val_tokens=10_485_760, val_seq_len=256 * 1024,
+        log_every=1, lr=0.05, embed_lr=0.6, head_lr=0.22, scalar_lr=0.04, embed_map="adam",
+        lr_scale="muon", cooldown_frac=0.45, window_start=128, window_end=1792, sample_tokens=0,
+        warmup_kernel_steps=10,
+    ),
+}
+
+
+def option(default, help: str, *, choices=None, within: Interval | None = None):
+    """A TrainConfig field: its default (the demo's), help text, and the choices or range a flag takes."""
+    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, within=within))
+
+
+@dataclass
+class TrainConfig:
+    preset: str = option("demo", "a full recipe (model, data, batch, schedule, learning rates); the other "
+                         "flags override it", choices=tuple(PRESETS_TRAIN))
+    model: str = option("demo", "model shape (model/gpt.py PRESETS)", choices=tuple(PRESETS))
+    data_dir: str | None = option(None, "folder of shards *_train_*.bin and *_val_*.bin (default: the "
+                                  "offline demo corpus, built on first use)")
+    out_dir: str | None = option(None, "run folder: log.txt, metrics.jsonl, loss.png, checkpoints/ "
+                                 "(default: out/<preset>)")
+    seed: int = option(0, "seed of the weight init and the final sample; the same seed gives bit-identical "
+                       "losses on CPU", within=AT_LEAST_0)
+    device: str = option("auto", "auto (CUDA if visible, else CPU), cpu, cuda, cuda:N or mps")
+    compile: str = option("auto", "torch.compile the model (auto: on for CUDA)",
+                          choices=("auto", "on", "off"))
+    fsdp: bool = option(False, "shard parameters, gradients and optimizer state over the processes with "
+                        "FSDP2 (fully_shard; bf16 compute, fp32 gradient reduction on CUDA); checkpoints "
+                        "through torch.distributed.checkpoint")
+    # batch: tokens_per_step = processes x batch_size x seq_len x micro-batches (gradient accumulation)
+    max_steps: int = option(150, "optimizer steps of the run", within=AT_LEAST_1)
+    tokens_per_step: int = option(1024, "tokens per optimizer step, over all processes", within=AT_LEAST_1)
+    batch_size: int = option(8, "at most N sequences per micro-batch per process: a process's share of a "
+                             "step is split into the fewest equal micro-batches of at most N (gradient "
+                             "accumulation), validation likewise", within=AT_LEAST_1)
+    seq_len: int = option(128, "tokens per training sequence", within=AT_LEAST_1)
+    val_every: int = option(25, "validate every N steps (0: only at the end)", within=AT_LEAST_0)
+    val_tokens: int = option(8192, "validate on the first N tokens of the val split", within=AT_LEAST_1)
+    val_seq_len: int = option(128, "tokens per validation sequence", within=AT_LEAST_1)
+    log_every: int = option(10, "log the train loss every N steps (and the last step)", within=AT_LEAST_1)
+    # learning rates: constant, then a linear cooldown over the last cooldown_frac to lr_floor * lr
+    lr: float = option(0.05, "learning rate of the hidden matrices (Newton-Schulz)", within=AT_LEAST_0)
+    embed_lr: float = option(0.05, "learning rate of the token and value embeddings", within=AT_LEAST_0)
+    head_lr: float = option(0.008, "learning rate of the LM head (Adam)", within=AT_LEAST_0)
+    scalar_lr: float = option(0.04, "learning rate of gains, lambdas and skip weights (Adam)",
+                              within=AT_LEAST_0)
+    embed_map: str = option("dual", "embeddings by the embedding duality map, or by Adam",
+                            choices=("dual", "adam"))
+    lr_scale: str = option("spectral", "scale of a hidden matrix's update: spectral sqrt(d_out/d_in), muon "
+                           "sqrt(max(1, d_out/d_in)), rms 0.2 sqrt(max(d_out, d_in))",
+                           choices=tuple(LR_SCALES))
+    adam_betas: tuple[float, float] = option((0.8, 0.95), "Adam's beta1 beta2", within=BELOW_1)
+    adam_eps: float = option(1e-10, "Adam's epsilon", within=POSITIVE)
+    weight_decay: float = option(0.0, "decoupled weight decay (times the group's lr)", within=AT_LEAST_0)
+    warmup_steps: int = option(0, "steps of linear lr warm-up", within=AT_LEAST_0)
+    cooldown_frac: float = option(0.4, "final fraction of the run over which the lr falls linearly to "
+                                  "lr-floor x lr", within=FRACTION)
+    lr_floor: float = option(0.1, "lr at the end of the cooldown, as a fraction of the lr", within=FRACTION)
+    momentum: float = option(0.95, "Muon momentum after its warm-up", within=BELOW_1)
+    momentum_start: float = option(0.85, "Muon momentum at step 0, raised linearly to --momentum",
+                                   within=BELOW_1)
+    momentum_warmup_steps: int = option(300, "steps of the momentum warm-up", within=AT_LEAST_0)
+    ns_coefficients: str = option("muon", "Newton-Schulz coefficient set",
+                                  choices=tuple(sorted(COEFFICIENTS)))
+    ns_steps: int = option(5, "Newton-Schulz iterations", within=AT_LEAST_1)
+    # attention: the long window grows linearly from window_start to window_end (0: full causal attention)
+    window_start: int = option(0, "long attention window at step 0, in tokens (rounded up to 128)",
+                               within=AT_LEAST_0)
+    window_end: int = option(0, "long attention window at the last step (0: full causal attention)",
+                             within=AT_LEAST_0)
+    # end of run
+    sample_tokens: int = option(64, "tokens sampled after the last step (0: no sample)", within=AT_LEAST_0)
+    sample_prompt: str = option("The", "prompt of that sample")
+    plot: bool = option(True, "write loss.png at the end")
+    # checkpoints: <out-dir>/checkpoints/step_XXXXXX/
+    save_every: int = option(0, "checkpoint every N steps (0: only on SIGTERM/SIGINT or --exit-after-steps)",
+                             within=AT_LEAST_0)
+    resume: str = option("", "continue from a checkpoint: a step folder, a checkpoints/ folder, or auto "
+                         "(this --out-dir's latest; a new run if it has none)")
+    exit_after_steps: int = option(0, "save and exit after N steps of this invocation (for jobs with a "
+                                   "wall-clock limit; 0: off)", within=AT_LEAST_0)
+    # record mode: stop at the first validation at or below the target; timing excludes warm-up
+    target_val_loss: float = option(0.0, "record mode: stop at the first validation at or below this loss "
+                                    "and copy the log to records/ (0: off)", within=AT_LEAST_0)
+    warmup_kernel_steps: int = option(0, "untimed steps first (compile, autotune), whose effects are then "
+                                      "undone", within=AT_LEAST_0)
+    # wandb (rank 0, opt-in); WANDB_MODE=offline|disabled and WANDB_DIR are honoured
+    wandb: bool = option(False, "log to Weights & Biases (rank 0)")
+    wandb_project: str = option("modular-duality-speedrun", "wandb project")
+    run_name: str = option("", "wandb run name (default: wandb's)")
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`train_gpt.py: error: argument --x: ...`, exit 2), no abbreviations."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser(description: str | None = None) -> FlagParser:
+    """One flag per TrainConfig field, every default None: a flag given overrides the preset."""
+    parser = FlagParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), **flag_spec(f))
+    return parser
+
+
+def parse_config(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
+    """Flags override the preset, which overrides TrainConfig's defaults; every value is checked."""
+    parser = build_parser(description)
+    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    preset = args.pop("preset", "demo")
+    for name, value in PRESETS_TRAIN[preset].items():  # ours, but held to the same rules as a flag
+        f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+        if name not in args and (problem := check(f, value)):
+            parser.error(f"--preset {preset} sets {name} = {value!r}: {problem}")
+    cfg = TrainConfig(preset=preset, **{**PRESETS_TRAIN[preset], **args})
+    if cfg.window_end and cfg.window_start > cfg.window_end:
+        parser.error(f"--window-start {cfg.window_start} is past --window-end {cfg.window_end}; the window "
+                     f"grows from start to end")
+    return cfg
+
+
+def flag_spec(f: dataclasses.Field) -> dict:
+    """add_argument's keywords for a TrainConfig field, from its type and metadata alone."""
+    kind = f.type
+    if isinstance(kind, types.UnionType):  # X | None -> X
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    spec = dict(default=None, help=help_text(f))
+    if kind is bool:
+        return {**spec, "action": argparse.BooleanOptionalAction}
+    if f.metadata["choices"]:
+        spec["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+    if typing.get_origin(kind) is tuple:
+        items = typing.get_args(kind)
+        return {**spec, "nargs": len(items), "type": parser_of(f, items[0]), "action": StoreTuple}
+    return {**spec, "type": parser_of(f, kind)}
+
+
+class StoreTuple(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, tuple(values))
+
+
+def parser_of(f: dataclasses.Field, kind: type):
+    """Text -> value for one flag value, raising ArgumentTypeError (one line) where `check` objects."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        problem = check(f, value, text)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
+
+
+def check(f: dataclasses.Field, value, text: str | None = None) -> str | None:
+    """What is wrong with `value` for field f (its choices, range, or device syntax), or None."""
+    got = f"got {text if text is not None else value!r}"
+    choices, within = f.metadata["choices"], f.metadata["within"]
+    values = value if isinstance(value, tuple) else (value,)
+    if choices is not None and value not in choices:
+        return f"expected one of {', '.join(choices)}; {got}"
+    if within is not None and any(v is None or v not in within for v in values):
+        what = "an integer" if f.type in (int, int | None) else "a number"
+        return f"expected {what} {within}; {got}"
+    if f.name == "device" and not DEVICE.fullmatch(str(value)):
+        return f"expected auto, cpu, cuda, cuda:N or mps; {got}"
+    return None
+
+
+def help_text(f: dataclasses.Field) -> str:
+    """The field's help, with its range and its value in each preset (choices are its metavar)."""
+    parts = [f.metadata["help"]]
+    if f.metadata["within"] is not None:
+        parts.append(f"({f.metadata['within']})")
+    values = [f"default {f.default}"] if f.default not in (None, "") else []
+    values += [f"{name} {p[f.name]}" for name, p in PRESETS_TRAIN.items() if f.name in p]
+    if values and f.name != "preset":
+        parts.append(f"[{'; '.join(values)}]")
+    return " ".join(parts).replace("%", "%%")
+
+
+class BatchLayout(NamedTuple):
+    """How a step's tokens split over processes and micro-batches (gradient accumulation)."""
+
+    micro_batch: int  # sequences per micro-batch per process
+    grad_accum: int  # micro-batches per optimizer step
+    val_batch: int  # sequences per validation batch per process
+
+
+def batch_layout(cfg: TrainConfig, world_size: int) -> BatchLayout:
+    """Each process takes tokens_per_step / (world_size x seq_len) sequences a step, in the fewest equal
+    micro-batches of at most --batch-size sequences; validation likewise, with val_tokens and val_seq_len.
+
+    Where the token counts do not split over the processes, a one-line SystemExit names each flag that
+    does not fit and the nearest values that do.
+    """
+    processes = f"{world_size} process{'es' if world_size > 1 else ''}"
+    problems, fixes = [], []
+    splits = (("--tokens-per-step", cfg.tokens_per_step, "--seq-len", cfg.seq_len),
+              ("--val-tokens", cfg.val_tokens, "--val-seq-len", cfg.val_seq_len))
+    for flag, tokens, seq_flag, seq_len in splits:
+        if tokens % (world_size * seq_len):
+            problems.append(f"{flag} {tokens} is not a multiple of {processes} x {seq_flag} {seq_len} = "
+                            f"{world_size * seq_len}")
+            fixes.append(f"{flag} {max(1, round(tokens / (world_size * seq_len))) * world_size * seq_len}")
+    if problems:
+        raise SystemExit(f"error: {'; '.join(problems)}; try {' '.join(fixes)}")
+    rows = cfg.tokens_per_step // (world_size * cfg.seq_len)
+    micro_batch = largest_divisor(rows, at_most=cfg.batch_size)
+    val_batch = largest_divisor(cfg.val_tokens // (world_size * cfg.val_seq_len), at_most=cfg.batch_size)
+    return BatchLayout(micro_batch, rows // micro_batch, val_batch)
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier on every group's base lr: linear warm-up, constant, linear cooldown to lr_floor."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = step / cfg.max_steps
+    if progress < 1 - cfg.cooldown_frac or not cfg.cooldown_frac:
+        return 1.0
+    w = (1 - progress) / cfg.cooldown_frac
+    return w + (1 - w) * cfg.lr_floor
+
+
+def momentum_at(step: int, cfg: TrainConfig) -> float:
+    frac = min(step / cfg.momentum_warmup_steps, 1.0) if cfg.momentum_warmup_steps else 1.0
+    return (1 - frac) * cfg.momentum_start + frac * cfg.momentum
+
+
+def window_at(step: int, cfg: TrainConfig) -> int | None:
+    """Long attention window for this step, grown in multiples of 128 tokens (None: full causal)."""
+    if not cfg.window_end:
+        return None
+    size = cfg.window_start + (cfg.window_end - cfg.window_start) * step / cfg.max_steps
+    return int(128 * math.ceil(size / 128))
+
+
+def build_optimizer(model: GPT, cfg: TrainConfig) -> Muon:
+    """Route every parameter to the duality map of its layer kind.
+
+    hidden matrices (attention q/k/v/o, MLP fc/proj) -> Newton-Schulz; token and value embeddings ->
+    the embedding dual map (or Adam); LM head -> Adam; gains, lambdas, skip weights -> Adam.
+    """
+    hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
+    embeds = [model.embed.weight, *(t.weight for t in model.value_embeds)]
+    scalars = [p for p in model.parameters() if p.ndim < 2]
+    groups = [
+        dict(params=hidden, kind="hidden", lr=cfg.lr),
+        dict(params=embeds, kind="embed" if cfg.embed_map == "dual" else "adam", lr=cfg.embed_lr),
+        dict(params=[model.lm_head.weight], kind="adam", lr=cfg.head_lr),
+        dict(params=scalars, kind="adam", lr=cfg.scalar_lr),
+    ]
+    counted = sum(p.numel() for g in groups for p in g["params"])
+    assert counted == sum(p.numel() for p in model.parameters()), "a parameter is missing from the groups"
+    for group in groups:
+        group["initial_lr"] = group["lr"]  # the base that schedule() multiplies by lr_factor
+    return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                ns_steps=cfg.ns_steps, ns_coefficients=cfg.ns_coefficients, lr_scale=cfg.lr_scale,
+                adam_betas=cfg.adam_betas, adam_eps=cfg.adam_eps)
+
+
+def schedule(optimizer: Muon, step: int, cfg: TrainConfig) -> None:
+    """Set this step's lr in every group (its initial_lr × lr_factor) and momentum in the Muon groups."""
+    factor = lr_factor(step, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * factor
+        if group["kind"] != "adam":
+            group["momentum"] = momentum_at(step, cfg)
