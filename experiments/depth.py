@@ -5,7 +5,7 @@
 The bias-free ReLU MLP of experiments/mlp.py at one width and several depths L (number of Linear
 layers), orthogonal init, dualized SGD (no momentum), over a grid of learning rates (powers of 2):
   plain    every layer steps by lr in its RMS→RMS norm, so the whole step grows with L;
-  modular  layer l steps by lr·s_l with s_l its share from optim.modular: masses 1 per Linear,
+  modular  layer l steps by lr·s_l with s_l its share from experiments.modular: masses 1 per Linear,
            ReLU sensitivity 1, so s_l = 1/L and the step is lr in the modular norm at every depth.
 The score is the train-set cross-entropy after the last step; the claim (Large et al. 2024) is that
 with the shares the best lr no longer depends on depth, while without them it falls about as 1/L.

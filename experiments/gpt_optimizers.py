@@ -1,272 +1,324 @@
-"""Optimizers head to head on the speedrun GPT: how many steps each needs to reach AdamW's final val loss.
+"""Optimizers head to head on the speedrun GPT: final val loss, and steps to reach AdamW's final loss.
 
-    python -m experiments.gpt_optimizers [--quick] [--steps N] [--out DIR] [--figure PNG]
+    python -m experiments.gpt_optimizers [--quick] [--workers N] [--contenders a,b] [--out DIR] [--figure PNG]
+    python -m experiments.gpt_optimizers [--quick] --run CONTENDER:GROUP=K,... [--seed S]   # one run
 
-Every contender trains the same small model/gpt.py GPT (same init, same batches, same steps, the
-lr schedule of train_gpt.lr_factor: constant, then a linear cooldown over the last 40% to 0.1×):
-  adamw               torch.optim.AdamW on every parameter
-  muon                optim.Muon as train_gpt.build_optimizer makes it: hidden matrices by Newton–Schulz
-                      (speedrun quintic, lr_scale √(d_out/d_in)), embeddings, head and scalars by Adam
-  muon_embed_dual     the same, token and value embeddings by the embedding duality map (lr = matrix lr)
-  muon_polar_express  as muon, with the Polar Express coefficients
-  torch_muon          torch.optim.Muon on the hidden matrices (bf16 Newton–Schulz, forced; its "original"
-                      scale √max(1, d_out/d_in)), torch.optim.AdamW on the rest
-All Adam parts use betas (0.9, 0.95), eps 1e-8; no weight decay anywhere; Muon momentum 0.95 (Nesterov).
-Protocol: AdamW sweeps its lr first; every other contender gives its Adam-handled parameters AdamW's
-best lr and sweeps its matrix lr. Sweeps are powers of 2; while the best lr sits at an edge of the
-grid, the grid grows one point past it (at most twice). A contender's best run has the lowest final
-val loss; for it we report the first step at which its val loss (evaluated every eval_every steps,
-linearly interpolated) reaches AdamW's final val loss.
+Every contender trains the same model.GPT (same init for a seed, same batches, the schedule of
+experiments/gpt_train.py: constant lr then a cooldown, momentum warm-up 0.85 → 0.95) on fresh tokens
+of the stdlib corpus (data.stdlib_corpus), never repeating one. Param groups: hidden (the blocks'
+matrices), embed (token and value embeddings), head (lm_head), scalars (gains, lambdas, skip weights).
 
-Data: the offline demo corpus (data.demo: CPython's docs, GPT-2 tokens). Its train split uses only
-~5k distinct ids, so the ids are compacted to those (in id order) plus one shared id for val tokens
-never seen in training: the 50304-wide head would otherwise cost ten times as much on the CPU and
-learn nothing from the unused rows. Needs the GPT-2 tokenizer only if the demo shards are not built.
+  adamw                        torch.optim.AdamW on every parameter, one lr ("all")
+  muon                         the speedrun's split: hidden by Newton–Schulz (speedrun quintic, lr_scale
+                               "muon" √max(1, d_out/d_in)); embed and head by Adam
+  muon_embed_dual              as muon, embed by the embedding duality map (unit-RMS rows)
+  muon_embed_dual_head_linear  as muon_embed_dual, head by the Linear map √(d_out/d_in)·U Vᵀ
+  muon_embed_dual_head_sign    as muon_embed_dual, head by the sign map sign(G)/d_in
+  muon_polar_express           as muon, with the Polar Express coefficients
+  torch_muon                   torch.optim.Muon on hidden (bf16 Newton–Schulz, its "original" scale),
+                               torch.optim.AdamW on embed and head
+Every group with a map of its own has an lr of its own. Scalars: Adam at the speedrun's lr 0.04 in
+every contender but adamw (the same map everywhere, not swept). Adam parts: the speedrun's betas
+(0.8, 0.95) and eps 1e-10; the adamw baseline: betas (0.9, 0.95), eps 1e-8. No weight decay.
+
+Protocol: lrs are powers of 2, written as log2. A contender sweeps its groups one at a time, in the
+order of its `swept`, from its start (or, for one marked `after`, from that contender's best): three
+points around the current best, the other groups held, grown one point past an edge holding the
+best, at most max_extend times. Its best setting (lowest final val loss, seed 0) is then run with
+the other seeds. Steps to AdamW's final loss are paired by seed: the first step (val every
+eval_every steps, interpolated) at which seed s's val loss reaches AdamW seed s's final val loss.
+Every run's record holds the command that repeats it.
 """
 
-import dataclasses
+import functools
 import math
 import sys
-import time
-from itertools import pairwise, takewhile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
-from data.demo import demo_shards
-from data.loader import TokenLoader, validation_batches
-from data.shards import ShardError, list_shards, read_shard
-from data.tokenizer import EOT, TokenizerUnavailable
-from experiments.report import (
-    experiment_parser,
-    finish,
-    finite_or_none,
-    integer_ticks,
-    mode_settings,
-    output_paths,
-    pyplot,
-    save_figure,
-    torch_threads,
+from data.prepare import PrepareError
+from data.shards import ShardError
+from data.tokenizer import TokenizerUnavailable
+from experiments.gpt_train import (
+    Optimizers,
+    Runner,
+    loss_or_inf,
+    mean_std,
+    stdlib_corpus,
+    steps_to_reach,
+    sweep_log2,
+    train,
 )
+from experiments.report import experiment_parser, finish, output_paths, pyplot, save_figure, torch_threads
 from model import GPT, GPTConfig
-from training import recipe as train_gpt
+from optim import Muon
 
 NAME = "gpt_optimizers"
-ADAM = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+ADAMW = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+SPEEDRUN_ADAM = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=0.0)
+SCALAR_LR = 0.04
+
+
+@dataclass(frozen=True)
+class Contender:
+    label: str
+    family: str  # adamw | muon | torch_muon
+    swept: tuple[str, ...]  # groups whose lr is swept, in sweep order
+    start: dict[str, int] = field(default_factory=dict)  # log2 lrs, over the best of `after`
+    after: str | None = None
+    embed: str = "adam"  # Muon kinds of the embed and head groups
+    head: str = "adam"
+    ns_coefficients: str = "muon"
+
+
 CONTENDERS = {
-    "adamw": "AdamW",
-    "muon": "Muon (quintic), embed Adam",
-    "muon_embed_dual": "Muon (quintic), embed dual",
-    "muon_polar_express": "Muon (Polar Express), embed Adam",
-    "torch_muon": "torch.optim.Muon + AdamW",
+    "adamw": Contender("AdamW", "adamw", ("all",), {"all": -6}),
+    "muon": Contender("Muon, embed+head Adam (speedrun)", "muon", ("hidden", "embed", "head"),
+                      {"hidden": -6, "embed": -4, "head": -6}),
+    "muon_embed_dual": Contender("Muon, embed dual, head Adam", "muon", ("embed", "hidden"),
+                                 {"embed": -4}, after="muon", embed="embed"),
+    "muon_embed_dual_head_linear": Contender("Muon, embed dual, head Linear", "muon", ("head",),
+                                             {"head": -3}, after="muon_embed_dual", embed="embed",
+                                             head="head_linear"),
+    "muon_embed_dual_head_sign": Contender("Muon, embed dual, head sign", "muon", ("head",),
+                                           {"head": 0}, after="muon_embed_dual", embed="embed",
+                                           head="head_sign"),
+    "muon_polar_express": Contender("Muon (Polar Express), embed+head Adam", "muon", ("hidden",),
+                                    after="muon", ns_coefficients="polar_express"),
+    "torch_muon": Contender("torch.optim.Muon + AdamW", "torch_muon", ("hidden",), after="muon"),
 }
 SETTINGS = {
-    # n_layer 2, dim 64 keeps torch.optim.Muon's bf16 Newton–Schulz (~100x slower than float32 on
-    # this CPU) from dominating; the head over the compacted vocabulary still costs the most.
-    "full": dict(model=dict(n_layer=2, dim=64, n_head=2, head_dim=32), seq_len=128, batch_size=8,
-                 steps=200, eval_every=20, val_tokens=8192,
-                 log2_lrs={"adamw": [-8, -7, -6], "muon": [-5, -4, -3], "muon_embed_dual": [-5, -4, -3],
-                           "muon_polar_express": [-5, -4, -3], "torch_muon": [-6, -5, -4]},
-                 max_extend=2),
-    "quick": dict(model=dict(n_layer=2, dim=32, n_head=2, head_dim=16), seq_len=32, batch_size=4,
-                  steps=16, eval_every=8, val_tokens=2048,
-                  log2_lrs={"adamw": [-7, -5], "muon": [-4, -2], "muon_embed_dual": [-4, -2],
-                            "muon_polar_express": [-4, -2], "torch_muon": [-5, -3]},
-                  max_extend=0),
+    # 1000 steps × 16 × 128 = 2.05M train tokens of the 4.2M; why this shape: docs/EXPERIMENTS.md
+    "full": dict(model=dict(n_layer=2, dim=64, n_head=2, head_dim=32, value_embeds=1), vocab_size=1024,
+                 seq_len=128, batch_size=16, steps=1000, eval_every=50, val_tokens=32768, max_extend=3,
+                 seeds=[0, 1, 2]),
+    "quick": dict(model=dict(n_layer=2, dim=32, n_head=1, head_dim=32, value_embeds=1), vocab_size=256,
+                  seq_len=32, batch_size=4, steps=6, eval_every=3, val_tokens=512, max_extend=0,
+                  seeds=[0, 1]),
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Corpus:
-    """Train/val shards and the map from GPT-2 ids to the compact vocabulary."""
-
-    train_files: list
-    val_files: list
-    lookup: torch.Tensor  # (65536,) int64: GPT-2 id -> compact id
-    vocab_size: int
-
-
-def compact_corpus(root) -> Corpus:
-    """The demo shards with ids compacted: ids seen in train → 0..n-1 in id order, all others → n."""
-    train_files, val_files = list_shards(root, "train"), list_shards(root, "val")
-    seen = np.unique(np.concatenate([np.asarray(read_shard(f)) for f in train_files]))
-    lookup = np.full(2**16, len(seen), dtype=np.int64)
-    lookup[seen] = np.arange(len(seen))
-    return Corpus(train_files, val_files, torch.from_numpy(lookup), len(seen) + 1)
-
-
-def make_optimizers(contender: str, model: GPT, lr: float, adam_lr: float) -> list[torch.optim.Optimizer]:
-    """The optimizer(s) of one contender; lr is its swept lr, adam_lr that of its Adam-handled params."""
-    if contender == "adamw":
-        return [torch.optim.AdamW(model.parameters(), lr=lr, **ADAM)]
-    if contender == "torch_muon":
-        hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
-        hidden_ids = {id(p) for p in hidden}
-        rest = [p for p in model.parameters() if id(p) not in hidden_ids]
-        return [torch.optim.Muon(hidden, lr=lr, weight_decay=0.0, momentum=0.95, nesterov=True),
-                torch.optim.AdamW(rest, lr=adam_lr, **ADAM)]
-    dual_embed = contender == "muon_embed_dual"
-    cfg = train_gpt.TrainConfig(
-        lr=lr, embed_lr=lr if dual_embed else adam_lr, head_lr=adam_lr, scalar_lr=adam_lr,
-        embed_map="dual" if dual_embed else "adam", lr_scale="spectral", momentum=0.95,
-        ns_coefficients="polar_express" if contender == "muon_polar_express" else "muon",
-        adam_betas=ADAM["betas"], adam_eps=ADAM["eps"], weight_decay=0.0,
-    )
-    return [train_gpt.build_optimizer(model, cfg)]
+def make_optimizers(name: str, model: GPT, lrs: dict[str, float]) -> Optimizers:
+    """The optimizers of contender `name` with group lrs `lrs`, and the groups with momentum warm-up."""
+    contender = CONTENDERS[name]
+    if contender.family == "adamw":
+        return Optimizers([torch.optim.AdamW(model.parameters(), lr=lrs["all"], **ADAMW)], [])
+    hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
+    embed = [model.embed.weight, *(table.weight for table in model.value_embeds)]
+    scalars = [p for p in model.parameters() if p.ndim < 2]
+    head = [model.lm_head.weight]
+    if contender.family == "torch_muon":
+        muon = torch.optim.Muon(hidden, lr=lrs["hidden"], weight_decay=0.0, nesterov=True)
+        adam = torch.optim.AdamW([dict(params=embed, lr=lrs["embed"]), dict(params=head, lr=lrs["head"]),
+                                  dict(params=scalars, lr=SCALAR_LR)], **SPEEDRUN_ADAM)
+        return Optimizers([muon, adam], muon.param_groups)
+    muon = Muon([dict(params=hidden, kind="hidden", lr=lrs["hidden"]),
+                 dict(params=embed, kind=contender.embed, lr=lrs["embed"]),
+                 dict(params=head, kind=contender.head, lr=lrs["head"]),
+                 dict(params=scalars, kind="adam", lr=SCALAR_LR)],
+                lr_scale="muon", ns_coefficients=contender.ns_coefficients, weight_decay=0.0,
+                adam_betas=SPEEDRUN_ADAM["betas"], adam_eps=SPEEDRUN_ADAM["eps"])
+    return Optimizers([muon], [g for g in muon.param_groups if g["kind"] != "adam"])
 
 
-def train_run(contender: str, lr: float, adam_lr: float, corpus: Corpus, settings: dict, seed: int) -> dict:
-    """One training run; its val curve [(step, loss)], final val loss (None if it diverged) and time."""
-    config = GPTConfig(vocab_size=corpus.vocab_size, max_seq_len=settings["seq_len"], value_embeds=1,
-                       bos_token=int(corpus.lookup[EOT]), **settings["model"])
+def run_spec(spec: dict) -> dict:
+    """One training run: spec = {"mode", "contender", "log2_lrs", "seed"}; what it gives and its command."""
+    settings = SETTINGS[spec["mode"]]
+    corpus = _corpus(spec["mode"] == "quick", settings["vocab_size"])
+    config = GPTConfig(vocab_size=corpus.vocab_size, max_seq_len=settings["seq_len"],
+                       bos_token=corpus.bos, **settings["model"])
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        torch.manual_seed(spec["seed"])
         model = GPT(config)
-    optimizers = make_optimizers(contender, model, lr, adam_lr)
-    groups = [g for opt in optimizers for g in opt.param_groups]
-    base_lrs = [g["lr"] for g in groups]
-    schedule = train_gpt.TrainConfig(max_steps=settings["steps"])
-    loader = TokenLoader(corpus.train_files, settings["batch_size"], settings["seq_len"])
-    val = [(corpus.lookup[x], corpus.lookup[y]) for x, y in validation_batches(
-        corpus.val_files, settings["batch_size"], settings["seq_len"], settings["val_tokens"])]
-    curve = [(0, evaluate(model, val))]
-    start = time.perf_counter()
-    for step in range(settings["steps"]):
-        for group, base in zip(groups, base_lrs, strict=True):
-            group["lr"] = base * train_gpt.lr_factor(step, schedule)
-        x, y = loader.next_batch()
-        loss = model(corpus.lookup[x], corpus.lookup[y])
-        if not torch.isfinite(loss):
-            break
-        loss.backward()
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if (step + 1) % settings["eval_every"] == 0 or step + 1 == settings["steps"]:
-            curve.append((step + 1, evaluate(model, val)))
-    diverged = curve[-1][0] != settings["steps"] or not math.isfinite(curve[-1][1])
-    return {"lr": lr, "adam_lr": adam_lr, "val_curve": [(s, finite_or_none(v)) for s, v in curve],
-            "final_val_loss": None if diverged else curve[-1][1], "seconds": time.perf_counter() - start}
+    lrs = {group: 2.0 ** k for group, k in spec["log2_lrs"].items()}
+    result = train(model, make_optimizers(spec["contender"], model, lrs), corpus, settings)
+    return {"command": run_command(spec), **spec, **result}
 
 
-@torch.no_grad()
-def evaluate(model: GPT, batches: list) -> float:
-    model.eval()
-    loss = sum(model(x, y).item() for x, y in batches) / len(batches)
-    model.train()
-    return loss
+@functools.cache
+def _corpus(quick: bool, vocab_size: int):
+    return stdlib_corpus(quick, vocab_size)
 
 
-def sweep(run_at, log2_lrs: list[int], max_extend: int) -> list[dict]:
-    """Runs at lr = 2^k for k in log2_lrs, extended one point past an edge that holds the best."""
-    runs = {k: run_at(2.0**k) for k in log2_lrs}
-    for _ in range(max_extend):
-        best = min(runs, key=lambda k: (_loss_or_inf(runs[k]), k))
-        if best not in (min(runs), max(runs)):
-            break
-        k = best - 1 if best == min(runs) else best + 1
-        runs[k] = run_at(2.0**k)
-    return [runs[k] for k in sorted(runs)]
+def run_command(spec: dict) -> str:
+    lrs = ",".join(f"{group}={k}" for group, k in spec["log2_lrs"].items())
+    quick = " --quick" if spec["mode"] == "quick" else ""
+    return f"python -m experiments.{NAME}{quick} --run {spec['contender']}:{lrs} --seed {spec['seed']}"
 
 
-def _loss_or_inf(run: dict) -> float:
-    return math.inf if run["final_val_loss"] is None else run["final_val_loss"]
+def parse_run(text: str) -> tuple[str, dict[str, int]]:
+    """--run CONTENDER:GROUP=K,... → (contender, {group: log2 lr}), checked against the contender."""
+    name, _, lrs = text.partition(":")
+    if name not in CONTENDERS:
+        raise ValueError(f"--run {text!r}: unknown contender {name!r}; use one of {', '.join(CONTENDERS)}")
+    try:
+        log2_lrs = {group: int(k) for group, k in (item.split("=") for item in lrs.split(","))}
+    except ValueError:
+        raise ValueError(f"--run {text!r}: expected CONTENDER:GROUP=K,... with integer K (lr 2^K)") from None
+    groups = _groups(CONTENDERS[name])
+    if set(log2_lrs) != groups:
+        raise ValueError(f"--run {text!r}: {name} needs an lr for each of {sorted(groups)}")
+    return name, log2_lrs
 
 
-def steps_to_reach(curve: list, target: float) -> float | None:
-    """First step at which the val curve reaches `target`, interpolating linearly between evaluations.
-
-    None if it never does; a NaN evaluation (None) ends the curve, as divergence ends a run.
-    """
-    valid = list(takewhile(lambda point: point[1] is not None, curve))
-    if valid and valid[0][1] <= target:
-        return valid[0][0]
-    for (s0, v0), (s1, v1) in pairwise(valid):
-        if v1 <= target:
-            return s1 - (s1 - s0) * (target - v1) / (v0 - v1)
-    return None
+def _groups(contender: Contender) -> set[str]:
+    return {"all"} if contender.family == "adamw" else {"hidden", "embed", "head"}
 
 
-def run(corpus: Corpus, settings: dict, seed: int) -> dict:
-    """AdamW's sweep, then every other contender's with AdamW's best lr for its Adam part."""
-    contenders: dict[str, dict] = {}
-    adam_lr = None
-    for contender, label in CONTENDERS.items():
-        def run_at(lr, contender=contender, adam_lr=adam_lr):  # AdamW itself has no adam_lr yet
-            result = train_run(contender, lr, adam_lr or lr, corpus, settings, seed)
-            print(f"{contender:18s} lr {lr:.5f}: final val loss {result['final_val_loss']} "
-                  f"({result['seconds']:.0f}s)", flush=True)
-            return result
+def sweep_contender(name: str, runner: Runner, mode: str, bests: dict) -> dict:
+    """One contender's coordinate sweeps from its start, then its best setting at every seed."""
+    settings, contender = SETTINGS[mode], CONTENDERS[name]
+    best = dict(bests[contender.after].result()["best_log2_lrs"]) if contender.after else {}
+    best.update(contender.start)
+    sweeps = {}
+    for group in contender.swept:
+        seed0 = dict(mode=mode, contender=name, seed=0)
+        run_at = functools.partial(_submit_at, runner, seed0, best.copy(), group)
+        runs = sweep_log2(run_at, best[group], settings["max_extend"])
+        best[group] = min(runs, key=lambda k, runs=runs: (loss_or_inf(runs[k]), k))
+        sweeps[group] = [{"log2_lr": k, "final_val_loss": run["final_val_loss"]} for k, run in runs.items()]
+        print(f"{name} {group} sweep: {[(k, r['final_val_loss']) for k, r in runs.items()]}", flush=True)
+    seeds = [runner.submit(dict(mode=mode, contender=name, log2_lrs=best, seed=s)) for s in settings["seeds"]]
+    return {"label": contender.label, "best_log2_lrs": best, "sweeps": sweeps,
+            "seeds": [f.result() for f in seeds]}
 
-        runs = sweep(run_at, settings["log2_lrs"][contender], settings["max_extend"])
-        best = min(runs, key=_loss_or_inf)
-        contenders[contender] = {"label": label, "runs": runs, "best": best}
-        if contender == "adamw":
-            adam_lr = best["lr"]
-    target = contenders["adamw"]["best"]["final_val_loss"]
-    for result in contenders.values():
-        result["steps_to_adamw_final"] = (None if target is None
-                                          else steps_to_reach(result["best"]["val_curve"], target))
-    return {"adamw_final_val_loss": target, "contenders": contenders}
+
+def _submit_at(runner: Runner, spec: dict, held: dict[str, int], group: str, k: int):
+    return runner.submit({**spec, "log2_lrs": {**held, group: k}})
+
+
+def run(runner: Runner, mode: str, names: list[str], workers: int) -> dict:
+    """Every contender of `names` (in dependency order), concurrently when workers > 1; the summary."""
+    results: dict = {}
+    with ThreadPoolExecutor(len(names) if workers > 1 else 1) as drivers:
+        for name in names:
+            results[name] = drivers.submit(sweep_contender, name, runner, mode, results)
+        contenders = {name: future.result() for name, future in results.items()}
+    return {"contenders": contenders, "summary": summarize(contenders)}
+
+
+def summarize(contenders: dict) -> dict:
+    """Per contender, over seeds: final val loss and steps to AdamW's (paired by seed) as mean ± std;
+    the paired difference of final val loss from the speedrun split's, where it ran."""
+    targets = {run["seed"]: run["final_val_loss"] for run in contenders["adamw"]["seeds"]}
+    reference = {run["seed"]: run["final_val_loss"] for run in contenders.get("muon", {}).get("seeds", [])}
+    summary = {}
+    for name, result in contenders.items():
+        finals = [run["final_val_loss"] for run in result["seeds"]]
+        steps = [None if targets[run["seed"]] is None
+                 else steps_to_reach(run["val_curve"], targets[run["seed"]]) for run in result["seeds"]]
+        diffs = [run["final_val_loss"] - reference[run["seed"]] for run in result["seeds"]
+                 if reference.get(run["seed"]) is not None and run["final_val_loss"] is not None]
+        summary[name] = {
+            "final_val_loss": mean_std([f for f in finals if f is not None]),
+            "diverged_seeds": sum(f is None for f in finals),
+            "steps_to_adamw_final": mean_std([s for s in steps if s is not None]),
+            "seeds_reaching_adamw_final": sum(s is not None for s in steps),
+            "minus_speedrun_split": mean_std(diffs) if reference else None,
+        }
+    return summary
 
 
 def plot(results: dict, path):
-    """Left: final val loss against lr per contender. Right: each best run's val curve, target marked."""
+    """Sweeps (every group of every contender), seed-mean val curves, and the two scores per contender."""
     plt = pyplot()
-    fig, (sweeps, curves) = plt.subplots(1, 2, figsize=(10, 4))
-    target = results["adamw_final_val_loss"]
-    for contender in results["contenders"].values():
-        points = [(math.log2(r["lr"]), r["final_val_loss"]) for r in contender["runs"]
-                  if r["final_val_loss"] is not None]
-        line, = sweeps.plot(*zip(*points, strict=True), "o-", ms=3, label=contender["label"])
-        best = contender["best"]
-        if best["final_val_loss"] is not None:
-            sweeps.plot(math.log2(best["lr"]), best["final_val_loss"], "*", ms=13, color=line.get_color(),
-                        mec="k")
-        steps, losses = zip(*[(s, v) for s, v in best["val_curve"] if v is not None], strict=True)
-        reached = contender["steps_to_adamw_final"]
-        label = f"{contender['label']}: " + (f"{reached:.0f} steps" if reached is not None else "not reached")
-        curves.plot(steps[1:], losses[1:], "o-", ms=3, color=line.get_color(), label=label)
-    sweeps.set(xlabel="log2 lr (AdamW: its lr; others: the matrix lr)", ylabel="final val loss",
-               title="lr sweeps (best starred)")
-    integer_ticks(sweeps)
+    fig, ((sweeps, curves), (finals, steps)) = plt.subplots(2, 2, figsize=(12, 8))
+    contenders, summary = results["contenders"], results["summary"]
+    colors = dict(zip(contenders, plt.get_cmap("tab10").colors, strict=False))
+    styles = {"all": "-", "hidden": "-", "embed": "--", "head": ":"}
+    for name, result in contenders.items():
+        for group, points in result["sweeps"].items():
+            finite = [(p["log2_lr"], p["final_val_loss"]) for p in points if p["final_val_loss"] is not None]
+            if finite:
+                sweeps.plot(*zip(*finite, strict=True), "o", ls=styles[group], ms=3, color=colors[name],
+                            label=f"{name}: {group}")
+        runs = result["seeds"]
+        steps_axis = [s for s, _ in runs[0]["val_curve"]]
+        losses = [[math.nan if v is None else v for _, v in r["val_curve"]] for r in runs]
+        curves.plot(steps_axis[1:], [sum(at) / len(at) for at in zip(*losses, strict=True)][1:],
+                    color=colors[name], label=result["label"])
+    target = summary["adamw"]["final_val_loss"]
     if target is not None:
-        curves.axhline(target, color="k", ls=":", lw=1, label="AdamW's final val loss")
-    curves.set(xlabel="step", ylabel="val loss", title="best run of each: steps to AdamW's final loss")
-    for ax in (sweeps, curves):
+        curves.axhline(target[0], color="k", ls=":", lw=1, label="AdamW's final (seed mean)")
+    names = list(contenders)
+    scores = ((finals, "final_val_loss", "final val loss"),
+              (steps, "steps_to_adamw_final", "steps to AdamW's final val loss (same seed)"))
+    for ax, key, title in scores:
+        for i, name in enumerate(names):
+            if summary[name][key] is not None:
+                mean, std = summary[name][key]
+                ax.errorbar(i, mean, yerr=std, fmt="o", capsize=4, color=colors[name])
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=7)
+        ax.set(title=title, ylabel="mean ± std over seeds")
+    sweeps.set(xlabel="log2 lr of the group swept", ylabel="final val loss (seed 0)", title="lr sweeps")
+    curves.set(xlabel="step", ylabel="val loss", title="best setting, mean over seeds")
+    if target is not None:
+        curves.set_ylim(top=target[0] + 1.5)  # the first evaluations, far above, would flatten the rest
+    for ax in (sweeps, curves, finals, steps):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    settings = results["settings"]
-    fig.suptitle(f"GPT n_layer {settings['model']['n_layer']}, dim {settings['model']['dim']}, "
-                 f"{settings['steps']} steps of {settings['batch_size']}×{settings['seq_len']} tokens, "
-                 f"demo corpus (vocab compacted to {results['vocab_size']})", fontsize=8)
+    sweeps.legend(fontsize=6, ncol=2)
+    curves.legend(fontsize=7)
+    s = results["settings"]
+    fig.suptitle(f"GPT n_layer {s['model']['n_layer']}, dim {s['model']['dim']}, {s['steps']} steps of "
+                 f"{s['batch_size']}×{s['seq_len']} tokens, stdlib corpus (vocab compacted to "
+                 f"{s['vocab_size']}, {100 * results['coverage']:.1f}% of train tokens keep their id)",
+                 fontsize=8)
     return save_figure(fig, path)
+
+
+def with_dependencies(names: list[str]) -> list[str]:
+    """`names` with AdamW and every contender they start after, in dependency order."""
+    wanted, stack = set(), ["adamw", *names]
+    while stack:
+        name = stack.pop()
+        if name not in CONTENDERS:
+            raise ValueError(f"--contenders: unknown contender {name!r}; use some of {', '.join(CONTENDERS)}")
+        if name not in wanted:
+            wanted.add(name)
+            stack += [CONTENDERS[name].after] if CONTENDERS[name].after else []
+    return [name for name in CONTENDERS if name in wanted]  # CONTENDERS lists each after its `after`
 
 
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     parser = experiment_parser(__doc__)
-    parser.add_argument("--steps", type=int, default=None, help="training steps per run")
+    parser.add_argument("--workers", type=int, default=1, help="processes running runs at once (default 1)")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help="comma-separated contenders (AdamW and those they start after are added)")
+    parser.add_argument("--run", default=None, metavar="CONTENDER:GROUP=K,...",
+                        help="only one run, at lr 2^K for each group, with --seed; print its final val loss")
     args = parser.parse_args(argv)
-    settings = mode_settings(args, SETTINGS)
-    if args.steps is not None:
-        if args.steps < 1:
-            parser.error(f"--steps must be >= 1, got {args.steps}")
-        settings.update(steps=args.steps, eval_every=max(1, args.steps // 10))
-    paths = output_paths(args, NAME)
+    mode = "quick" if args.quick else "full"
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
     try:
-        corpus = compact_corpus(demo_shards())
-    except (ShardError, TokenizerUnavailable) as err:
+        names = with_dependencies(args.contenders.split(","))
+        single = parse_run(args.run) if args.run else None
+    except ValueError as err:
+        parser.error(str(err))
+    try:
+        corpus = _corpus(args.quick, SETTINGS[mode]["vocab_size"])
+    except (PrepareError, ShardError, TokenizerUnavailable) as err:
         raise SystemExit(f"error: {err}") from None
-    print(f"demo corpus, vocabulary compacted to {corpus.vocab_size} ids")
-    with torch_threads(args.threads):
-        outcome = run(corpus, settings, args.seed)
-    for contender in outcome["contenders"].values():
-        best = contender["best"]
-        print(f"{contender['label']:34s} best lr {best['lr']:.5f}, final val loss {best['final_val_loss']}, "
-              f"steps to AdamW's final {contender['steps_to_adamw_final']}")
-    return finish(NAME, argv, args, paths, {"vocab_size": corpus.vocab_size, "settings": settings, **outcome},
-                  plot)
+    if single:
+        with torch_threads(args.threads):
+            result = run_spec(dict(mode=mode, contender=single[0], log2_lrs=single[1], seed=args.seed))
+        print(f"{result['command']}: final val loss {result['final_val_loss']}")
+        return result
+    paths = output_paths(args, NAME)
+    runner = Runner(run_spec, paths[0].with_suffix(".runs.jsonl"), args.workers, args.threads)
+    try:
+        with torch_threads(args.threads):
+            outcome = run(runner, mode, names, args.workers)
+    finally:
+        runner.close()
+    for name, row in outcome["summary"].items():
+        print(f"{name:28s} {outcome['contenders'][name]['best_log2_lrs']} {row}")
+    results = {"settings": SETTINGS[mode], "coverage": corpus.coverage, **outcome}
+    return finish(NAME, argv, args, paths, results, plot)
+
 
 if __name__ == "__main__":
     main()

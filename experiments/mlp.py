@@ -5,7 +5,7 @@
 dual:      W_l starts as √(d_out/d_in)·(a random semi-orthogonal matrix), so its RMS→RMS norm is 1,
            and steps by lr·√(d_out/d_in)·U Vᵀ of its gradient G = U Σ Vᵀ: dualized SGD, which is
            optim.Muon with momentum 0 and lr_scale "spectral" (U Vᵀ by 5 Newton–Schulz steps);
-           optionally each layer's lr is scaled by its modular-norm share (optim.modular);
+           optionally each layer's lr is scaled by its modular-norm share (experiments.modular);
 standard:  PyTorch's default init, W ~ U(±1/√d_in) (standard parameterization), trained by
            torch.optim.Adam (betas 0.9, 0.999) with one lr for every layer.
 Both decay the lr linearly to 0 over the run and draw minibatches uniformly with replacement.
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from experiments.datasets import Classification
+from experiments.modular import chain, modular_groups
 from optim import Muon
-from optim.modular import chain, modular_groups
 
 
 def mlp(d_in: int, width: int, d_out: int, depth: int = 3) -> nn.Sequential:

@@ -79,7 +79,7 @@ def finish(name: str, argv: list[str], args: argparse.Namespace, paths: tuple[Pa
     """Write the results JSON (with the experiment, mode and seed) and plot(results, figure path)."""
     json_path, png_path = paths
     results = {"experiment": name, "mode": "quick" if args.quick else "full", "seed": args.seed, **results}
-    write_results(json_path, name, argv, results)
+    write_results(json_path, name, argv, results, args.threads)
     plot(results, png_path)
     print(f"results {json_path}, figure {png_path}")
     return results
@@ -106,13 +106,14 @@ def log2_spread(values: list[float | None]) -> float | None:
     return math.log2(max(values) / min(values))
 
 
-def write_results(path: Path, name: str, argv: list[str], results: dict) -> Path:
-    """The results with what produced them: command, date, torch version, threads, machine."""
+def write_results(path: Path, name: str, argv: list[str], results: dict, threads: int) -> Path:
+    """The results with what produced them: command, date, torch version, the runs' torch threads
+    (--threads; torch's count here may already be restored), machine."""
     record = {
         "command": " ".join([f"python -m experiments.{name}", *argv]),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
+        "threads": threads,
         "machine": platform.processor() or platform.machine(),
         **results,
     }

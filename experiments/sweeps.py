@@ -46,25 +46,29 @@ def sweep_family(labels: dict[str, str], size_key: str, sizes: list[int],
     return family
 
 
-def plot_family(family: dict, size_key: str, colormap: str, suptitle: str, path):
-    """One panel per variant: final train loss against log2 lr, a line per size, the best lr starred."""
+def plot_family(family: dict, size_key: str, colormap: str, suptitle: str, path, score: str = "train_loss",
+                ylabel: str = "final train loss", top: float | None = LOSS_CEILING):
+    """One panel per variant: the final `score` against log2 lr, a line per size, the best lr starred.
+
+    Each sweep holds "lrs", score and "best_" + score; `top` clips the loss axis (None: no clip).
+    """
     plt = pyplot()
     fig, axes = plt.subplots(1, len(family), figsize=(10, 4))
     for ax, result in zip(axes, family.values(), strict=True):
         sweeps = result["sweeps"]
         colors = plt.get_cmap(colormap)([0.9 * i / max(1, len(sweeps) - 1) for i in range(len(sweeps))])
         for color, s in zip(colors, sweeps, strict=True):
-            points = [(math.log2(lr), loss) for lr, loss in zip(s["lrs"], s["train_loss"], strict=True)
+            points = [(math.log2(lr), loss) for lr, loss in zip(s["lrs"], s[score], strict=True)
                       if loss is not None]
             ax.plot(*zip(*points, strict=True), "o-", ms=3, color=color, label=f"{size_key} {s[size_key]}")
             if s["best_lr"] is not None:
-                ax.plot(math.log2(s["best_lr"]), s["best_train_loss"], "*", ms=14, color=color, mec="k")
+                ax.plot(math.log2(s["best_lr"]), s["best_" + score], "*", ms=14, color=color, mec="k")
         spread = result["best_lr_log2_spread"]
         moves = "" if spread is None else f"\nbest LRs across {size_key} span a factor 2^{spread:g}"
-        ax.set(xlabel="log2 learning rate", ylabel="final train loss", title=result["label"] + moves)
+        ax.set(xlabel="log2 learning rate", ylabel=ylabel, title=result["label"] + moves)
         integer_ticks(ax)
         plain_log_y(ax)
-        ax.set_ylim(top=LOSS_CEILING)
+        ax.set_ylim(top=top)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(suptitle, fontsize=8)

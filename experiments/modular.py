@@ -1,14 +1,21 @@
 """Mass and sensitivity bookkeeping of the modular norm: each layer's share of the step.
 
-Large et al. 2024 ("Scalable Optimization in the Modular Norm", REFERENCE §1 "Composition") give
-every module a mass μ (how much of the step its weights may take) and a sensitivity ν (how much its
-output can move per unit change of its input). Atoms (Linear, Embed, ...) hold weights; bonds
-(ReLU, RMSNorm, ...) hold none and have mass 0. Combining two modules:
+Large et al. 2024 ("Scalable Optimization in the Modular Norm"; docs/MATH.md) give every module a
+mass μ (how much of the step its weights may take) and a sensitivity ν (how much its output can move
+per unit change of its input). Atoms (Linear, Embed, ...) hold weights; bonds (ReLU, RMSNorm, ...)
+hold none and have mass 0. Combining two modules:
 
     composition M₂∘M₁ (M₁ applied first):  μ = μ₁ + μ₂,  ν = ν₁·ν₂,
         ‖(w₁, w₂)‖ = max(ν₂·(μ/μ₁)·‖w₁‖₁, (μ/μ₂)·‖w₂‖₂);  M₁ takes (μ₁/μ)/ν₂ of the step, M₂ takes μ₂/μ;
     concatenation (M₁, M₂), both fed the same input:  μ = μ₁ + μ₂,  ν = ν₁ + ν₂,
         ‖(w₁, w₂)‖ = max_i (μ/μᵢ)·‖wᵢ‖ᵢ;  Mᵢ takes μᵢ/μ.
+
+The residual combinators follow from these two and two bonds:
+
+    sum M₁ + M₂ = (the sum bond, ν = 1) ∘ (M₁, M₂):  μ = μ₁ + μ₂,  ν = ν₁ + ν₂;  Mᵢ takes μᵢ/μ;
+    scalar a·M = (multiply by a, a bond of ν = |a|) ∘ M:  μ, |a|·ν;  M takes 1/|a|;
+    residual (1 − a)·x + a·M(x), 0 < a ≤ 1, with the identity a bond of ν = 1:  ν = 1 − a + a·ν_M,
+        and M takes 1/a: a branch whose output is scaled down may move its weights further.
 
 Multiplying the shares down the tree gives each atom its share s of the step; stepping every atom by
 s·lr·dualize(its gradient) makes the whole update exactly lr in the modular norm. For a chain of L
@@ -29,7 +36,7 @@ class Module:
 
     mass: float
     sensitivity: float
-    op: str = "atom"  # atom | bond | compose | concatenate
+    op: str = "atom"  # atom | bond | compose | concatenate (sum, scalar and residual are built from these)
     name: str | None = None
     children: tuple["Module", ...] = ()
 
@@ -63,6 +70,27 @@ def concatenate(*modules: Module) -> Module:
         raise ValueError("concatenate: needs at least one module")
     return Module(sum(m.mass for m in modules), sum(m.sensitivity for m in modules), "concatenate",
                   children=tuple(modules))
+
+
+def add(*modules: Module) -> Module:
+    """The sum of the modules' outputs on the same input: their concatenation, then the sum (ν = 1)."""
+    return compose(concatenate(*modules), bond(1.0))
+
+
+def scale(module: Module, a: float) -> Module:
+    """The module's output times a (a ≠ 0): composition with a weightless bond of sensitivity |a|."""
+    if a == 0:
+        raise ValueError("scale: a must be nonzero; a module scaled by 0 takes no part in the network")
+    return compose(module, bond(abs(a)))
+
+
+def residual(branch: Module, a: float) -> Module:
+    """The residual block x ↦ (1 − a)·x + a·branch(x) of a well-normed network, 0 < a ≤ 1."""
+    if not 0 < a <= 1:
+        raise ValueError(f"residual: the branch weight a must be in (0, 1], got {a}")
+    if a == 1:
+        return branch
+    return add(scale(bond(1.0), 1 - a), scale(branch, a))
 
 
 def chain(names: Iterable[str], mass: float = 1.0, bond_sensitivity: float = 1.0) -> Module:
@@ -111,18 +139,25 @@ def _child_factors(module: Module) -> list[float]:
 
 
 def modular_groups(
-    params: dict[str, list[torch.Tensor]], module: Module, lr: float, **group: object
+    params: dict[str, list[torch.Tensor]],
+    module: Module,
+    lr: float,
+    kinds: dict[str, str] | None = None,
+    **group: object,
 ) -> list[dict]:
     """Muon param groups, one per atom of `module`, each with lr·(the atom's share) as its lr.
 
-    params maps every atom name to the tensors it holds; extra keyword arguments (kind, momentum,
-    lr_scale, ...) are copied into every group. A training loop that schedules lr by scaling each
-    group's own lr keeps the shares.
+    params maps every atom name to the tensors it holds; kinds maps an atom name to its Muon kind
+    (e.g. "embed", "head_linear"), overriding a kind given in `group`; extra keyword arguments
+    (kind, momentum, lr_scale, ...) are copied into every group. A training loop that schedules lr
+    by scaling each group's own lr keeps the shares.
     """
     shares = step_shares(module)
-    if set(params) != set(shares):
+    kinds = kinds or {}
+    if set(params) != set(shares) or not set(kinds) <= set(shares):
         raise ValueError(
-            f"modular_groups: params name atoms {sorted(params)} but the module has {sorted(shares)}"
+            f"modular_groups: params name atoms {sorted(params)} (kinds {sorted(kinds)}) "
+            f"but the module has {sorted(shares)}"
         )
-    return [{"params": params[name], "lr": lr * shares[name], **group} for name in shares]
-
+    return [{**group, "params": params[name], "lr": lr * shares[name]}
+            | ({"kind": kinds[name]} if name in kinds else {}) for name in shares]
