@@ -23,9 +23,18 @@ import torch
 from data.prepare import PrepareError
 from data.shards import ShardError
 from data.tokenizer import TokenizerUnavailable
-from experiments.gpt_train import Optimizers, Runner, loss_or_inf, stdlib_corpus, sweep_log2, train
+from experiments.gpt_train import (
+    Optimizers,
+    Runner,
+    loss_or_inf,
+    run_alone,
+    run_sweep,
+    stdlib_corpus,
+    sweep_log2,
+    train,
+)
 from experiments.modular import Module, atom, bond, compose, concatenate, modular_groups, residual
-from experiments.report import experiment_parser, finish, int_list, log2_spread, output_paths, torch_threads
+from experiments.report import experiment_parser, finish, int_list, log2_spread, output_paths
 from experiments.sweeps import plot_family
 from model import GPT, GPTConfig
 from optim import Muon
@@ -172,17 +181,11 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: {err}") from None
     if args.run:
         variant, depth, k = _parse_run(parser, args.run)
-        with torch_threads(args.threads):
-            result = run_spec(dict(mode=mode, variant=variant, n_layer=depth, log2_lr=k, seed=args.seed))
-        print(f"{result['command']}: final val loss {result['final_val_loss']}")
-        return result
+        return run_alone(run_spec, dict(mode=mode, variant=variant, n_layer=depth, log2_lr=k, seed=args.seed),
+                         args.threads)
     paths = output_paths(args, NAME)
-    runner = Runner(run_spec, paths[0].with_suffix(".runs.jsonl"), args.workers, args.threads)
-    try:
-        with torch_threads(args.threads):
-            variants = run(runner, mode, depths, args.seed, args.workers)
-    finally:
-        runner.close()
+    variants = run_sweep(run_spec, paths[0].with_suffix(".runs.jsonl"), args.workers, args.threads,
+                         lambda runner: run(runner, mode, depths, args.seed, args.workers))
     return finish(NAME, argv, args, paths, {"settings": {**SETTINGS[mode], "depths": depths},
                                             "variants": variants}, plot)
 

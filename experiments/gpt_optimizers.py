@@ -46,12 +46,14 @@ from experiments.gpt_train import (
     Runner,
     loss_or_inf,
     mean_std,
+    run_alone,
+    run_sweep,
     stdlib_corpus,
     steps_to_reach,
     sweep_log2,
     train,
 )
-from experiments.report import experiment_parser, finish, output_paths, pyplot, save_figure, torch_threads
+from experiments.report import experiment_parser, finish, output_paths, pyplot, save_figure
 from model import GPT, GPTConfig
 from optim import Muon
 
@@ -303,17 +305,11 @@ def main(argv: list[str] | None = None) -> dict:
     except (PrepareError, ShardError, TokenizerUnavailable) as err:
         raise SystemExit(f"error: {err}") from None
     if single:
-        with torch_threads(args.threads):
-            result = run_spec(dict(mode=mode, contender=single[0], log2_lrs=single[1], seed=args.seed))
-        print(f"{result['command']}: final val loss {result['final_val_loss']}")
-        return result
+        return run_alone(run_spec, dict(mode=mode, contender=single[0], log2_lrs=single[1], seed=args.seed),
+                         args.threads)
     paths = output_paths(args, NAME)
-    runner = Runner(run_spec, paths[0].with_suffix(".runs.jsonl"), args.workers, args.threads)
-    try:
-        with torch_threads(args.threads):
-            outcome = run(runner, mode, names, args.workers)
-    finally:
-        runner.close()
+    outcome = run_sweep(run_spec, paths[0].with_suffix(".runs.jsonl"), args.workers, args.threads,
+                        lambda runner: run(runner, mode, names, args.workers))
     for name, row in outcome["summary"].items():
         print(f"{name:28s} {outcome['contenders'][name]['best_log2_lrs']} {row}")
     results = {"settings": SETTINGS[mode], "coverage": corpus.coverage, **outcome}

@@ -26,7 +26,7 @@ from torch import Tensor
 from data.shards import list_shards, read_shard
 from data.stdlib_corpus import STDLIB_DIR, stdlib_shards
 from data.tokenizer import EOT
-from experiments.report import finite_or_none
+from experiments.report import finite_or_none, torch_threads
 from model import GPT
 
 COOLDOWN_FRAC = 0.45
@@ -247,6 +247,25 @@ class Runner:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
+
+
+def run_alone(run_spec: Callable[[dict], dict], spec: dict, threads: int) -> dict:
+    """One run of `spec` in this process (an experiment's --run flag); prints its command and final loss."""
+    with torch_threads(threads):
+        result = run_spec(spec)
+    print(f"{result['command']}: final val loss {result['final_val_loss']}")
+    return result
+
+
+def run_sweep(run_spec: Callable[[dict], dict], cache: Path, workers: int, threads: int,
+              sweep: Callable[[Runner], dict]) -> dict:
+    """sweep(runner), the runner doing `workers` runs at a time and keeping finished ones in `cache`."""
+    runner = Runner(run_spec, cache, workers, threads)
+    try:
+        with torch_threads(threads):
+            return sweep(runner)
+    finally:
+        runner.close()
 
 
 def _key(spec: dict) -> str:
