@@ -7,25 +7,31 @@ Nothing is allocated: the model is built on the meta device, and every figure co
 parameters' shapes and dtypes, from how the optimizer lays out its state, and from one forward pass on
 fake tensors. Columns, for the rank that holds the most (GiB = 2³⁰ bytes):
 
-  parameters   default: every parameter whole, float32, as train_gpt.py keeps them (its forward runs
-               under bf16 autocast on CUDA); --fsdp: this rank's rows of every parameter (fully_shard's
-               torch.chunk split, optim.fsdp.local_shape), float32
-  gradients    p.grad, float32: default whole, --fsdp this rank's rows
+  parameters   default: every parameter whole, in the dtype GPT.to_device stores it on CUDA (the
+               embedding tables in GPTConfig.table_dtype: bf16 for the GPU presets; the rest float32);
+               --fsdp: this rank's rows of every parameter (fully_shard's torch.chunk split,
+               optim.fsdp.local_shape), float32 (train_gpt.py shards model.to(device))
+  gradients    p.grad, in its parameter's dtype: default whole, --fsdp this rank's rows (float32)
   optimizer    Muon's state on this rank: optim.state.muon_state_layout on the shapes DataParallel's
-               shards (optim.distributed.shards_of) or fully_shard's rows give it; the speedrun's
-               param groups (hidden matrices: momentum; embeddings, head, scalars: Adam's two moments,
-               or momentum for the embeddings with --embed-map dual)
+               shards (optim.distributed.shards_of) or fully_shard's rows give it, float32 for bf16
+               parameters too (optim.update.state_dtype); the speedrun's param groups (hidden
+               matrices: momentum; embeddings, head, scalars: Adam's two moments, or momentum for the
+               embeddings with --embed-map dual)
   activations  the tensors autograd keeps for backward in one forward of a micro-batch of
                tokens-per-gpu tokens (one sequence), parameters and buffers excluded, in eager mode
                (torch.compile recomputes some of them in backward, so a compiled step keeps at most
                this; a second table gives the share of vocabulary-wide tensors: head, soft-cap, loss).
-               Measured on fake tensors under bf16 autocast (activation_bytes); attention counted as
-               FlexAttention keeps it: q, k, v, the output and a float32 log-sum-exp per query and head.
-               Default: autocast's bf16 copies of the float32 weights are kept too; --fsdp: the
-               parameters are fully_shard's gathered bf16 copies, counted in flight instead
+               Measured on fake tensors (activation_bytes), with the model's dtypes and autocast as
+               train_gpt.py runs it on CUDA; attention counted as FlexAttention keeps it: q, k, v, the
+               output and a float32 log-sum-exp per query and head. Default: the model as to_device
+               leaves it, autocast off when its tables are bf16 (training.runtime.autocast_dtype), so
+               the residual stream is bf16 and each CastedLinear's bf16 cast of its float32 weight,
+               made in every forward and saved for backward, is counted here; --fsdp: the parameters
+               are fully_shard's gathered bf16 copies under autocast, counted in flight instead
   in flight    transient buffers, upper bounds from the code. Default, W > 1: DataParallel's
                reduce-scatter rows (a copy of every gradient, with its flags) and all-gather outputs (a
-               copy of every parameter), padded as optim/zero.py pads them. --fsdp: the bf16 gathered
+               copy of every parameter), in the parameters' dtypes, padded as optim/zero.py pads them.
+               --fsdp: the bf16 gathered
                parameters, their bf16 gradients and the float32 copies reduce-scattered (8 bytes an
                element) of the two largest units of training/fsdp.py (the one computing and the one
                prefetched: embedding tables and head, each its own unit, outweigh a block) and of the
@@ -49,7 +55,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import model.gpt
-from model import GPT, PRESETS
+from model import GPT, PRESETS, GPTConfig
 from optim import KINDS, param_groups
 from optim.distributed import same_shape, shards_of
 from optim.fsdp import OwnerExchange, local_shape
@@ -57,6 +63,7 @@ from optim.kinds import MATRIX
 from optim.state import muon_state_layout
 from optim.zero import MatrixShard
 from training.fsdp import sharding_units
+from training.runtime import autocast_dtype
 
 GiB = 2**30
 BF16, FP32 = 2, 4  # bytes an element
@@ -64,9 +71,20 @@ BEGIN, END = "<!-- memory table: python -m bench.memory --write -->", "<!-- end 
 COLUMNS = ("parameters", "gradients", "optimizer", "activations", "in flight")
 
 
-def meta_gpt(preset: str) -> GPT:
+CUDA = torch.device("cuda")
+
+
+def held_gpt(cfg: GPTConfig, fsdp: bool) -> GPT:
+    """cfg's GPT as train_gpt.py holds it on CUDA, built where tensors are made now (meta, fake): by
+    default as GPT.to_device leaves it (tables in cfg.table_dtype, the rest float32); --fsdp: float32,
+    as model.to(device) leaves it for fully_shard."""
+    gpt = GPT(cfg)
+    return gpt if fsdp else gpt.cast_embeddings(cfg.table_dtype(CUDA))
+
+
+def meta_gpt(preset: str, fsdp: bool) -> GPT:
     with torch.device("meta"):
-        return GPT(PRESETS[preset])
+        return held_gpt(PRESETS[preset], fsdp)
 
 
 def speedrun_groups(gpt: GPT, embed_map: str) -> list[dict]:
@@ -166,34 +184,40 @@ def activation_bytes(preset: str, tokens: int, fsdp: bool) -> dict[str, int]:
     """Bytes of the distinct storages autograd saves in one forward of one sequence, parameters and
     buffers excluded: "all", and "logits" for those as wide as the vocabulary (head, soft-cap, loss).
 
-    On fake tensors (shapes and dtypes, no memory), under bf16 autocast as train_gpt.py's forward runs
-    on CUDA; CPU autocast's op lists stand in for CUDA's (both cast the matmuls to bf16). --fsdp: bf16
-    parameters, as fully_shard's MixedPrecisionPolicy gathers them.
+    On fake tensors (shapes and dtypes, no memory), with the dtypes train_gpt.py's forward has on CUDA:
+    the held model's (held_gpt) by default, bf16 parameters under --fsdp, as fully_shard's
+    MixedPrecisionPolicy gathers them; under bf16 autocast where training.runtime.autocast_dtype puts
+    the held model on CUDA (CPU autocast's op lists stand in for CUDA's: both cast matmuls to bf16).
     """
+    autocast = autocast_dtype(meta_gpt(preset, fsdp), CUDA)
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if fsdp else dtype)
+    try:
+        computing = meta_gpt(preset, fsdp)
+    finally:
+        torch.set_default_dtype(dtype)
+    cfg = computing.config
+    if tokens > cfg.max_seq_len:
+        raise SystemExit(f"--tokens-per-gpu {tokens}: one sequence of at most {cfg.max_seq_len}")
     with FakeTensorMode():
-        dtype = torch.get_default_dtype()
-        torch.set_default_dtype(torch.bfloat16 if fsdp else dtype)
-        try:
-            gpt = GPT(PRESETS[preset])
-        finally:
-            torch.set_default_dtype(dtype)
-        if tokens > gpt.config.max_seq_len:
-            raise SystemExit(f"--tokens-per-gpu {tokens}: one sequence of at most {gpt.config.max_seq_len}")
-        persistent = {t.untyped_storage()._cdata for t in [*gpt.parameters(), *gpt.buffers()]}
+        # CPU fake tensors of the meta model's shapes and dtypes, in place of its tensors for the forward
+        tensors = {name: torch.empty(t.shape, dtype=t.dtype, requires_grad=t.requires_grad)
+                   for name, t in [*computing.named_parameters(), *computing.named_buffers()]}
+        persistent = {t.untyped_storage()._cdata for t in tensors.values()}
         saved: dict[int, tuple[int, bool]] = {}
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             storage = tensor.untyped_storage()
             if storage._cdata not in persistent:
-                saved[storage._cdata] = (storage.nbytes(), tensor.shape[-1:] == (gpt.config.vocab_size,))
+                saved[storage._cdata] = (storage.nbytes(), tensor.shape[-1:] == (cfg.vocab_size,))
             return tensor
 
         idx = torch.zeros(1, tokens, dtype=torch.long)
         flex = mock.patch.object(model.gpt, "attend", lambda backend, q, k, v, *_: _FlexSaved.apply(q, k, v))
         no_mask = mock.patch.object(model.gpt, "build_mask", lambda *args: None)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
-        with flex, no_mask, autocast, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            gpt(idx, idx)
+        precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None)
+        with flex, no_mask, precision, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            torch.func.functional_call(computing, tensors, (idx, idx))
     return dict(all=sum(size for size, _ in saved.values()),
                 logits=sum(size for size, logits in saved.values() if logits))
 
@@ -202,13 +226,13 @@ def rows(presets: list[str], world_sizes: list[int], tokens: int, embed_map: str
     """One row per preset, W and --fsdp or not: the largest rank's bytes by column."""
     table = []
     for preset in presets:
-        gpt = meta_gpt(preset)
-        groups = speedrun_groups(gpt, embed_map)
+        gpts = {fsdp: meta_gpt(preset, fsdp) for fsdp in (False, True)}
+        groups = {fsdp: speedrun_groups(gpt, embed_map) for fsdp, gpt in gpts.items()}
         activations = {fsdp: activation_bytes(preset, tokens, fsdp) for fsdp in (False, True)}
         for world_size in world_sizes:
             for fsdp in (False, True):
-                per_rank = [fully_sharded(gpt, groups, world_size, r) if fsdp
-                            else data_parallel(groups, world_size, r) for r in range(world_size)]
+                per_rank = [fully_sharded(gpts[fsdp], groups[fsdp], world_size, r) if fsdp
+                            else data_parallel(groups[fsdp], world_size, r) for r in range(world_size)]
                 largest = max(per_rank, key=lambda held: sum(held.values()))
                 table.append(dict(preset=preset, world_size=world_size, fsdp=fsdp, **largest,
                                   activations=activations[fsdp]["all"], logits=activations[fsdp]["logits"]))

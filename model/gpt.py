@@ -102,6 +102,11 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.attention_free_layers {self.attention_free_layers}: blocks "
                              f"{sorted(fed)} take a value embedding, which needs attention")
 
+    def table_dtype(self, device: torch.device | str) -> torch.dtype:
+        """The embedding tables' dtype on device, as GPT.to_device stores them: cuda_dtype on CUDA,
+        float32 elsewhere."""
+        return getattr(torch, self.cuda_dtype) if torch.device(device).type == "cuda" else torch.float32
+
 
 def value_embedding_layers(cfg: GPTConfig) -> list[int | None]:
     """For each block, the value-embedding table it uses: table j feeds block j and block L-n+j."""
@@ -255,16 +260,13 @@ class GPT(nn.Module):
         return self
 
     def to_device(self, device: torch.device | str) -> "GPT":
-        """Move to device; on CUDA, store the embedding tables in config.cuda_dtype. Returns self.
+        """Move to device, the embedding tables in config.table_dtype(device) (cuda_dtype on CUDA,
+        float32 elsewhere). Returns self.
 
         With cuda_dtype "bfloat16" the forward runs in bf16 with no autocast (the record's dtypes);
         check `self.embed.weight.dtype` to decide whether to enable autocast (only for float32).
         """
-        device = torch.device(device)
-        self.to(device)
-        if device.type == "cuda":
-            self.cast_embeddings(getattr(torch, self.config.cuda_dtype))
-        return self
+        return self.to(device).cast_embeddings(self.config.table_dtype(device))
 
     def soft_cap(self, z: Tensor) -> Tensor:
         """The head's soft-cap (GPTConfig.head_softcap), in z's dtype (float32 logits)."""
