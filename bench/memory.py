@@ -69,22 +69,20 @@ GiB = 2**30
 BF16, FP32 = 2, 4  # bytes an element
 BEGIN, END = "<!-- memory table: python -m bench.memory --write -->", "<!-- end of memory table -->"
 COLUMNS = ("parameters", "gradients", "optimizer", "activations", "in flight")
-
-
-CUDA = torch.device("cuda")
+CUDA = torch.device("cuda")  # the device whose dtypes the tables follow; nothing is put on it
 
 
 def held_gpt(cfg: GPTConfig, fsdp: bool) -> GPT:
-    """cfg's GPT as train_gpt.py holds it on CUDA, built where tensors are made now (meta, fake): by
+    """cfg's GPT with the dtypes train_gpt.py gives it on CUDA, built on the default device: by
     default as GPT.to_device leaves it (tables in cfg.table_dtype, the rest float32); --fsdp: float32,
     as model.to(device) leaves it for fully_shard."""
     gpt = GPT(cfg)
     return gpt if fsdp else gpt.cast_embeddings(cfg.table_dtype(CUDA))
 
 
-def meta_gpt(preset: str, fsdp: bool) -> GPT:
+def meta_gpt(cfg: GPTConfig, fsdp: bool) -> GPT:
     with torch.device("meta"):
-        return held_gpt(PRESETS[preset], fsdp)
+        return held_gpt(cfg, fsdp)
 
 
 def speedrun_groups(gpt: GPT, embed_map: str) -> list[dict]:
@@ -180,7 +178,7 @@ class _FlexSaved(torch.autograd.Function):
         raise NotImplementedError("bench.memory only measures the forward")
 
 
-def activation_bytes(preset: str, tokens: int, fsdp: bool) -> dict[str, int]:
+def activation_bytes(cfg: GPTConfig, tokens: int, fsdp: bool) -> dict[str, int]:
     """Bytes of the distinct storages autograd saves in one forward of one sequence, parameters and
     buffers excluded: "all", and "logits" for those as wide as the vocabulary (head, soft-cap, loss).
 
@@ -189,14 +187,13 @@ def activation_bytes(preset: str, tokens: int, fsdp: bool) -> dict[str, int]:
     MixedPrecisionPolicy gathers them; under bf16 autocast where training.runtime.autocast_dtype puts
     the held model on CUDA (CPU autocast's op lists stand in for CUDA's: both cast matmuls to bf16).
     """
-    autocast = autocast_dtype(meta_gpt(preset, fsdp), CUDA)
+    autocast = autocast_dtype(meta_gpt(cfg, fsdp), CUDA)
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16 if fsdp else dtype)
     try:
-        computing = meta_gpt(preset, fsdp)
+        computing = meta_gpt(cfg, fsdp)
     finally:
         torch.set_default_dtype(dtype)
-    cfg = computing.config
     if tokens > cfg.max_seq_len:
         raise SystemExit(f"--tokens-per-gpu {tokens}: one sequence of at most {cfg.max_seq_len}")
     with FakeTensorMode():
@@ -226,9 +223,10 @@ def rows(presets: list[str], world_sizes: list[int], tokens: int, embed_map: str
     """One row per preset, W and --fsdp or not: the largest rank's bytes by column."""
     table = []
     for preset in presets:
-        gpts = {fsdp: meta_gpt(preset, fsdp) for fsdp in (False, True)}
+        cfg = PRESETS[preset]
+        gpts = {fsdp: meta_gpt(cfg, fsdp) for fsdp in (False, True)}
         groups = {fsdp: speedrun_groups(gpt, embed_map) for fsdp, gpt in gpts.items()}
-        activations = {fsdp: activation_bytes(preset, tokens, fsdp) for fsdp in (False, True)}
+        activations = {fsdp: activation_bytes(cfg, tokens, fsdp) for fsdp in (False, True)}
         for world_size in world_sizes:
             for fsdp in (False, True):
                 per_rank = [fully_sharded(gpts[fsdp], groups[fsdp], world_size, r) if fsdp
