@@ -31,13 +31,12 @@ fake tensors. Columns, for the rank that holds the most (GiB = 2³⁰ bytes):
   in flight    transient buffers, upper bounds from the code. Default, W > 1: DataParallel's
                reduce-scatter rows (a copy of every gradient, with its flags) and all-gather outputs (a
                copy of every parameter), in the parameters' dtypes, padded as optim/zero.py pads them.
-               --fsdp: the bf16 gathered
-               parameters, their bf16 gradients and the float32 copies reduce-scattered (8 bytes an
-               element) of the two largest units of training/fsdp.py (the one computing and the one
-               prefetched: embedding tables and head, each its own unit, outweigh a block) and of the
-               root's own parameters (fully_shard keeps the root gathered from forward through
-               backward); plus optim.fsdp's exchange for the largest stack: six float32 buffers of its
-               W·C·c·(d_in) elements (optim.fsdp.OwnerExchange)
+               --fsdp: the bf16 gathered parameters, their bf16 gradients and the float32 copies
+               reduce-scattered (8 bytes an element) of the two largest units of training/fsdp.py (the
+               one computing and the one prefetched: embedding tables and head, each its own unit,
+               outweigh a block) and of the root's own parameters (fully_shard keeps the root gathered
+               from forward through backward); plus optim.fsdp's exchange for the largest stack: six
+               float32 buffers of its W·C·c·(d_in) elements (optim.fsdp.OwnerExchange)
 
 The total adds every column, though DataParallel's buffers peak after backward has freed the
 activations: an upper bound. Prints markdown tables, one per --tokens-per-gpu; --write replaces what
@@ -163,7 +162,7 @@ def exchange_bytes(groups: list[dict], world_size: int, rank: int) -> int:
     return largest
 
 
-class _FlexSaved(torch.autograd.Function):
+class FlexSaved(torch.autograd.Function):
     """Stands in for FlexAttention: keeps what its backward keeps (q, k, v, out, log-sum-exp)."""
 
     @staticmethod
@@ -210,7 +209,7 @@ def activation_bytes(cfg: GPTConfig, tokens: int, fsdp: bool) -> dict[str, int]:
             return tensor
 
         idx = torch.zeros(1, tokens, dtype=torch.long)
-        flex = mock.patch.object(model.gpt, "attend", lambda backend, q, k, v, *_: _FlexSaved.apply(q, k, v))
+        flex = mock.patch.object(model.gpt, "attend", lambda backend, q, k, v, *_: FlexSaved.apply(q, k, v))
         no_mask = mock.patch.object(model.gpt, "build_mask", lambda *args: None)
         precision = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None)
         with flex, no_mask, precision, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import model.gpt
-from bench.memory import _FlexSaved, activation_bytes, data_parallel, meta_gpt, speedrun_groups
+from bench.memory import FlexSaved, activation_bytes, data_parallel, meta_gpt, speedrun_groups
 from model import GPT, GPTConfig
 from optim import Muon
 from training.runtime import autocast_dtype
@@ -21,7 +21,7 @@ CFG = GPTConfig(vocab_size=60, n_layer=4, n_head=2, head_dim=8, dim=16, max_seq_
 
 
 def placed_on_cuda(cfg: GPTConfig) -> GPT:
-    """A real CPU model with the dtypes GPT.to_device gives it on CUDA (it casts nothing off CUDA)."""
+    """A real CPU model with the dtypes GPT.to_device gives it on CUDA (off CUDA it keeps them float32)."""
     torch.manual_seed(0)
     return GPT(cfg).cast_embeddings(cfg.table_dtype("cuda"))
 
@@ -68,7 +68,7 @@ def saved_bytes_of_a_real_forward(gpt: GPT, tokens: int) -> int:
         return tensor
 
     idx = torch.randint(gpt.config.vocab_size, (1, tokens))
-    flex = mock.patch.object(model.gpt, "attend", lambda backend, q, k, v, *_: _FlexSaved.apply(q, k, v))
+    flex = mock.patch.object(model.gpt, "attend", lambda backend, q, k, v, *_: FlexSaved.apply(q, k, v))
     no_mask = mock.patch.object(model.gpt, "build_mask", lambda *args: None)
     with flex, no_mask, torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         gpt(idx, idx)
