@@ -43,7 +43,7 @@ from bench.optim import machine
 from data.shards import write_shard
 from data.tokenizer import EOT
 from tools.checkpoint import write_text_atomic
-from training.recipe import parse_config, window_at
+from training.recipe import TrainConfig, parse_config, window_at
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB_USED = 4096  # ids the synthetic documents use; the model's vocabulary stays 50304
@@ -76,10 +76,9 @@ def synthetic_tokens(n: int, mean_document: int, seed: int) -> np.ndarray:
     return tokens.astype(np.uint16)
 
 
-def write_shards(folder: Path, flags: tuple[str, ...]) -> Path:
+def write_shards(folder: Path, cfg: TrainConfig) -> Path:
     """A val shard of exactly what validation reads (+1 target) and a train shard of 4 steps' worth
     of sequences (the loader wraps around it); documents a tenth of a training sequence long."""
-    cfg = parse_config(["--preset", "speedrun", *flags])
     folder.mkdir(parents=True, exist_ok=True)
     mean_document = max(16, cfg.seq_len // 10)
     write_shard(folder / "synthetic_val_000000.bin", synthetic_tokens(cfg.val_tokens + 1, mean_document, 0))
@@ -88,12 +87,12 @@ def write_shards(folder: Path, flags: tuple[str, ...]) -> Path:
     return folder
 
 
-def run(out_dir: Path, flags: tuple[str, ...]) -> tuple[list[dict], dict, float]:
+def run(out_dir: Path, flags: tuple[str, ...], cfg: TrainConfig) -> tuple[list[dict], dict, float]:
     """train_gpt.py --preset speedrun on the synthetic shards in a separate process; (its metrics
     records, its summary.json, wall seconds). Its console output is written to out_dir/train_gpt.out as
     it comes, so a run that fails or is stopped at TIMEOUT_S leaves what it printed; either ends this
-    with the output's last lines."""
-    shards = write_shards(out_dir / "shards", flags)
+    with the output's last lines. `cfg` is what the flags make of the preset."""
+    shards = write_shards(out_dir / "shards", cfg)
     command = [sys.executable, str(REPO / "train_gpt.py"), "--preset", "speedrun", *flags,
                "--data-dir", str(shards), "--out-dir", str(out_dir / "run"), "--sample-tokens", "0",
                "--no-plot", "--no-wandb"]
@@ -113,9 +112,8 @@ def run(out_dir: Path, flags: tuple[str, ...]) -> tuple[list[dict], dict, float]
     return records, json.loads((out_dir / "run" / "summary.json").read_text()), wall_s
 
 
-def summarize(records: list[dict], summary: dict, flags: tuple[str, ...], smoke: bool) -> dict:
+def summarize(records: list[dict], summary: dict, cfg: TrainConfig, smoke: bool) -> dict:
     """The run's figures and the checks on them."""
-    cfg = parse_config(["--preset", "speedrun", *flags])
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     windows = sorted({window_at(step, cfg) for step in range(cfg.max_steps + 1)})
     checks = {
@@ -165,12 +163,13 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device is visible; --smoke runs the check on a CPU")
     flags = SMOKE if args.smoke else FULL
+    cfg = parse_config(["--preset", "speedrun", *flags])  # the run's config, as train_gpt.py will read it
     device = torch.device("cpu" if args.smoke else "cuda")
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    records, summary, wall_s = run(args.out_dir, flags)
+    records, summary, wall_s = run(args.out_dir, flags, cfg)
     report = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), smoke=args.smoke,
                   machine={**machine(device), "cuda": torch.version.cuda}, flags=list(flags), wall_s=wall_s,
-                  **summarize(records, summary, flags, args.smoke))
+                  **summarize(records, summary, cfg, args.smoke))
     write_text_atomic(args.out_dir / "gpu_check.json", json.dumps(report, indent=2))
     table = markdown(report)
     write_text_atomic(args.out_dir / "gpu_check.md", table)

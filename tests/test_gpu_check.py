@@ -40,7 +40,7 @@ def test_a_failed_check_exits_1(smoke, tmp_path, monkeypatch):
     _, out_dir = smoke
     records = [json.loads(line) for line in (out_dir / "run" / "metrics.jsonl").read_text().splitlines()]
     summary = json.loads((out_dir / "run" / "summary.json").read_text()) | {"graphs_in_timed_run": 1}
-    monkeypatch.setattr(gpu_check, "run", lambda out_dir, flags: (records, summary, 1.0))
+    monkeypatch.setattr(gpu_check, "run", lambda out_dir, flags, cfg: (records, summary, 1.0))
     with pytest.raises(SystemExit) as failed:
         gpu_check.main(["--smoke", "--out-dir", str(tmp_path)])
     assert failed.value.code == 1
