@@ -65,7 +65,7 @@ def load_run(run: RunState, path: Path, rank: int, world_size: int, model_config
     """Restore `run` from the checkpoint at `path`, refusing one saved for another model shape."""
     shared, own = load_checkpoint(path, rank, world_size)
     if shared["model_config"] != model_config:
-        raise SystemExit(f"--resume {path}: saved for model {shared['model_config']}, but this "
+        raise SystemExit(f"error: --resume {path}: saved for model {shared['model_config']}, but this "
                          f"run builds {model_config}; use the run's original flags")
     if is_sharded(path) != run.sharded:
         saved, now = ("with", "without") if is_sharded(path) else ("without", "with")
