@@ -317,6 +317,11 @@ def window_at(step: int, cfg: TrainConfig) -> int | None:
     return 128 * max(1, math.ceil(size / 128))
 
 
+def windows_of(cfg: TrainConfig) -> list[int]:
+    """The distinct long windows of steps 0..max_steps, ascending (none for full causal attention)."""
+    return sorted({window_at(step, cfg) for step in range(cfg.max_steps + 1)} - {None})
+
+
 class WindowTensors:
     """window_at(step) as a 0-dim int32 tensor on the device: one tensor per distinct window of the run,
     all made when this is built, before any timed step. The compiled model reads the window on the
@@ -324,8 +329,7 @@ class WindowTensors:
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
         self.cfg = cfg
-        windows = {window_at(step, cfg) for step in range(cfg.max_steps + 1)} - {None}
-        self.tensors = {w: torch.tensor(w, dtype=torch.int32, device=device) for w in sorted(windows)}
+        self.tensors = {w: torch.tensor(w, dtype=torch.int32, device=device) for w in windows_of(cfg)}
 
     def __call__(self, step: int) -> torch.Tensor | None:
         window = window_at(step, self.cfg)
