@@ -45,8 +45,6 @@ lies between the markers in that file with them (atomically).
 
 import argparse
 import math
-import os
-import tempfile
 from pathlib import Path
 from unittest import mock
 
@@ -55,13 +53,15 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import model.gpt
 from model import GPT, PRESETS, GPTConfig
-from optim import KINDS, param_groups
+from optim import KINDS
 from optim.distributed import same_shape, shards_of
 from optim.fsdp import OwnerExchange, local_shape
 from optim.kinds import MATRIX
 from optim.state import muon_state_layout
 from optim.zero import MatrixShard
+from tools.checkpoint import write_text_atomic
 from training.fsdp import sharding_units
+from training.recipe import optimizer_groups, parse_config
 from training.runtime import autocast_dtype
 
 GiB = 2**30
@@ -85,11 +85,10 @@ def meta_gpt(cfg: GPTConfig, fsdp: bool) -> GPT:
 
 
 def speedrun_groups(gpt: GPT, embed_map: str) -> list[dict]:
-    """The speedrun's kinds by role: hidden matrices, embeddings (Adam, or the embed map if embed_map is
-    "dual", as train_gpt.py's --embed-map), Adam for the rest; plain tensors, no names."""
-    embed = "embed" if embed_map == "dual" else "adam"
-    return [{**group, "params": [p for _, p in group["params"]]}
-            for group in param_groups(gpt, embed=embed, head="adam")]
+    """The param groups train_gpt.py --preset speedrun --embed-map EMBED_MAP gives Muon
+    (training.recipe.optimizer_groups); plain tensors, no names."""
+    cfg = parse_config(["--preset", "speedrun", "--embed-map", embed_map])
+    return [{**group, "params": [p for _, p in group["params"]]} for group in optimizer_groups(gpt, cfg)]
 
 
 def nbytes(shape: tuple, dtype: torch.dtype) -> int:
@@ -265,9 +264,7 @@ def write_between_markers(path: Path, text: str) -> None:
         raise SystemExit(f"--write {path}: expected the markers {BEGIN} and {END} in it")
     head, rest = document.split(BEGIN, 1)
     tail = rest.split(END, 1)[1]
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as temporary:
-        temporary.write(f"{head}{BEGIN}\n{text}{END}{tail}")
-    os.replace(temporary.name, path)
+    write_text_atomic(path, f"{head}{BEGIN}\n{text}{END}{tail}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -336,14 +336,20 @@ class WindowTensors:
         return None if window is None else self.tensors[window]
 
 
-def build_optimizer(model: GPT, cfg: TrainConfig) -> Muon:
-    """Route every parameter to the duality map of its layer kind, by its role (optim.param_groups).
+def optimizer_groups(model: GPT, cfg: TrainConfig) -> list[dict]:
+    """Every parameter routed to the duality map of its layer kind, by its role (optim.param_groups),
+    at cfg's lr for that role.
 
     hidden matrices (attention q/k/v/o, MLP fc/proj) -> Newton-Schulz; token and value embeddings ->
     the embedding dual map (or Adam); LM head -> Adam; gains, lambdas, skip weights -> Adam.
     """
-    groups = param_groups(model, embed="embed" if cfg.embed_map == "dual" else "adam", head="adam",
-                          lrs=dict(hidden=cfg.lr, embed=cfg.embed_lr, head=cfg.head_lr, scalar=cfg.scalar_lr))
+    return param_groups(model, embed="embed" if cfg.embed_map == "dual" else "adam", head="adam",
+                        lrs=dict(hidden=cfg.lr, embed=cfg.embed_lr, head=cfg.head_lr, scalar=cfg.scalar_lr))
+
+
+def build_optimizer(model: GPT, cfg: TrainConfig) -> Muon:
+    """Muon over optimizer_groups(model, cfg), with cfg's momentum, decay, Newton-Schulz and Adam settings."""
+    groups = optimizer_groups(model, cfg)
     for group in groups:
         group["initial_lr"] = group["lr"]  # the base that schedule() multiplies by lr_factor
     return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
