@@ -36,10 +36,10 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 from data.loader import TokenLoader, validation_batches  # noqa: E402
-from data.shards import ShardError, list_shards  # noqa: E402
+from data.shards import ShardError, list_shards, write_text_atomic  # noqa: E402
 from data.tokenizer import TokenizerUnavailable, gpt2_encoding  # noqa: E402
 from model import GPT, PRESETS  # noqa: E402
-from tools.checkpoint import CheckpointError, resolve_checkpoint, write_text_atomic  # noqa: E402
+from tools.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
 from tools.runlog import RunLog, WandbSink, code_listing, environment, peak_flops  # noqa: E402
 from tools.sample import sample  # noqa: E402
 from training.compiling import GraphCount, compile_model, graphs_compiled  # noqa: E402

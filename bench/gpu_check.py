@@ -40,9 +40,8 @@ import numpy as np
 import torch
 
 from bench.optim import machine
-from data.shards import write_shard
+from data.shards import write_shard, write_text_atomic
 from data.tokenizer import EOT
-from tools.checkpoint import write_text_atomic
 from training.recipe import TrainConfig, parse_config, windows_of
 
 REPO = Path(__file__).resolve().parents[1]

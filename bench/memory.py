@@ -52,6 +52,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import model.gpt
+from data.shards import write_text_atomic
 from model import GPT, PRESETS, GPTConfig
 from optim import KINDS
 from optim.distributed import same_shape, shards_of
@@ -59,7 +60,6 @@ from optim.fsdp import OwnerExchange, local_shape
 from optim.kinds import MATRIX
 from optim.state import muon_state_layout
 from optim.zero import MatrixShard
-from tools.checkpoint import write_text_atomic
 from training.fsdp import sharding_units
 from training.recipe import optimizer_groups, parse_config
 from training.runtime import autocast_dtype

@@ -148,6 +148,19 @@ def _as_token_array(tokens, path: Path) -> np.ndarray:
     return np.ascontiguousarray(array, dtype=TOKEN_DTYPE)
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path` so that a crash leaves the old file or the new one, never a part of it:
+    a hidden temporary beside it, flushed to disk, renamed over it, the rename made durable."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
 def fsync_dir(directory: Path) -> None:
     """Make a rename inside `directory` durable (a no-op where a directory cannot be opened)."""
     try:

@@ -29,7 +29,7 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 from data.prepare import PrepareError, prepare
-from data.shards import ShardError, check_shard, fsync_dir, list_shards
+from data.shards import ShardError, check_shard, list_shards, write_text_atomic
 from data.tokenizer import TokenizerUnavailable
 
 STDLIB_DIR = Path(__file__).resolve().parent / "cache" / "stdlib"
@@ -92,7 +92,7 @@ def stdlib_shards(root: str | Path = STDLIB_DIR, max_documents: int | None = Non
     shards = [p for split in ("val", "train") for p in summary.shards[split]]
     manifest = {**wanted, "documents": len(documents), "skipped_not_utf8": skipped, "tokens": summary.tokens,
                 "sha256": {p.name: _sha256(p) for p in shards}}
-    _write_atomic(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return root
 
 
@@ -111,16 +111,6 @@ def _manifest_matches(root: Path, wanted: dict) -> bool:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def main(argv: list[str] | None = None) -> None:

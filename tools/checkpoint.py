@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.shards import fsync_dir
+from data.shards import fsync_dir, write_text_atomic
 from optim.distributed import is_dtensor
 
 STEP_NAME = re.compile(r"step_\d{6}")
@@ -147,13 +147,6 @@ def _save_file(obj, path: Path) -> None:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def resolve_checkpoint(resume: str, checkpoint_dir: str | Path | None = None) -> Path | None:
