@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import optim.kinds
-from optim import Muon, orthogonalize
+from optim import Muon, orthogonalize, param_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -263,7 +263,7 @@ def a_parameter_outside_the_optimizer_raises(rank: int, world_size: int, tmp: Pa
 def a_ddp_wrapped_model_raises(rank: int, world_size: int, tmp: Path) -> dict:
     torch.manual_seed(rank)
     model = nn.parallel.DistributedDataParallel(nn.Linear(16, 16))
-    opt = Muon(model.parameters(), **HYPER)
+    opt = Muon(param_groups(model.module), **HYPER)
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(rank))
     error = None
     for step in range(2):  # the first step only records the order buckets fill in
