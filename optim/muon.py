@@ -169,6 +169,17 @@ class Muon(torch.optim.Optimizer):
         self.defaults.pop("differentiable")  # torch's __setstate__ adds it; Muon's groups have no such key
         self._process_group, self._distribution = None, None
 
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Read by torch.amp.GradScaler.step on every rank before it looks at infs; False: GradScaler unscales
+        p.grad and skips step() itself, right in one process. Across DataParallel ranks each would skip on
+        its own gradient's infs and the ranks' collectives would pair across steps: refused on every rank."""
+        if isinstance(self._distribution, DataParallel):
+            raise RuntimeError("Muon: torch.amp.GradScaler with several processes would skip step() on the "
+                               "ranks whose own gradient has an inf and not on the others; train under bf16 "
+                               "autocast, which needs no GradScaler")
+        return False
+
     def sync_gradients(self, enabled: bool = True) -> contextlib.AbstractContextManager:
         """Context for the backward of the last micro-step before step(), when `enabled`.
 

@@ -11,6 +11,8 @@ import pickle
 
 import pytest
 import torch
+import torch.distributed as dist
+from test_distributed import init_gloo, spawn
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.optim.lr_scheduler import CyclicLR, LambdaLR, OneCycleLR
@@ -271,3 +273,77 @@ def test_a_state_dict_from_before_beta2_is_refused_naming_the_missing_key():
     saved["param_groups"][1] = {k: v for k, v in saved["param_groups"][1].items() if k != "beta2"}
     with pytest.raises(ValueError, match=r"saved param group 1 lacks \['beta2'\]"):
         stepped()[1].load_state_dict(saved)
+
+
+# ---- several processes: one spawn of 2 gloo ranks for every scenario ----------------------------
+
+
+def refusal(action) -> str | None:
+    try:
+        action()
+    except (RuntimeError, TypeError) as error:
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def habits_on_two_ranks(rank: int, world_size: int, tmp) -> None:
+    """torch habits that would make the ranks disagree: each is refused on every rank alike, and the
+    ranks then still step together."""
+    init_gloo(rank, world_size, tmp / "store")
+    matrix, vector = torch.randn(8, 12, generator=seeded(6)), torch.randn(12, generator=seeded(7))
+    params = [matrix.requires_grad_(), vector.requires_grad_()]
+    opt = Muon([{"params": [matrix], "kind": "hidden"}, {"params": [vector], "kind": "adam"}])
+    x = torch.randn(4, 8, generator=seeded(8 + rank))  # each rank its own batch
+
+    def loss(scale: float = 1.0) -> torch.Tensor:
+        return (x @ matrix + vector).square().sum() * scale
+
+    record = {}
+    loss().backward()  # outside sync_gradients(): step() would send p.grad as it is then
+    torch.nn.utils.clip_grad_norm_(params, 1.0)  # by this rank's own norm
+    record["clip"] = refusal(opt.step)
+    opt.discard_gradients()
+    scaler = torch.amp.GradScaler("cpu", init_scale=16.0)
+    scaler.scale(loss(float("inf") if rank == 1 else 1.0)).backward()  # an inf on rank 1 only
+    record["scaler"] = refusal(lambda: scaler.step(opt))
+    opt.discard_gradients()
+    record["deepcopy"] = refusal(lambda: copy.deepcopy(opt))
+    record["pickle"] = refusal(lambda: pickle.dumps(opt))
+    with opt.sync_gradients():
+        loss().backward()
+    opt.step()
+    record["matrix"] = matrix.detach().clone()
+    opt.close()
+    dist.destroy_process_group()
+    torch.save(record, tmp / f"rank{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> list[dict]:
+    tmp = tmp_path_factory.mktemp("contracts")
+    spawn(habits_on_two_ranks, 2, tmp)
+    return [torch.load(tmp / f"rank{rank}.pt") for rank in range(2)]
+
+
+def test_torchs_clip_grad_norm_outside_sync_gradients_is_refused_on_every_rank(two_ranks):
+    for record in two_ranks:
+        assert record["clip"].startswith("RuntimeError: Muon: the gradient of a parameter of shape")
+        assert "changed between backward and step()" in record["clip"]
+        assert "optimizer.clip_grad_norm_()" in record["clip"]
+
+
+def test_a_grad_scaler_with_an_inf_on_one_rank_is_refused_on_every_rank(two_ranks):
+    for record in two_ranks:
+        assert record["scaler"].startswith("RuntimeError: Muon: torch.amp.GradScaler with several processes")
+
+
+def test_a_distributed_muon_refuses_to_be_copied(two_ranks):
+    for record in two_ranks:
+        for how in ("deepcopy", "pickle"):
+            assert record[how].startswith("TypeError: Muon: a distributed optimizer can't be copied")
+
+
+def test_after_the_refusals_the_ranks_still_step_together(two_ranks):
+    # The refused steps were discarded on both ranks; the next one averaged both ranks' gradients.
+    assert not torch.equal(two_ranks[0]["matrix"], torch.randn(8, 12, generator=seeded(6)))
+    assert torch.equal(two_ranks[0]["matrix"], two_ranks[1]["matrix"])
