@@ -298,10 +298,10 @@ class DataParallel:
             if p.grad is not grad or grad._version != version:
                 raise RuntimeError(
                     f"Muon: the gradient of a parameter of shape {tuple(p.shape)} changed between backward "
-                    "and step() (torch.nn.utils.clip_grad_norm_? GradScaler.unscale_?); with several "
-                    "processes p.grad is this rank's own gradient, so the change would differ between ranks. "
-                    "Clip with optimizer.clip_grad_norm_(), by the averaged gradient's norm; scale the loss, "
-                    "not p.grad")
+                    "and step(); with several processes p.grad is this rank's own gradient, so a change made "
+                    "from it differs between ranks. Clip with optimizer.clip_grad_norm_() "
+                    "(torch.nn.utils.clip_grad_norm_ clips by this rank's norm), scale the loss rather than "
+                    "p.grad, and do not wrap the model in DistributedDataParallel (Muon averages gradients)")
 
     def _receive(self, check: bool = True) -> None:
         """Agree the launch order (first step), refuse late gradient changes, launch every bucket left."""
