@@ -37,7 +37,7 @@ def check_muon_state_dict(optimizer, state_dict, stamp: dict) -> None:
                              "version of optim.Muon; start the optimizer afresh")
     # One process also takes a state dict without a stamp: torch.distributed.checkpoint's
     # get/set_optimizer_state_dict keep only "state" and "param_groups".
-    saved_stamp = state_dict.get("distribution", stamp if stamp["world_size"] == 1 else None)
+    saved_stamp = state_dict.get("distribution", stamp if stamp.get("world_size") == 1 else None)
     if saved_stamp != stamp:
         raise ValueError(
             f"{where}: state saved as {_describe(saved_stamp)}, but this optimizer is {_describe(stamp)}; "

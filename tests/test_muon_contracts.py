@@ -121,6 +121,19 @@ def test_cycled_momentum_drives_hidden_as_torch_muon_and_adam_as_adamw(make_sche
     assert torch.equal(opt.state[ours[1]]["exp_avg"], theirs[1].state[vector]["exp_avg"])
 
 
+@pytest.mark.parametrize("lr_scale, adjust_lr_fn", [("muon", "original"), ("rms", "match_rms_adamw")])
+def test_the_readmes_lr_scale_for_each_adjust_lr_fn_steps_as_torch_muon(lr_scale, adjust_lr_fn):
+    gen = seeded(9)
+    init = [torch.randn(8, 32, generator=gen), torch.randn(32, 8, generator=gen)]
+    grads = [torch.randn(p.shape, generator=gen) for p in init]
+    ours, theirs = [p.clone() for p in init], [p.clone() for p in init]
+    step_with(Muon(ours, lr_scale=lr_scale, ns_dtype=torch.bfloat16), ours, grads)
+    step_with(torch.optim.Muon(theirs, lr=0.02, weight_decay=0.0, adjust_lr_fn=adjust_lr_fn), theirs, grads)
+    for p0, a, b in zip(init, ours, theirs, strict=True):
+        # Both orthogonalize in bf16, rounding the normalization differently: bf16 Newton–Schulz accuracy.
+        assert torch.linalg.norm((a - p0) - (b - p0)) / torch.linalg.norm(b - p0) < 5e-2
+
+
 def test_adam_groups_take_adam_betas_first_as_their_momentum_unless_given():
     params, groups = mixed()
     opt = Muon([groups[0], groups[1], {"params": [torch.zeros(3)], "momentum": 0.5}], adam_betas=(0.8, 0.9))
