@@ -81,7 +81,10 @@ class Muon(torch.optim.Optimizer):
     one-process step on the gradient averaged over ranks. p.grad keeps this rank's own gradient.
     Wrap the last micro-step's backward in `sync_gradients()` so communication overlaps it; clip
     with `clip_grad_norm_`, drop a step with `discard_gradients`, release hooks and the group with
-    `close` (or by dropping the optimizer).
+    `close` (or by dropping the optimizer). What would make the ranks disagree is refused on every
+    rank (RuntimeError): a p.grad changed between backward and step() (torch.nn.utils.clip_grad_norm_
+    clips by this rank's own gradient), and torch.amp.GradScaler (it would skip step() only on the
+    ranks whose own gradient has an inf).
 
     FSDP2 (optim/fsdp.py): on a model sharded with torch.distributed.fsdp.fully_shard, whose
     parameters are DTensors split by rows over a 1-D device mesh, build it the same way
@@ -189,8 +192,8 @@ class Muon(torch.optim.Optimizer):
         micro-steps) gradients only accumulate. Misuse fails loudly: a backward that adds to
         gradients already sent, or a p.grad changed after it was sent (e.g. by a DDP wrapper or
         torch.nn.utils.clip_grad_norm_; use this optimizer's clip_grad_norm_), raises RuntimeError.
-        Without it, step() sends every gradient as it then is (correct, just not overlapped). With
-        one process it does nothing.
+        Without it, step() sends every gradient as it then is (correct, just not overlapped), and
+        refuses one changed since backward accumulated it. With one process it does nothing.
 
             for micro_step in range(grad_accum):
                 with optimizer.sync_gradients(enabled=micro_step == grad_accum - 1):
