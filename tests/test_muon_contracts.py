@@ -13,23 +13,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from test_distributed import init_gloo, spawn
+from test_muon import F32, seeded, step_with
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from torch.optim.lr_scheduler import CyclicLR, LambdaLR, OneCycleLR
 
 from optim import COEFFICIENTS, Coefficients, Muon, orthogonalize, param_groups
-
-F32 = torch.float32
-
-
-def seeded(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def step_with(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-    for p, g in zip(params, grads, strict=True):
-        p.grad = g.clone()
-    opt.step()
 
 
 def mixed(seed: int = 0) -> tuple[list[torch.Tensor], list[dict]]:
