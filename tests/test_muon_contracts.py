@@ -237,6 +237,7 @@ def test_a_copy_steps_as_the_original(clone):
     step_with(twin, twin_params, grads)
     assert all(torch.equal(p, q) for p, q in zip(params, twin_params, strict=True))
     assert twin.state_dict()["param_groups"] == opt.state_dict()["param_groups"]
+    twin.load_state_dict(opt.state_dict())  # the copy still takes the original's state
 
 
 def test_torchs_checkpoint_helpers_round_trip():
