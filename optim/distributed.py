@@ -27,7 +27,9 @@ Tensor.backward) to: register hooks for parameters unfrozen since construction; 
 gradient moves, an nn.Parameter the backward reaches that is in no param group (nobody would
 average it); and, once backward returns, refuse gradients changed after they were sent (a DDP
 wrapper's averaging does this). step() and clip_grad_norm_() refuse the same late changes (e.g.
-torch.nn.utils.clip_grad_norm_ or GradScaler.unscale_ on p.grad). The gradient hooks hold the
+torch.nn.utils.clip_grad_norm_ or GradScaler.unscale_ on p.grad), and, outside sync_gradients(), a
+p.grad changed after backward accumulated it: it is this rank's own, so such a change (a clip by its
+norm) would differ between ranks. The gradient hooks hold the
 optimizer weakly and are removed when it is dropped or closed.
 
 Distributions. Muon picks one from its first param group: FullyShardedParallel (optim/fsdp.py) when
@@ -126,6 +128,7 @@ class DataParallel:
         self.launched = 0  # buckets launched this step: a prefix of order
         self.in_sync_backward = False
         self.closed = False
+        self.accumulated: dict[int, tuple] = {}  # id(param) -> (param, grad, its version) after backward
         self.hooks: dict[int, torch.utils.hooks.RemovableHandle] = {}  # id(param) -> its gradient hook
         self._remove_hooks = weakref.finalize(self, _remove_all, self.hooks)
 
@@ -231,6 +234,7 @@ class DataParallel:
                 "Muon: a gradient was accumulated after it was sent to the other ranks; wrap only the "
                 "last micro-step's backward in optimizer.sync_gradients() and call optimizer.step() next"
             )
+        self.accumulated[id(p)] = (p, p.grad, p.grad._version)
         if not self.in_sync_backward:
             return  # an earlier micro-step: gradients still accumulating
         bucket.ready.add(id(p))
@@ -287,6 +291,18 @@ class DataParallel:
                     "sync_gradients() (step() then sends them as they are). A DistributedDataParallel "
                     "wrapper does this too: Muon averages gradients itself, so do not wrap the model")
 
+    def _check_untouched(self) -> None:
+        """Refuse a p.grad changed after backward accumulated it: p.grad is this rank's own gradient, so a
+        change made from it (a clip by its norm, an unscale that checks its infs) differs between ranks."""
+        for p, grad, version in self.accumulated.values():
+            if p.grad is not grad or grad._version != version:
+                raise RuntimeError(
+                    f"Muon: the gradient of a parameter of shape {tuple(p.shape)} changed between backward "
+                    "and step(); with several processes p.grad is this rank's own gradient, so a change made "
+                    "from it differs between ranks. Clip with optimizer.clip_grad_norm_() "
+                    "(torch.nn.utils.clip_grad_norm_ clips by this rank's norm), scale the loss rather than "
+                    "p.grad, and do not wrap the model in DistributedDataParallel (Muon averages gradients)")
+
     def _receive(self, check: bool = True) -> None:
         """Agree the launch order (first step), refuse late gradient changes, launch every bucket left."""
         self._check_open()
@@ -294,6 +310,7 @@ class DataParallel:
             self.order = self._agree_order()
         if check:
             self._check_unchanged()
+            self._check_untouched()
         self._launch(only_filled=False)
 
     def _launch(self, only_filled: bool) -> None:
@@ -317,6 +334,7 @@ class DataParallel:
         for bucket in self.buckets:
             bucket.reset()
         self.launched = 0
+        self.accumulated.clear()
 
     def _check_open(self) -> None:
         if self.closed:

@@ -60,7 +60,7 @@ def _ns_options(group: dict) -> dict:
 
 
 _KINDS = (
-    Kind("hidden", lambda U, group: orthogonalize(U, **_ns_options(group)), False, MATRIX, (2, None),
+    Kind("hidden", lambda U, group: orthogonalize(U, **_ns_options(group)), False, MATRIX, (2, 3),
          lr_scale=True),
     Kind("conv", lambda U, group: dualize_conv2d(U, **_ns_options(group)), False, MATRIX, (4, 4)),
     Kind("embed", lambda U, group: dualize_embed(U), True, ROW, (2, 2)),

@@ -1,12 +1,13 @@
 """Muon: momentum, then the duality map of each parameter's layer kind (docs/MATH.md)."""
 
 import contextlib
+import math
 
 import torch
 
 from .distributed import WORLD, DataParallel, is_dtensor, resolve_process_group
 from .kinds import KINDS, LR_SCALES, MATRIX
-from .newton_schulz import resolve_coefficients
+from .newton_schulz import COEFFICIENTS, Coefficients, resolve_coefficients
 from .state import check_muon_state_dict, muon_state_layout
 from .update import clip_coefficient, kind_update
 
@@ -22,15 +23,22 @@ class Muon(torch.optim.Optimizer):
         embed        m(dualize_embed(g))
         head_linear  dualize_linear(m(g))
         head_sign    dualize_sign(m(g))
-        adam         torch.optim.AdamW's step (betas, eps, decoupled weight decay)
+        adam         torch.optim.AdamW's step (β₁ = momentum, β₂ = beta2, eps, decoupled weight decay)
 
-    `params` takes tensors or param-group dicts. A group without a kind is split by
-    torch.optim.Muon's rule: 2-D tensors are "hidden", everything else "adam";
-    `optim.param_groups(model)` routes by each parameter's role instead. Every constructor argument
-    but process_group is also a group key that a group may override: lr, momentum, nesterov,
-    weight_decay, cautious_wd, ns_steps, ns_coefficients, ns_dtype, lr_scale, and Adam's betas and
-    eps (adam_betas, adam_eps here). lr and momentum are read at every step, so a training loop
-    schedules them (e.g. momentum warm-up 0.85 → 0.95) by writing group["lr"] and group["momentum"].
+    `params` takes tensors or param-group dicts, as torch.optim does: one group given is one entry
+    of param_groups. One group is one kind: a group without a kind takes torch.optim.Muon's rule,
+    "hidden" if all its tensors are 2-D and "adam" if none is; a group mixing the two is refused
+    (ValueError), and `optim.param_groups(model)` routes a model's parameters by role. Group keys,
+    each defaulting to the constructor argument of its name: lr, momentum, nesterov, weight_decay,
+    cautious_wd, ns_steps, ns_coefficients, ns_dtype, lr_scale, beta2 and eps (Adam's β₂ and ε:
+    adam_betas[1], adam_eps here); besides them a group may hold kind, role (optim.param_groups) and
+    initial_lr (torch's schedulers); any other key is refused. Every value is checked at
+    construction and in add_param_group (ValueError).
+
+    `momentum` is every kind's first-moment coefficient: μ below, and β₁ for adam, whose groups
+    default to adam_betas[0]. So a scheduler that cycles momentum (OneCycleLR, CyclicLR with
+    cycle_momentum) drives every group, and a training loop schedules lr and momentum (e.g. a
+    warm-up 0.85 → 0.95) by writing group["lr"] and group["momentum"], read at every step.
 
     - Momentum m(g), EMA form: buf ← lerp(buf, g, 1−μ); Nesterov u = lerp(g, buf, μ), else u = buf.
     - lr_scale (hidden only): "spectral" √(d_out/d_in), the paper's map, making hidden exactly
@@ -49,10 +57,18 @@ class Muon(torch.optim.Optimizer):
     - State is kept in float32 (float64 for float64 parameters) whatever the parameter's dtype, so
       a bf16 embedding's Adam moments are float32 and its update is rounded once, as stored.
 
+    Parameters: real, dense and non-empty (a complex, sparse or size-0 one is refused at
+    construction, a sparse gradient at step()); hidden takes (m, n) matrices and (B, m, n) stacks of
+    B matrices mapped one by one (a 4-D conv weight is kind "conv").
+
     State per parameter: "momentum_buffer", or for adam "step" (a 0-dim float32 tensor on the
     parameter's device), "exp_avg", "exp_avg_sq". state_dict() adds "distribution" (this rank, the
-    world size); load_state_dict() refuses, at load, a state dict that is not this optimizer's kind
-    of state, or another rank's or world size's.
+    world size) and holds only tensors, numbers, strings and tuples, for torch.load(weights_only=True);
+    load_state_dict() refuses, at load, a state dict that is not this optimizer's kind of state, or
+    another rank's or world size's. One process also loads a state dict without "distribution", as
+    torch.distributed.checkpoint.state_dict's get/set_optimizer_state_dict pass it. A one-process
+    Muon can be deep-copied and pickled; a distributed one, which owns a process group and hooks,
+    refuses (TypeError).
 
     Distributed (optim/distributed.py): process_group="world" (the default) means torch.distributed's
     default group when one is initialized, and one process otherwise, refusing to build under
@@ -65,7 +81,10 @@ class Muon(torch.optim.Optimizer):
     one-process step on the gradient averaged over ranks. p.grad keeps this rank's own gradient.
     Wrap the last micro-step's backward in `sync_gradients()` so communication overlaps it; clip
     with `clip_grad_norm_`, drop a step with `discard_gradients`, release hooks and the group with
-    `close` (or by dropping the optimizer).
+    `close` (or by dropping the optimizer). What would make the ranks disagree is refused on every
+    rank (RuntimeError): a p.grad changed between backward and step() (torch.nn.utils.clip_grad_norm_
+    clips by this rank's own gradient), and torch.amp.GradScaler (it would skip step() only on the
+    ranks whose own gradient has an inf).
 
     FSDP2 (optim/fsdp.py): on a model sharded with torch.distributed.fsdp.fully_shard, whose
     parameters are DTensors split by rows over a 1-D device mesh, build it the same way
@@ -96,6 +115,12 @@ class Muon(torch.optim.Optimizer):
         # Chosen at the first param group, whose tensors say how (DTensors: FSDP); add_param_group then
         # gives each group its shards, buckets and hooks.
         self._process_group, self._distribution = process_group, None
+        if isinstance(params, (set, frozenset)):  # torch refuses a set only as a group's params
+            raise TypeError("Muon: params is a set, whose order changes between runs (and with it the state "
+                            "dict's parameter indexes); pass a list")
+        if not (isinstance(adam_betas, (tuple, list)) and len(adam_betas) == 2):
+            raise ValueError(f"Muon: adam_betas={adam_betas!r}; expected a pair (β₁, β₂)")
+        self._adam_momentum = adam_betas[0]  # an adam group's momentum (β₁) unless the group sets one
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -106,24 +131,57 @@ class Muon(torch.optim.Optimizer):
             ns_coefficients=ns_coefficients,
             ns_dtype=ns_dtype,
             lr_scale=lr_scale,
-            betas=adam_betas,
+            beta2=adam_betas[1],
             eps=adam_eps,
         )
+        _check_hyperparameters(defaults, "Muon")
+        _check_range("Muon: adam_betas[0]", adam_betas[0], 0, 1)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
-        if "kind" not in param_group:
-            for kind, params in _default_kinds(param_group["params"]).items():
-                self.add_param_group({**param_group, "params": params, "kind": kind})
-            return
+        """torch's add_param_group (params listed, sets refused, defaults filled), then the group's kind
+        (given, or torch.optim.Muon's by dims) and every key and value checked; ValueError adds nothing."""
+        _check_keys(param_group, self.defaults)
+        index, given = len(self.param_groups), set(param_group)
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        _check_group(group)
-        _check_sharding(group, sharded=any(is_dtensor(p) for p in self.param_groups[0]["params"]))
-        if len(self.param_groups) == 1:
+        try:
+            _check_sharding(group, sharded=any(is_dtensor(p) for p in self.param_groups[0]["params"]))
+            if "kind" not in given:
+                group["kind"] = _kind_by_dims(group["params"], index)
+            if group["kind"] == "adam" and "momentum" not in given:
+                group["momentum"] = self._adam_momentum
+            _check_group(group, index)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+        if index == 0:
             self._distribution = _make_distribution(group["params"], self._process_group)
         if self._distribution is not None:  # collective: every rank adds the same groups in order
-            self._distribution.add_group(len(self.param_groups) - 1, group)
+            self._distribution.add_group(index, group)
+
+    def __getstate__(self) -> dict:
+        """What copy.deepcopy and pickle keep: torch's optimizer state and the Adam β₁; one process only."""
+        if self._distribution is not None:
+            raise TypeError("Muon: a distributed optimizer can't be copied or pickled (it owns a process "
+                            "group and gradient hooks); save its state_dict() and load it into a new Muon")
+        return {**super().__getstate__(), "_adam_momentum": self._adam_momentum}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.defaults.pop("differentiable")  # torch's __setstate__ adds it; Muon's groups have no such key
+        self._process_group, self._distribution = None, None
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """Read by torch.amp.GradScaler.step on every rank before it looks at infs; False: GradScaler unscales
+        p.grad and skips step() itself, right in one process. Across DataParallel ranks each would skip on
+        its own gradient's infs and the ranks' collectives would pair across steps: refused on every rank."""
+        if isinstance(self._distribution, DataParallel):
+            raise RuntimeError("Muon: torch.amp.GradScaler with several processes would skip step() on the "
+                               "ranks whose own gradient has an inf and not on the others; train under bf16 "
+                               "autocast, which needs no GradScaler")
+        return False
 
     def sync_gradients(self, enabled: bool = True) -> contextlib.AbstractContextManager:
         """Context for the backward of the last micro-step before step(), when `enabled`.
@@ -134,8 +192,8 @@ class Muon(torch.optim.Optimizer):
         micro-steps) gradients only accumulate. Misuse fails loudly: a backward that adds to
         gradients already sent, or a p.grad changed after it was sent (e.g. by a DDP wrapper or
         torch.nn.utils.clip_grad_norm_; use this optimizer's clip_grad_norm_), raises RuntimeError.
-        Without it, step() sends every gradient as it then is (correct, just not overlapped). With
-        one process it does nothing.
+        Without it, step() sends every gradient as it then is (correct, just not overlapped), and
+        refuses one changed since backward accumulated it. With one process it does nothing.
 
             for micro_step in range(grad_accum):
                 with optimizer.sync_gradients(enabled=micro_step == grad_accum - 1):
@@ -156,7 +214,7 @@ class Muon(torch.optim.Optimizer):
             self._distribution.step(self.param_groups, self._update)
             return loss
         for group in self.param_groups:
-            for params in _batches(group, [p for p in group["params"] if p.grad is not None]):
+            for params in _batches(group, _with_dense_gradients(group["params"])):
                 self._update(group, params, params, [p.grad for p in params], None)
         return loss
 
@@ -269,15 +327,30 @@ def _batches(group: dict, params: list[torch.Tensor]) -> list[list[torch.Tensor]
     return list(batches.values())
 
 
-def _default_kinds(params) -> dict[str, list]:
-    """torch.optim.Muon's rule for parameters given without a kind: 2-D → hidden, the rest → adam."""
-    params = [params] if isinstance(params, torch.Tensor) else list(params)
-    split: dict[str, list] = {"hidden": [], "adam": []}
-    for p in params:
-        tensor = p[1] if isinstance(p, tuple) else p  # (name, tensor) pairs carry param_names
-        split["hidden" if tensor.ndim == 2 else "adam"].append(p)
-    return {kind: ps for kind, ps in split.items() if ps}
+def _kind_by_dims(params: list[torch.Tensor], index: int) -> str:
+    """torch.optim.Muon's rule for a group given without a kind: "hidden" if every tensor is 2-D,
+    "adam" if none is; a group mixing them is refused, since one group is one kind."""
+    matrices = [p.ndim == 2 for p in params]
+    if matrices and all(matrices):
+        return "hidden"
+    if params and not any(matrices):
+        return "adam"
+    shapes = [tuple(p.shape) for p in params]
+    raise ValueError(
+        f"Muon: param group {index} has no 'kind' and "
+        f"{'mixes 2-D matrices with other tensors ' + str(shapes) if params else 'no parameters'}; one group "
+        "is one kind: pass optim.param_groups(model), or groups like {'params': matrices, 'kind': 'hidden'} "
+        "and {'params': others, 'kind': 'adam'}")
 
+
+def _with_dense_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The parameters that have a gradient; a sparse one is refused (the updates are dense)."""
+    with_grad = [p for p in params if p.grad is not None]
+    for p in with_grad:
+        if p.grad.layout != torch.strided:
+            raise RuntimeError(f"Muon: the parameter of shape {tuple(p.shape)} has a {p.grad.layout} "
+                               "gradient; Muon needs dense gradients (build nn.Embedding with sparse=False)")
+    return with_grad
 
 def _check_sharding(group: dict, sharded: bool) -> None:
     """All DTensors (fully_shard) or all plain tensors: one distribution steps them all."""
@@ -288,16 +361,86 @@ def _check_sharding(group: dict, sharded: bool) -> None:
                              "module too, so that every parameter is sharded, or none is")
 
 
-def _check_group(group: dict) -> None:
+# Keys a group may hold besides the hyper-parameters (Muon's defaults): torch's params and param_names,
+# the kind, optim.param_groups' role, and the initial_lr torch's schedulers read when resumed.
+GROUP_KEYS = ("params", "param_names", "kind", "role", "initial_lr")
+
+
+def _check_keys(param_group: dict, defaults: dict) -> None:
+    if not isinstance(param_group, dict):
+        raise TypeError(f"Muon: a param group must be a dict, got {type(param_group).__name__}")
+    known = (*GROUP_KEYS, *defaults)
+    unknown = sorted(set(param_group) - set(known))
+    if unknown:
+        hint = {"betas": " (Adam's β₁ is momentum, β₂ is beta2)", "maximize": " (minimize the negated loss)"}
+        raise ValueError(f"Muon: unknown param-group key {unknown[0]!r}{hint.get(unknown[0], '')}; "
+                         f"the known ones are {known}")
+
+
+def _check_group(group: dict, index: int) -> None:
+    """Kind, hyper-parameters and tensors of a filled-in group; ns_coefficients stored as plain values."""
     if group["kind"] not in KINDS:
         raise ValueError(f"Muon: unknown param-group kind {group['kind']!r}; use one of {tuple(KINDS)}")
+    _check_hyperparameters(group, f"Muon param group {index}")
+    group["ns_coefficients"] = _plain_coefficients(group["ns_coefficients"])
     kind = KINDS[group["kind"]]
-    if group["lr_scale"] not in LR_SCALES:
-        raise ValueError(f"Muon: unknown lr_scale {group['lr_scale']!r}; use one of {tuple(LR_SCALES)}")
-    resolve_coefficients(group["ns_coefficients"])  # a bad name fails here, not at the first step
     for p in group["params"]:
-        if not kind.accepts(p):
-            raise ValueError(
-                f"Muon: a parameter of shape {tuple(p.shape)} can't be kind {kind.name!r} "
-                f"(it needs {kind.dims()} dims); give it another kind in its param group"
-            )
+        _check_tensor(p, kind)
+
+
+def _check_range(label: str, value, low: float, high: float | None) -> None:
+    """ValueError unless value is a real number with low ≤ value (< high)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or math.isnan(value) or value < low or (high is not None and value >= high):
+        within = f"in [{low}, {high})" if high is not None else f"≥ {low}"
+        raise ValueError(f"{label}={value!r}; expected a number {within}")
+
+
+def _check_hyperparameters(group: dict, where: str) -> None:
+    for name, low, high in (("lr", 0, None), ("momentum", 0, 1), ("beta2", 0, 1), ("eps", 0, None),
+                            ("weight_decay", 0, None), ("ns_steps", 1, None)):
+        _check_range(f"{where}: {name}", group[name], low, high)
+    if not isinstance(group["ns_steps"], int):
+        raise ValueError(f"{where}: ns_steps={group['ns_steps']!r}; expected an integer ≥ 1")
+    for name in ("nesterov", "cautious_wd"):
+        if not isinstance(group[name], bool):
+            raise ValueError(f"{where}: {name}={group[name]!r}; expected True or False")
+    if group["lr_scale"] not in LR_SCALES:
+        raise ValueError(f"{where}: unknown lr_scale {group['lr_scale']!r}; use one of {tuple(LR_SCALES)}")
+    dtype = group["ns_dtype"]
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"{where}: ns_dtype={dtype!r}; expected None or a floating torch.dtype")
+    try:
+        resolve_coefficients(group["ns_coefficients"])  # a bad name fails here, not at the first step
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _plain_coefficients(coefficients):
+    """A Coefficients object as its name in COEFFICIENTS or its triples, so state dicts load with
+    torch.load(weights_only=True); names and triples are kept as given."""
+    if not isinstance(coefficients, Coefficients):
+        return coefficients
+    for name, named in COEFFICIENTS.items():
+        if named == coefficients:
+            return name
+    if Coefficients(coefficients.triples) != coefficients:
+        raise ValueError(f"Muon: ns_coefficients {coefficients!r} has its own scale or eps, which a state "
+                         "dict can't hold as plain values; add it to optim.COEFFICIENTS and pass its name")
+    return coefficients.triples
+
+
+def _check_tensor(p: torch.Tensor, kind) -> None:
+    shape = tuple(p.shape)
+    if p.is_complex():
+        raise ValueError(f"Muon: a parameter of shape {shape} is complex; Muon steps real tensors "
+                         "(optimize torch.view_as_real of it)")
+    if p.layout != torch.strided:
+        raise ValueError(f"Muon: a parameter of shape {shape} is {p.layout}; Muon steps dense tensors")
+    if p.numel() == 0:
+        raise ValueError(f"Muon: a parameter of shape {shape} has no elements; leave it out of the param "
+                         "groups")
+    if not kind.accepts(p):
+        conv = "; a 4-D conv weight is kind 'conv'" if kind.name == "hidden" and p.ndim == 4 else ""
+        raise ValueError(f"Muon: a parameter of shape {shape} can't be kind {kind.name!r} "
+                         f"(it needs {kind.dims()} dims); give it another kind in its param group{conv}")

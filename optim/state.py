@@ -30,7 +30,14 @@ def check_muon_state_dict(optimizer, state_dict, stamp: dict) -> None:
     got = [(g["kind"], len(g["params"])) for g in saved]
     if got != expected:
         raise ValueError(f"{where}: saved groups (kind, parameters) {got}, but this optimizer has {expected}")
-    saved_stamp = state_dict.get("distribution")
+    for i, group in enumerate(saved):
+        missing = sorted(set(optimizer.defaults) - set(group))
+        if missing:
+            raise ValueError(f"{where}: saved param group {i} lacks {missing}: it was saved by another "
+                             "version of optim.Muon; start the optimizer afresh")
+    # One process also takes a state dict without a stamp: torch.distributed.checkpoint's
+    # get/set_optimizer_state_dict keep only "state" and "param_groups".
+    saved_stamp = state_dict.get("distribution", stamp if stamp.get("world_size") == 1 else None)
     if saved_stamp != stamp:
         raise ValueError(
             f"{where}: state saved as {_describe(saved_stamp)}, but this optimizer is {_describe(stamp)}; "

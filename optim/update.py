@@ -98,11 +98,12 @@ def _apply(group: dict, tensors: list[torch.Tensor], updates: list[torch.Tensor]
 
 
 def _adam_update(group, states, tensors, grads, flags) -> None:
-    """torch.optim.AdamW's math in state_dtype, with its step count on the device (no host reads).
+    """torch.optim.AdamW's math in state_dtype, with its step count on the device (no host reads); β₁ is the
+    group's momentum, β₂ its beta2.
 
     m ← lerp(m, g, 1−β₁);  v ← β₂·v + (1−β₂)·g²;  p ← p·(1 − lr·wd) − lr/(1−β₁ᵗ)·m/(√v/√(1−β₂ᵗ) + ε)
     """
-    beta1, beta2 = group["betas"]
+    beta1, beta2 = group["momentum"], group["beta2"]
     lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
     for state, t in zip(states, tensors, strict=True):
         if not state:

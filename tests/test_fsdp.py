@@ -223,7 +223,7 @@ def scenarios(mesh: DeviceMesh, tmp: Path) -> dict:
         record["resumed_from_2"] = resumed(tmp / "checkpoint2", mesh)
     plain = torch.nn.Parameter(torch.zeros(4, 4))
     record["mixed_error"] = refusal(lambda: Muon([*model.parameters(), plain]))
-    record["no_group_error"] = refusal(lambda: Muon(model.parameters(), process_group=None))
+    record["no_group_error"] = refusal(lambda: Muon(param_groups(model), process_group=None))
     record["later_error"] = refusal(lambda: Muon([{"params": [plain]}, {"params": list(model.parameters())}],
                                                  process_group=mesh.get_group()))
     opt.close()
