@@ -83,8 +83,8 @@ def test_allocations_count_new_storages_only():
 
 
 # One process, every kind (test_distributed.problem): the state and the eager update's temporaries.
-# Measured: 144 at the first step (the 22 state tensors made there), 122 after, of which 75 are
-# Newton–Schulz's (compiled on CUDA) and the rest the eager foreach updates' outputs.
+# Measured: 144 at the first step (with the 22 state tensors made there), 122 after, of which 60 are
+# Newton–Schulz's matmul outputs (compiled on CUDA) and the rest the eager updates' temporaries.
 ALLOCATIONS_AFTER_THE_FIRST_STEP = 122
 
 
