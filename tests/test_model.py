@@ -10,7 +10,8 @@ from conftest import random_gpt
 
 from data.tokenizer import EOT
 from model import GPT, PRESETS, GPTConfig
-from model.gpt import long_window_layers
+from model.attention import dense_mask
+from model.gpt import long_window_layers, mean_context
 
 TINY = GPTConfig(vocab_size=256, n_layer=4, n_head=2, head_dim=16, dim=32, max_seq_len=64, value_embeds=2,
                  bos_token=0)
@@ -38,6 +39,22 @@ def test_output_projections_start_at_zero():
     for block in model.blocks:
         assert block.attn.o.weight.abs().max() == 0 and block.mlp.proj.weight.abs().max() == 0
     assert model.lm_head.weight.abs().max() == 0
+
+
+def test_merged_qkv_is_three_linear_maps_in_one_weight_initialized_like_each():
+    model = GPT(dataclasses.replace(TINY, dim=256))
+    qkv = model.blocks[0].attn.qkv
+    inner, d = TINY.n_head * TINY.head_dim, 256
+    assert qkv.weight.shape == (3, inner, d) and "blocks.0.attn.qkv.weight" in model.state_dict()
+    x = torch.randn(2, 5, d, generator=torch.Generator().manual_seed(4))
+    separate = torch.cat([x @ w.T for w in qkv.weight.unbind()], dim=-1)  # [q | k | v] features
+    torch.testing.assert_close(qkv(x), separate, rtol=1e-6, atol=1e-6)
+    # each W_i ~ U(-a, a), a = sqrt(3) * 0.5 / sqrt(d_in): std 0.5 / sqrt(d_in) (the record's and
+    # every other hidden Linear's). 32 x 256 samples a slice: the sample std spreads by ~0.5%.
+    bound = math.sqrt(3) * 0.5 / math.sqrt(d)
+    assert qkv.weight.abs().max() <= bound
+    for w in qkv.weight.unbind():
+        assert w.std().item() == pytest.approx(0.5 / math.sqrt(d), rel=0.05)
 
 
 def test_logits_shape_and_softcap_bound():
@@ -96,6 +113,21 @@ def test_flex_and_sdpa_back_ends_agree(window):
         torch.testing.assert_close(flex(idx, window=window), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_and_sdpa_back_ends_agree_under_the_block_rule():
+    # T = 300 over 3 blocks, window 128: long layers see their own block, short ones too. Eager flex
+    # evaluates mask_mod on every pair, ignoring the block lists: it must state the window itself.
+    cfg = dataclasses.replace(TINY, max_seq_len=300, window_rule="block")
+    idx = tokens(1, 300)
+    idx[:, 190] = TINY.bos_token
+    sdpa = randomized(dataclasses.replace(cfg, attention="sdpa"))
+    flex = randomized(dataclasses.replace(cfg, attention="flex"))
+    with torch.no_grad():
+        expected = sdpa(idx, window=128)
+        torch.testing.assert_close(flex(idx, window=128), expected, rtol=1e-4, atol=1e-4)
+        assert (expected - sdpa(idx, window=256)).abs().max() > 1e-3  # the window is in effect
+
+
 def test_value_embeddings_feed_first_and_last_blocks():
     model = GPT(dataclasses.replace(TINY, n_layer=6, value_embeds=2))
     assert model.value_embedding_layers() == [0, 1, None, None, 0, 1]
@@ -137,12 +169,29 @@ def test_eot_is_gpt2s():
 
 def test_flops_per_token_counts_matmuls_and_each_layers_attention_window():
     model = GPT(TINY)
-    matmuls = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    d, inner = TINY.dim, TINY.n_head * TINY.head_dim  # per block: q, k, v, o; MLP 4d x d twice; head
+    matmuls = TINY.n_layer * (4 * d * inner + 2 * 4 * d * d) + TINY.vocab_size * d
     per_key = 6 * 2 * TINY.n_head * TINY.head_dim
     # full causal over T=4: queries see 1, 2, 3, 4 keys -> mean 2.5, in each of the 4 layers
     assert model.flops_per_token(4) == 6 * matmuls + per_key * 4 * 2.5
     # window 2 on T=4: long layers (0 and 3) see 1, 2, 2, 2 keys (mean 1.75); short ones (w=1) see 1
     assert model.flops_per_token(4, window=2) == 6 * matmuls + per_key * (2 * 1.75 + 2 * 1.0)
+
+
+@pytest.mark.parametrize("rule", ["token", "block"])
+def test_mean_context_is_the_mean_number_of_keys_the_mask_allows(rule):
+    for T, w in [(1, 1), (100, 7), (300, 128), (300, 129), (700, 384), (1000, 2000)]:
+        allowed = dense_mask(T, torch.tensor(w), None, "cpu", rule).sum().item()
+        assert mean_context(T, w, rule) == pytest.approx(allowed / T, rel=1e-12), f"T={T}, w={w}"
+
+
+def test_flops_per_token_counts_the_block_rules_short_window_in_blocks():
+    # window 384 = 3 blocks: long layers (0 and 3) 3 blocks, short ones 3 // 2 = 1 block (not 192 tokens)
+    model = GPT(dataclasses.replace(TINY, window_rule="block"))
+    per_key = 6 * 2 * TINY.n_head * TINY.head_dim
+    attention = model.flops_per_token(700, window=384) - model.flops_per_token(700, window=None)
+    long, short, full = (mean_context(700, w, "block") for w in (384, 128, 700))
+    assert attention == pytest.approx(per_key * (2 * long + 2 * short - 4 * full), rel=1e-12)
 
 
 def test_window_as_int_or_tensor_is_the_same_function():
@@ -186,7 +235,7 @@ def test_124m_preset_is_the_records_architecture():
     assert (cfg.n_layer, cfg.dim, cfg.n_head, cfg.head_dim, cfg.vocab_size) == (12, 768, 6, 128, 50304)
     assert (cfg.head_softcap, cfg.logit_softcap, cfg.sigmoid_softcap_scale) == ("sigmoid", 30.0, 7.5)
     assert cfg.attention_free_layers == (7,) and cfg.long_window_layers == (0, 4, 7, 11)
-    assert cfg.value_lambda_all_layers and cfg.cuda_dtype == "bfloat16"
+    assert cfg.value_lambda_all_layers and cfg.cuda_dtype == "bfloat16" and cfg.window_rule == "block"
     with torch.device("meta"):
         model = GPT(cfg)
     assert model.value_embedding_layers() == [0, 1, 2] + [None] * 6 + [0, 1, 2]
@@ -341,11 +390,11 @@ def test_one_graph_per_mode_over_the_window_schedule():
     assert sorted(g.mode for g in graphs) == ["eval", "train"]
 
 
-@pytest.fixture(scope="module")
-def flex_schedule_graphs() -> list[torch.fx.GraphModule]:
-    """The graphs captured while the Flex model evaluates the whole schedule (Flex compiles no
-    backward on CPU; training builds its masks with the same code)."""
-    model = randomized(dataclasses.replace(COMPILE_CFG, attention="flex"))
+@pytest.fixture(scope="module", params=["token", "block"])
+def flex_schedule_graphs(request) -> list[torch.fx.GraphModule]:
+    """The graphs captured while the Flex model evaluates the whole schedule under each window rule
+    (Flex compiles no backward on CPU; training builds its masks with the same code)."""
+    model = randomized(dataclasses.replace(COMPILE_CFG, attention="flex", window_rule=request.param))
     compiled, graphs = compile_counting(model)
     idx = schedule_batch()
     with torch.no_grad():

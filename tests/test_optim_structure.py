@@ -113,7 +113,7 @@ def test_compiled_adam_equals_eager_in_one_graph_as_lr_changes():
     # The function compiled on CUDA (optim.update.adam_math), compiled here with inductor on the CPU.
     # Flags on: the distributed case, with one tensor no rank had a gradient for at the first step.
     counter = CompileCounterWithBackend("inductor")
-    group = dict(weight_decay=0.1, betas=(0.8, 0.95), eps=1e-3)
+    group = dict(weight_decay=0.1, momentum=0.8, beta2=0.95, eps=1e-3)
     eager, eager_states = adam_problem()
     compiled, compiled_states = adam_problem()
     for step in range(4):
@@ -135,7 +135,7 @@ def test_compiled_adam_steps_slices_of_parameters_as_a_rank_does():
     # A rank's pieces (optim/zero.py FlatShard): views into parameters, gradients viewing one received
     # buffer. Through AOT autograd's functionalization (aot_eager: the same graph inductor gets, unfused),
     # the writes land in the parameters and nowhere else.
-    group = dict(lr=0.1, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-3)
+    group = dict(lr=0.1, weight_decay=0.1, momentum=0.8, beta2=0.95, eps=1e-3)
     gen = torch.Generator().manual_seed(1)
     base, received = torch.randn(2, 12, generator=gen), torch.randn(13, generator=gen)
     sent = received.clone()
