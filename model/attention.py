@@ -33,6 +33,8 @@ Back ends, which compute the same function (tests check it on CPU):
   - "sdpa": scaled_dot_product_attention with a dense (T, T) boolean mask; CPU and any other device.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -45,7 +47,8 @@ class Rotary(torch.nn.Module):
 
     Pairs (x1_i, x2_i), i < head_dim/2, are rotated by angle t * theta_i. The first n = `rotated`
     pairs get theta_i = base^(-i / (n - 1)), spanning 1 down to 1/base; the remaining pairs get
-    theta = 0 (stay put), which keeps some dimensions purely content-based.
+    theta = 0 (stay put), which keeps some dimensions purely content-based. theta (head_dim/2,) and
+    the tables cos, sin (max_seq_len, head_dim/2) of t * theta are float32 buffers, not saved.
     """
 
     def __init__(self, head_dim: int, max_seq_len: int, base: float = 1024.0, rotated_fraction: float = 0.5):
@@ -54,19 +57,86 @@ class Rotary(torch.nn.Module):
         rotated = max(1, int(half * rotated_fraction))
         theta = base ** -torch.linspace(0, 1, rotated, dtype=torch.float32)
         theta = torch.cat([theta, theta.new_zeros(half - rotated)])
-        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), theta)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.register_buffer("theta", theta, persistent=False)
+        cos, sin = rotation_tables(theta, max_seq_len)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, H, T, D) -> same shape, rotated by position along T."""
+    def forward(self, x: Tensor, scale: Tensor | None = None) -> Tensor:
+        """x: (B, H, T, D) -> same shape, rotated by position along T, then times scale if given (in
+        float32, one rounding to x's dtype)."""
         T = x.size(-2)
         if T > self.cos.size(0):
             raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.cos.size(0)}")
         cos, sin = self.cos[:T], self.sin[:T]
         x1, x2 = x.float().chunk(2, dim=-1)
         rotated = torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+        if scale is not None:
+            rotated = rotated * scale
         return rotated.type_as(x)
+
+
+def rotation_tables(theta: Tensor, max_seq_len: int) -> tuple[Tensor, Tensor]:
+    """(cos, sin) of the angles t * theta_i, t < max_seq_len: two (max_seq_len, len(theta)) float32 tables."""
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32, device=theta.device), theta)
+    return angles.cos(), angles.sin()
+
+
+def yarn_factors(theta: Tensor, old_window: int, new_window: int, alpha: float = 1.0,
+                 beta: float = 32.0) -> Tensor:
+    """YaRN's per-frequency factors (Peng et al. 2023, interpolation "by parts") for a window grown
+    from old_window to new_window tokens: theta_i <- theta_i * (s + g_i (1 - s)), with
+
+        s = old / new,  r_i = old * theta_i / (2 pi)  (turns over the old window),
+        g_i = clamp((r_i - alpha) / (beta - alpha), 0, 1).
+
+    A frequency that turns fewer than alpha times over the old window is slowed by s (the new window
+    then spans the angles the old one did); one that turns more than beta times is kept; a linear ramp
+    in between. theta = 0 stays 0. The record applies it at every long-window change (alpha 1, beta 32).
+    """
+    turns = old_window * theta / (2 * torch.pi)
+    s = old_window / new_window
+    ramp = torch.clamp((turns - alpha) / (beta - alpha), 0, 1)
+    return s + ramp * (1 - s)
+
+
+def yarn_attention_factor(old_window: int, new_window: int) -> float:
+    """The attention-logit scale's factor for a window grown from old to new: 0.2 ln(new / old) + 1
+    (YaRN's sqrt(1/t) = 0.1 ln(s) + 1 on q and on k, to first order)."""
+    return 0.2 * math.log(new_window / old_window) + 1
+
+
+class YarnRotary(Rotary):
+    """Rotary whose frequencies YaRN rescales as the attention window grows (`extend`), with the
+    attention-logit scale that goes with them: attn_scale, a 0-dim float32 buffer (not saved), from
+    the given scale, times yarn_attention_factor at each extension (kept as a Python float, rounded
+    once to float32, as the record's float scale reaches its kernel). `reset` restores both."""
+
+    def __init__(self, head_dim: int, max_seq_len: int, base: float, attn_scale: float):
+        super().__init__(head_dim, max_seq_len, base)
+        self.initial = (self.theta.clone(), attn_scale)
+        self.scale = attn_scale
+        self.register_buffer("attn_scale", torch.tensor(attn_scale, dtype=torch.float32), persistent=False)
+
+    @torch.no_grad()
+    def set_state(self, theta: Tensor, scale: float) -> None:
+        """Frequencies theta and logit scale, written in place (compiled graphs keep reading them)."""
+        self.theta.copy_(theta)
+        cos, sin = rotation_tables(self.theta, self.cos.size(0))
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        self.scale = scale
+        self.attn_scale.fill_(scale)
+
+    def reset(self) -> None:
+        """Back to the base frequencies and the initial scale."""
+        theta, scale = self.initial
+        self.set_state(theta.to(self.theta.device), scale)
+
+    def extend(self, old_window: int, new_window: int, alpha: float = 1.0, beta: float = 32.0) -> None:
+        """One YaRN step, window old_window -> new_window tokens (yarn_factors, yarn_attention_factor)."""
+        theta = self.theta * yarn_factors(self.theta, old_window, new_window, alpha, beta)
+        self.set_state(theta, self.scale * yarn_attention_factor(old_window, new_window))
 
 
 def document_ids(idx: Tensor, bos_token: int) -> Tensor:

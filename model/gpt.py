@@ -36,6 +36,7 @@ from model.attention import (
     BLOCK,
     WINDOW_RULES,
     Rotary,
+    YarnRotary,
     attend,
     build_mask,
     document_ids,
@@ -45,6 +46,7 @@ from model.attention import (
 from model.fp8 import fp8_head, why_no_fp8
 
 SOFTCAPS = ("tanh", "sigmoid")
+SKIP_GATES = {"linear": 1.0, "sigmoid": -1.5}  # the gate g(w) and w's initial value
 CUDA_DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "flex", "sdpa")
 HEAD_MATMULS = ("auto", "fp8", "bf16")
@@ -75,7 +77,10 @@ class GPTConfig:
     long_window_layers: blocks that attend over the long window; the others over half of it. None:
         every fourth block counted from the first in the first half and from the last in the second
         half (12 layers: 0, 4, 7, 11). An attention-free block listed here has no effect.
-    attention_free_layers: blocks with no attention (MLP only): no q/k/v/o, no value lambdas.
+    attention_free_layers: blocks with no attention (MLP only): no q/k/v/o, no value lambdas, no value
+        embedding (a table listed for such a block feeds only its other block; the record's block 0).
+    mlp_free_layers: blocks with no MLP (attention only): no fc/proj (record #30 drops block 0's). A
+        block in both lists is the identity: no parameters at all, not even its lambdas (#35, block 0).
     value_lambda_all_layers: True: attention without a value embedding still scales its values,
         v <- l0 * v (the record); False: those blocks use v unchanged. Blocks with a value embedding
         always mix v <- l0 * v + l1 * ve. (l0, l1) start at (0.5, 0.5).
@@ -86,6 +91,25 @@ class GPTConfig:
         record's FP8 matmul with its fixed scales (model/fp8.py), on a device that has one, else an
         error; "bf16": CastedLinear, in the input's dtype (bf16 on the GPU presets, float32 on CPU);
         "auto": fp8 on CUDA GPUs with FP8 tensor cores (compute capability 8.9+, e.g. H100), else bf16.
+    gate_dims: g, how many leading residual dims feed the smear and attention gates (the record's 12).
+    smear: token embeddings mixed one position forward (record #34), before the first norm:
+        e_t <- e_t + lambda * sigmoid(w . e_t[:g]) * e_{t-1} for t >= 1, e_0 unchanged; w (1, g) and
+        lambda start at 0. Along the whole row, as the record's packed stream: a BOS token picks up the
+        previous document's last token.
+    attn_gate: each head's attention output times sigmoid(W_g x[:g]) before the output projection,
+        x the attention's (normed) input, W_g (n_head, g) from 0 (record #28's sparse attention gate).
+    backout_layer: b: before the final norm, x <- x - lambda_b * x_b, x_b the residual after block b,
+        lambda_b from 0.5 (record #40 "backout", b = 8). None: no backout.
+    skips: (source, target) block pairs, one per target: block source's output, times the pair's
+        gate, is added to the residual before block target. None: the U-net, pair k = (n - 1 - k,
+        L - n + k) for k < n = L // 2 (the first half pushed, the second half popping them).
+    skip_gate: the pair's gate from its weight w: "linear" w, from 1; "sigmoid" sigmoid(w), from
+        w = -1.5 (sigmoid 0.18), record #32's gating.
+    block_lambda_init: k0's start in x <- k0 * x + k1 * x0: 1, or 1.1 (record #45's exponential-decay
+        init: the output of block i reaches the head scaled by 1.1 per block after it).
+    yarn: YaRN (record #31): `GPT.extend_yarn(old, new)` at each long-window change rescales the
+        rotary frequencies and the attention scale (model/attention.py YarnRotary), which then starts
+        at attn_scale; `GPT.reset_yarn()` restores both. False: fixed frequencies and scale.
     """
 
     vocab_size: int = 50304
@@ -110,21 +134,38 @@ class GPTConfig:
     value_lambda_all_layers: bool = False
     cuda_dtype: str = "float32"
     head_matmul: str = "bf16"
+    mlp_free_layers: tuple[int, ...] = ()
+    gate_dims: int = 12
+    smear: bool = False
+    attn_gate: bool = False
+    backout_layer: int | None = None
+    skips: tuple[tuple[int, int], ...] | None = None
+    skip_gate: str = "linear"
+    block_lambda_init: float = 1.0
+    yarn: bool = False
 
     def __post_init__(self):
         for name, allowed in (("head_softcap", SOFTCAPS), ("cuda_dtype", CUDA_DTYPES),
                               ("attention", ATTENTION_BACKENDS), ("head_matmul", HEAD_MATMULS),
-                              ("window_rule", WINDOW_RULES)):
+                              ("window_rule", WINDOW_RULES), ("skip_gate", tuple(SKIP_GATES))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        for name in ("long_window_layers", "attention_free_layers"):
+        for name in ("long_window_layers", "attention_free_layers", "mlp_free_layers"):
             layers = getattr(self, name) or ()
             if any(not 0 <= i < self.n_layer for i in layers):
                 raise ValueError(f"GPTConfig.{name} must index blocks 0..{self.n_layer - 1}, got {layers}")
-        fed = {i for i, table in enumerate(value_embedding_layers(self)) if table is not None}
-        if fed & set(self.attention_free_layers):
-            raise ValueError(f"GPTConfig.attention_free_layers {self.attention_free_layers}: blocks "
-                             f"{sorted(fed)} take a value embedding, which needs attention")
+        if self.backout_layer is not None and not 0 <= self.backout_layer < self.n_layer:
+            raise ValueError(f"GPTConfig.backout_layer must index a block 0..{self.n_layer - 1}, "
+                             f"got {self.backout_layer}")
+        pairs = skip_pairs(self)
+        targets = [t for _, t in pairs]
+        if any(not 0 <= s < t < self.n_layer for s, t in pairs) or len(set(targets)) < len(targets):
+            raise ValueError(f"GPTConfig.skips must be (source, target) pairs, 0 <= source < target < "
+                             f"{self.n_layer}, one per target, got {self.skips}")
+        unfed = set(range(value_embed_tables(self))) - set(value_embedding_layers(self))
+        if unfed:
+            raise ValueError(f"GPTConfig.attention_free_layers {self.attention_free_layers}: value "
+                             f"embedding tables {sorted(unfed)} would feed no block")
 
     def table_dtype(self, device: torch.device | str) -> torch.dtype:
         """The embedding tables' dtype on device, as GPT.to_device stores them: cuda_dtype on CUDA,
@@ -132,10 +173,25 @@ class GPTConfig:
         return getattr(torch, self.cuda_dtype) if torch.device(device).type == "cuda" else torch.float32
 
 
+def value_embed_tables(cfg: GPTConfig) -> int:
+    """n, the number of value-embedding tables: value_embeds, at most half the blocks."""
+    return min(cfg.value_embeds, cfg.n_layer // 2)
+
+
 def value_embedding_layers(cfg: GPTConfig) -> list[int | None]:
-    """For each block, the value-embedding table it uses: table j feeds block j and block L-n+j."""
-    L, n = cfg.n_layer, min(cfg.value_embeds, cfg.n_layer // 2)
-    return [i if i < n else (i - (L - n) if i >= L - n else None) for i in range(L)]
+    """For each block, the value-embedding table it uses: table j feeds block j and block L-n+j,
+    unless that block is attention-free."""
+    L, n = cfg.n_layer, value_embed_tables(cfg)
+    tables = [i if i < n else (i - (L - n) if i >= L - n else None) for i in range(L)]
+    return [None if i in cfg.attention_free_layers else table for i, table in enumerate(tables)]
+
+
+def skip_pairs(cfg: GPTConfig) -> tuple[tuple[int, int], ...]:
+    """The (source, target) skip connections (GPTConfig.skips); the U-net's when skips is None."""
+    if cfg.skips is not None:
+        return tuple(tuple(pair) for pair in cfg.skips)
+    L, n = cfg.n_layer, cfg.n_layer // 2
+    return tuple((n - 1 - k, L - n + k) for k in range(n))
 
 
 def long_window_layers(cfg: GPTConfig) -> frozenset[int]:
@@ -250,8 +306,10 @@ class CausalSelfAttention(nn.Module):
         inner = cfg.n_head * cfg.head_dim
         self.qkv = StackedLinear(cfg.dim, inner, 3)  # W_q, W_k, W_v: one GEMM
         self.o = linear(inner, cfg.dim, zero=True)
-        self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
+        self.rotary = (YarnRotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_base, cfg.attn_scale) if cfg.yarn
+                       else Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_base))
         self.value_lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
+        self.gate = linear(cfg.gate_dims, cfg.n_head, zero=True) if cfg.attn_gate else None
 
     def forward(self, x: Tensor, ve: Tensor | None, backend: str, mask) -> Tensor:
         B, T, _ = x.shape
@@ -263,8 +321,14 @@ class CausalSelfAttention(nn.Module):
         elif self.scale_values:
             v = self.value_lambdas[0] * v
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        y = attend(backend, self.rotary(q), self.rotary(k), v, self.scale, mask)
-        return self.o(y.transpose(1, 2).reshape(B, T, -1))
+        if isinstance(self.rotary, YarnRotary):  # the scale is a buffer: q.k * s, s folded into q
+            y = attend(backend, self.rotary(q, self.rotary.attn_scale), self.rotary(k), v, 1.0, mask)
+        else:
+            y = attend(backend, self.rotary(q), self.rotary(k), v, self.scale, mask)
+        y = y.transpose(1, 2)  # (B, T, H, D)
+        if self.gate is not None:  # head h times sigmoid(W_g x[:g])_h
+            y = y * torch.sigmoid(self.gate(x[..., :self.gate.in_features]))[..., None]
+        return self.o(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -279,19 +343,41 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x <- k0 * x + k1 * x0; x <- x + attn(norm(x)) (unless attention-free); x <- x + mlp(norm(x))."""
+    """x <- k0 * x + k1 * x0; x <- x + attn(norm(x)) (unless attention-free); x <- x + mlp(norm(x))
+    (unless MLP-free). With neither sublayer: the identity, without parameters ((k0, k1) included)."""
 
-    def __init__(self, cfg: GPTConfig, attention: bool):
+    def __init__(self, cfg: GPTConfig, attention: bool, mlp: bool = True):
         super().__init__()
         self.attn = CausalSelfAttention(cfg) if attention else None
-        self.mlp = MLP(cfg)
-        self.lambdas = nn.Parameter(torch.tensor([1.0, 0.0]))
+        self.mlp = MLP(cfg) if mlp else None
+        self.lambdas = nn.Parameter(torch.tensor([cfg.block_lambda_init, 0.0])) if attention or mlp else None
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None, backend: str, mask) -> Tensor:
+        if self.lambdas is None:
+            return x
         x = self.lambdas[0] * x + self.lambdas[1] * x0
         if self.attn is not None:
             x = x + self.attn(rms_norm(x), ve, backend, mask)
-        return x + self.mlp(rms_norm(x))
+        if self.mlp is not None:
+            x = x + self.mlp(rms_norm(x))
+        return x
+
+
+class Smear(nn.Module):
+    """e_t <- e_t + lambda * sigmoid(w . e_t[:g]) * e_{t-1} along T for t >= 1; e_0 unchanged.
+
+    e (B, T, dim); w (1, g) a zero-initialized CastedLinear (a Muon matrix), lambda a (1,) scalar
+    from 0, so the map starts as the identity. The gate reads the current token, the term adds the
+    previous one, whatever document it belongs to (GPTConfig.smear)."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate = linear(cfg.gate_dims, 1, zero=True)
+        self.lambdas = nn.Parameter(torch.zeros(1))
+
+    def forward(self, e: Tensor) -> Tensor:
+        gate = self.lambdas[0] * torch.sigmoid(self.gate(e[:, 1:, :self.gate.in_features]))
+        return torch.cat([e[:, :1], e[:, 1:] + gate * e[:, :-1]], dim=1)
 
 
 def mean_context(seq_len: int, window: int, rule: str = "token") -> float:
@@ -319,11 +405,16 @@ class GPT(nn.Module):
             raise ValueError(f"n_layer must be >= 2 for the U-net skips, got {cfg.n_layer}")
         self.config = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
-        n_ve = min(cfg.value_embeds, cfg.n_layer // 2)
-        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.dim) for _ in range(n_ve))
-        self.blocks = nn.ModuleList(Block(cfg, attention=i not in cfg.attention_free_layers)
-                                    for i in range(cfg.n_layer))
-        self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
+        self.smear = Smear(cfg) if cfg.smear else None
+        self.value_embeds = nn.ModuleList(nn.Embedding(cfg.vocab_size, cfg.dim)
+                                          for _ in range(value_embed_tables(cfg)))
+        self.blocks = nn.ModuleList(Block(cfg, attention=i not in cfg.attention_free_layers,
+                                          mlp=i not in cfg.mlp_free_layers) for i in range(cfg.n_layer))
+        pairs = skip_pairs(cfg)
+        self.skip_weights = nn.Parameter(torch.full((len(pairs),), SKIP_GATES[cfg.skip_gate]))
+        self.skip_into = {target: (k, source) for k, (source, target) in enumerate(pairs)}
+        self.skip_sources = frozenset(source for source, _ in pairs)
+        self.backout_lambda = nn.Parameter(torch.tensor([0.5])) if cfg.backout_layer is not None else None
         self.lm_head = LMHead(cfg)
         self.long_window = long_window_layers(cfg)
 
@@ -363,6 +454,29 @@ class GPT(nn.Module):
             return cfg.logit_softcap * torch.sigmoid(z / (cfg.sigmoid_softcap_scale * math.sqrt(cfg.dim)))
         return cfg.logit_softcap * torch.tanh(z / cfg.logit_softcap)
 
+    def yarn_rotaries(self) -> list[YarnRotary]:
+        """The attention layers' YaRN rotaries (GPTConfig.yarn); an error without them."""
+        rotaries = [m for m in self.modules() if isinstance(m, YarnRotary)]
+        if not rotaries:
+            raise ValueError("GPT.extend_yarn/reset_yarn need GPTConfig.yarn=True and a block with attention")
+        return rotaries
+
+    def extend_yarn(self, old_window: int, new_window: int) -> None:
+        """YaRN for a long window grown from old_window to new_window tokens, in every attention layer
+        (model/attention.py YarnRotary.extend: frequencies and attention scale, in place)."""
+        for rotary in self.yarn_rotaries():
+            rotary.extend(old_window, new_window)
+
+    def reset_yarn(self) -> None:
+        """Every attention layer back to its base rotary frequencies and attention scale."""
+        for rotary in self.yarn_rotaries():
+            rotary.reset()
+
+    def skip_gate(self, k: int) -> Tensor:
+        """Skip pair k's gate from its weight w: w ("linear") or sigmoid(w) ("sigmoid")."""
+        w = self.skip_weights[k]
+        return torch.sigmoid(w) if self.config.skip_gate == "sigmoid" else w
+
     def forward(self, idx: Tensor, targets: Tensor | None = None,
                 window: Tensor | int | None = None) -> Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab) float32, or the mean cross-entropy if targets (B, T).
@@ -375,6 +489,15 @@ class GPT(nn.Module):
         reads its value on the host. A Python int works too (eager convenience), but a compiled
         model specializes on it: one graph per distinct int.
         """
+        x = self.residual(idx, window)
+        logits = self.soft_cap(self.lm_head(rms_norm(x)).float())
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def residual(self, idx: Tensor, window: Tensor | int | None = None) -> Tensor:
+        """idx (B, T) -> the residual stream (B, T, dim) the head reads (before its norm): embedding
+        (smeared, normed), the blocks with their skips, the backout. window as in forward."""
         cfg = self.config
         T = idx.size(1)
         backend = self.attention_backend(idx.device)
@@ -389,21 +512,24 @@ class GPT(nn.Module):
                                                                  idx.device, rule)
         ves = [table(idx) for table in self.value_embeds]
 
-        x = x0 = rms_norm(self.embed(idx))
-        skips: list[Tensor] = []
-        n_encoder = cfg.n_layer // 2
+        x = self.embed(idx)
+        if self.smear is not None:
+            x = self.smear(x)
+        x = x0 = rms_norm(x)
+        saved: dict[int, Tensor] = {}
         for i, (block, ve_index) in enumerate(zip(self.blocks, self.value_embedding_layers(), strict=True)):
-            if i >= cfg.n_layer - n_encoder:
-                x = x + self.skip_weights[i - (cfg.n_layer - n_encoder)] * skips.pop()
+            if i in self.skip_into:
+                k, source = self.skip_into[i]
+                x = x + self.skip_gate(k) * saved[source]
             ve = None if ve_index is None else ves[ve_index]
             x = block(x, x0, ve, backend, long_mask if i in self.long_window else short_mask)
-            if i < n_encoder:
-                skips.append(x)
-
-        logits = self.soft_cap(self.lm_head(rms_norm(x)).float())
-        if targets is None:
-            return logits
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            if i in self.skip_sources:
+                saved[i] = x
+            if i == cfg.backout_layer:
+                backout = x
+        if self.backout_lambda is not None:
+            x = x - self.backout_lambda[0] * backout
+        return x
 
     def flops_per_token(self, seq_len: int, window: int | None = None) -> float:
         """Training FLOPs per token: 6 * (matmul params) + sum over attention layers of 6 * 2 * H*D * context.

@@ -332,7 +332,7 @@ def test_to_device_keeps_cpu_in_float32_whatever_cuda_dtype_says():
     (dict(head_softcap="cubic"), "head_softcap"),
     (dict(cuda_dtype="float16"), "cuda_dtype"),
     (dict(long_window_layers=(0, 6)), "long_window_layers"),
-    (dict(attention_free_layers=(1,)), "value embedding"),
+    (dict(attention_free_layers=(1, 5)), "value embedding"),  # table 1 would feed no block
 ])
 def test_config_refuses_bad_values_naming_the_field(change, message):
     with pytest.raises(ValueError, match=message):
