@@ -14,6 +14,9 @@ A decoder-only transformer in the shape of the mid-2025 NanoGPT speedrun:
   - ReLU^2 MLP (4x width); zero-initialized output projections (attention out, MLP out, LM head);
   - logits soft-capped: z <- c * tanh(z / c), or the record's c * sigmoid(z / (7.5 sqrt(dim))).
   - in training on H100, the LM head's matmul in FP8 with the record's fixed scales (model/fp8.py).
+Options from the later records (GPTConfig, all off by default): blocks without an MLP or without both
+sublayers, smear, a sigmoid gate per attention head, backout, chosen sigmoid-gated skips, lambdas from
+1.1, YaRN (frequencies and attention scale rescaled as the window grows).
 Weights y = W x are stored PyTorch-style as W of shape (d_out, d_in), float32. The activations take
 the embedding tables' dtype: float32 by default, bf16 after `to_device` on CUDA for the GPU presets.
 
