@@ -48,7 +48,7 @@ from model.attention import (
 )
 from model.fp8 import fp8_head, why_no_fp8
 
-SOFTCAPS = ("tanh", "sigmoid")
+SOFTCAPS = ("tanh", "sigmoid", "sigmoid_unscaled")
 SKIP_GATES = {"linear": 1.0, "sigmoid": -1.5}  # the gate g(w) and w's initial value
 CUDA_DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "flex", "sdpa")
@@ -66,8 +66,9 @@ class GPTConfig:
     logit_softcap: c, the bound of the head's soft-cap.
     head_softcap: "tanh": z <- c * tanh(z / c) (range (-c, c), slope 1 at 0);
         "sigmoid": z <- c * sigmoid(z / (s * sqrt(dim))) (range (0, c), slope c / (4 s sqrt(dim)) at 0),
-        the record's form (with c = 30, s = 7.5 its slope at 0 is 1/27.7 of tanh's at dim 768).
-    sigmoid_softcap_scale: s above (only used by "sigmoid").
+        the record's form (with c = 30, s = 7.5 its slope at 0 is 1/27.7 of tanh's at dim 768);
+        "sigmoid_unscaled": z <- c * sigmoid(z / s), the form of records #28 on (#46 included).
+    sigmoid_softcap_scale: s above (only used by the sigmoid forms).
     attn_scale: the attention logits' scale, q.k * attn_scale (QK-normed q, k).
     rope_base: rotary base; frequencies span 1 .. 1/rope_base over half of each head.
     bos_token: the token that starts every document.
@@ -455,6 +456,8 @@ class GPT(nn.Module):
         cfg = self.config
         if cfg.head_softcap == "sigmoid":
             return cfg.logit_softcap * torch.sigmoid(z / (cfg.sigmoid_softcap_scale * math.sqrt(cfg.dim)))
+        if cfg.head_softcap == "sigmoid_unscaled":
+            return cfg.logit_softcap * torch.sigmoid(z / cfg.sigmoid_softcap_scale)
         return cfg.logit_softcap * torch.tanh(z / cfg.logit_softcap)
 
     def yarn_rotaries(self) -> list[YarnRotary]:

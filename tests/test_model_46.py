@@ -195,6 +195,15 @@ def test_block_lambda_init_scales_a_blocks_output_by_it_once_per_later_block():
     torch.testing.assert_close(pushed - model.residual(idx), 1.1**2 * delta, rtol=1e-5, atol=1e-6)
 
 
+# The head's soft-cap from record #28 on ----------------------------------------------------------
+
+def test_the_unscaled_sigmoid_softcap_divides_by_s_alone():
+    model = GPT(dataclasses.replace(SMALL, head_softcap="sigmoid_unscaled"))
+    z = torch.tensor([-15.0, 0.0, 7.5, 40.0])
+    torch.testing.assert_close(model.soft_cap(z), 30 * torch.sigmoid(z / 7.5), rtol=0, atol=0)
+    assert model.soft_cap(torch.tensor(7.5)).item() == pytest.approx(30 / (1 + math.exp(-1)))
+
+
 # YaRN (record #31) ------------------------------------------------------------------------------
 
 # Record #46's long windows, in tokens (128-token blocks): 3, 7, 11 during the schedule, 13 on the
