@@ -292,3 +292,35 @@ def test_yarn_off_the_model_has_no_yarn_and_on_it_compiles_once_across_extension
     before = model(idx, window=window)
     model.reset_yarn()
     assert not torch.allclose(model(idx, window=window), before)
+
+
+# Record #46's architecture at full size, on the meta device (no memory) --------------------------
+
+RECORD_46 = GPTConfig(attention_free_layers=(0, 7), mlp_free_layers=(0,), long_window_layers=(4, 11),
+                      smear=True, attn_gate=True, backout_layer=8, skips=((4, 7),), skip_gate="sigmoid",
+                      block_lambda_init=1.1, yarn=True, attn_scale=0.1, head_softcap="sigmoid_unscaled",
+                      value_lambda_all_layers=True)
+
+
+def test_record_46_options_give_its_tensors_one_for_one():
+    with torch.device("meta"):
+        model = GPT(RECORD_46)
+    ours = {name: p.numel() for name, p in model.named_parameters()}
+    attention, mlp = [i for i in range(12) if i not in (0, 7)], range(1, 12)
+    # The record's tensors (numel): embed, smear_gate (1, 12), 3 value_embeds, qkvo_w (768, 3072) and
+    # attn_gate (6, 12) per attention block, c_fc and c_proj (768, 3072) per MLP, lm_head.
+    table = 50304 * 768
+    assert ours["smear.gate.weight"] == 12 and ours["lm_head.weight"] == ours["embed.weight"] == table
+    assert all(ours[f"value_embeds.{j}.weight"] == table for j in range(3))
+    for i in attention:
+        assert ours[f"blocks.{i}.attn.qkv.weight"] + ours[f"blocks.{i}.attn.o.weight"] == 768 * 3072
+        assert ours[f"blocks.{i}.attn.gate.weight"] == 6 * 12
+    for i in mlp:
+        assert ours[f"blocks.{i}.mlp.fc.weight"] == ours[f"blocks.{i}.mlp.proj.weight"] == 768 * 3072
+    # Its 64 scalars: 12 skip slots (only [1] read), 12 (k0, k1), 12 sa_lambdas, smear, backout, 2 pads;
+    # the slots it reads are ours: 1 skip weight, (k0, k1) of blocks 1-11, value lambdas of its
+    # 10 attention blocks, the smear and backout lambdas.
+    scalars = {n: k for n, k in ours.items() if n == "skip_weights" or "lambda" in n}
+    assert sum(scalars.values()) == 64 - 11 - 2 - 2 * 2 - 2 == 1 + 2 * 11 + 2 * 10 + 1 + 1
+    assert set(ours) == set(scalars) | {n for n in ours if n.endswith(".weight")}
+    assert value_embedding_layers(RECORD_46) == [None, 1, 2] + [None] * 6 + [0, 1, 2]
