@@ -1,0 +1,60 @@
+"""The 124M speedrun step asks the GPUs for no more than the 2025-07-12 record's step, count by count
+(bench/structure.py: ours measured from the code, the record's counted from its source)."""
+
+import pytest
+
+from bench import structure
+from data.tokenizer import EOT
+from model import PRESETS
+
+
+@pytest.fixture(scope="module")
+def gemms_and_casts():
+    return structure.gemms_and_casts(structure.census(), structure.meta_gpt(PRESETS["124m"], fsdp=False))
+
+
+PHASES = ("forward", "backward")
+
+
+def test_the_census_counts_an_mlp_block_exactly_as_the_record_was_counted(gemms_and_casts):
+    # Layer 7 is the MLP alone in both codes, two F.linear of the same shapes: the census of our code
+    # and the hand count of the record's must agree GEMM for GEMM, cast for cast.
+    gemms, casts = gemms_and_casts
+    block = "attention-free block"
+    for phase in PHASES:
+        assert gemms[block][phase] == sorted(structure.RECORD_GEMMS[block][phase])
+        assert casts[block][phase] == structure.RECORD_WEIGHT_CASTS[block][phase]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+@pytest.mark.parametrize("kind", structure.RECORD_GEMMS)
+def test_no_more_gemms_or_weight_casts_than_the_record(gemms_and_casts, kind, phase):
+    gemms, casts = gemms_and_casts
+    assert len(gemms[kind][phase]) <= len(structure.RECORD_GEMMS[kind][phase]), gemms[kind][phase]
+    assert casts[kind][phase] <= structure.RECORD_WEIGHT_CASTS[kind][phase]
+
+
+def test_the_attention_layout_is_the_one_the_record_was_counted_on():
+    # The record's tile counts are constants counted on this sequence: 74 documents, the first at 0.
+    idx = structure.attention_layout()
+    assert idx.shape == (1, 48 * 1024)
+    assert int((idx == EOT).sum()) == 74 and int(idx[0, 0]) == EOT
+
+
+def test_no_more_attention_tiles_than_the_record_over_the_schedule():
+    ours, record = structure.attention_tiles(), structure.RECORD_ATTENTION_TILES
+    assert ours["computed"] <= record["computed"]
+    assert ours["partial"] <= record["partial"]
+
+
+def test_no_more_collectives_or_bytes_than_the_record_and_every_chunk_16_byte_aligned():
+    ours = structure.collective_counts(structure.collectives())
+    record = structure.collective_counts(structure.record_collectives())
+    assert record["unaligned"] == 0
+    for name, count in record.items():
+        assert ours[name] <= count, name
+
+
+def test_no_more_compiled_graphs_per_mode_than_the_record_over_the_schedule():
+    ours = structure.compiled_graphs()
+    assert ours == structure.RECORD_GRAPHS == dict(training=1, validation=1)
