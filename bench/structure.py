@@ -5,9 +5,10 @@ to do, counted on a CPU (nothing is timed).
 
 Ours is measured from this repo's own code; the record's figures are constants below, counted by
 reading its source (the code at the top of each of its logs, modded-nanogpt's
-records/track_1_short/2025-07-12_BosAlign/*.txt, not in this repo), each with how it was counted. The step described is the H100's:
-8 GPUs (W = 8), each one BOS-aligned sequence of T = 49,152 tokens a step, bf16 tables and residual
-stream, FlexAttention, and the LM head's matmul as GPT.head_matmul picks it on an H100.
+records/track_1_short/2025-07-12_BosAlign/*.txt, not in this repo), each with how it was counted.
+The step described is the H100's: 8 GPUs (W = 8), each one BOS-aligned sequence of T = 49,152
+tokens a step, bf16 tables and residual stream, FlexAttention, and the LM head's matmul as the
+model picks it on an H100 (compute capability 9.0).
 
   GEMMs, weight casts  one forward and backward of the real 124M model on the meta device (shapes and
                  dtypes, no memory, no arithmetic), every aten matmul (mm, addmm, bmm, baddbmm,
@@ -62,7 +63,7 @@ MEAN_DOCUMENT, LAYOUT_SEED = 670, 0  # the document-length model of the attentio
 ALIGNMENT = 16  # bytes
 aten = torch.ops.aten
 GEMMS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten._scaled_mm.default)
-CASTS = (aten._to_copy.default,)
+CASTS = (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other)
 
 # ---------------------------------------------------------------------------------------------------
 # The record's figures. Shapes are (M, N, K) of an (M, K) x (K, N) product as aten runs it: F.linear of
@@ -169,25 +170,29 @@ class Census(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        node = torch._C._current_autograd_node()
-        phase = "forward" if node is None else "backward"
-        section = self.section if node is None else node.metadata.get("section", "outside")
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        if func in GEMMS:
-            a, b = args[0], args[1]
-            if func is aten.addmm.default or func is aten.baddbmm.default:
-                a, b = args[1], args[2]
-            self.gemms[section, phase].append((*a.shape[-2:-1], b.shape[-1], a.shape[-1], gemm_dtype(a, b)))
-        elif func in CASTS and (self._from_weights(inputs) if node is None else casts_a_weight(node)):
-            self.casts[section, phase] += 1
         definition = torch._library.custom_ops.OPDEFS.get(func._schema.name)
         if definition is not None:
             with self:
                 return definition._init_fn(*args, **kwargs)
+        node = torch._C._current_autograd_node()
+        where = self._where(node)
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         out = func(*args, **kwargs)
-        if node is None and func not in GEMMS and self._from_weights(inputs):
+        if func in GEMMS:
+            a, b = args[1:3] if func in (aten.addmm.default, aten.baddbmm.default) else args[:2]
+            self.gemms[where].append((a.shape[-2], b.shape[-1], a.shape[-1], gemm_dtype(a, b)))
+        elif node is None and self._from_weights(inputs):
             self._mark(out)
+            self.casts[where] += is_cast(func, inputs[0], out)
+        elif node is not None and casts_a_weight(node):
+            self.casts[where] += is_cast(func, inputs[0], out)
         return out
+
+    def _where(self, node) -> tuple[str, str]:
+        """(section, phase) of an op run in forward (node None) or by an autograd node in backward."""
+        if node is None:
+            return self.section, "forward"
+        return node.metadata.get("section", "outside"), "backward"
 
     def _from_weights(self, inputs: list[torch.Tensor]) -> bool:
         return bool(inputs) and all(t.untyped_storage()._cdata in self.weights for t in inputs)
@@ -197,6 +202,11 @@ class Census(TorchDispatchMode):
             if isinstance(t, torch.Tensor):
                 self.weights.add(t.untyped_storage()._cdata)
                 self.alive.append(t)
+
+
+def is_cast(func, source: torch.Tensor, out) -> bool:
+    """A dtype conversion: one of CASTS whose output's dtype differs from its input's."""
+    return func in CASTS and out.dtype != source.dtype
 
 
 def gemm_dtype(a: torch.Tensor, b: torch.Tensor) -> str:
