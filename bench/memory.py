@@ -28,9 +28,10 @@ fake tensors. Columns, for the rank that holds the most (GiB = 2³⁰ bytes):
                the residual stream is bf16 and each CastedLinear's bf16 cast of its float32 weight,
                made in every forward and saved for backward, is counted here; --fsdp: the parameters
                are fully_shard's gathered bf16 copies under autocast, counted in flight instead
-  in flight    transient buffers, upper bounds from the code. Default, W > 1: DataParallel's
-               reduce-scatter rows (a copy of every gradient, with its flags) and all-gather outputs (a
-               copy of every parameter), in the parameters' dtypes, padded as optim/zero.py pads them.
+  in flight    buffers besides those, upper bounds from the code. Default, W > 1: DataParallel's
+               reduce-scatter rows (a copy of every gradient) and all-gather outputs (a copy of every
+               parameter), in the parameters' dtypes, padded as optim/zero.py pads them, kept from
+               the first step on.
                --fsdp: the bf16 gathered parameters, their bf16 gradients and the float32 copies
                reduce-scattered (8 bytes an element) of the two largest units of training/fsdp.py (the
                one computing and the one prefetched: embedding tables and head, each its own unit,
@@ -59,7 +60,7 @@ from optim.distributed import same_shape, shards_of
 from optim.fsdp import OwnerExchange, local_shape
 from optim.kinds import MATRIX
 from optim.state import muon_state_layout
-from optim.zero import MatrixShard
+from optim.zero import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER
 from training.fsdp import sharding_units
 from training.recipe import optimizer_groups, parse_config
 from training.runtime import autocast_dtype
@@ -125,14 +126,11 @@ def data_parallel(groups: list[dict], world_size: int, rank: int) -> dict:
 
 
 def data_parallel_buffers(shard, world_size: int) -> int:
-    """One shard's reduce-scatter rows (W rows a bucket) and all-gather output, in its dtype."""
-    like = shard.params[0]
-    if isinstance(shard, MatrixShard):
-        matrix, buckets = like.numel(), len(shard.buckets)
-        elements = buckets * world_size * (matrix + 1) + world_size * buckets * matrix
-    else:
-        elements = world_size * (shard.span + len(shard.params)) + world_size * shard.span
-    return elements * like.dtype.itemsize
+    """One shard's communication buffers (optim/zero.py), made at the first step and kept: per
+    collective in shard.collectives, a reduce-scatter's W rows sent and row received, an all-gather's
+    chunk sent and W chunks received, the flags' all-reduced counts."""
+    copies = {REDUCE_SCATTER: world_size + 1, ALL_GATHER: world_size + 1, ALL_REDUCE: 1}
+    return sum(copies[c.op] * c.bytes for c in shard.collectives)
 
 
 def fully_sharded(gpt: GPT, groups: list[dict], world_size: int, rank: int) -> dict:

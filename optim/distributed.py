@@ -14,13 +14,16 @@ A step. Gradients are reduce-scattered and averaged; each rank steps its share (
 the Newton–Schulz kinds, 1/W of the elements or rows for the others, holding that share's state
 only); updated values are all-gathered. It equals the one-process step on the gradient averaged over
 ranks. A parameter no rank has a gradient for is left alone, as one process leaves it (decided on the
-device from the flags that travel with the gradients; no host read); one missing on some ranks counts
-as zero there.
+device from has-a-gradient flags, one small all-reduce per shard sent after its last bucket; no host
+read); one missing on some ranks counts as zero there. Every collective's per-rank chunk is a multiple
+of 16 bytes, and its buffers are made at the first step and reused: step_collectives(param_groups, W)
+lists one step's collectives, from the same shards the step builds, without a process group.
 
 Launch order. Collectives must be issued in the same order on every rank. During the first
 synchronized backward each rank records the order in which its buckets fill; the first step adopts
 rank 0's (one broadcast, the only host read, once), and from then on a filled bucket is launched as
 soon as every bucket before it in that order has been; step() launches the rest in the same order.
+A shard's flags follow its last bucket in that order.
 
 Guards. Inside sync_gradients(), `loss.backward()` is intercepted (a TorchFunctionMode on
 Tensor.backward) to: register hooks for parameters unfrozen since construction; refuse, before any
@@ -53,7 +56,7 @@ from torch.overrides import TorchFunctionMode
 
 from .kinds import KINDS, MATRIX, ROW
 from .update import clip_coefficient
-from .zero import BUCKET_ELEMENTS, FlatShard, GradientBucket, MatrixShard
+from .zero import BUCKET_ELEMENTS, Collective, FlatShard, GradientBucket, MatrixShard
 
 WORLD = "world"
 
@@ -89,6 +92,30 @@ def shards_of(group_index: int, params: list[torch.Tensor], kind, rank: int,
         return [MatrixShard(group_index, same, rank, world_size) for same in same_shape(params)]
     return [FlatShard(group_index, same, unit, kind.shard == ROW, rank, world_size)
             for same, unit in _flat_buckets(params, kind.shard == ROW)]
+
+
+def step_collectives(param_groups: list[dict], world_size: int) -> list[Collective]:
+    """The collectives of one DataParallel step at `world_size` ranks, without a process group.
+
+    `param_groups`: Muon's param groups (opt.param_groups) or optim.param_groups(model)'s, each with
+    "params" (tensors or (name, tensor) pairs; meta tensors will do) and "kind". The shards are built
+    by shards_of, as DataParallel builds them, and each Collective is the one the step issues from
+    the buffers it makes by it: per shard in param-group order, its buckets' reduce-scatters, its
+    flags' all-reduce, its all-gather (at run time the reduce-scatters leave in the agreed fill order,
+    each shard's flags right after its last bucket). Which rank owns what does not change any
+    collective's size, so rank 0's shards stand for every rank's. One rank: none.
+    """
+    if world_size == 1:
+        return []
+    collectives = []
+    for index, group in enumerate(param_groups):
+        if group.get("kind") not in KINDS:
+            raise ValueError(f"step_collectives: param group {index} has kind {group.get('kind')!r}; "
+                             f"give each group one of {tuple(KINDS)} (optim.param_groups(model) does)")
+        params = [p[1] if isinstance(p, tuple) else p for p in group["params"]]
+        for shard in shards_of(index, params, KINDS[group["kind"]], 0, world_size):
+            collectives += shard.collectives
+    return collectives
 
 
 def is_dtensor(p: torch.Tensor) -> bool:
@@ -180,6 +207,10 @@ class DataParallel:
             finish()
         self._reset()
 
+    def collectives(self) -> list[Collective]:
+        """This rank's collectives of one step, as step_collectives lists them."""
+        return [collective for shard in self.shards for collective in shard.collectives]
+
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale this rank's averaged shares by min(1, max_norm/(‖g‖ + 1e-6)), ‖g‖ over all ranks' shares."""
         self._receive()
@@ -198,6 +229,8 @@ class DataParallel:
         self._receive(check=False)
         for bucket in self.buckets:
             bucket.average(self.world_size)
+        for shard in self.shards:
+            shard.flags.wait()
         self._reset()
 
     def close(self) -> None:
@@ -205,6 +238,9 @@ class DataParallel:
             return
         for i in (self.order or [])[: self.launched]:  # sent by a backward no step followed
             self.buckets[i].work.wait()
+        for shard in self.shards:
+            if shard.flags.work is not None:
+                shard.flags.wait()
         self._remove_hooks()
         dist.destroy_process_group(self.group)
         self.group = None  # the last reference: its threads end with it
@@ -303,6 +339,9 @@ class DataParallel:
                 return
             bucket.launch(self.group)
             self.launched += 1
+            shard = bucket.shard
+            if all(b.work is not None for b in shard.buckets):
+                shard.flags.launch(shard.buckets, self.group)
 
     def _agree_order(self) -> list[int]:
         """Rank 0's fill order, then the buckets it never saw filled in index order, on every rank."""
@@ -316,6 +355,8 @@ class DataParallel:
     def _reset(self) -> None:
         for bucket in self.buckets:
             bucket.reset()
+        for shard in self.shards:
+            shard.flags.reset()
         self.launched = 0
 
     def _check_open(self) -> None:

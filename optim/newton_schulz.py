@@ -133,17 +133,25 @@ def orthogonalize(
     schedule = resolve_coefficients(coefficients)
     triples = tuple(schedule.triples[min(step, len(schedule.triples) - 1)] for step in range(steps))
     iterate = _newton_schulz
-    backend = ("inductor" if G.is_cuda else None) if compile is None else compile
-    if backend is True:
-        backend = "inductor"
+    backend = compile_backend(G.device, compile)
     if backend and not torch.compiler.is_compiling():  # inside a traced caller the caller's graph has it
-        iterate = _compiled_newton_schulz(backend)
+        iterate = compiled(_newton_schulz, backend)
     return iterate(G, triples, schedule.scale, schedule.eps, dtype or default_dtype(G.device))
 
 
+def compile_backend(device: torch.device, compile: "bool | str | Callable | None") -> "str | Callable | None":
+    """The torch.compile backend `compile` asks for on `device`, or None to run eagerly: None means
+    "inductor" on CUDA and eager elsewhere, True "inductor", False eager, anything else is the backend."""
+    if compile is None:
+        return "inductor" if device.type == "cuda" else None
+    return "inductor" if compile is True else compile or None
+
+
 @functools.cache
-def _compiled_newton_schulz(backend: "str | Callable") -> Callable:
-    return torch.compile(_newton_schulz, backend=backend, fullgraph=True, dynamic=False)
+def compiled(fn: Callable, backend: "str | Callable") -> Callable:
+    """fn under torch.compile(fullgraph=True, dynamic=False) with `backend`, built once per pair: one
+    graph per input signature (shapes, dtypes, Python constants), none of them broken."""
+    return torch.compile(fn, backend=backend, fullgraph=True, dynamic=False)
 
 
 def _newton_schulz(G: torch.Tensor, triples: tuple[Triple, ...], scale: float, eps: float,

@@ -6,13 +6,22 @@ tensor has a gradient, or a bool vector on the device, one per tensor: False whe
 gradient, which makes that tensor's step an exact no-op, computed without reading the flags on the
 host. Optimizer state is kept in at least float32, whatever the parameter's dtype, and the whole
 update is computed in it from the stored value; a bf16 parameter is then rounded once, as it is stored.
+
+Adam's update (the speedrun's embeddings, head and scalars) is one function, adam_math, compiled on
+CUDA with torch.compile(fullgraph=True, dynamic=False), as Newton–Schulz is
+(optim/newton_schulz.py compiled): its ~15 foreach passes over memory fuse into a few kernels. So
+that a scheduled lr does not recompile it, the compiled call gets lr as a 0-dim tensor on the
+device, refilled in place each call; β₁, β₂, ε and the weight decay are constants of its graph (a
+change recompiles, as does a new list of shapes: one graph per param group or shard).
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
 
 from .kinds import LR_SCALES, MATRIX, Kind
+from .newton_schulz import compile_backend, compiled
 
 # (kind, group, updates) -> the mapped updates, in order: dualize_all or a distributed stand-in.
 Dualize = Callable[[Kind, dict, list[torch.Tensor]], list[torch.Tensor]]
@@ -44,12 +53,12 @@ def kind_update(kind: Kind, group: dict, states: list[dict], tensors: list[torch
     unless `dualize` replaces it (same arguments and result): optim/fsdp.py passes one that assembles
     whole matrices from row shards, maps them on one rank and returns the shards of the result.
     """
+    if kind.dualize is None:
+        adam_update(group, states, tensors, grads, flags)
+        return
     precise = [t if t.dtype == state_dtype(t) else t.to(state_dtype(t)) for t in tensors]
     grads = [g.to(state_dtype(t)) for g, t in zip(grads, tensors, strict=True)]
-    if kind.dualize is None:
-        _adam_update(group, states, precise, grads, flags)
-    else:
-        _momentum_update(kind, group, states, precise, grads, flags, dualize or dualize_all)
+    _momentum_update(kind, group, states, precise, grads, flags, dualize or dualize_all)
     for t, p in zip(tensors, precise, strict=True):
         if p is not t:
             t.copy_(p)  # a low-precision parameter, rounded once
@@ -97,23 +106,46 @@ def _apply(group: dict, tensors: list[torch.Tensor], updates: list[torch.Tensor]
     torch._foreach_add_(tensors, updates, alpha=-lr)
 
 
-def _adam_update(group, states, tensors, grads, flags) -> None:
-    """torch.optim.AdamW's math in state_dtype, with its step count on the device (no host reads).
+def adam_update(group: dict, states: list[dict], tensors: list[torch.Tensor], grads: list[torch.Tensor],
+                flags: torch.Tensor | None, compile: "bool | str | Callable | None" = None) -> None:
+    """Adam's step of `tensors` given their gradients: state made at the first call, then adam_math.
 
-    m ← lerp(m, g, 1−β₁);  v ← β₂·v + (1−β₂)·g²;  p ← p·(1 − lr·wd) − lr/(1−β₁ᵗ)·m/(√v/√(1−β₂ᵗ) + ε)
+    `compile` as orthogonalize's: None compiles on CUDA only, True or a backend anywhere, False never.
     """
-    beta1, beta2 = group["betas"]
-    lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
     for state, t in zip(states, tensors, strict=True):
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=t.device)
-            state["exp_avg"] = torch.zeros_like(t)
-            state["exp_avg_sq"] = torch.zeros_like(t)
-    steps = [s["step"] for s in states]
-    exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+            state["exp_avg"] = torch.zeros_like(t, dtype=state_dtype(t))
+            state["exp_avg_sq"] = torch.zeros_like(t, dtype=state_dtype(t))
+    moments = ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
+    beta1, beta2 = group["betas"]
+    constants = dict(weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"])
+    backend = compile_backend(tensors[0].device, compile)
+    if backend is None:
+        adam_math(tensors, grads, *moments, flags, group["lr"], **constants)
+    else:
+        lr = _scalar_tensor(tensors[0].device).fill_(group["lr"])
+        compiled(adam_math, backend)(tensors, grads, *moments, flags, lr, **constants)
+
+
+def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+              exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], flags: torch.Tensor | None,
+              lr: "float | torch.Tensor", weight_decay: float, beta1: float, beta2: float,
+              eps: float) -> None:
+    """torch.optim.AdamW's math in state_dtype, with its step count on the device (no host reads).
+
+    m ← lerp(m, g, 1−β₁);  v ← β₂·v + (1−β₂)·g²;  p ← p·(1 − lr·wd) − lr/(1−β₁ᵗ)·m/(√v/√(1−β₂ᵗ) + ε)
+
+    tensors (any float dtype) are read into state_dtype and written back rounded once; grads are
+    read into it. lr: a float, or a 0-dim tensor on the device (the compiled call's). Every tensor's
+    storage is updated in place; nothing else is written.
+    """
+    precise = [t if t.dtype == state_dtype(t) else t.to(state_dtype(t)) for t in tensors]
+    grads = [g if g.dtype == state_dtype(t) else g.to(state_dtype(t))
+             for g, t in zip(grads, tensors, strict=True)]
     torch._foreach_add_(steps, where_flagged(flags, 1.0))
-    if wd:
-        torch._foreach_mul_(tensors, where_flagged(flags, 1 - lr * wd, 1.0))
+    if weight_decay:
+        torch._foreach_mul_(precise, where_flagged(flags, 1 - lr * weight_decay, 1.0))
     torch._foreach_lerp_(exp_avgs, grads, where_flagged(flags, 1 - beta1))
     torch._foreach_mul_(exp_avg_sqs, where_flagged(flags, beta2, 1.0))
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)  # g = 0 where no rank had one
@@ -125,4 +157,13 @@ def _adam_update(group, states, tensors, grads, flags) -> None:
     torch._foreach_add_(denom, eps)
     steps_taken = torch._foreach_div(exp_avgs, denom)
     torch._foreach_mul_(steps_taken, list(step_size.unbind()))
-    torch._foreach_sub_(tensors, steps_taken)
+    torch._foreach_sub_(precise, steps_taken)
+    for t, p in zip(tensors, precise, strict=True):
+        if t.dtype != p.dtype:
+            t.copy_(p)  # a low-precision parameter, rounded once
+
+
+@functools.cache
+def _scalar_tensor(device: torch.device) -> torch.Tensor:
+    """One 0-dim float32 tensor per device, refilled before each compiled call (stream-ordered)."""
+    return torch.zeros((), dtype=torch.float32, device=device)

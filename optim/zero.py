@@ -2,28 +2,35 @@
 
 A shard is a set of parameters whose gradients travel in one or more buckets. A bucket is one
 reduce-scatter of a (W, L) buffer whose row j is what rank j should receive; rank r gets row r summed
-over ranks and divides it by W: the average. Each gradient travels with a has-a-gradient flag, 1
-where this rank has one (0 and a zero gradient otherwise), so the summed flag tells every rank,
-without a host read, whether any rank had a gradient. After the update one all-gather per shard
-brings every rank the others' updated values.
+over ranks and divides it by W: the average. Each shard's has-a-gradient flags travel apart from the
+data, in one all-reduce of int32 counts launched right after the shard's last bucket: a parameter's
+count is the number of ranks that had a gradient for it, so every rank knows, without a host read,
+whether any rank had one (a rank without one sends zeros in its place). After the update one
+all-gather per shard brings every rank the others' updated values.
+
+Alignment. Every collective's per-rank chunk (a reduce-scatter's row, an all-gather's contribution,
+the flags' buffer) is padded with zeros to a multiple of ALIGNMENT = 16 bytes, whatever W and the
+shapes: NCCL's protocols slow down on chunks that are not. Collective describes each one, and
+`shard.collectives` lists a shard's; the buffers are made from these descriptions, once, at the first
+step, and reused by every step after (optim.distributed.step_collectives lists a whole step's).
 
 MatrixShard (Newton–Schulz kinds). A param group's n matrices of one shape form a stack, the unit
 Muon batches into one Newton–Schulz call. Matrix i belongs to rank i mod W. The stack is padded with
-zero matrices to P = W·⌈n/W⌉ and cut into P/W buckets of W consecutive matrices, row j = [G_j, flag_j]
-(L = M + 1 for M elements a matrix), each sent as soon as its gradients are accumulated; rank r then
-applies momentum, one batched Newton–Schulz call and the update to its ⌈(n − r)/W⌉ matrices only, and
-keeps momentum buffers for those only.
+zero matrices to P = W·⌈n/W⌉ and cut into P/W buckets of W consecutive matrices, row j = G_j padded to
+L = ⌈M⌉₁₆ elements (M a matrix's elements, ⌈·⌉₁₆ rounding up to 16 bytes), each sent as soon as its
+gradients are accumulated; rank r then applies momentum, one batched Newton–Schulz call and the
+update to its ⌈(n − r)/W⌉ matrices only, and keeps momentum buffers for those only.
 
 FlatShard (row and element kinds: embed, head_sign, adam). A param group's parameters of one dtype and
 device (up to BUCKET_ELEMENTS) are flattened in order into N elements and cut into W ranges of
 S = u·⌈N/(u·W)⌉ elements, u the unit the map needs whole (a row of the last dim for embed and
 head_sign, 1 for Adam). Rank r owns elements [rS, (r+1)S): the pieces of the parameters that fall
-there. Row j = [range j of the gradients, all k flags] (L = S + k). Rank r steps its pieces only and
-keeps their state only (a 1-D or (rows, u) slice per parameter): ZeRO stage 1.
+there. Row j = range j of the gradients padded to L = ⌈S⌉₁₆. Rank r steps its pieces only and keeps
+their state only (a 1-D or (rows, u) slice per parameter): ZeRO stage 1.
 
-Bytes a rank sends per step, ring algorithms, b bytes an element:
-  MatrixShard  reduce-scatter (W−1)/W·P·(M+1)·b + all-gather (W−1)/W·P·M·b
-  FlatShard    reduce-scatter (W−1)·(S+k)·b     + all-gather (W−1)·S·b
+Bytes a rank sends per step, ring algorithms, b bytes an element, k parameters in the shard:
+  MatrixShard  reduce-scatter (W−1)/W·P·L·b + all-gather (W−1)/W·P·L·b + flags 2(W−1)/W·⌈k⌉₁₆·4
+  FlatShard    reduce-scatter (W−1)·L·b     + all-gather (W−1)·L·b     + flags 2(W−1)/W·⌈k⌉₁₆·4
   all-reduce of the same gradients, as a replicated step sends them: 2(W−1)/W·(elements)·b
 The same volume up to padding and flags. Gloo (CPU) builds its reduce-scatter from an all-reduce of
 the whole input, keeping the rank's slice, so there a reduce-scatter moves twice as much
@@ -32,6 +39,7 @@ the whole input, keeping the rank's slice, so there a reduce-scatter moves twice
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -45,17 +53,53 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 # the first buckets while later gradients are still being computed; a larger parameter gets its own.
 BUCKET_ELEMENTS = 2**24
 
+ALIGNMENT = 16  # bytes: every collective's per-rank chunk is a multiple of it
+FLAG_DTYPE = torch.int32  # has-a-gradient counts, summed over ranks
+
+REDUCE_SCATTER, ALL_GATHER, ALL_REDUCE = "reduce_scatter", "all_gather", "all_reduce"
+
+
+def aligned(elements: int, dtype: torch.dtype) -> int:
+    """`elements` rounded up to a whole number of ALIGNMENT bytes of `dtype`: ⌈elements⌉₁₆."""
+    per = max(1, ALIGNMENT // dtype.itemsize)
+    return -(-elements // per) * per
+
+
+@dataclass(frozen=True)
+class Collective:
+    """One collective of a distributed step, as the step issues it.
+
+    op: REDUCE_SCATTER, ALL_GATHER or ALL_REDUCE. elements: the per-rank chunk, in elements of dtype:
+    what each rank receives from a reduce-scatter (its input is W such rows), what each rank
+    contributes to an all-gather (its output is W such chunks), or an all-reduce's whole buffer.
+    group: the index of the param group it serves; what: its content, in words.
+    """
+
+    op: str
+    elements: int
+    dtype: torch.dtype
+    group: int
+    what: str
+
+    @property
+    def bytes(self) -> int:
+        """The per-rank chunk in bytes; a multiple of ALIGNMENT."""
+        return self.elements * self.dtype.itemsize
+
 
 class GradientBucket:
     """One reduce-scatter: the gradients of `slots` (None: padding), laid out in rows by its shard."""
 
-    def __init__(self, shard, slots: list):
-        self.shard, self.slots = shard, slots
+    def __init__(self, shard, slots: list, collective: Collective):
+        self.shard, self.slots, self.collective = shard, slots, collective
         self.params = [p for p in slots if p is not None]
         self.index = -1  # position in DataParallel.buckets
         self.expected: set[int] = set()  # ids of the parameters whose gradients fill it
         self.ready: set[int] = set()
         self.work = None
+        # (W, L) rows sent and the (L,) row received, made at the first launch and reused; padding
+        # (columns past the data, padding slots) is zero from then on.
+        self.rows: torch.Tensor | None = None
         self.received: torch.Tensor | None = None
         self.averaged = False
         self.sent: list[tuple] = []  # (param, its grad, the grad's version) when launched
@@ -71,15 +115,19 @@ class GradientBucket:
     def launch(self, group) -> None:
         """Start the reduce-scatter of this rank's current gradients (zeros where it has none)."""
         self.sent = [(p, p.grad, None if p.grad is None else p.grad._version) for p in self.params]
+        if self.rows is None:
+            like, length = self.params[0], self.collective.elements
+            self.rows = torch.zeros(self.shard.world_size, length, dtype=self.collective.dtype,
+                                    device=like.device)
+            self.received = torch.empty(length, dtype=self.collective.dtype, device=like.device)
         with torch.no_grad():
-            rows = self.shard.rows(self)
-        self.received = rows.new_empty(rows.shape[1])
-        self.work = _reduce_scatter(self.received, rows.view(-1), group=group, async_op=True)
+            self.shard.fill(self)
+        self.work = _reduce_scatter(self.received, self.rows.view(-1), group=group, async_op=True)
 
     def average(self, world_size: int) -> None:
         if not self.averaged:
             self.work.wait()
-            self.received.div_(world_size)  # sum → average; flags stay > 0 where any rank had a gradient
+            self.received.div_(world_size)  # sum → average
             self.averaged = True
 
     def changed(self) -> torch.Tensor | None:
@@ -91,9 +139,46 @@ class GradientBucket:
 
     def reset(self) -> None:
         self.ready.clear()
-        self.work = self.received = None
+        self.work = None
         self.averaged = False
         self.sent = []
+
+
+class Flags:
+    """A shard's has-a-gradient counts: one all-reduce of int32, after the shard's last bucket is sent.
+
+    Entry i (parameter i of the shard) is 1 on a rank that sent a gradient for it and 0 on one that
+    sent zeros; summed, it is > 0 where any rank had one. The patterns a rank sends are copied to
+    the device once each, not once per step.
+    """
+
+    def __init__(self, group_index: int, params: list[torch.Tensor]):
+        self.params = params
+        self.collective = Collective(ALL_REDUCE, aligned(len(params), FLAG_DTYPE), FLAG_DTYPE, group_index,
+                                     f"has-a-gradient flags of {len(params)} parameters")
+        self.patterns: dict[tuple[bool, ...], torch.Tensor] = {}
+        self.counts: torch.Tensor | None = None  # the buffer all-reduced, made once
+        self.work = None
+
+    def launch(self, buckets: list[GradientBucket], group) -> None:
+        """Send which of the shard's parameters this rank had a gradient for when its bucket left."""
+        pattern = tuple(grad is not None for bucket in buckets for _, grad, _ in bucket.sent)
+        if pattern not in self.patterns:
+            like = self.params[0]
+            padding = (False,) * (self.collective.elements - len(pattern))
+            self.patterns[pattern] = torch.tensor(pattern + padding, dtype=FLAG_DTYPE, device=like.device)
+            if self.counts is None:
+                self.counts = torch.empty_like(self.patterns[pattern])
+        self.counts.copy_(self.patterns[pattern])
+        self.work = dist.all_reduce(self.counts, group=group, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        """The counts summed over ranks (waits for them)."""
+        self.work.wait()
+        return self.counts
+
+    def reset(self) -> None:
+        self.work = None
 
 
 class MatrixShard:
@@ -101,54 +186,81 @@ class MatrixShard:
 
     def __init__(self, group_index: int, params: list[torch.Tensor], rank: int, world_size: int):
         self.group_index, self.params, self.rank, self.world_size = group_index, params, rank, world_size
-        W = world_size
+        W, like = world_size, params[0]
+        self.elements = like.numel()
+        row = aligned(self.elements, like.dtype)
         padded = params + [None] * (-len(params) % W)
-        self.buckets = [GradientBucket(self, padded[c : c + W]) for c in range(0, len(padded), W)]
+        shape = "×".join(map(str, like.shape))
+        self.buckets = [
+            GradientBucket(self, padded[c : c + W], Collective(
+                REDUCE_SCATTER, row, like.dtype, group_index,
+                f"gradients of {shape} matrices {c}-{c + W - 1} of {len(params)}"))
+            for c in range(0, len(padded), W)]
         self.owned = params[rank::W]  # one per bucket, but none from the last bucket's padding
+        self.flags = Flags(group_index, params)
+        self.gather = Collective(ALL_GATHER, len(self.buckets) * row, like.dtype, group_index,
+                                 f"{len(self.buckets)} updated {shape} matrices a rank")
+        self.mine: torch.Tensor | None = None  # (C, L) sent and (W, C, L) gathered, made once
+        self.everyone: torch.Tensor | None = None
 
-    def rows(self, bucket: GradientBucket) -> torch.Tensor:
-        like = bucket.slots[0]  # a bucket's first slot is never padding
-        rows = like.new_zeros(len(bucket.slots), like.numel() + 1)
-        for row, p in zip(rows, bucket.slots, strict=True):
-            if p is not None and p.grad is not None:
-                row[:-1].copy_(p.grad.reshape(-1))
-                row[-1] = 1
-        return rows
+    @property
+    def collectives(self) -> list[Collective]:
+        return [bucket.collective for bucket in self.buckets] + [self.flags.collective, self.gather]
+
+    def fill(self, bucket: GradientBucket) -> None:
+        """Row j of the bucket's rows ← its slot j's gradient, or zeros where this rank has none."""
+        M, targets, sources, missing = self.elements, [], [], []
+        for row, p in zip(bucket.rows, bucket.slots, strict=True):
+            if p is None:
+                continue  # padding: zero since the rows were made
+            if p.grad is None:
+                missing.append(row[:M])
+            else:
+                targets.append(row[:M])
+                sources.append(p.grad.reshape(-1))
+        if targets:
+            torch._foreach_copy_(targets, sources)
+        if missing:
+            torch._foreach_zero_(missing)
 
     def gradients(self) -> tuple[list, list, list, torch.Tensor | None]:
         """(keys, tensors, averaged gradients, has-a-gradient flags) of this rank's matrices."""
+        counts = self.flags.wait()
         received = [bucket.received for bucket in self.buckets[: len(self.owned)]]
         if not received:
             return [], [], [], None
-        grads = [r[:-1].view_as(p) for p, r in zip(self.owned, received, strict=True)]
-        return self.owned, self.owned, grads, torch.stack([r[-1] for r in received]) > 0
+        grads = [r[: self.elements].view_as(p) for p, r in zip(self.owned, received, strict=True)]
+        return self.owned, self.owned, grads, counts[self.rank : len(self.params) : self.world_size] > 0
 
     def squares(self) -> torch.Tensor:
         """Σ of this rank's averaged gradients' squares, in float32."""
-        received = [bucket.received[:-1] for bucket in self.buckets[: len(self.owned)]]
+        received = [bucket.received[: self.elements] for bucket in self.buckets[: len(self.owned)]]
         norms = torch._foreach_norm(received, 2, dtype=torch.float32) if received else []
         like = self.params[0]
         return torch.stack(norms).square().sum() if norms else like.new_zeros((), dtype=torch.float32)
 
     def scale_(self, factor: torch.Tensor) -> None:
         for bucket in self.buckets[: len(self.owned)]:
-            bucket.received[:-1].mul_(factor)
+            bucket.received[: self.elements].mul_(factor)
 
     def all_gather(self, group) -> Callable[[], None]:
         """Send this rank's matrices (updated or not) to all; the returned call copies in the others'."""
-        like = self.params[0]
-        padding = [torch.zeros_like(like)] * (len(self.buckets) - len(self.owned))
-        mine = torch.stack([*self.owned, *padding])
-        W, C = self.world_size, len(self.buckets)
-        everyone = like.new_empty(W * C, *like.shape)  # rank-major: row j·C + c is matrix c·W + j
-        work = _all_gather(everyone, mine, group=group, async_op=True)
+        W, C, M, like = self.world_size, len(self.buckets), self.elements, self.params[0]
+        if self.mine is None:  # rank-major: everyone[j, c] is matrix c·W + j; padding stays zero
+            self.mine = torch.zeros(C, self.gather.elements // C, dtype=self.gather.dtype, device=like.device)
+            self.everyone = torch.empty(W, *self.mine.shape, dtype=self.gather.dtype, device=like.device)
+        if self.owned:
+            torch._foreach_copy_([self.mine[c, :M] for c in range(len(self.owned))],
+                                 [p.reshape(-1) for p in self.owned])
+        work = _all_gather(self.everyone.view(-1), self.mine.view(-1), group=group, async_op=True)
         others = [i for i in range(len(self.params)) if i % W != self.rank]
         targets = [self.params[i] for i in others]
+        sources = [self.everyone[i % W, i // W, :M].view_as(like) for i in others]
 
         def finish() -> None:
             work.wait()
             if targets:
-                torch._foreach_copy_(targets, [everyone[i % W * C + i // W] for i in others])
+                torch._foreach_copy_(targets, sources)
 
         return finish
 
@@ -162,45 +274,54 @@ class FlatShard:
     def __init__(self, group_index: int, params: list[torch.Tensor], unit: int, by_rows: bool,
                  rank: int, world_size: int):
         self.group_index, self.params, self.unit, self.by_rows = group_index, params, unit, by_rows
-        self.world_size = world_size
+        self.rank, self.world_size = rank, world_size
         self.sizes = [p.numel() for p in params]
         self.offsets = [sum(self.sizes[:i]) for i in range(len(params))]
         S = self.span = unit * math.ceil(sum(self.sizes) / (unit * world_size))
         self.pieces: list[tuple[int, int, int]] = []  # this rank's: (parameter, start, end) in the parameter
         self.row_pieces: list[list[tuple]] = []  # per parameter: (row, start, end in the row, start, end)
-        self.foreign: list[int] = []  # parameters the all-gather writes into: not wholly this rank's
         for i, (o, n) in enumerate(zip(self.offsets, self.sizes, strict=True)):
             if o < (rank + 1) * S and o + n > rank * S:
                 self.pieces.append((i, *_overlap(rank * S, S, o, n)))
-            if o < rank * S or o + n > (rank + 1) * S:
-                self.foreign.append(i)
             pieces = []
             for j in range(o // S, (o + n - 1) // S + 1):
                 a, b = _overlap(j * S, S, o, n)
                 pieces.append((j, o + a - j * S, o + b - j * S, a, b))
             self.row_pieces.append(pieces)
-        self.bucket = GradientBucket(self, params)
+        like, row = params[0], aligned(S, params[0].dtype)
+        what = f"{len(params)} parameters, {sum(self.sizes)} elements"
+        self.bucket = GradientBucket(self, params, Collective(REDUCE_SCATTER, row, like.dtype, group_index,
+                                                              f"gradients of {what}"))
         self.buckets = [self.bucket]
-        self._flag_patterns: dict[tuple[bool, ...], torch.Tensor] = {}
+        self.flags = Flags(group_index, params)
+        self.gather = Collective(ALL_GATHER, row, like.dtype, group_index, f"updated {what}, 1/W a rank")
+        self.mine: torch.Tensor | None = None  # (L,) sent and (W, L) gathered, made once
+        self.everyone: torch.Tensor | None = None
         self._piece_params: torch.Tensor | None = None
 
-    def rows(self, bucket: GradientBucket) -> torch.Tensor:
-        like, S, k = self.params[0], self.span, len(self.params)
-        rows = like.new_zeros(self.world_size, S + k)
-        targets, sources = [], []
+    @property
+    def collectives(self) -> list[Collective]:
+        return [self.bucket.collective, self.flags.collective, self.gather]
+
+    def fill(self, bucket: GradientBucket) -> None:
+        """Row j[a:b] ← the gradient's piece in range j, or zeros where this rank has no gradient."""
+        targets, sources, missing = [], [], []
         for p, pieces in zip(self.params, self.row_pieces, strict=True):
-            if p.grad is not None:
-                flat = p.grad.reshape(-1)
-                for j, a, b, c, d in pieces:
-                    targets.append(rows[j, a:b])
+            flat = None if p.grad is None else p.grad.reshape(-1)
+            for j, a, b, c, d in pieces:
+                if flat is None:
+                    missing.append(bucket.rows[j, a:b])
+                else:
+                    targets.append(bucket.rows[j, a:b])
                     sources.append(flat[c:d])
         if targets:
             torch._foreach_copy_(targets, sources)
-        rows[:, S:] = self._flags(tuple(p.grad is not None for p in self.params))
-        return rows
+        if missing:
+            torch._foreach_zero_(missing)
 
     def gradients(self) -> tuple[list, list, list, torch.Tensor | None]:
         """(keys, tensors, averaged gradients, flags) of this rank's pieces; tensors view the parameters."""
+        counts = self.flags.wait()
         if not self.pieces:
             return [], [], [], None
         received, starts = self.bucket.received, 0
@@ -212,7 +333,7 @@ class FlatShard:
             starts += b - a
         if self._piece_params is None:  # once: which parameter each piece belongs to, on the device
             self._piece_params = torch.tensor([i for i, _, _ in self.pieces], device=received.device)
-        return keys, tensors, grads, received[self.span :].index_select(0, self._piece_params) > 0
+        return keys, tensors, grads, counts.index_select(0, self._piece_params) > 0
 
     def squares(self) -> torch.Tensor:
         return torch.linalg.vector_norm(self.bucket.received[: self.span], dtype=torch.float32).square()
@@ -221,19 +342,26 @@ class FlatShard:
         self.bucket.received[: self.span].mul_(factor)
 
     def all_gather(self, group) -> Callable[[], None]:
-        like, S = self.params[0], self.span
-        mine = like.new_zeros(S)
+        """Send this rank's range (updated or not) to all; the returned call copies in the others' ranges."""
+        like = self.params[0]
+        if self.mine is None:  # row j of everyone: rank j's range, then padding
+            self.mine = torch.zeros(self.gather.elements, dtype=self.gather.dtype, device=like.device)
+            self.everyone = torch.empty(self.world_size, self.gather.elements, dtype=self.gather.dtype,
+                                        device=like.device)
         if self.pieces:
             pieces = [self.params[i].view(-1)[a:b] for i, a, b in self.pieces]
-            torch.cat(pieces, out=mine[: sum(b - a for _, a, b in self.pieces)])
-        everyone = like.new_empty(self.world_size * S)  # in order: the flattened parameters, then padding
-        work = _all_gather(everyone, mine, group=group, async_op=True)
+            torch.cat(pieces, out=self.mine[: sum(b - a for _, a, b in self.pieces)])
+        work = _all_gather(self.everyone.view(-1), self.mine, group=group, async_op=True)
+        targets, sources = [], []
+        for p, pieces in zip(self.params, self.row_pieces, strict=True):
+            for j, a, b, c, d in pieces:
+                if j != self.rank:
+                    targets.append(p.view(-1)[c:d])
+                    sources.append(self.everyone[j, a:b])
 
         def finish() -> None:
             work.wait()
-            if self.foreign:
-                targets = [self.params[i].view(-1) for i in self.foreign]
-                sources = [everyone[self.offsets[i] : self.offsets[i] + self.sizes[i]] for i in self.foreign]
+            if targets:
                 torch._foreach_copy_(targets, sources)
 
         return finish
@@ -246,13 +374,6 @@ class FlatShard:
 
     def _shaped(self, flat: torch.Tensor) -> torch.Tensor:
         return flat.view(-1, self.unit) if self.by_rows else flat
-
-    def _flags(self, pattern: tuple[bool, ...]) -> torch.Tensor:
-        """The flags as a device tensor, copied from the host once per pattern, not once per step."""
-        if pattern not in self._flag_patterns:
-            like = self.params[0]
-            self._flag_patterns[pattern] = torch.tensor(pattern, dtype=like.dtype, device=like.device)
-        return self._flag_patterns[pattern]
 
 
 def _overlap(start: int, length: int, offset: int, size: int) -> tuple[int, int]:
