@@ -27,6 +27,11 @@ model picks it on an H100 (compute capability 9.0).
   collectives    each collective of one optimizer step at W = 8: what one rank receives from a
                  reduce-scatter and sends into an all-gather, bytes, and whether that is a multiple
                  of 16 (NCCL's protocols slow down on chunks that are not).
+  allocations    tensors one optimizer step allocates (optim.allocations: new storages made by aten
+                 operators, seen at the dispatcher), rank 0 of 8, after the first step (which makes
+                 the state and the buffers): the speedrun's optimizer on the meta model in a process
+                 group of torch's "fake" backend (collectives do nothing), with what CUDA compiles
+                 (Newton–Schulz, Adam's update) opaque, as inductor's code is to the dispatcher.
   graphs         graphs the compiled model (training.compiling.compile_model, counted by mode) builds
                  over the whole schedule: a training forward and backward and train_gpt.evaluate at
                  the first step of each of the 14 windows, each window the 0-dim tensor the loop
@@ -41,26 +46,29 @@ from collections import Counter, defaultdict
 from unittest import mock
 
 import torch
+import torch.distributed as dist
 from torch.nn.attention.flex_attention import BlockMask
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_flatten
 
 import model.gpt
+import optim.newton_schulz
+import optim.update
 import train_gpt
 from bench.gpu_check import synthetic_tokens
 from bench.memory import meta_gpt, speedrun_groups
 from model import GPT, PRESETS
 from model.attention import build_mask, document_ids, short_window
-from optim import KINDS
-from optim.distributed import shards_of
-from optim.zero import MatrixShard
+from optim.allocations import count_allocations
+from optim.distributed import DataParallel, step_collectives
+from optim.zero import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER
 from training.compiling import compile_model
-from training.recipe import WindowTensors, parse_config, window_at
+from training.recipe import WindowTensors, build_optimizer, parse_config, window_at
 
 T = 48 * 1024  # tokens per GPU per step
 WORLD_SIZE = 8
 MEAN_DOCUMENT, LAYOUT_SEED = 670, 0  # the document-length model of the attention rows
-ALIGNMENT = 16  # bytes
+ALIGNMENT = 16  # bytes (optim.zero.ALIGNMENT is ours; the record's sizes are checked against it too)
 aten = torch.ops.aten
 GEMMS = (aten.mm.default, aten.addmm.default, aten.bmm.default, aten.baddbmm.default, aten._scaled_mm.default)
 CASTS = (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other)
@@ -115,29 +123,37 @@ RECORD_ATTENTION_TILES = dict(
     # The partial tiles kept above; document_causal is their mask_mod (the window is in the counts).
     partial=12_680_786,
 )
-MIB = 2**20
 RECORD_COLLECTIVES = (
     # (op, dtype, bytes one rank receives or sends, count). Muon.step: per shape group (set(shape) of
     # the hidden matrices: qkv_w (3, 768, 768) x 11, c_proj (768, 768) x 11, c_fc (3072, 768) x 12,
     # MLP c_proj (768, 3072) x 12, float32), for every W matrices one dist.reduce_scatter of a list of
     # W gradients (each rank gets one whole matrix) and one dist.all_gather of the updated matrices:
     # ceil(11/8) = ceil(12/8) = 2 of each per group.
-    ("reduce-scatter", "float32", 3 * 768 * 768 * 4, 2),
-    ("reduce-scatter", "float32", 768 * 768 * 4, 2),
-    ("reduce-scatter", "float32", 3072 * 768 * 4, 4),
-    ("all-gather", "float32", 3 * 768 * 768 * 4, 2),
-    ("all-gather", "float32", 768 * 768 * 4, 2),
-    ("all-gather", "float32", 3072 * 768 * 4, 4),
+    (REDUCE_SCATTER, "float32", 3 * 768 * 768 * 4, 2),
+    (REDUCE_SCATTER, "float32", 768 * 768 * 4, 2),
+    (REDUCE_SCATTER, "float32", 3072 * 768 * 4, 4),
+    (ALL_GATHER, "float32", 3 * 768 * 768 * 4, 2),
+    (ALL_GATHER, "float32", 768 * 768 * 4, 2),
+    (ALL_GATHER, "float32", 3072 * 768 * 4, 4),
     # DistAdam.step: per parameter one dist.reduce_scatter_tensor into grad[:shape[0] // W] and one
     # dist.all_gather_into_tensor of that slice. scalars: GPT.__init__ pads 5 x 12 to 64 (W = 8),
     # float32, 8 each; lm_head (50304, 768) float32, 6288 rows each; embed and the 3 value_embeds
     # (50304, 768), bf16 (the main script's m.bfloat16() on every nn.Embedding), 6288 rows each.
-    ("reduce-scatter", "float32", 64 // 8 * 4, 1),
-    ("reduce-scatter", "float32", 6288 * 768 * 4, 1),
-    ("reduce-scatter", "bfloat16", 6288 * 768 * 2, 4),
-    ("all-gather", "float32", 64 // 8 * 4, 1),
-    ("all-gather", "float32", 6288 * 768 * 4, 1),
-    ("all-gather", "bfloat16", 6288 * 768 * 2, 4),
+    (REDUCE_SCATTER, "float32", 64 // 8 * 4, 1),
+    (REDUCE_SCATTER, "float32", 6288 * 768 * 4, 1),
+    (REDUCE_SCATTER, "bfloat16", 6288 * 768 * 2, 4),
+    (ALL_GATHER, "float32", 64 // 8 * 4, 1),
+    (ALL_GATHER, "float32", 6288 * 768 * 4, 1),
+    (ALL_GATHER, "bfloat16", 6288 * 768 * 2, 4),
+)
+RECORD_ALLOCATIONS = (
+    # Tensors one step of rank 0 (W = 8) allocates through the dispatcher after the first step, as
+    # optim.allocations counts them (what a torch.compile'd graph allocates inside is not seen).
+    # Muon.step, eager: per shape group (4) torch.empty_like(params[-1]) and torch.zeros_like for the
+    # padding of the reduce-scatter lists, torch.empty_like for the all-gather list's padding: 12;
+    # per matrix rank 0 owns (2 of each group's 11 or 12: 8) grad.bfloat16(): 8. Its
+    # zeropower_via_newtonschulz5 is compiled, and so is the whole DistAdam.step: 0 there.
+    4 * 3 + 8
 )
 RECORD_GRAPHS = dict(
     # torch.compile(model, dynamic=False); the window is a device tensor (get_window_size_blocks_helper),
@@ -348,22 +364,21 @@ def attention_tiles(preset: str = "124m") -> dict[str, int]:
 # Collectives
 
 
-def collectives(preset: str = "124m", world_size: int = WORLD_SIZE) -> list[tuple[str, str, int]]:
-    """(op, dtype, bytes) of each collective of one distributed optimizer step, for rank 0: a
-    reduce-scatter's received row, an all-gather's sent share (optim/zero.py's layouts)."""
+def speedrun_optimizer_groups(preset: str = "124m") -> tuple[GPT, list[dict]]:
+    """The preset's model on the meta device and the speedrun's param groups over it."""
     gpt = meta_gpt(PRESETS[preset], fsdp=False)
-    plan = []
-    for index, group in enumerate(speedrun_groups(gpt, "adam")):
-        for shard in shards_of(index, group["params"], KINDS[group["kind"]], 0, world_size):
-            like = shard.params[0]
-            size, name = like.dtype.itemsize, str(like.dtype).removeprefix("torch.")
-            if isinstance(shard, MatrixShard):
-                plan += [("reduce-scatter", name, (like.numel() + 1) * size)] * len(shard.buckets)
-                plan.append(("all-gather", name, len(shard.buckets) * like.numel() * size))
-            else:
-                plan.append(("reduce-scatter", name, (shard.span + len(shard.params)) * size))
-                plan.append(("all-gather", name, shard.span * size))
-    return plan
+    return gpt, speedrun_groups(gpt, "adam")
+
+
+def collectives(preset: str = "124m", world_size: int = WORLD_SIZE) -> list[tuple[str, str, int]]:
+    """(op, dtype, bytes per rank) of each collective of one optimizer step at world_size ranks:
+    optim.distributed.step_collectives, the list the step issues, computed without a process group."""
+    _, groups = speedrun_optimizer_groups(preset)
+    return [(c.op, dtype_name(c.dtype), c.bytes) for c in step_collectives(groups, world_size)]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def record_collectives() -> list[tuple[str, str, int]]:
@@ -371,12 +386,67 @@ def record_collectives() -> list[tuple[str, str, int]]:
 
 
 def collective_counts(plan: list[tuple[str, str, int]]) -> dict[str, int]:
-    """Counts the test compares: collectives and bytes per op, and chunks not a multiple of 16 bytes."""
+    """The counts the test compares: collectives and bytes by op, and chunks not a multiple of 16 bytes."""
     counts = {}
-    for op in ("reduce-scatter", "all-gather"):
+    for op in (REDUCE_SCATTER, ALL_GATHER, ALL_REDUCE):
         sizes = [size for name, _, size in plan if name == op]
-        counts[f"{op}s"], counts[f"{op} bytes"] = len(sizes), sum(sizes)
-    counts["unaligned"] = sum(size % ALIGNMENT != 0 for _, _, size in plan)
+        counts[op], counts[f"{op} bytes"] = len(sizes), sum(sizes)
+    counts["not a multiple of 16 bytes"] = sum(size % ALIGNMENT != 0 for _, _, size in plan)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Allocations
+
+
+@contextlib.contextmanager
+def fake_world(world_size: int):
+    """A default process group of world_size ranks in this one process, this being rank 0, whose
+    collectives do nothing (torch's "fake" backend); destroyed on exit."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("bench.structure: a process group is already initialized; run it in a process "
+                           "of its own")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def opaque(fn, backend):
+    """Stands in for optim's compiled(fn, backend): fn run where the dispatcher's Python modes see none
+    of it, as none of what inductor's generated code allocates goes through them."""
+    def call(*args, **kwargs):
+        with _disable_current_modes():
+            return fn(*args, **kwargs)
+    return call
+
+
+def allocations(preset: str = "124m", world_size: int = WORLD_SIZE, steps: int = 3) -> list[int]:
+    """Tensors allocated by each of `steps` optimizer steps of rank 0 of world_size (optim.allocations),
+    the speedrun's optimizer on the preset's meta model; what CUDA compiles (Newton–Schulz, Adam's
+    update) runs opaque, as on an H100. The first step makes the state and buffers."""
+    cfg = parse_config(["--preset", "speedrun"])
+    gpt = meta_gpt(PRESETS[preset], fsdp=False)
+    counts = []
+    with contextlib.ExitStack() as patches, fake_world(world_size):
+        for module in (optim.newton_schulz, optim.update):
+            patches.enter_context(mock.patch.object(module, "compile_backend", lambda *_: "inductor"))
+            patches.enter_context(mock.patch.object(module, "compiled", opaque))
+        # One process: rank 0's fill order is the order; on meta tensors it cannot be read from the host.
+        in_index_order = lambda self: list(range(len(self.buckets)))  # noqa: E731
+        patches.enter_context(mock.patch.object(DataParallel, "_agree_order", in_index_order))
+        optimizer = build_optimizer(gpt, cfg)
+        for _ in range(steps):
+            for p in gpt.parameters():
+                p.grad = torch.zeros_like(p)
+            with count_allocations() as counted:
+                optimizer.step()
+            counts.append(counted.count)
+            optimizer.zero_grad(set_to_none=True)
+        optimizer.close()
     return counts
 
 
@@ -420,13 +490,13 @@ def ours() -> dict:
     """Every figure of the tables for this repo's step, measured."""
     gemms, casts = gemms_and_casts(census(), meta_gpt(PRESETS["124m"], fsdp=False))
     return dict(gemms=gemms, casts=casts, tiles=attention_tiles(), collectives=collectives(),
-                graphs=compiled_graphs())
+                allocations=allocations()[-1], graphs=compiled_graphs())
 
 
 def record() -> dict:
     """The same figures for the record, from the constants above."""
     return dict(gemms=RECORD_GEMMS, casts=RECORD_WEIGHT_CASTS, tiles=RECORD_ATTENTION_TILES,
-                collectives=record_collectives(), graphs=RECORD_GRAPHS)
+                collectives=record_collectives(), allocations=RECORD_ALLOCATIONS, graphs=RECORD_GRAPHS)
 
 
 def count_rows(mine: dict, theirs: dict) -> list[str]:
@@ -442,6 +512,8 @@ def count_rows(mine: dict, theirs: dict) -> list[str]:
         rows.append(f"| attention tiles {name}, 1,750 steps | {a:,} ({a / b - 1:+.0%}) | {b:,} |")
     a, b = collective_counts(mine["collectives"]), collective_counts(theirs["collectives"])
     rows += [f"| collectives per step: {name} | {a[name]:,} | {b[name]:,} |" for name in a]
+    rows.append(f"| allocations per optimizer step, rank 0 of 8 | {mine['allocations']} | "
+                f"{theirs['allocations']} |")
     rows += [f"| compiled graphs, {mode} | {mine['graphs'][mode]} | {theirs['graphs'][mode]} |"
              for mode in ("training", "validation")]
     return rows
