@@ -127,8 +127,9 @@ def train(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, dev
     log = open_log(cfg, out_dir, rank, resumed=resume_from is not None)
     n_params = sum(p.numel() for p in model.parameters())
     log.print(f"preset {cfg.preset}: model {cfg.model} ({n_params / 1e6:.1f}M parameters), data {data_dir}")
+    head = "fp8" if model.lm_head.matmul(device) == "fp8" else autocast or model.embed.weight.dtype
     log.print(f"device {device}, compile {cfg.compile_backend if compiled else 'off'}, residual stream "
-              f"{model.embed.weight.dtype}, autocast {autocast or 'off'}")
+              f"{model.embed.weight.dtype}, autocast {autocast or 'off'}, LM head matmul {head} in training")
     log.print(f"{cfg.tokens_per_step:,} tokens/step = {world_size} process(es) x {layout.micro_batch} "
               f"sequences x {cfg.seq_len} tokens x {layout.grad_accum} micro-batch(es)")
     if resume_from is not None:

@@ -12,6 +12,7 @@ A decoder-only transformer in the shape of the mid-2025 NanoGPT speedrun:
     them back with learned weights (from 1);
   - ReLU^2 MLP (4x width); zero-initialized output projections (attention out, MLP out, LM head);
   - logits soft-capped: z <- c * tanh(z / c), or the record's c * sigmoid(z / (7.5 sqrt(dim))).
+  - in training on H100, the LM head's matmul in FP8 with the record's fixed scales (model/fp8.py).
 Weights y = W x are stored PyTorch-style as W of shape (d_out, d_in), float32. The activations take
 the embedding tables' dtype: float32 by default, bf16 after `to_device` on CUDA for the GPU presets.
 
@@ -31,10 +32,12 @@ from torch import Tensor, nn
 
 from data.tokenizer import EOT, VOCAB_SIZE
 from model.attention import Rotary, attend, build_mask, document_ids, short_window
+from model.fp8 import fp8_head, why_no_fp8
 
 SOFTCAPS = ("tanh", "sigmoid")
 CUDA_DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "flex", "sdpa")
+HEAD_MATMULS = ("auto", "fp8", "bf16")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,10 @@ class GPTConfig:
     cuda_dtype: dtype of the embedding tables, hence of the residual stream and every matmul, when
         `to_device` puts the model on CUDA. "bfloat16": the record's (run it without autocast);
         "float32": fp32 tables (run under bf16 autocast). Off CUDA the model stays float32.
+    head_matmul: the LM head's matmul in training (evaluation always takes "bf16"). "fp8": the
+        record's FP8 matmul with its fixed scales (model/fp8.py), on a device that has one, else an
+        error; "bf16": CastedLinear, in the input's dtype (bf16 on the GPU presets, float32 on CPU);
+        "auto": fp8 on CUDA GPUs with FP8 tensor cores (compute capability 8.9+, e.g. H100), else bf16.
     """
 
     vocab_size: int = 50304
@@ -87,10 +94,11 @@ class GPTConfig:
     attention_free_layers: tuple[int, ...] = ()
     value_lambda_all_layers: bool = False
     cuda_dtype: str = "float32"
+    head_matmul: str = "bf16"
 
     def __post_init__(self):
         for name, allowed in (("head_softcap", SOFTCAPS), ("cuda_dtype", CUDA_DTYPES),
-                              ("attention", ATTENTION_BACKENDS)):
+                              ("attention", ATTENTION_BACKENDS), ("head_matmul", HEAD_MATMULS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("long_window_layers", "attention_free_layers"):
@@ -123,8 +131,8 @@ def long_window_layers(cfg: GPTConfig) -> frozenset[int]:
 
 
 # The record's architecture on the GPU presets (2025-07-12 "BosAlign", docs/RECIPE.md): sigmoid head,
-# values scaled in every attention block, bf16 tables and residual stream on CUDA.
-RECORD = dict(head_softcap="sigmoid", value_lambda_all_layers=True, cuda_dtype="bfloat16")
+# values scaled in every attention block, bf16 tables and residual stream on CUDA, FP8 head on H100.
+RECORD = dict(head_softcap="sigmoid", value_lambda_all_layers=True, cuda_dtype="bfloat16", head_matmul="auto")
 
 PRESETS: dict[str, GPTConfig] = {
     # A few minutes on 2 CPU cores; the 50304-wide head dominates its cost. Kept on the generic
@@ -164,6 +172,31 @@ def linear(d_in: int, d_out: int, zero: bool = False) -> CastedLinear:
             bound = math.sqrt(3) * 0.5 / math.sqrt(d_in)
             layer.weight.uniform_(-bound, bound)
     return layer
+
+
+class LMHead(CastedLinear):
+    """The LM head, zero-initialized: CastedLinear, or in training the record's FP8 matmul (model/fp8.py,
+    bf16 logits) where GPTConfig.head_matmul takes fp8. The choice lives in this module's forward, so
+    hooks on it (FSDP's all-gather of the weight) run either way."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__(cfg.dim, cfg.vocab_size, bias=False)
+        nn.init.zeros_(self.weight)
+        self.choice = cfg.head_matmul
+
+    def matmul(self, device: torch.device) -> str:
+        """The matmul in training on device, "fp8" or "bf16" (GPTConfig.head_matmul). "auto" takes fp8
+        only on CUDA: a CPU's _scaled_mm has no FP8 units, it is there to test the numerics."""
+        if self.choice == "auto":
+            return "fp8" if device.type == "cuda" and why_no_fp8(device) is None else "bf16"
+        if self.choice == "fp8" and (why_not := why_no_fp8(device)):
+            raise ValueError(f"GPTConfig.head_matmul 'fp8': {why_not}; use 'auto' or 'bf16'")
+        return self.choice
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.matmul(x.device) == "fp8":
+            return fp8_head(x, self.weight)
+        return super().forward(x)
 
 
 class CausalSelfAttention(nn.Module):
@@ -236,7 +269,7 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, attention=i not in cfg.attention_free_layers)
                                     for i in range(cfg.n_layer))
         self.skip_weights = nn.Parameter(torch.ones(cfg.n_layer // 2))
-        self.lm_head = linear(cfg.dim, cfg.vocab_size, zero=True)
+        self.lm_head = LMHead(cfg)
         self.long_window = long_window_layers(cfg)
 
     def value_embedding_layers(self) -> list[int | None]:
