@@ -8,7 +8,8 @@ reading its source (the code at the top of each of its logs, modded-nanogpt's
 records/track_1_short/2025-07-12_BosAlign/*.txt, not in this repo), each with how it was counted.
 The step described is the H100's: 8 GPUs (W = 8), each one BOS-aligned sequence of T = 49,152
 tokens a step, bf16 tables and residual stream, FlexAttention, and the LM head's matmul as the
-model picks it on an H100 (compute capability 9.0).
+model picks it on an H100: LMHead.matmul asked about a CUDA device of compute capability 9.0 (FP8,
+model/fp8.py, whose custom ops the census opens).
 
   GEMMs, weight casts  one forward and backward of the real 124M model on the meta device (shapes and
                  dtypes, no memory, no arithmetic), every aten matmul (mm, addmm, bmm, baddbmm,
@@ -59,6 +60,7 @@ from bench.gpu_check import synthetic_tokens
 from bench.memory import meta_gpt, speedrun_groups
 from model import GPT, PRESETS
 from model.attention import build_mask, document_ids, short_window
+from model.gpt import LMHead
 from optim.allocations import count_allocations
 from optim.distributed import DataParallel, step_collectives
 from optim.zero import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER
@@ -270,11 +272,11 @@ class AttentionStandIn(torch.autograd.Function):
         return grad, grad, grad
 
 
-def h100_head_matmul(real):
-    """GPT.head_matmul as it decides on an H100 (a CUDA device of compute capability 9.0)."""
+def on_an_h100(matmul):
+    """LMHead.matmul as it decides on an H100: for a CUDA device of compute capability 9.0."""
     def decide(self, device):
         with mock.patch.object(torch.cuda, "get_device_capability", lambda device=None: (9, 0)):
-            return real(self, torch.device("cuda"))
+            return matmul(self, torch.device("cuda"))
     return decide
 
 
@@ -303,8 +305,7 @@ def census(preset: str = "124m") -> Census:
         stand_in = lambda backend, q, k, v, *_: AttentionStandIn.apply(q, k, v)  # noqa: E731
         patches.enter_context(mock.patch.object(model.gpt, "attend", stand_in))
         patches.enter_context(mock.patch.object(model.gpt, "build_mask", lambda *args: None))
-        if hasattr(GPT, "head_matmul"):
-            patches.enter_context(mock.patch.object(GPT, "head_matmul", h100_head_matmul(GPT.head_matmul)))
+        patches.enter_context(mock.patch.object(LMHead, "matmul", on_an_h100(LMHead.matmul)))
         with counter:
             loss = gpt(idx, idx)
             tag([loss], "outside")

@@ -16,11 +16,12 @@ def gemms_and_casts():
 PHASES = ("forward", "backward")
 
 
-def test_the_census_counts_an_mlp_block_exactly_as_the_record_was_counted(gemms_and_casts):
-    # Layer 7 is the MLP alone in both codes, two F.linear of the same shapes: the census of our code
-    # and the hand count of the record's must agree GEMM for GEMM, cast for cast.
+@pytest.mark.parametrize("block", ["attention-free block", "head"])
+def test_the_census_counts_the_mlp_block_and_the_fp8_head_as_the_record_was_counted(gemms_and_casts, block):
+    # Layer 7 is the MLP alone in both codes, two F.linear of the same shapes, and on an H100 both heads
+    # are the same three _scaled_mm: the census of our code and the hand count of the record's must
+    # agree GEMM for GEMM (shapes, dtypes), cast for cast.
     gemms, casts = gemms_and_casts
-    block = "attention-free block"
     for phase in PHASES:
         assert gemms[block][phase] == sorted(structure.RECORD_GEMMS[block][phase])
         assert casts[block][phase] == structure.RECORD_WEIGHT_CASTS[block][phase]
