@@ -33,7 +33,7 @@ from experiments.gpt_train import (
     sweep_log2,
     train,
 )
-from experiments.modular import Module, atom, bond, compose, concatenate, modular_groups, residual
+from experiments.modular import Module, atom, bond, compose, modular_groups, residual, stack
 from experiments.report import experiment_parser, finish, int_list, log2_spread, output_paths
 from experiments.sweeps import plot_family
 from model import GPT, GPTConfig
@@ -67,15 +67,16 @@ def gpt_tree(n_layer: int, block_mass: float = 5.0) -> Module:
     RMSNorm, ReLU² and every matrix; the attention core takes the tuple (q, k, v), whose norm is the
     sum of the three, to an output that moves no more than their mean (it averages value rows; q and
     k enter through QK-normed dot products), a bond of sensitivity 1/3, so attention, like the MLP,
-    has sensitivity 1. Shares: embed and head 1/(2 + block_mass) each; in sub-layer j, q, k and v
-    get 3c_j, o, fc and proj c_j, with c_j = block_mass/(2 + block_mass)·(j + 2)/(6L): the first
-    sub-layers' shares fall as 1/L, the last ones' hardly change with depth.
+    has sensitivity 1. Shares: embed and head 1/(2 + block_mass) each; in sub-layer j, each of q, k
+    and v (three matrices of one tensor: a `stack`) gets 3c_j, o, fc and proj c_j, with
+    c_j = block_mass/(2 + block_mass)·(j + 2)/(6L): the first sub-layers' shares fall as 1/L, the last
+    ones' hardly change with depth.
     """
     mass = block_mass / (6 * n_layer)
     sublayers = []
     for i in range(n_layer):
         block = f"blocks.{i}."
-        qkv = concatenate(*(atom(f"{block}attn.{name}.weight", mass) for name in "qkv"))
+        qkv = stack(f"{block}attn.qkv.weight", 3, mass)  # q, k, v: one tensor, three matrices
         sublayers.append(compose(qkv, bond(1 / 3), atom(f"{block}attn.o.weight", mass)))
         sublayers.append(compose(atom(f"{block}mlp.fc.weight", mass), atom(f"{block}mlp.proj.weight", mass)))
     residuals = [residual(f, 1 / (j + 2)) for j, f in enumerate(sublayers)]

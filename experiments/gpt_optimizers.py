@@ -15,8 +15,9 @@ matrices), embed (token and value embeddings), head (lm_head), scalars (gains, l
   muon_embed_dual_head_linear  as muon_embed_dual, head by the Linear map √(d_out/d_in)·U Vᵀ
   muon_embed_dual_head_sign    as muon_embed_dual, head by the sign map sign(G)/d_in
   muon_polar_express           as muon, with the Polar Express coefficients
-  torch_muon                   torch.optim.Muon on hidden (bf16 Newton–Schulz, its "original" scale),
-                               torch.optim.AdamW on embed and head
+  torch_muon                   torch.optim.Muon on hidden (bf16 Newton–Schulz, its "original" scale;
+                               the 3-D q, k, v stacks, which it refuses, by the same update in
+                               optim.Muon), torch.optim.AdamW on embed and head
 Every group with a map of its own has an lr of its own. Scalars: Adam at the speedrun's lr 0.04 in
 every contender but adamw (the same map everywhere, not swept). Adam parts: the speedrun's betas
 (0.8, 0.95) and eps 1e-10; the adamw baseline: betas (0.9, 0.95), eps 1e-8. No weight decay.
@@ -107,15 +108,20 @@ def make_optimizers(name: str, model: GPT, lrs: dict[str, float]) -> Optimizers:
     contender = CONTENDERS[name]
     if contender.family == "adamw":
         return Optimizers([torch.optim.AdamW(model.parameters(), lr=lrs["all"], **ADAMW)], [])
-    hidden = [p for p in model.blocks.parameters() if p.ndim == 2]
+    hidden = [p for p in model.blocks.parameters() if p.ndim >= 2]  # the merged q, k, v: (3, d_out, d_in)
     embed = [model.embed.weight, *(table.weight for table in model.value_embeds)]
     scalars = [p for p in model.parameters() if p.ndim < 2]
     head = [model.lm_head.weight]
     if contender.family == "torch_muon":
-        muon = torch.optim.Muon(hidden, lr=lrs["hidden"], weight_decay=0.0, nesterov=True)
+        muon = torch.optim.Muon([p for p in hidden if p.ndim == 2], lr=lrs["hidden"], weight_decay=0.0,
+                                nesterov=True)
+        # torch.optim.Muon takes 2-D parameters only: the q, k, v stacks get its update from optim.Muon
+        # (bf16 Newton–Schulz, its scale; tests/test_muon.py::test_matches_torch_muon_in_bf16)
+        stacks = Muon([dict(params=[p for p in hidden if p.ndim > 2], kind="hidden", lr=lrs["hidden"])],
+                      lr_scale="muon", ns_dtype=torch.bfloat16, weight_decay=0.0)
         adam = torch.optim.AdamW([dict(params=embed, lr=lrs["embed"]), dict(params=head, lr=lrs["head"]),
                                   dict(params=scalars, lr=SCALAR_LR)], **SPEEDRUN_ADAM)
-        return Optimizers([muon, adam], muon.param_groups)
+        return Optimizers([muon, stacks, adam], muon.param_groups + stacks.param_groups)
     muon = Muon([dict(params=hidden, kind="hidden", lr=lrs["hidden"]),
                  dict(params=embed, kind=contender.embed, lr=lrs["embed"]),
                  dict(params=head, kind=contender.head, lr=lrs["head"]),

@@ -36,7 +36,7 @@ class Module:
 
     mass: float
     sensitivity: float
-    op: str = "atom"  # atom | bond | compose | concatenate (sum, scalar and residual are built from these)
+    op: str = "atom"  # atom | bond | compose | concatenate | stack (sum, scalar, residual: from these)
     name: str | None = None
     children: tuple["Module", ...] = ()
 
@@ -70,6 +70,17 @@ def concatenate(*modules: Module) -> Module:
         raise ValueError("concatenate: needs at least one module")
     return Module(sum(m.mass for m in modules), sum(m.sensitivity for m in modules), "concatenate",
                   children=tuple(modules))
+
+
+def stack(name: str, k: int, mass: float = 1.0, sensitivity: float = 1.0) -> Module:
+    """k atoms of `mass` side by side on one input, held as one tensor (k, d_out, d_in) and each matrix
+    dualized on its own (model.gpt.StackedLinear, e.g. merged q, k, v): their concatenation, μ = k·mass,
+    ν = k·sensitivity, ‖w‖ = k·max_i ‖W_i‖. step_shares gives `name` one matrix's share (1/k of the
+    stack's); modular_norm reads norms[name] as max_i ‖W_i‖."""
+    if k < 1:
+        raise ValueError(f"stack {name!r}: k must be >= 1, got {k}")
+    matrices = (atom(name, mass, sensitivity),) * k
+    return Module(k * mass, k * sensitivity, "stack", name=name, children=matrices)
 
 
 def add(*modules: Module) -> Module:
@@ -106,6 +117,8 @@ def step_shares(module: Module) -> dict[str, float]:
     """Each atom's share of the step, the product of the shares on its path from the root."""
     if module.op == "atom":
         return {module.name: 1.0}
+    if module.op == "stack":
+        return {module.name: 1.0 / len(module.children)}
     shares: dict[str, float] = {}
     for child, factor in zip(module.children, _child_factors(module), strict=True):
         for name, share in step_shares(child).items():
@@ -119,6 +132,8 @@ def modular_norm(module: Module, norms: dict[str, float]) -> float:
     """The modular norm of weights whose atoms have the norms `norms` (name → ‖w‖ of that atom)."""
     if module.op == "atom":
         return norms[module.name]
+    if module.op == "stack":
+        return len(module.children) * norms[module.name]
     if module.op == "bond":
         return 0.0
     terms = []

@@ -162,15 +162,20 @@ class CastedLinear(nn.Linear):
         return F.linear(x, self.weight.type_as(x))
 
 
-def linear(d_in: int, d_out: int, zero: bool = False) -> CastedLinear:
-    """CastedLinear with W ~ U(-a, a), a = sqrt(3) * 0.5 / sqrt(d_in) (std 0.5/sqrt(d_in)), or W = 0."""
-    layer = CastedLinear(d_in, d_out, bias=False)
+def init_uniform_(weight: Tensor) -> Tensor:
+    """W ~ U(-a, a), a = sqrt(3) * 0.5 / sqrt(d_in) (std 0.5/sqrt(d_in)), d_in = W's last dim; in place."""
+    bound = math.sqrt(3) * 0.5 / math.sqrt(weight.size(-1))
     with torch.no_grad():
-        if zero:
-            layer.weight.zero_()
-        else:
-            bound = math.sqrt(3) * 0.5 / math.sqrt(d_in)
-            layer.weight.uniform_(-bound, bound)
+        return weight.uniform_(-bound, bound)
+
+
+def linear(d_in: int, d_out: int, zero: bool = False) -> CastedLinear:
+    """CastedLinear with W initialized by init_uniform_, or W = 0."""
+    layer = CastedLinear(d_in, d_out, bias=False)
+    if zero:
+        nn.init.zeros_(layer.weight)
+    else:
+        init_uniform_(layer.weight)
     return layer
 
 
@@ -199,13 +204,33 @@ class LMHead(CastedLinear):
         return super().forward(x)
 
 
+class StackedLinear(nn.Module):
+    """k Linear maps of one input in one matmul: y = x [W_1; ...; W_k]^T, (..., d_in) -> (..., k * d_out).
+
+    weight (k, d_out, d_in) float32, each W_i initialized by init_uniform_ (std 0.5/sqrt(d_in)), cast
+    to x's dtype as one (k * d_out, d_in) matrix: one cast, one GEMM. Output features i * d_out ..
+    (i + 1) * d_out - 1 are W_i's. The optimizer sees k matrices (d_out, d_in): optim.param_groups
+    gives the weight the role "hidden" (`linear_stack`), and the hidden kind orthogonalizes each
+    W_i on its own, scaled by its own (d_out, d_in).
+    """
+
+    linear_stack = True  # optim.grouping: the weight is a stack of Linear weights
+
+    def __init__(self, d_in: int, d_out: int, k: int):
+        super().__init__()
+        self.weight = nn.Parameter(init_uniform_(torch.empty(k, d_out, d_in)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight.flatten(end_dim=1).type_as(x))
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.n_head, self.head_dim, self.scale = cfg.n_head, cfg.head_dim, cfg.attn_scale
         self.scale_values = cfg.value_lambda_all_layers
         inner = cfg.n_head * cfg.head_dim
-        self.q, self.k, self.v = (linear(cfg.dim, inner) for _ in range(3))
+        self.qkv = StackedLinear(cfg.dim, inner, 3)  # W_q, W_k, W_v: one GEMM
         self.o = linear(inner, cfg.dim, zero=True)
         self.rotary = Rotary(cfg.head_dim, cfg.max_seq_len, cfg.rope_base)
         self.value_lambdas = nn.Parameter(torch.tensor([0.5, 0.5]))
@@ -213,7 +238,7 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor, ve: Tensor | None, backend: str, mask) -> Tensor:
         B, T, _ = x.shape
         heads = (B, T, self.n_head, self.head_dim)
-        q, k, v = self.q(x).view(heads), self.k(x).view(heads), self.v(x).view(heads)
+        q, k, v = self.qkv(x).view(B, T, 3 * self.n_head, self.head_dim).chunk(3, dim=-2)
         q, k = rms_norm(q), rms_norm(k)  # QK-norm: bounded logits whatever the weights' scale
         if ve is not None:
             v = self.value_lambdas[0] * v + self.value_lambdas[1] * ve.view(heads)
@@ -351,12 +376,13 @@ class GPT(nn.Module):
     def flops_per_token(self, seq_len: int, window: int | None = None) -> float:
         """Training FLOPs per token: 6 * (matmul params) + sum over attention layers of 6 * 2 * H*D * context.
 
-        Matmul parameters are every Linear weight (blocks and LM head; none in attention-free
-        blocks); embeddings are lookups. context is mean_context(T, w), w the layer's window (long,
-        or max(1, window // 2) on short-window layers; T when attention is full causal).
+        Matmul parameters are every Linear and StackedLinear weight (blocks and LM head; none in
+        attention-free blocks); embeddings are lookups. context is mean_context(T, w), w the layer's
+        window (long, or max(1, window // 2) on short-window layers; T when attention is full causal).
         """
         cfg = self.config
-        matmul_params = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        matmul_params = sum(m.weight.numel() for m in self.modules()
+                            if isinstance(m, nn.Linear | StackedLinear))
 
         def layer_window(i: int) -> int:
             if window is None:

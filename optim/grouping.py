@@ -8,7 +8,7 @@ from .kinds import KINDS
 
 # A parameter's role, and the kinds each role may take (the first is the default for that role).
 ROLES = {
-    "hidden": ("hidden",),  # nn.Linear weights, but the head's
+    "hidden": ("hidden",),  # nn.Linear weights, but the head's; a linear_stack module's (k, d_out, d_in)
     "conv": ("conv",),  # nn.Conv2d weights
     "embed": ("embed", "adam"),  # nn.Embedding weights: token and value embeddings
     "head": ("adam", "head_linear", "head_sign"),  # the weight of a module named in head_names
@@ -27,7 +27,9 @@ def param_groups(
 ) -> list[dict]:
     """Muon param groups, one per role present, in the order of ROLES, each with its kind and lr.
 
-    Roles, by layer (subclasses count as their base class): "hidden" (nn.Linear weights), "conv"
+    Roles, by layer (subclasses count as their base class): "hidden" (nn.Linear weights, and the
+    weight of a module with `linear_stack = True`: k Linear weights (k, d_out, d_in) in one tensor,
+    which the hidden kind maps as k matrices, e.g. model.gpt.StackedLinear's merged q, k, v), "conv"
     (nn.Conv2d weights), "embed" (nn.Embedding weights), "head" (the weight of a module named in
     head_names: its full name or its last component), "scalar" (biases, norm gains, scalars,
     parameters a module holds directly). Kinds: hidden → "hidden", conv → "conv", scalar → "adam";
@@ -82,7 +84,7 @@ def _role(module: nn.Module, param_name: str, is_head: bool) -> str:
         return "embed"
     if isinstance(module, nn.Conv2d):
         return "conv"
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or getattr(module, "linear_stack", False):
         return "hidden"
     return "scalar"
 

@@ -32,10 +32,11 @@ from optim import Muon, orthogonalize
 ROOT = Path(__file__).resolve().parents[1]
 
 # The problem every rank steps: stacks whose matrix count 2 and 3 do not divide (5), that are shorter
-# than the world (1), a conv stack, an embedding and a sign head (sharded by rows), and Adam parameters
-# (sharded by elements; 25 elements, which neither 2 nor 3 divides).
+# than the world (1), parameters that hold three matrices each (the GPT's merged q, k, v), a conv
+# stack, an embedding and a sign head (sharded by rows), and Adam parameters (sharded by elements; 25
+# elements, which neither 2 nor 3 divides).
 SHAPES = {
-    "hidden": [(8, 16)] * 5 + [(16, 8)] * 2 + [(6, 6)],
+    "hidden": [(8, 16)] * 5 + [(16, 8)] * 2 + [(6, 6)] + [(3, 8, 4)] * 2,
     "conv": [(4, 2, 3, 3)] * 3,
     "embed": [(20, 8)],
     "head_sign": [(12, 8)],

@@ -141,8 +141,12 @@ def test_gpt_optimizers_give_each_group_its_own_map_and_lr():
     counted = sum(p.numel() for g in muon.param_groups for p in g["params"])
     assert counted == sum(p.numel() for p in model.parameters())
     split = gpt_optimizers.make_optimizers("torch_muon", model, lrs)
-    assert isinstance(split.optimizers[0], torch.optim.Muon)
-    assert split.momentum_groups == split.optimizers[0].param_groups  # warm-up on the Muon part only
+    torch_muon, stacks, _ = split.optimizers  # torch's Muon takes 2-D only: ours steps the q, k, v stacks
+    assert isinstance(torch_muon, torch.optim.Muon)
+    assert [p.ndim for g in stacks.param_groups for p in g["params"]] == [3] * model.config.n_layer
+    assert split.momentum_groups == torch_muon.param_groups + stacks.param_groups  # warm-up: the Muon parts
+    held = [p for opt in split.optimizers for g in opt.param_groups for p in g["params"]]
+    assert sorted(map(id, held)) == sorted(map(id, model.parameters()))
 
 
 def test_gpt_depth_quick_sweeps_both_variants_at_every_depth(tmp_path):
@@ -164,7 +168,8 @@ def test_gpt_tree_gives_embed_and_head_a_seventh_and_sublayer_j_shares_growing_a
     assert shares["embed.weight"] == pytest.approx(1 / 7, rel=1e-12)
     assert shares["lm_head.weight"] == pytest.approx(1 / 7, rel=1e-12)
     for i in range(n_layer):
-        attention, mlp = {"attn.q": 3, "attn.k": 3, "attn.v": 3, "attn.o": 1}, {"mlp.fc": 1, "mlp.proj": 1}
+        # qkv's share is each of its three matrices' (q, k, v: 3 each)
+        attention, mlp = {"attn.qkv": 3, "attn.o": 1}, {"mlp.fc": 1, "mlp.proj": 1}
         weights = {2 * i: attention, 2 * i + 1: mlp}
         for j, names in weights.items():
             for name, factor in names.items():

@@ -14,6 +14,7 @@ from experiments.modular import (
     modular_norm,
     residual,
     scale,
+    stack,
     step_shares,
 )
 from optim import Muon
@@ -34,6 +35,18 @@ def test_composition_divides_the_inner_share_by_the_outer_sensitivity():
 def test_concatenation_splits_by_mass():
     shares = step_shares(concatenate(atom("q", 1.0), atom("k", 1.0), atom("v", 2.0)))
     assert shares == pytest.approx({"q": 0.25, "k": 0.25, "v": 0.5}, rel=1e-12)
+
+
+def test_a_stack_is_the_concatenation_of_its_matrices_with_one_name():
+    # compose(qkv, bond(1/3), o): as a stack or as three atoms, each matrix of qkv takes the same share.
+    apart = step_shares(compose(concatenate(atom("q"), atom("k"), atom("v")), bond(1 / 3), atom("o")))
+    stacked = step_shares(compose(stack("qkv", 3), bond(1 / 3), atom("o")))
+    assert stacked == pytest.approx({"qkv": apart["q"], "o": apart["o"]}, rel=1e-12)
+    assert apart["q"] == apart["k"] == apart["v"] == pytest.approx(3 * apart["o"], rel=1e-12)
+    # its norm is the concatenation's, 3 max_i ‖W_i‖, from the largest matrix norm
+    three = concatenate(atom("q"), atom("k"), atom("v"))
+    assert modular_norm(stack("qkv", 3), {"qkv": 2.0}) == 6.0
+    assert modular_norm(three, dict(q=2.0, k=1.0, v=0.5)) == 6.0
 
 
 def test_a_sum_adds_sensitivities_and_splits_the_step_by_mass():
@@ -90,6 +103,7 @@ def test_gpt_embed_and_head_each_get_one_seventh_for_block_mass_five(n_blocks):
         compose(atom("embed"), residual(compose(atom("q"), atom("o")), 0.5), residual(atom("fc", 2.0), 0.2),
                 atom("head", 3.0)),
         add(scale(atom("a"), 3.0), compose(atom("b"), bond(0.5), atom("c"))),
+        compose(atom("embed"), stack("qkv", 3, 0.5), bond(1 / 3), atom("o")),
     ],
 )
 def test_the_dualized_compound_has_modular_norm_exactly_one(module):
