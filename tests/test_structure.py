@@ -53,7 +53,7 @@ def test_no_more_collectives_or_bytes_than_the_record_and_every_chunk_16_byte_al
     record = structure.collective_counts(structure.record_collectives())
     assert record["not a multiple of 16 bytes"] == 0
     for name, count in record.items():
-        assert ours[name] <= count, name
+        assert ours[name] <= count, f"{name}: ours {ours[name]:,}, the record's {count:,}"
 
 
 def test_no_more_compiled_graphs_per_mode_than_the_record_over_the_schedule():
