@@ -365,16 +365,10 @@ def attention_tiles(preset: str = "124m") -> dict[str, int]:
 # Collectives
 
 
-def speedrun_optimizer_groups(preset: str = "124m") -> tuple[GPT, list[dict]]:
-    """The preset's model on the meta device and the speedrun's param groups over it."""
-    gpt = meta_gpt(PRESETS[preset], fsdp=False)
-    return gpt, speedrun_groups(gpt, "adam")
-
-
 def collectives(preset: str = "124m", world_size: int = WORLD_SIZE) -> list[tuple[str, str, int]]:
     """(op, dtype, bytes per rank) of each collective of one optimizer step at world_size ranks:
     optim.distributed.step_collectives, the list the step issues, computed without a process group."""
-    _, groups = speedrun_optimizer_groups(preset)
+    groups = speedrun_groups(meta_gpt(PRESETS[preset], fsdp=False), "adam")
     return [(c.op, dtype_name(c.dtype), c.bytes) for c in step_collectives(groups, world_size)]
 
 
