@@ -344,18 +344,19 @@ def mask_tiles(mask: BlockMask) -> tuple[int, int]:
 
 
 def attention_tiles(preset: str = "124m") -> dict[str, int]:
-    """Tiles computed and partial tiles over the speedrun's training steps, on attention_layout()."""
+    """Tiles computed and partial tiles over the speedrun's training steps, on attention_layout(): each
+    attention layer's BlockMask as GPT.forward builds it (its window rule; long or short window)."""
     cfg = parse_config(["--preset", "speedrun"])
     gpt = meta_gpt(PRESETS[preset], fsdp=False)
-    idx = attention_layout()
+    rule, idx = gpt.config.window_rule, attention_layout()
     docs = document_ids(idx, gpt.config.bos_token)
-    long = sum(block.attn is not None and i in gpt.long_window for i, block in enumerate(gpt.blocks))
-    short = sum(block.attn is not None and i not in gpt.long_window for i, block in enumerate(gpt.blocks))
+    attending = [i for i, block in enumerate(gpt.blocks) if block.attn is not None]
+    long = sum(i in gpt.long_window for i in attending)
     computed = partial = 0
     for window, steps in Counter(window_at(s, cfg) for s in range(cfg.max_steps)).items():
         w = torch.tensor(window)
-        for layers, layer_window in ((long, w), (short, short_window(w))):
-            tiles = mask_tiles(build_mask("flex", T, layer_window, docs, idx.device))
+        for layers, layer_window in ((long, w), (len(attending) - long, short_window(w, rule))):
+            tiles = mask_tiles(build_mask("flex", T, layer_window, docs, idx.device, rule))
             computed += steps * layers * tiles[0]
             partial += steps * layers * tiles[1]
     return dict(computed=computed, partial=partial)
