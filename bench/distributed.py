@@ -14,12 +14,11 @@ order), per W:
   step            wall time of the whole step (the slowest rank, median step)
   state           optimizer-state bytes per rank (the largest), and as a multiple of 1/W of all ranks' sum
   bytes           sent per rank per step, measured on the loopback interface (/proc/net/dev counts
-                  the whole machine, so the least over the steps), and predicted (optim/zero.py):
-                  per stack of n matrices of M elements padded to P = W·⌈n/W⌉, reduce-scatter
-                  (W−1)/W·P·(M+1)·4 and all-gather (W−1)/W·P·M·4; for the Adam side's N elements
-                  and k parameters in ranges of S = ⌈N/W⌉, reduce-scatter (W−1)·(S+k)·4 and
-                  all-gather (W−1)·S·4. Gloo builds a reduce-scatter from an all-reduce of the whole
-                  input, which sends twice a ring reduce-scatter's bytes: predicted both ways
+                  the whole machine, so the least over the steps), and predicted from the step's
+                  collectives (optim.distributed.step_collectives; optim/zero.py gives the
+                  formulas): (W−1) chunks per reduce-scatter and all-gather, 2(W−1)/W of each flags
+                  all-reduce. Gloo builds a reduce-scatter from an all-reduce of the whole input,
+                  which sends twice a ring reduce-scatter's bytes: predicted both ways
   all_reduce      the same gradients all-reduced instead, as a replicated step (DDP, or this
                   optimizer before ZeRO-1) sends them: measured, and predicted 2(W−1)/W·(elements)·4
 
@@ -47,6 +46,8 @@ import torch.multiprocessing as mp
 import optim.kinds
 from bench.optim import gpt_hidden_shapes, machine
 from optim import Muon, default_dtype, newton_schulz_flops, orthogonalize
+from optim.distributed import step_collectives
+from optim.zero import ALL_REDUCE, REDUCE_SCATTER, Collective
 
 ELEMENT = 4  # bytes: float32
 
@@ -69,6 +70,13 @@ def adam_shapes(layers: int, dim: int, vocab: int) -> list[tuple[int, ...]]:
     return [(vocab, dim), (vocab, dim)] + [(dim,)] * (2 * layers)
 
 
+def problem_shapes(layers: int, dim: int, vocab: int) -> list[dict]:
+    """problem's param groups as meta tensors: its shapes and kinds only."""
+    shapes = [gpt_hidden_shapes(layers, dim), adam_shapes(layers, dim, vocab)]
+    return [dict(params=[torch.empty(shape, device="meta") for shape in group], kind=kind)
+            for group, kind in zip(shapes, ("hidden", "adam"), strict=True)]
+
+
 def problem(layers: int, dim: int, vocab: int) -> list[dict]:
     """Muon param groups, seeded alike on every rank: the blocks' hidden matrices, and the Adam side."""
     gen = torch.Generator().manual_seed(0)
@@ -86,26 +94,32 @@ def set_gradients(groups: list[dict], step: int, rank: int) -> None:
 
 
 def predicted_bytes(layers: int, dim: int, vocab: int, world_size: int) -> dict:
-    """Bytes a rank sends per step (module docstring)."""
-    W = world_size
-    ring = (W - 1) / W
+    """Bytes a rank sends per step (module docstring), from the step's own list of collectives."""
+    W, groups = world_size, problem_shapes(layers, dim, vocab)
+    collectives = step_collectives(groups, W)
+    matrices, adam = ([c for c in collectives if c.group == g] for g in range(2))
+    elements = sum(p.numel() for group in groups for p in group["params"])
     stacks = Counter(gpt_hidden_shapes(layers, dim))
-    padded = {shape: W * math.ceil(n / W) for shape, n in stacks.items()}
-    scatter_matrices = ring * sum(P * (math.prod(shape) + 1) for shape, P in padded.items())
-    gather_matrices = ring * sum(P * math.prod(shape) for shape, P in padded.items())
-    adam = adam_shapes(layers, dim, vocab)
-    N, k = sum(math.prod(shape) for shape in adam), len(adam)
-    S = math.ceil(N / W)
-    scatter_adam, gather_adam = (W - 1) * (S + k), (W - 1) * S
-    elements = sum(n * math.prod(shape) for shape, n in stacks.items()) + N
     return dict(
-        matrices=ELEMENT * (scatter_matrices + gather_matrices),
-        adam=ELEMENT * (scatter_adam + gather_adam),
-        sharded=ELEMENT * (scatter_matrices + gather_matrices + scatter_adam + gather_adam),
-        sharded_gloo=ELEMENT * (2 * scatter_matrices + gather_matrices + 2 * scatter_adam + gather_adam),
-        all_reduce=ELEMENT * 2 * ring * elements,
-        padded_matrices=sum(padded.values()),
+        matrices=sum(sent(c, W) for c in matrices),
+        adam=sum(sent(c, W) for c in adam),
+        sharded=sum(sent(c, W) for c in collectives),
+        sharded_gloo=sum(sent(c, W, gloo=True) for c in collectives),
+        all_reduce=ELEMENT * 2 * (W - 1) / W * elements,
+        padded_matrices=sum(W * math.ceil(n / W) for n in stacks.values()),
     )
+
+
+def sent(collective: Collective, world_size: int, gloo: bool = False) -> float:
+    """Bytes a rank sends for one collective by ring algorithms: (W−1) chunks for a reduce-scatter or an
+    all-gather, 2(W−1)/W of the buffer for an all-reduce; gloo's reduce-scatter is an all-reduce of its
+    W rows, 2(W−1) chunks."""
+    W = world_size
+    if collective.op == ALL_REDUCE:
+        return 2 * (W - 1) / W * collective.bytes
+    if collective.op == REDUCE_SCATTER and gloo:
+        return 2 * (W - 1) * collective.bytes
+    return (W - 1) * collective.bytes
 
 
 def rank_worker(rank: int, world_size: int, args: argparse.Namespace, tmp: Path) -> None:

@@ -99,8 +99,8 @@ def step_collectives(param_groups: list[dict], world_size: int) -> list[Collecti
 
     `param_groups`: Muon's param groups (opt.param_groups) or optim.param_groups(model)'s, each with
     "params" (tensors or (name, tensor) pairs; meta tensors will do) and "kind". The shards are built
-    by shards_of, as DataParallel builds them, and each Collective is the one the step issues from
-    the buffers it makes by it: per shard in param-group order, its buckets' reduce-scatters, its
+    by shards_of, as DataParallel builds them, and each Collective is the description the step makes
+    that collective's buffers from: per shard in param-group order, its buckets' reduce-scatters, its
     flags' all-reduce, its all-gather (at run time the reduce-scatters leave in the agreed fill order,
     each shard's flags right after its last bucket). Which rank owns what does not change any
     collective's size, so rank 0's shards stand for every rank's. One rank: none.

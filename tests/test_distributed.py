@@ -15,8 +15,9 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from unittest import mock
 
@@ -27,16 +28,21 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import optim.kinds
+import optim.zero
 from optim import Muon, orthogonalize
+from optim.allocations import count_allocations
+from optim.distributed import step_collectives
+from optim.zero import ALIGNMENT, ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # The problem every rank steps: stacks whose matrix count 2 and 3 do not divide (5), that are shorter
-# than the world (1), parameters that hold three matrices each (the GPT's merged q, k, v), a conv
-# stack, an embedding and a sign head (sharded by rows), and Adam parameters (sharded by elements; 25
-# elements, which neither 2 nor 3 divides).
+# than the world (1; its 35 elements are padded to 16 bytes in flight), parameters that hold three
+# matrices each (the GPT's merged q, k, v), a conv stack, an embedding and a sign head (sharded by rows),
+# and Adam parameters (sharded by elements; 25 elements, which neither 2 nor 3 divides, so each rank's
+# range is padded too).
 SHAPES = {
-    "hidden": [(8, 16)] * 5 + [(16, 8)] * 2 + [(6, 6)] + [(3, 8, 4)] * 2,
+    "hidden": [(8, 16)] * 5 + [(16, 8)] * 2 + [(5, 7)] + [(3, 8, 4)] * 2,
     "conv": [(4, 2, 3, 3)] * 3,
     "embed": [(20, 8)],
     "head_sign": [(12, 8)],
@@ -341,10 +347,51 @@ def a_gpt_like_state(rank: int, world_size: int, tmp: Path) -> dict:
     return dict(gpt_like_state_bytes=state_bytes(opt))
 
 
+# Where each collective of a step is called, and which of its arguments is the per-rank chunk.
+COLLECTIVES = {REDUCE_SCATTER: (optim.zero, "_reduce_scatter", lambda received, _: received),
+               ALL_GATHER: (optim.zero, "_all_gather", lambda _, mine: mine),
+               ALL_REDUCE: (optim.zero.dist, "all_reduce", lambda counts: counts)}
+
+
+@contextmanager
+def recording_collectives(issued: list):
+    """Append (op, per-rank chunk elements, dtype) to `issued` for each collective of a step called inside."""
+    def recording(op: str, module, name: str, chunk: Callable) -> Callable:
+        collective = getattr(module, name)
+
+        def call(*args, **kwargs):
+            issued.append((op, chunk(*args).numel(), chunk(*args).dtype))
+            return collective(*args, **kwargs)
+        return call
+
+    with ExitStack() as stack:
+        for op, (module, name, chunk) in COLLECTIVES.items():
+            stack.enter_context(mock.patch.object(module, name, recording(op, module, name, chunk)))
+        yield issued
+
+
+def collectives_and_allocations(rank: int, world_size: int, tmp: Path) -> dict:
+    """Four steps on gradients set by hand: the collectives each issues, and the tensors it allocates."""
+    params, groups = problem()
+    opt = Muon(groups, **HYPER)
+    issued, allocations = [], []
+    for step in range(4):
+        for i, p in enumerate(params):
+            p.grad = sum(gradient_parts(step, rank, i, p.shape)) if has_gradient(i, rank) else None
+        with recording_collectives([]) as collectives, count_allocations() as counted:
+            opt.step()
+        issued.append(collectives)
+        allocations.append(counted.count)
+        opt.zero_grad(set_to_none=True)
+    return dict(issued=issued, allocations=allocations,
+                planned=[(c.op, c.elements, c.dtype) for c in step_collectives(problem()[1], world_size)],
+                own=[(c.op, c.elements, c.dtype) for c in opt._distribution.collectives()])
+
+
 def every_scenario(rank: int, world_size: int, tmp: Path) -> None:
     init_gloo(rank, world_size, tmp / "store")
     record = sharded_steps(rank, world_size, tmp)
-    for scenario in (loads_of_foreign_state, a_gpt_like_state,
+    for scenario in (loads_of_foreign_state, a_gpt_like_state, collectives_and_allocations,
                      a_changed_gradient_raises_and_discarding_recovers,
                      a_parameter_outside_the_optimizer_raises, hooks_and_closing,
                      a_ddp_wrapped_model_raises):
@@ -491,6 +538,31 @@ def test_no_host_reads_in_a_step_after_the_first(run):
         # has-a-gradient pattern to the device once; after it, nothing is read back or copied.
         assert saved["host_reads"][0]
         assert saved["host_reads"][1:] == [[]] * (STEPS - 1)
+
+
+def test_the_step_issues_the_planned_collectives_each_16_byte_aligned(run):
+    _, ranks = run
+    for saved in ranks:
+        # The step's own list, computed without a process group, is the list of what it issues.
+        assert saved["own"] == saved["planned"]
+        assert all(elements * dtype.itemsize % ALIGNMENT == 0 for _, elements, dtype in saved["planned"])
+        for issued in saved["issued"]:  # in the agreed order: compare as sets with counts
+            assert sorted(issued, key=str) == sorted(saved["planned"], key=str)
+
+
+# Measured: after the first step, which makes the state and every communication buffer (zeros, empty,
+# empty_like), a step allocates 204 tensors at W = 2 and 199 at W = 3, on every rank and every step: the
+# update's temporaries (one process: 122), plus the flagged update's per-tensor factors (torch.where and
+# its scalars: 72 at W = 2) and the flags' comparisons; none the size of a gradient bucket.
+ALLOCATIONS_AFTER_THE_FIRST_STEP = {2: 204, 3: 199}
+
+
+def test_a_step_allocates_no_more_after_the_first(run):
+    world_size, ranks = run
+    for saved in ranks:
+        first, *later = saved["allocations"]
+        assert first > later[0] and set(later) == {later[0]}
+        assert later[0] <= ALLOCATIONS_AFTER_THE_FIRST_STEP[world_size]
 
 
 def test_a_user_collective_between_backward_and_step_pairs_with_its_own(run):

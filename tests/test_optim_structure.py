@@ -83,8 +83,8 @@ def test_allocations_count_new_storages_only():
 
 
 # One process, every kind (test_distributed.problem): the state and the eager update's temporaries.
-# Measured: 144 at the first step (the 22 state tensors made there), 122 after, of which 75 are
-# Newton–Schulz's (compiled on CUDA) and the rest the eager foreach updates' outputs.
+# Measured: 144 at the first step (with the 22 state tensors made there), 122 after, of which 60 are
+# Newton–Schulz's matmul outputs (compiled on CUDA) and the rest the eager updates' temporaries.
 ALLOCATIONS_AFTER_THE_FIRST_STEP = 122
 
 
@@ -129,3 +129,26 @@ def test_compiled_adam_equals_eager_in_one_graph_as_lr_changes():
                          eager + [s["exp_avg_sq"] for s in eager_states], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     assert not torch.equal(eager[1], adam_problem()[0][1])  # it moved, once flagged
+
+
+def test_compiled_adam_steps_slices_of_parameters_as_a_rank_does():
+    # A rank's pieces (optim/zero.py FlatShard): views into parameters, gradients viewing one received
+    # buffer. Through AOT autograd's functionalization (aot_eager: the same graph inductor gets, unfused),
+    # the writes land in the parameters and nowhere else.
+    group = dict(lr=0.1, weight_decay=0.1, betas=(0.8, 0.95), eps=1e-3)
+    gen = torch.Generator().manual_seed(1)
+    base, received = torch.randn(2, 12, generator=gen), torch.randn(13, generator=gen)
+    sent = received.clone()
+    results = []
+    for compile in (False, "aot_eager"):
+        params = [base[0].clone(), base[1].clone().bfloat16()]
+        tensors = [params[0][3:], params[1].view(-1, 4)[1:]]  # 9 elements, 2 rows of 4
+        grads, states = [received[:9], received[9:].view(1, 4).expand(2, 4)], [{}, {}]
+        for _ in range(2):
+            adam_update(group, states, tensors, grads, torch.tensor([True, True]), compile=compile)
+        results.append(params)
+    (eager0, eager1), (compiled0, compiled1) = results
+    torch.testing.assert_close(compiled0, eager0, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(compiled1, eager1, rtol=0, atol=0)
+    assert torch.equal(compiled0[:3], base[0][:3]) and not torch.equal(compiled0[3:], base[0][3:])
+    assert torch.equal(received, sent)  # gradients are read only
