@@ -1,5 +1,6 @@
-"""The structure of the 124M speedrun step, ours beside the 2025-07-12 record's: what the GPUs are asked
-to do, counted on a CPU (nothing is timed).
+"""The structure of the 124M speedrun step beside the 2025-07-12 record's, counted on a CPU.
+
+What the GPUs are asked to do, not how long it takes: nothing is timed.
 
     python -m bench.structure
 
