@@ -17,7 +17,7 @@ help:
 	@echo "make train     train (CPU demo by default; see README for presets)"
 	@echo "make data      download FineWeb: the val shard + 9 train shards (enough for the 124M speedrun)"
 	@echo "make speedrun  make data, then the speedrun preset on every visible GPU (torchrun)"
-	@echo "make bench     CPU benchmarks (optimizer, tokenization, distributed sharding)"
+	@echo "make bench     CPU benchmarks (optimizer, tokenization, distributed sharding, the step's structure)"
 	@echo "make bench-gpu the whole GPU benchmark in one command (ARGS=--smoke: toy sizes, runs on a CPU too)"
 	@echo "make gpu-check the speedrun preset compressed to 300 steps on one GPU (ARGS=\"--out-dir DIR [--smoke]\")"
 	@echo "make lint      ruff check"
@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) -m bench.optim --device cpu
 	$(PY) -m bench.tokenize
 	$(PY) -m bench.distributed
+	$(PY) -m bench.structure
 
 bench-gpu:
 	$(BENCH_PY) -m bench.gpu $(ARGS)
