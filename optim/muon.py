@@ -31,9 +31,23 @@ class Muon(torch.optim.Optimizer):
     (ValueError), and `optim.param_groups(model)` routes a model's parameters by role. Group keys,
     each defaulting to the constructor argument of its name: lr, momentum, nesterov, weight_decay,
     cautious_wd, ns_steps, ns_coefficients, ns_dtype, lr_scale, beta2 and eps (Adam's β₂ and ε:
-    adam_betas[1], adam_eps here); besides them a group may hold kind, role (optim.param_groups) and
-    initial_lr (torch's schedulers); any other key is refused. Every value is checked at
-    construction and in add_param_group (ValueError).
+    adam_betas[1], adam_eps here), and record #46's options (docs/MATH.md §4.7), each off by default:
+    normuon, wd_form, lr_mul, step_every, matrix_shape; besides them a group may hold kind, role
+    (optim.param_groups), initial_lr (torch's schedulers) and pending_steps (step_every's counter);
+    any other key is refused. Every value is checked at construction and in add_param_group
+    (ValueError).
+
+    Record #46's options (optim/update.py has the formulas):
+    - normuon: None, "row", "column" or "auto" (hidden only): NorMuon's second moment (β₂ = beta2) of
+      the orthogonalized update per row or column ("auto": the larger side), divided out, the
+      Frobenius norm restored; state "second_moment".
+    - wd_form: "decoupled" (p·(1 − lr·wd)) or "in_update" (record #43: the decay lr·wd·p joins the
+      update before its step size, so the rate is lr·lr_mul·lr_scale·lr·wd); on every kind, with or
+      without cautious_wd.
+    - lr_mul: the step size is lr·lr_mul (the record's per-parameter lr_mul; "in_update" decays by lr).
+    - step_every: k > 1 steps the group at every k-th step() on the sum of the gradients since
+      (record #39's Adam); zero_grad() keeps a resting group's gradients.
+    - matrix_shape: (m, n) maps each hidden parameter as the stack of (m, n) matrices its memory holds.
 
     `momentum` is every kind's first-moment coefficient: μ below, and β₁ for adam, whose groups
     default to adam_betas[0]. So a scheduler that cycles momentum (OneCycleLR, CyclicLR with
