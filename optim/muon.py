@@ -282,11 +282,12 @@ class Muon(torch.optim.Optimizer):
         """Drop this step's gradients without an update, e.g. after a non-finite loss; call on every rank.
 
         Distributed, it first completes the gradient collectives a synchronized backward started (the
-        ranks must stay in step), then forgets them. Gradients are set to None.
+        ranks must stay in step), then forgets them. Gradients are set to None, a resting group's
+        (step_every) too: what it accumulated may hold the bad step's; it keeps its place in its cycle.
         """
         if self._distribution is not None:
             self._distribution.discard()
-        self.zero_grad(set_to_none=True)
+        super().zero_grad(set_to_none=True)
 
     def close(self) -> None:
         """Remove the gradient hooks and destroy the optimizer's process group; it cannot step after."""

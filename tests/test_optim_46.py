@@ -206,6 +206,17 @@ def test_a_group_stepped_every_other_step_steps_on_the_sum_of_two_steps_gradient
             assert vector.grad is None and opt.state[vector]["step"].item() == (step + 1) // 2
 
 
+def test_discarding_drops_a_resting_groups_gradients_too():
+    vector = torch.ones(3, dtype=F64, requires_grad=True)
+    opt = Muon([dict(params=[vector], kind="adam", step_every=2)])
+    vector.grad = torch.ones_like(vector)
+    opt.step()
+    opt.zero_grad()
+    assert vector.grad is not None  # kept while resting
+    opt.discard_gradients()
+    assert vector.grad is None
+
+
 # ---- options are checked at construction --------------------------------------------------------
 
 
