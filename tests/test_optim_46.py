@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from optim import Muon, orthogonalize
+from optim.muon import NOT_SHARDED, _check_sharding
 
 F64 = torch.float64
 TOL = dict(rtol=1e-12, atol=1e-12)
@@ -233,3 +234,13 @@ def test_discarding_drops_a_resting_groups_gradients_too():
 def test_a_bad_option_is_refused_naming_it(group, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Muon([dict(params=[torch.zeros(4, 8, requires_grad=True)], **group)])
+
+
+@pytest.mark.parametrize("key, value", [("normuon", "row"), ("wd_form", "in_update"),
+                                        ("matrix_shape", (2, 2)), ("step_every", 2)])
+def test_under_fully_shard_each_option_is_refused_and_its_default_accepted(key, value):
+    """fully_shard steps rows apart and averages gradients at every backward (docs/MATH.md §4.7)."""
+    with pytest.raises(ValueError, match=f"{key}=.*fully_shard"):
+        _check_sharding({"params": [], key: value}, sharded=True)
+    _check_sharding({"params": [], **NOT_SHARDED}, sharded=True)
+    _check_sharding({"params": [], key: value}, sharded=False)
