@@ -57,7 +57,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .kinds import KINDS, MATRIX, ROW
-from .update import clip_coefficient
+from .update import clip_coefficient, resting
 from .zero import BUCKET_ELEMENTS, Collective, FlatShard, GradientBucket, MatrixShard
 
 WORLD = "world"
@@ -149,6 +149,7 @@ class DataParallel:
         self.rank, self.world_size, self.source = dist.get_rank(self.group), len(ranks), ranks[0]
         self.shards: list = []
         self.shard_of: dict[int, object] = {}  # id(param) -> its shard
+        self.groups: dict[int, dict] = {}  # group index -> the param group (read live: step_every)
         self.buckets: list[GradientBucket] = []
         self.order: list[int] | None = None  # agreed launch order, bucket indices
         self.filled_order: list[int] = []  # this rank's fill order until one is agreed
@@ -162,6 +163,7 @@ class DataParallel:
     def add_group(self, group_index: int, group: dict) -> None:
         """Broadcast a param group's parameters from the first rank; give them shards and buckets."""
         params, kind = list(group["params"]), KINDS[group["kind"]]
+        self.groups[group_index] = group
         for p in params:
             if not p.is_contiguous():
                 raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} is not contiguous; "
@@ -199,7 +201,7 @@ class DataParallel:
         self._receive()
         pending = {id(shard): len(shard.buckets) for shard in self.shards}
         finish_gathers = []
-        for bucket in (self.buckets[i] for i in self.order):
+        for bucket in self._sending(self.buckets[i] for i in self.order):
             bucket.average(self.world_size)
             shard = bucket.shard
             pending[id(shard)] -= 1
@@ -217,30 +219,33 @@ class DataParallel:
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale this rank's averaged shares by min(1, max_norm/(‖g‖ + 1e-6)), ‖g‖ over all ranks' shares."""
         self._receive()
-        for bucket in self.buckets:
+        for bucket in self._sending(self.buckets):
             bucket.average(self.world_size)
-        squares = torch.stack([shard.squares() for shard in self.shards]).sum()
+        shards = [shard for shard in self.shards if not self._resting(shard)]
+        squares = torch.stack([shard.squares() for shard in shards]).sum()
         dist.all_reduce(squares, group=self.group)
         total = squares.sqrt()
         factor = clip_coefficient(total, max_norm)
-        for shard in self.shards:
+        for shard in shards:
             shard.scale_(factor)
         return total
 
     def discard(self) -> None:
         """Complete this step's collectives on every rank, then forget them."""
         self._receive(check=False)
-        for bucket in self.buckets:
+        for bucket in self._sending(self.buckets):
             bucket.average(self.world_size)
         for shard in self.shards:
-            shard.flags.wait()
+            if not self._resting(shard):
+                shard.flags.wait()
         self._reset()
 
     def close(self) -> None:
         if self.closed:
             return
         for i in (self.order or [])[: self.launched]:  # sent by a backward no step followed
-            self.buckets[i].work.wait()
+            if self.buckets[i].work is not None:  # None: a resting group's, never sent
+                self.buckets[i].work.wait()
         for shard in self.shards:
             if shard.flags.work is not None:
                 shard.flags.wait()
@@ -352,6 +357,9 @@ class DataParallel:
     def _launch(self, only_filled: bool) -> None:
         while self.launched < len(self.order):
             bucket = self.buckets[self.order[self.launched]]
+            if self._resting(bucket.shard):  # its gradients stay local and accumulate (step_every)
+                self.launched += 1
+                continue
             if only_filled and not bucket.filled:
                 return
             bucket.launch(self.group)
@@ -359,6 +367,14 @@ class DataParallel:
             shard = bucket.shard
             if all(b.work is not None for b in shard.buckets):
                 shard.flags.launch(shard.buckets, self.group)
+
+    def _resting(self, shard) -> bool:
+        """Whether the coming step leaves the shard's group alone (step_every): nothing of it is sent."""
+        return resting(self.groups[shard.group_index])
+
+    def _sending(self, buckets) -> Iterator[GradientBucket]:
+        """The buckets of groups the coming step updates, in the order given."""
+        return (bucket for bucket in buckets if not self._resting(bucket.shard))
 
     def _agree_order(self) -> list[int]:
         """Rank 0's fill order, then the buckets it never saw filled in index order, on every rank."""

@@ -9,7 +9,7 @@ from .distributed import WORLD, DataParallel, is_dtensor, resolve_process_group
 from .kinds import KINDS, LR_SCALES, MATRIX
 from .newton_schulz import COEFFICIENTS, Coefficients, resolve_coefficients
 from .state import check_muon_state_dict, muon_state_layout
-from .update import clip_coefficient, kind_update
+from .update import clip_coefficient, kind_update, resting
 
 
 class Muon(torch.optim.Optimizer):
@@ -31,9 +31,23 @@ class Muon(torch.optim.Optimizer):
     (ValueError), and `optim.param_groups(model)` routes a model's parameters by role. Group keys,
     each defaulting to the constructor argument of its name: lr, momentum, nesterov, weight_decay,
     cautious_wd, ns_steps, ns_coefficients, ns_dtype, lr_scale, beta2 and eps (Adam's β₂ and ε:
-    adam_betas[1], adam_eps here); besides them a group may hold kind, role (optim.param_groups) and
-    initial_lr (torch's schedulers); any other key is refused. Every value is checked at
-    construction and in add_param_group (ValueError).
+    adam_betas[1], adam_eps here), and record #46's options (docs/MATH.md §4.7), each off by default:
+    normuon, wd_form, lr_mul, step_every, matrix_shape; besides them a group may hold kind, role
+    (optim.param_groups), initial_lr (torch's schedulers) and pending_steps (step_every's counter);
+    any other key is refused. Every value is checked at construction and in add_param_group
+    (ValueError).
+
+    Record #46's options (optim/update.py has the formulas):
+    - normuon: None, "row", "column" or "auto" (hidden only): NorMuon's second moment (β₂ = beta2) of
+      the orthogonalized update per row or column ("auto": the larger side), divided out, the
+      Frobenius norm restored; state "second_moment".
+    - wd_form: "decoupled" (p·(1 − lr·wd)) or "in_update" (record #43: the decay lr·wd·p joins the
+      update before its step size, so the rate is lr·lr_mul·lr_scale·lr·wd); on every kind, with or
+      without cautious_wd.
+    - lr_mul: the step size is lr·lr_mul (the record's per-parameter lr_mul; "in_update" decays by lr).
+    - step_every: k > 1 steps the group at every k-th step() on the sum of the gradients since
+      (record #39's Adam); zero_grad() keeps a resting group's gradients.
+    - matrix_shape: (m, n) maps each hidden parameter as the stack of (m, n) matrices its memory holds.
 
     `momentum` is every kind's first-moment coefficient: μ below, and β₁ for adam, whose groups
     default to adam_betas[0]. So a scheduler that cycles momentum (OneCycleLR, CyclicLR with
@@ -108,6 +122,11 @@ class Muon(torch.optim.Optimizer):
         ns_coefficients="muon",
         ns_dtype: torch.dtype | None = None,
         lr_scale: str = "spectral",
+        normuon: str | None = None,
+        wd_form: str = "decoupled",
+        lr_mul: float = 1.0,
+        step_every: int = 1,
+        matrix_shape: tuple[int, int] | None = None,
         adam_betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
         process_group=WORLD,
@@ -131,6 +150,11 @@ class Muon(torch.optim.Optimizer):
             ns_coefficients=ns_coefficients,
             ns_dtype=ns_dtype,
             lr_scale=lr_scale,
+            normuon=normuon,
+            wd_form=wd_form,
+            lr_mul=lr_mul,
+            step_every=step_every,
+            matrix_shape=matrix_shape,
             beta2=adam_betas[1],
             eps=adam_eps,
         )
@@ -151,6 +175,7 @@ class Muon(torch.optim.Optimizer):
                 group["kind"] = _kind_by_dims(group["params"], index)
             if group["kind"] == "adam" and "momentum" not in given:
                 group["momentum"] = self._adam_momentum
+            group.setdefault("pending_steps", 0)
             _check_group(group, index)
         except ValueError:
             self.param_groups.pop()
@@ -212,17 +237,31 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         if self._distribution is not None:
             self._distribution.step(self.param_groups, self._update)
-            return loss
+        else:
+            for group in (g for g in self.param_groups if not resting(g)):
+                for params in _batches(group, _with_dense_gradients(group["params"])):
+                    self._update(group, params, params, [p.grad for p in params], None)
         for group in self.param_groups:
-            for params in _batches(group, _with_dense_gradients(group["params"])):
-                self._update(group, params, params, [p.grad for p in params], None)
+            group["pending_steps"] = group["pending_steps"] + 1 if resting(group) else 0
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch's zero_grad, except that a group resting since its last update (step_every > 1, the last
+        step() left it alone) keeps its gradients, so that the next backward adds to them: it steps
+        on the sum of step_every steps' gradients (record #39's Adam)."""
+        kept = [(p, p.grad) for g in self.param_groups if g["pending_steps"] for p in g["params"]]
+        for p, _ in kept:
+            p.grad = None  # torch's zero_grad then passes over them
+        super().zero_grad(set_to_none=set_to_none)
+        for p, grad in kept:
+            p.grad = grad
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Scale the gradients step() will use by min(1, max_norm/(‖g‖₂ + 1e-6)); returns ‖g‖₂.
 
-        g is every gradient of this optimizer's parameters, averaged over ranks: the result equals
+        g is every gradient of this optimizer's parameters but those of groups the coming step()
+        leaves resting (step_every), averaged over ranks: the result equals
         torch.nn.utils.clip_grad_norm_ on the averaged gradients in one process. The norm is taken
         in float32 and stays on the device (no host sync). Distributed, it first completes the
         gradient collectives and scales this rank's averaged share; p.grad is left as it is.
@@ -230,7 +269,8 @@ class Muon(torch.optim.Optimizer):
         """
         if self._distribution is not None:
             return self._distribution.clip_grad_norm_(max_norm)
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for group in self.param_groups if not resting(group) for p in group["params"]
+                 if p.grad is not None]
         if not grads:
             return torch.zeros(())
         norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
@@ -242,11 +282,12 @@ class Muon(torch.optim.Optimizer):
         """Drop this step's gradients without an update, e.g. after a non-finite loss; call on every rank.
 
         Distributed, it first completes the gradient collectives a synchronized backward started (the
-        ranks must stay in step), then forgets them. Gradients are set to None.
+        ranks must stay in step), then forgets them. Gradients are set to None, a resting group's
+        (step_every) too: what it accumulated may hold the bad step's; it keeps its place in its cycle.
         """
         if self._distribution is not None:
             self._distribution.discard()
-        self.zero_grad(set_to_none=True)
+        super().zero_grad(set_to_none=True)
 
     def close(self) -> None:
         """Remove the gradient hooks and destroy the optimizer's process group; it cannot step after."""
@@ -286,10 +327,10 @@ class Muon(torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    def _state_layout(self, p: torch.Tensor, kind: str) -> dict[str, tuple[tuple, torch.dtype]] | None:
-        """The state this rank keeps for p: key → (shape, dtype), or None if it keeps none."""
+    def _state_layout(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple, torch.dtype]] | None:
+        """The state this rank keeps for p of `group`: key → (shape, dtype), or None if it keeps none."""
         shape = tuple(p.shape) if self._distribution is None else self._distribution.state_shape(p)
-        return None if shape is None else muon_state_layout(p, kind, shape)
+        return None if shape is None else muon_state_layout(p, group["kind"], shape, group)
 
     def _stamp(self) -> dict:
         return {"rank": 0, "world_size": 1} if self._distribution is None else self._distribution.stamp()
@@ -352,8 +393,19 @@ def _with_dense_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
                                "gradient; Muon needs dense gradients (build nn.Embedding with sparse=False)")
     return with_grad
 
+# Options fully_shard's distribution does not take (the value that turns each off): NorMuon's second
+# moment, the in-update decay's lr_scale and a matrix view need whole matrices where rows are stepped,
+# and a resting group's gradients would be averaged at every backward.
+NOT_SHARDED = dict(normuon=None, wd_form="decoupled", matrix_shape=None, step_every=1)
+
+
 def _check_sharding(group: dict, sharded: bool) -> None:
-    """All DTensors (fully_shard) or all plain tensors: one distribution steps them all."""
+    """All DTensors (fully_shard) or all plain tensors: one distribution steps them all; the options
+    NOT_SHARDED names left off under fully_shard."""
+    for key, off in NOT_SHARDED.items():
+        if sharded and group.get(key, off) != off:
+            raise ValueError(f"Muon: {key}={group[key]!r} with fully_shard (DTensor) parameters; leave it "
+                             f"{off!r}: it is stepped by DataParallel or in one process only")
     for p in group["params"]:
         if is_dtensor(p) != sharded:
             which = "a plain tensor among DTensors (fully_shard)" if sharded else "a DTensor among plain ones"
@@ -361,9 +413,13 @@ def _check_sharding(group: dict, sharded: bool) -> None:
                              "module too, so that every parameter is sharded, or none is")
 
 
+NORMUON_AXES = (None, "row", "column", "auto")  # optim.update.normuon_axis
+WD_FORMS = ("decoupled", "in_update")  # optim.update._apply
+
 # Keys a group may hold besides the hyper-parameters (Muon's defaults): torch's params and param_names,
 # the kind, optim.param_groups' role, and the initial_lr torch's schedulers read when resumed.
-GROUP_KEYS = ("params", "param_names", "kind", "role", "initial_lr")
+# pending_steps: step() calls since the group last stepped (step_every), saved with the groups.
+GROUP_KEYS = ("params", "param_names", "kind", "role", "initial_lr", "pending_steps")
 
 
 def _check_keys(param_group: dict, defaults: dict) -> None:
@@ -384,8 +440,18 @@ def _check_group(group: dict, index: int) -> None:
     _check_hyperparameters(group, f"Muon param group {index}")
     group["ns_coefficients"] = _plain_coefficients(group["ns_coefficients"])
     kind = KINDS[group["kind"]]
+    for name in ("normuon", "matrix_shape"):
+        if group[name] is not None and kind.name != "hidden":
+            raise ValueError(f"Muon param group {index}: {name}={group[name]!r} on kind {kind.name!r}; "
+                             "it is an option of kind 'hidden' only")
+    if group["matrix_shape"] is not None:
+        group["matrix_shape"] = tuple(group["matrix_shape"])
     for p in group["params"]:
         _check_tensor(p, kind)
+        m, n = group["matrix_shape"] or (1, 1)
+        if p.numel() % (m * n):
+            raise ValueError(f"Muon param group {index}: a parameter of shape {tuple(p.shape)} is no stack "
+                             f"of matrix_shape {group['matrix_shape']} matrices ({p.numel()} elements)")
 
 
 def _check_range(label: str, value, low: float, high: float | None) -> None:
@@ -398,10 +464,20 @@ def _check_range(label: str, value, low: float, high: float | None) -> None:
 
 def _check_hyperparameters(group: dict, where: str) -> None:
     for name, low, high in (("lr", 0, None), ("momentum", 0, 1), ("beta2", 0, 1), ("eps", 0, None),
-                            ("weight_decay", 0, None), ("ns_steps", 1, None)):
+                            ("weight_decay", 0, None), ("ns_steps", 1, None), ("lr_mul", 0, None),
+                            ("step_every", 1, None)):
         _check_range(f"{where}: {name}", group[name], low, high)
-    if not isinstance(group["ns_steps"], int):
-        raise ValueError(f"{where}: ns_steps={group['ns_steps']!r}; expected an integer ≥ 1")
+    for name in ("ns_steps", "step_every"):
+        if not isinstance(group[name], int):
+            raise ValueError(f"{where}: {name}={group[name]!r}; expected an integer ≥ 1")
+    if group["normuon"] not in NORMUON_AXES:
+        raise ValueError(f"{where}: normuon={group['normuon']!r}; use one of {NORMUON_AXES}")
+    if group["wd_form"] not in WD_FORMS:
+        raise ValueError(f"{where}: wd_form={group['wd_form']!r}; use one of {WD_FORMS}")
+    shape = group["matrix_shape"]
+    if shape is not None and not (isinstance(shape, (tuple, list)) and len(shape) == 2
+                                  and all(isinstance(d, int) and d > 0 for d in shape)):
+        raise ValueError(f"{where}: matrix_shape={shape!r}; expected None or (m, n), two positive integers")
     for name in ("nesterov", "cautious_wd"):
         if not isinstance(group[name], bool):
             raise ValueError(f"{where}: {name}={group[name]!r}; expected True or False")

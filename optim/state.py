@@ -3,15 +3,20 @@ the state dict has and what this optimizer expected."""
 
 import torch
 
-from .update import state_dtype
+from .update import normuon_shape, state_dtype
 
 
-def muon_state_layout(p: torch.Tensor, kind: str, shape: tuple) -> dict[str, tuple[tuple, torch.dtype]]:
-    """key → (shape, dtype) of the state a Muon kind keeps for a parameter (or this rank's slice of it)."""
+def muon_state_layout(p: torch.Tensor, kind: str, shape: tuple,
+                      group: dict | None = None) -> dict[str, tuple[tuple, torch.dtype]]:
+    """key → (shape, dtype) of the state a Muon kind keeps for a parameter (or this rank's slice of it);
+    with its `group`, NorMuon's "second_moment" too where the group has normuon on."""
     if kind == "adam":
         return {"step": ((), torch.float32), "exp_avg": (shape, state_dtype(p)),
                 "exp_avg_sq": (shape, state_dtype(p))}
-    return {"momentum_buffer": (shape, state_dtype(p))}
+    layout = {"momentum_buffer": (shape, state_dtype(p))}
+    if group is not None and group["normuon"] is not None:
+        layout["second_moment"] = (normuon_shape(group, shape), state_dtype(p))
+    return layout
 
 
 def check_muon_state_dict(optimizer, state_dict, stamp: dict) -> None:
@@ -52,7 +57,7 @@ def _check_entries(optimizer, state: dict, saved: list[dict], groups: list[dict]
             if i not in state:
                 continue
             label = f"parameter {name or i} of shape {tuple(p.shape)}"
-            layout = optimizer._state_layout(p, group["kind"])
+            layout = optimizer._state_layout(p, group)
             if layout is None:
                 raise ValueError(f"Muon.load_state_dict: the state dict holds state for {label}, which this "
                                  "rank does not own: it is another rank's state")

@@ -16,7 +16,9 @@ change recompiles, as does a new list of shapes: one graph per param group or sh
 """
 
 import functools
+import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -42,6 +44,23 @@ def where_flagged(flags: torch.Tensor | None, on: float, off: float = 0.0) -> "f
 def clip_coefficient(total_norm: torch.Tensor, max_norm: float) -> torch.Tensor:
     """torch.nn.utils.clip_grad_norm_'s factor: min(1, max_norm/(total_norm + 1e-6)), on the device."""
     return (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+
+
+def resting(group: dict) -> bool:
+    """True when the coming step() leaves the group's tensors alone (step_every > 1): its gradients keep
+    accumulating, and it steps at every step_every-th call on their sum."""
+    return group["pending_steps"] + 1 < group["step_every"]
+
+
+def matrix_dims(kind: Kind, group: dict, shape: tuple) -> tuple[int, int]:
+    """(m, n) of the matrices a MATRIX kind maps in a tensor of `shape`: its last two dims, or the
+    group's matrix_shape, a view of the tensor's memory as a stack of (m, n) matrices."""
+    return tuple(group["matrix_shape"]) if group["matrix_shape"] else tuple(shape[-2:])
+
+
+def lr_scale(kind: Kind, group: dict, shape: tuple) -> float:
+    """The factor s the kind's map is multiplied by: the group's LR_SCALES rule on the matrix dims, or 1."""
+    return LR_SCALES[group["lr_scale"]](*matrix_dims(kind, group, shape)) if kind.lr_scale else 1.0
 
 
 def kind_update(kind: Kind, group: dict, states: list[dict], tensors: list[torch.Tensor],
@@ -77,39 +96,100 @@ def _momentum_update(kind, group, states, tensors, grads, flags, dualize) -> Non
     torch._foreach_lerp_(bufs, grads, where_flagged(flags, 1 - mu))  # buf ← lerp(buf, g, 1−μ)
     updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs  # Nesterov: lerp(g, buf, μ)
     if not kind.before_momentum:
-        updates = dualize(kind, group, updates)
-    _apply(group, tensors, updates, flags)
+        if group["normuon"] is None:
+            updates = dualize(kind, group, updates)
+        else:  # Muon refuses normuon where another map stands in (fully_shard): it needs whole matrices
+            updates = dualize_all(kind, group, updates, partial(normuon, group, states, flags))
+    _apply(kind, group, tensors, updates, flags)
 
 
-def dualize_all(kind: Kind, group: dict, updates: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The kind's map of each update; a MATRIX kind's same-shape updates in one stacked call."""
+def dualize_all(kind: Kind, group: dict, updates: list[torch.Tensor],
+                normalize: Callable[[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The kind's map of each update; a MATRIX kind's same-shape updates in one stacked call.
+
+    A MATRIX kind maps the stack (K, *shape) as (K, …, m, n) matrices (matrix_dims: the group's
+    matrix_shape views each tensor's memory as a stack of (m, n) matrices), then `normalize`
+    (NorMuon) on those mapped matrices, then multiplies by lr_scale.
+    """
     if kind.shard != MATRIX:
         return [kind.dualize(u, group) for u in updates]
-    dual = kind.dualize(torch.stack(updates), group)  # one batched Newton–Schulz call
+    stack = torch.stack(updates)
+    matrices = stack.view(len(updates), -1, *group["matrix_shape"]) if group["matrix_shape"] else stack
+    dual = kind.dualize(matrices, group)  # one batched Newton–Schulz call
+    if normalize is not None:
+        dual = normalize(dual)
+    dual = dual.view(stack.shape)
     if kind.lr_scale:
-        dual.mul_(LR_SCALES[group["lr_scale"]](*dual.shape[-2:]))
+        dual.mul_(lr_scale(kind, group, stack.shape))
     return list(dual.unbind(0))
 
 
-def _apply(group: dict, tensors: list[torch.Tensor], updates: list[torch.Tensor], flags) -> None:
-    """p ← p·(1 − lr·wd) − lr·u, decoupled weight decay at the group lr; cautious: only where u·p ≥ 0."""
-    lr, wd = group["lr"], group["weight_decay"]
+def normuon_axis(group: dict, m: int, n: int) -> int:
+    """The dim NorMuon averages over in an (m, n) matrix: -1 (one second moment per row) for "row", -2 (one
+    per column) for "column"; "auto" takes rows when m ≥ n, else columns: the larger side's."""
+    axis = group["normuon"]
+    return -1 if axis == "row" or (axis == "auto" and m >= n) else -2
+
+
+def normuon_shape(group: dict, shape: tuple) -> tuple:
+    """Shape of NorMuon's second moment for a tensor of `shape`: its matrices' stack, the averaged dim 1."""
+    m, n = group["matrix_shape"] or shape[-2:]
+    stack = (math.prod(shape) // (m * n),) if group["matrix_shape"] else tuple(shape[:-2])
+    return (*stack, m, 1) if normuon_axis(group, m, n) == -1 else (*stack, 1, n)
+
+
+def normuon(group: dict, states: list[dict], flags: torch.Tensor | None, V: torch.Tensor) -> torch.Tensor:
+    """NorMuon (Li et al. 2025) on the mapped matrices V (K, …, m, n), one entry of `states` per k.
+
+    Per matrix: r = ‖V‖_F; q = mean of V² over the normuon axis (per row or per column);
+    s ← lerp(s, q, 1 − β₂) with β₂ the group's beta2 (state "second_moment");
+    V ← V/√max(s, 1e-10), broadcast along the axis;  V ← V·r/max(‖V‖_F, 1e-10).
+    An unflagged tensor's s is left as it is.
+    """
+    m, n = V.shape[-2:]
+    dim = normuon_axis(group, m, n)
+    for state, v in zip(states, V.unbind(0), strict=True):
+        if "second_moment" not in state:
+            state["second_moment"] = torch.zeros_like(v.mean(dim=dim, keepdim=True))
+    buffers = [state["second_moment"] for state in states]
+    norm = torch.linalg.vector_norm(V, dim=(-2, -1), keepdim=True)
+    mean = V.square().mean(dim=dim, keepdim=True)
+    torch._foreach_lerp_(buffers, list(mean.unbind(0)), where_flagged(flags, 1 - group["beta2"]))
+    V = V * torch.stack(buffers).clamp_min(1e-10).rsqrt()
+    return V * (norm / torch.linalg.vector_norm(V, dim=(-2, -1), keepdim=True).clamp_min(1e-10))
+
+
+def _apply(kind: Kind, group: dict, tensors: list[torch.Tensor], updates: list[torch.Tensor], flags) -> None:
+    """p ← p − lr·lr_mul·u − ρ·[u·p ≥ 0]·p; the mask only with cautious_wd. The decay rate ρ:
+
+        wd_form "decoupled"  ρ = lr·wd                      (AdamW's, at the group lr)
+        wd_form "in_update"  ρ = lr·lr_mul·s·(lr·wd)        (record #43: p ← p − lr·lr_mul·s·(v + lr·wd·p),
+                                                            u = s·v, s the kind's lr_scale)
+
+    so that in_update's decay follows the lr schedule twice.
+    """
+    lr, wd, step = group["lr"], group["weight_decay"], group["lr"] * group["lr_mul"]
     if flags is not None:
         updates = torch._foreach_mul(updates, where_flagged(flags, 1.0))  # not in place: may be the buffers
+    rate = lr * wd
+    if group["wd_form"] == "in_update":
+        rate *= step * lr_scale(kind, group, tensors[0].shape)  # one shape per call for MATRIX kinds
     if wd and group["cautious_wd"]:
         decay = [t * (u * t >= 0) for t, u in zip(tensors, updates, strict=True)]
         if flags is not None:  # an unflagged u is 0, which passes u·p ≥ 0: no decay there either
             decay = torch._foreach_mul(decay, where_flagged(flags, 1.0))
-        torch._foreach_sub_(tensors, decay, alpha=lr * wd)
+        torch._foreach_sub_(tensors, decay, alpha=rate)
     elif wd:
-        torch._foreach_mul_(tensors, where_flagged(flags, 1 - lr * wd, 1.0))
-    torch._foreach_add_(tensors, updates, alpha=-lr)
+        torch._foreach_mul_(tensors, where_flagged(flags, 1 - rate, 1.0))
+    torch._foreach_add_(tensors, updates, alpha=-step)
 
 
 def adam_update(group: dict, states: list[dict], tensors: list[torch.Tensor], grads: list[torch.Tensor],
                 flags: torch.Tensor | None, compile: "bool | str | Callable | None" = None) -> None:
     """Adam's step of `tensors` given their gradients: state made at the first call, then adam_math
-    with β₁ the group's momentum (so schedulers that cycle momentum drive it) and β₂ its beta2.
+    with β₁ the group's momentum (so schedulers that cycle momentum drive it), β₂ its beta2, the step
+    size lr·lr_mul, and the weight decay of its wd_form (as _apply's, with s = 1):
+    "decoupled" ρ = lr·lr_mul·wd, torch's AdamW and the record's DistAdam; "in_update" ρ = (lr·lr_mul)·lr·wd.
 
     `compile` as orthogonalize's: None compiles on CUDA only, True or a backend anywhere, False never.
     """
@@ -119,23 +199,31 @@ def adam_update(group: dict, states: list[dict], tensors: list[torch.Tensor], gr
             state["exp_avg"] = torch.zeros_like(t, dtype=state_dtype(t))
             state["exp_avg_sq"] = torch.zeros_like(t, dtype=state_dtype(t))
     moments = ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
-    beta1, beta2 = group["momentum"], group["beta2"]
-    constants = dict(weight_decay=group["weight_decay"], beta1=beta1, beta2=beta2, eps=group["eps"])
+    beta1, beta2, lr_mul = group["momentum"], group["beta2"], group["lr_mul"]
+    step = group["lr"] * lr_mul
+    # ρ = step·weight_decay, or step²·weight_decay for in_update (lr·wd = step·wd/lr_mul): lr stays a
+    # tensor of the compiled graph and never one of its constants.
+    squared = group["wd_form"] == "in_update"
+    weight_decay = group["weight_decay"] / lr_mul if squared else group["weight_decay"]
+    constants = dict(weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=group["eps"],
+                     cautious=group["cautious_wd"], squared=squared)
     backend = compile_backend(tensors[0].device, compile)
     if backend is None:
-        adam_math(tensors, grads, *moments, flags, group["lr"], **constants)
+        adam_math(tensors, grads, *moments, flags, step, **constants)
     else:
-        lr = _scalar_tensor(tensors[0].device).fill_(group["lr"])
+        lr = _scalar_tensor(tensors[0].device).fill_(step)
         compiled(adam_math, backend)(tensors, grads, *moments, flags, lr, **constants)
 
 
 def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
               exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], flags: torch.Tensor | None,
               lr: "float | torch.Tensor", weight_decay: float, beta1: float, beta2: float,
-              eps: float) -> None:
+              eps: float, cautious: bool = False, squared: bool = False) -> None:
     """torch.optim.AdamW's math in state_dtype, with its step count on the device (no host reads).
 
-    m ← lerp(m, g, 1−β₁);  v ← β₂·v + (1−β₂)·g²;  p ← p·(1 − lr·wd) − lr/(1−β₁ᵗ)·m/(√v/√(1−β₂ᵗ) + ε)
+    m ← lerp(m, g, 1−β₁);  v ← β₂·v + (1−β₂)·g²;  d = lr/(1−β₁ᵗ)·m/(√v/√(1−β₂ᵗ) + ε);
+    p ← p·(1 − ρ) − d, with ρ = lr·wd (lr²·wd if squared). cautious: p ← p − ρ·[d·p ≥ 0]·p − d instead,
+    decaying only where the step already pulls p towards 0.
 
     tensors (any float dtype) are read into state_dtype and written back rounded once; grads are
     read into it. lr: a float, or a 0-dim tensor on the device (the compiled call's). Every tensor's
@@ -144,9 +232,10 @@ def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     precise = [t if t.dtype == state_dtype(t) else t.to(state_dtype(t)) for t in tensors]
     grads = [g if g.dtype == state_dtype(t) else g.to(state_dtype(t))
              for g, t in zip(grads, tensors, strict=True)]
+    rate = lr * lr * weight_decay if squared else lr * weight_decay
     torch._foreach_add_(steps, where_flagged(flags, 1.0))
-    if weight_decay:
-        torch._foreach_mul_(precise, where_flagged(flags, 1 - lr * weight_decay, 1.0))
+    if weight_decay and not cautious:
+        torch._foreach_mul_(precise, where_flagged(flags, 1 - rate, 1.0))
     torch._foreach_lerp_(exp_avgs, grads, where_flagged(flags, 1 - beta1))
     torch._foreach_mul_(exp_avg_sqs, where_flagged(flags, beta2, 1.0))
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)  # g = 0 where no rank had one
@@ -158,6 +247,10 @@ def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     torch._foreach_add_(denom, eps)
     steps_taken = torch._foreach_div(exp_avgs, denom)
     torch._foreach_mul_(steps_taken, list(step_size.unbind()))
+    if weight_decay and cautious:  # an unflagged step is 0, and so is its decay: its rate is 0 there
+        decay = [p * (d * p >= 0) for p, d in zip(precise, steps_taken, strict=True)]
+        torch._foreach_mul_(decay, where_flagged(flags, rate))
+        torch._foreach_sub_(precise, decay)
     torch._foreach_sub_(precise, steps_taken)
     for t, p in zip(tensors, precise, strict=True):
         if t.dtype != p.dtype:

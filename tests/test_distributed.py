@@ -388,13 +388,42 @@ def collectives_and_allocations(rank: int, world_size: int, tmp: Path) -> dict:
                 own=[(c.op, c.elements, c.dtype) for c in opt._distribution.collectives()])
 
 
+# Record #46's options (tests/test_optim_46.py): NorMuon with the in-update cautious decay on the Newton–
+# Schulz kinds, and Adam stepped every other step, on the sum of two steps' gradients, with lr_mul.
+OPTIONS_46 = {"hidden": dict(normuon="auto", wd_form="in_update", cautious_wd=True, lr_mul=2.0),
+              "adam": dict(step_every=2, cautious_wd=True, lr_mul=3.0)}
+STEPS_46 = 4
+
+
+def problem_46() -> tuple[list[torch.Tensor], list[dict]]:
+    params, groups = problem(seed=1)
+    return params, [group | OPTIONS_46.get(group["kind"], {}) for group in groups]
+
+
+def record_46_options(rank: int, world_size: int, tmp: Path) -> dict:
+    """STEPS_46 synchronized steps with OPTIONS_46: parameters after each, and the collectives each issues."""
+    params, groups = problem_46()
+    opt = Muon(groups, **HYPER)
+    mine = [i for i in range(len(params)) if has_gradient(i, rank)]
+    history, issued = [], []
+    for step in range(STEPS_46):
+        with recording_collectives([]) as collectives:
+            synchronized_backward(opt, params, step, rank, mine)
+            opt.step()
+        issued.append(collectives)
+        opt.zero_grad(set_to_none=True)  # keeps a resting group's gradients
+        history.append([p.detach().clone() for p in params])
+    opt.close()
+    return dict(history_46=history, issued_46=issued)
+
+
 def every_scenario(rank: int, world_size: int, tmp: Path) -> None:
     init_gloo(rank, world_size, tmp / "store")
     record = sharded_steps(rank, world_size, tmp)
     for scenario in (loads_of_foreign_state, a_gpt_like_state, collectives_and_allocations,
                      a_changed_gradient_raises_and_discarding_recovers,
                      a_parameter_outside_the_optimizer_raises, hooks_and_closing,
-                     a_ddp_wrapped_model_raises):
+                     a_ddp_wrapped_model_raises, record_46_options):
         record |= scenario(rank, world_size, tmp)
     record["unfrozen"] = unfrozen_later_run(world_size, rank)
     dist.destroy_process_group()
@@ -418,6 +447,23 @@ def reference_steps(world_size: int) -> tuple[list[list[torch.Tensor]], list[tor
         opt.zero_grad(set_to_none=True)
         history.append([p.detach().clone() for p in params])
     return history, norms, opt, params
+
+
+def reference_46(world_size: int) -> list[list[torch.Tensor]]:
+    """One process on the averaged gradients, which add up in the resting Adam group as the ranks' do."""
+    params, groups = problem_46()
+    opt = Muon(groups, **HYPER)
+    history = []
+    for step in range(STEPS_46):
+        kept = [p.grad for p in params]
+        averaged_gradients(params, step, world_size)
+        for p, grad in zip(params, kept, strict=True):
+            if grad is not None:
+                p.grad = grad + p.grad if p.grad is not None else grad
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        history.append([p.detach().clone() for p in params])
+    return history
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"W={w}")
@@ -732,3 +778,23 @@ def test_a_rank_that_raises_ends_the_whole_job_quickly_and_non_zero(tmp_path):
     # gloo fails it as soon as rank 1's connections close, and torchrun ends the job. Measured ~10 s
     # with startup; the bound leaves room for a loaded machine.
     assert elapsed < 60, f"the job took {elapsed:.0f} s to end"
+
+
+# ---- record #46's options -------------------------------------------------------------------------
+
+
+def test_record_46_options_step_as_one_process_does_and_a_resting_group_sends_nothing(run):
+    world_size, ranks = run
+    want = reference_46(world_size)
+    adam = [i for i, (kind, _) in enumerate(POSITIONS) if kind == "adam" and i != UNUSED]
+    for rank, saved in enumerate(ranks):
+        for step, (got, expected) in enumerate(zip(saved["history_46"], want, strict=True)):
+            for i, (p, q) in enumerate(zip(got, expected, strict=True)):
+                where = f"rank {rank} step {step} param {i}"
+                torch.testing.assert_close(p, q, rtol=0, atol=ATOL, msg=lambda m, at=where: f"{at}: {m}")
+            before = saved["history_46"][step - 1] if step else problem_46()[0]
+            moved = [not torch.equal(got[i], before[i]) for i in adam]
+            assert all(moved) == (step % 2 == 1) and any(moved) == (step % 2 == 1), (rank, step)
+        # Adam's shard is one reduce-scatter, one flags all-reduce and one all-gather: absent when it rests.
+        sizes = [len(collectives) for collectives in saved["issued_46"]]
+        assert sizes[0] == sizes[2] == sizes[1] - 3 == sizes[3] - 3, sizes

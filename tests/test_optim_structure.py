@@ -103,6 +103,9 @@ def test_one_process_step_allocates_the_same_after_the_first():
     assert counts[0] > counts[1] == counts[2] == counts[3] <= ALLOCATIONS_AFTER_THE_FIRST_STEP
 
 
+DEFAULT_ADAM_OPTIONS = dict(lr_mul=1.0, wd_form="decoupled", cautious_wd=False)  # Muon's defaults
+
+
 def adam_problem() -> tuple[list[torch.Tensor], list[dict]]:
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(s, generator=gen) for s in [(8,), (3, 4), (5, 6)]]
@@ -110,11 +113,15 @@ def adam_problem() -> tuple[list[torch.Tensor], list[dict]]:
     return tensors, [{} for _ in tensors]
 
 
-def test_compiled_adam_equals_eager_in_one_graph_as_lr_changes():
+@pytest.mark.parametrize("options", [DEFAULT_ADAM_OPTIONS,
+                                     dict(lr_mul=2.0, wd_form="in_update", cautious_wd=True)],
+                         ids=["decoupled", "cautious_in_update"])
+def test_compiled_adam_equals_eager_in_one_graph_as_lr_changes(options):
     # The function compiled on CUDA (optim.update.adam_math), compiled here with inductor on the CPU.
     # Flags on: the distributed case, with one tensor no rank had a gradient for at the first step.
+    # Parametrized: record #46's cautious in-update decay with lr_mul, compiled as the default form is.
     counter = CompileCounterWithBackend("inductor")
-    group = dict(weight_decay=0.1, momentum=0.8, beta2=0.95, eps=1e-3)
+    group = dict(weight_decay=0.1, momentum=0.8, beta2=0.95, eps=1e-3) | options
     eager, eager_states = adam_problem()
     compiled, compiled_states = adam_problem()
     for step in range(4):
@@ -136,7 +143,7 @@ def test_compiled_adam_steps_slices_of_parameters_as_a_rank_does():
     # A rank's pieces (optim/zero.py FlatShard): views into parameters, gradients viewing one received
     # buffer. Through AOT autograd's functionalization (aot_eager: the same graph inductor gets, unfused),
     # the writes land in the parameters and nowhere else.
-    group = dict(lr=0.1, weight_decay=0.1, momentum=0.8, beta2=0.95, eps=1e-3)
+    group = dict(lr=0.1, weight_decay=0.1, momentum=0.8, beta2=0.95, eps=1e-3) | DEFAULT_ADAM_OPTIONS
     gen = torch.Generator().manual_seed(1)
     base, received = torch.randn(2, 12, generator=gen), torch.randn(13, generator=gen)
     sent = received.clone()
