@@ -55,6 +55,7 @@ from training.recipe import (  # noqa: E402
     schedule,
     window_at,
 )
+from training.rundir import claim_out_dir  # noqa: E402
 from training.runtime import (  # noqa: E402
     StopRequest,
     Stopwatch,
@@ -93,9 +94,27 @@ def main(cfg: TrainConfig) -> dict:
         close_distributed()
 
 
+class Setup(NamedTuple):
+    """What a run builds and checks before it claims its --out-dir."""
+
+    run: RunState
+    resume_from: Path | None
+    data_dir: Path
+    val_batches: Callable
+    model_config: dict
+
+
 def train(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, device: torch.device) -> dict:
-    out_dir = Path(cfg.out_dir)
-    resume_from = resolve_checkpoint(cfg.resume, out_dir / "checkpoints") if cfg.resume else None
+    setup = set_up(cfg, layout, rank, world_size, device)
+    # Everything is checked and loaded: the run claims its folder (training/rundir.py), and only then
+    # writes in it.
+    with claim_out_dir(Path(cfg.out_dir), rank, resuming=bool(cfg.resume)):
+        return run_training(cfg, layout, setup, rank, world_size, device)
+
+
+def set_up(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, device: torch.device) -> Setup:
+    """The data, the model and its optimizer, loaded from --resume if given; each failure one line."""
+    resume_from = resolve_checkpoint(cfg.resume, Path(cfg.out_dir) / "checkpoints") if cfg.resume else None
     torch.manual_seed(cfg.seed)
     if samples(rank, cfg) and cfg.sample_tokens:
         gpt2_encoding()  # fail now, not after training, if the GPT-2 vocabulary cannot be loaded
@@ -119,30 +138,37 @@ def train(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, dev
         if run.step > cfg.max_steps:
             raise SystemExit(f"error: --max-steps {cfg.max_steps}: --resume {resume_from} is at step "
                              f"{run.step}, past the end; pass --max-steps {run.step} or more")
+    return Setup(run, resume_from, data_dir, val_batches, dataclasses.asdict(model_cfg))
+
+
+def run_training(cfg: TrainConfig, layout: BatchLayout, setup: Setup, rank: int, world_size: int,
+                 device: torch.device) -> dict:
+    """Warm up, train, finish: the run, in its claimed folder."""
+    out_dir, run, model = Path(cfg.out_dir), setup.run, setup.run.model
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     forward, graphs = compile_model(model, cfg.compile_backend) if compiled else (model, None)
     autocast = autocast_dtype(model, device)
 
-    # Everything is checked and loaded: the run starts, and only now writes its log.
-    log = open_log(cfg, out_dir, rank, resumed=resume_from is not None)
+    log = open_log(cfg, out_dir, rank, resumed=setup.resume_from is not None)
     n_params = sum(p.numel() for p in model.parameters())
-    log.print(f"preset {cfg.preset}: model {cfg.model} ({n_params / 1e6:.1f}M parameters), data {data_dir}")
+    log.print(f"preset {cfg.preset}: model {cfg.model} ({n_params / 1e6:.1f}M parameters), "
+              f"data {setup.data_dir}")
     log.print(f"device {device}, compile {cfg.compile_backend if compiled else 'off'}, residual stream "
               f"{model.embed.weight.dtype}, autocast {autocast or 'off'}")
     log.print(f"{cfg.tokens_per_step:,} tokens/step = {world_size} process(es) x {layout.micro_batch} "
               f"sequences x {cfg.seq_len} tokens x {layout.grad_accum} micro-batch(es)")
-    if resume_from is not None:
-        log.print(f"resumed from {resume_from} at step {run.step}")
+    if setup.resume_from is not None:
+        log.print(f"resumed from {setup.resume_from} at step {run.step}")
     elif cfg.resume == "auto":
         log.print(f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}; a new run starts at step 0")
     windows = WindowTensors(cfg, device)
     precision = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=autocast is not None)
     step = partial(train_step, forward=forward, windows=windows, cfg=cfg, grad_accum=layout.grad_accum,
                    precision=precision)
-    validate = partial(evaluate, forward, model, val_batches, windows=windows, precision=precision)
+    validate = partial(evaluate, forward, model, setup.val_batches, windows=windows, precision=precision)
     if cfg.warmup_kernel_steps and run.step < cfg.max_steps:
         warm_up(run, step, validate, cfg, log, device)
-    save = partial(save_run, run, out_dir / "checkpoints", rank, model_config=dataclasses.asdict(model_cfg),
+    save = partial(save_run, run, out_dir / "checkpoints", rank, model_config=setup.model_config,
                    config=dataclasses.asdict(cfg))
     throughput = Throughput(cfg.tokens_per_step, world_size, partial(flops_per_token, model, cfg),
                             peak_flops(device))
@@ -166,11 +192,12 @@ def shard_dir(cfg: TrainConfig, rank: int, world_size: int) -> Path:
 
 
 def open_log(cfg: TrainConfig, out_dir: Path, rank: int, resumed: bool) -> RunLog:
-    """Rank 0's log: a new run's starts with the source and the environment; a resumed run appends."""
+    """Rank 0's log: a new run's starts with the source and the environment. Always appended to: a run
+    that does not resume has a folder without logs (claim_out_dir), and one that resumes keeps them."""
     wandb = None
     if rank == 0 and cfg.wandb:
         wandb = WandbSink(cfg.wandb_project, cfg.run_name or None, dataclasses.asdict(cfg), out_dir)
-    log = RunLog(out_dir, enabled=rank == 0, append=resumed, wandb=wandb)
+    log = RunLog(out_dir, enabled=rank == 0, append=True, wandb=wandb)
     if not resumed:
         log.print(code_listing(), console=False)
         log.print(environment(), console=False)

@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from contextlib import ExitStack, contextmanager
@@ -21,6 +22,7 @@ import pytest
 
 import train_gpt
 from data.shards import write_shard
+from training.rundir import LOCK, claim_out_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BAD_INPUTS.md"
@@ -112,6 +114,9 @@ def build(name: str, tmp_path: Path, request) -> Path:
         place.write_text("a file, not a folder\n")
     elif name == "READ_ONLY":
         place.mkdir()
+    elif name == "IN_USE":
+        earlier_run(place)
+        (place / LOCK).write_text(f"1 {socket.gethostname()}\n")  # pid 1 lives as long as the machine
     elif name == "TRUNCATED_SHARDS":
         place.mkdir()
         write_shard(place / "x_val_000000.bin", list(range(2048)))
@@ -129,7 +134,7 @@ def build(name: str, tmp_path: Path, request) -> Path:
     return place  # NEW and NOWHERE: paths that do not exist
 
 
-PLACEHOLDER = re.compile(r"\b(RUN|LOCKED_RUN|NEW|NOWHERE|A_FILE|READ_ONLY|TRUNCATED_SHARDS|TRAINED|"
+PLACEHOLDER = re.compile(r"\b(RUN|LOCKED_RUN|IN_USE|NEW|NOWHERE|A_FILE|READ_ONLY|TRUNCATED_SHARDS|TRAINED|"
                          r"TRUNCATED_SHARED|GARBAGE_RANK0|DANGLING_LATEST)\b")
 
 
@@ -238,3 +243,37 @@ def test_a_one_process_checkpoint_resumed_by_two_ranks_is_refused_on_one_line(tr
     assert 'train_gpt.py", line' not in output  # torchrun's own traceback is its report, not ours
     lines = [line for line in output.splitlines() if "written by 1 process, this run has 2" in line]
     assert 1 <= len(lines) <= 2 and len(set(lines)) == 1  # torchrun may stop a rank before it says it
+
+
+# ---- the run folder: one live run, nothing of an earlier run lost (training/rundir.py) ---------------
+
+
+def test_a_second_live_run_into_the_folder_is_refused_naming_the_first_ones_pid(tmp_path):
+    with claim_out_dir(tmp_path, rank=0, resuming=True):
+        with pytest.raises(SystemExit, match=f"is in use by process {os.getpid()} on {socket.gethostname()}"):
+            with claim_out_dir(tmp_path, rank=0, resuming=True):
+                pass
+        assert (tmp_path / LOCK).is_file()  # the refusal left the first run's lock alone
+    assert not (tmp_path / LOCK).exists()  # removed when the run ends
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / LOCK).write_text(f"{gone} {socket.gethostname()}\n")
+    with claim_out_dir(tmp_path, rank=0, resuming=True):
+        assert (tmp_path / LOCK).read_text().split()[0] == str(os.getpid())
+
+
+def test_a_resume_removes_the_unfinished_saves_that_hold_the_disk(trained, tmp_path):
+    run = copy_of(trained, tmp_path / "run")
+    unfinished = run / "checkpoints" / "step_000003.tmp"
+    unfinished.mkdir()
+    (unfinished / "rank0.pt").write_bytes(b"x" * 1000)
+    with claim_out_dir(run, rank=0, resuming=True):
+        assert not unfinished.exists()
+    assert (run / "checkpoints" / "step_000002" / "shared.pt").is_file()
+
+
+def test_a_finished_run_leaves_no_lock(trained):
+    assert not (trained / LOCK).exists() and (trained / "log.txt").is_file()

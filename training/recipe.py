@@ -185,6 +185,9 @@ def parse_config(argv: list[str] | None = None, description: str | None = None) 
     if cfg.window_end and cfg.window_start > cfg.window_end:
         parser.error(f"--window-start {cfg.window_start} is past --window-end {cfg.window_end}; the window "
                      f"grows from start to end")
+    for name in ("out_dir", "data_dir"):  # "" (an unset shell variable) would mean the default folder
+        if name in args and not args[name].strip():
+            parser.error(f"argument --{name.replace('_', '-')}: expected a path; got {args[name]!r}")
     return cfg
 
 
