@@ -41,8 +41,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+LAUNCHED = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")  # set by torchrun in each process it starts
+JOB = ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")  # read by init_process_group
+
+
 def world_size_from_env() -> int:
-    """Processes in the job: torchrun's WORLD_SIZE, 1 when not under torchrun."""
+    """Processes in the job: torchrun's WORLD_SIZE, 1 when not under torchrun.
+
+    A one-line SystemExit where WORLD_SIZE, RANK or MASTER_* are set but torchrun did not start this
+    process (left in the shell by another job): the process group would wait for peers that never come.
+    """
+    stray = [f"{name}={os.environ[name]}" for name in JOB if name in os.environ]
+    if stray and not any(name in os.environ for name in LAUNCHED):
+        raise SystemExit(f"error: {' '.join(stray)} set, but torchrun did not start this process (no "
+                         f"LOCAL_RANK): unset them to run one process, or launch with torchrun")
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
