@@ -69,6 +69,7 @@ from training.runtime import (  # noqa: E402
     peak_memory,
     peak_memory_gib,
     resolve_device,
+    shorten_collective_timeout,
     wait_for_all_ranks,
     world_size_from_env,
 )
@@ -236,15 +237,19 @@ def warm_up_and_loop(run: RunState, step, validate, save, cfg: TrainConfig, log:
     """The warm-up, then the loop: (last val_loss, target reached, where the timed run began).
 
     One StopRequest covers both, so SIGTERM or Ctrl-C during the warm-up (minutes of compilation) saves
-    and exits as it does in the loop. A run that runs out of memory before its first step puts its log
+    and exits as it does in the loop. The loop runs with the short collective timeout where nothing is
+    left to compile (after a warm-up; on CPU without --compile on); a compiled run without warm-up keeps
+    the long one. A run that runs out of memory before its first step puts its log
     files back as they were (RunLog.discard): it never started.
     """
     stop, first = StopRequest(), run.step
+    warming_up = bool(cfg.warmup_kernel_steps and run.step < cfg.max_steps)
     try:
-        if cfg.warmup_kernel_steps and run.step < cfg.max_steps and warm_up(run, step, validate, cfg, log,
-                                                                          device, stop):
+        if warming_up and warm_up(run, step, validate, cfg, log, device, stop):
             stop_on_signal(run, save, log, stop, " during the warm-up")
             return float("nan"), False, TimedRun(run.step, run.train_time, graphs_compiled())
+        if warming_up or (device.type != "cuda" and cfg.compile != "on"):  # nothing left to compile
+            shorten_collective_timeout(cfg.collective_timeout_s)
         timed_from = TimedRun(run.step, run.train_time, graphs_compiled())
         return *loop(run, step, validate, save, cfg, log, throughput, device, stop), timed_from
     except torch.OutOfMemoryError:

@@ -423,3 +423,52 @@ def test_torchrun_variables_left_in_the_environment_without_torchrun_are_one_lin
     assert err == ("error: WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 set, but torchrun did not "
                    "start this process (no LOCAL_RANK): unset them to run one process, or launch with "
                    "torchrun\n")
+
+
+# Rank 1 of two gloo processes dies (kill -9) or stops (SIGSTOP) at its 4th step; the ranks are started
+# as torchrun starts them (its environment variables), so the test controls both processes' ends.
+FAULTY_RANK = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train_gpt
+
+real_step = train_gpt.train_step
+
+
+def faulty_step(run, **kwargs):
+    if os.environ["RANK"] == "1" and run.step == 3:
+        if {fault!r} == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        os._exit(9)
+    return real_step(run, **kwargs)
+
+
+train_gpt.train_step = faulty_step
+train_gpt.cli(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("fault, says", [("kill", "Connection closed by peer"),
+                                         ("stop", "Timed out waiting 3000ms")])
+def test_a_peer_that_dies_or_stops_answering_is_one_line_from_the_other_rank(tmp_path, fault, says):
+    script = tmp_path / "faulty_rank.py"
+    script.write_text(FAULTY_RANK.format(root=str(ROOT), fault=fault))
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    flags = ["--out-dir", str(tmp_path / "run"), *FAST[2:], "--max-steps", "8", "--log-every", "1",
+             "--batch-size", "4", "--collective-timeout-s", "3"]
+    job = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, str(script), *flags], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **job, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+             for rank in (0, 1)]
+    try:
+        out, err = ranks[0].communicate(timeout=TIME_LIMIT_S)  # 3 s after rank 1 stops, not 30 minutes
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate()
+    assert ranks[0].returncode == 1 and "step 3/8 train_loss" in out, err
+    assert err.count("\n") == 1 and err.startswith("error: rank 0: a collective failed (") and says in err
+    assert err.rstrip().endswith("another process died or stopped answering: its own output, or torchrun's "
+                                 "report, says why; continue with --resume auto")

@@ -152,6 +152,10 @@ class TrainConfig:
     # record mode: stop at the first validation at or below the target; timing excludes warm-up
     target_val_loss: float = option(0.0, "record mode: stop at the first validation at or below this loss "
                                     "and copy the log to records/ (0: off)", within=AT_LEAST_0)
+    collective_timeout_s: float = option(300.0, "under torchrun, once the warm-up is done (or with nothing "
+                                         "to compile), a rank that waits longer than this in a collective "
+                                         "ends with one line: a peer died or stopped answering (30 minutes "
+                                         "before, while graphs compile)", within=POSITIVE)
     warmup_kernel_steps: int = option(0, "untimed steps first (compile, autotune), whose effects are then "
                                       "undone", within=AT_LEAST_0)
     # wandb (rank 0, opt-in); WANDB_MODE=offline|disabled and WANDB_DIR are honoured
