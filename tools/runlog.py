@@ -125,9 +125,10 @@ class RunLog:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         mode = "a" if append else "w"
-        # What each file held before this run: discard() puts it back (None: the file was not there).
-        self._found = {name: (self.out_dir / name).stat().st_size if append and (self.out_dir / name).exists()
-                       else None for name in ("log.txt", "metrics.jsonl")}
+        # Each file's size before this run, which discard() puts back (None: the run creates the file).
+        paths = {name: self.out_dir / name for name in ("log.txt", "metrics.jsonl")}
+        self._found = {name: path.stat().st_size if append and path.exists() else None
+                       for name, path in paths.items()}
         self._text = open(self.out_dir / "log.txt", mode, encoding="utf-8")  # noqa: SIM115 -- lives with the run
         self._metrics = open(self.out_dir / "metrics.jsonl", mode, encoding="utf-8")  # noqa: SIM115
 

@@ -211,6 +211,9 @@ def parse_config(argv: list[str] | None = None, description: str | None = None) 
         if name not in args and (problem := check(f, value)):
             parser.error(f"--preset {preset} sets {name} = {value!r}: {problem}")
     cfg = TrainConfig(preset=preset, **{**PRESETS_TRAIN[preset], **args})
+    if cfg.window_start and not cfg.window_end:
+        parser.error(f"--window-start {cfg.window_start} without --window-end: the window grows from start "
+                     f"to end, and --window-end 0 means full causal attention; pass --window-end too")
     if cfg.window_end and cfg.window_start > cfg.window_end:
         parser.error(f"--window-start {cfg.window_start} is past --window-end {cfg.window_end}; the window "
                      f"grows from start to end")
