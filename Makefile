@@ -48,10 +48,15 @@ bench: $(STAMP)
 	$(PY) -m bench.distributed
 	$(PY) -m bench.structure
 
+# One line instead of a traceback where that python has no torch (a fresh clone without .venv).
+HAS_TORCH = $(BENCH_PY) -c 'import torch' 2>/dev/null || { echo "error: $(BENCH_PY) cannot import torch: run \`make install\` (or pip install -r requirements.txt) first" >&2; exit 1; }
+
 bench-gpu:
+	@$(HAS_TORCH)
 	$(BENCH_PY) -m bench.gpu $(ARGS)
 
 gpu-check:
+	@$(HAS_TORCH)
 	$(BENCH_PY) -m bench.gpu_check $(ARGS)
 
 lint: $(STAMP)

@@ -36,7 +36,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 from data.loader import TokenLoader, validation_batches  # noqa: E402
-from data.shards import ShardError, list_shards, write_text_atomic  # noqa: E402
+from data.shards import ShardError, fingerprint, list_shards, write_text_atomic  # noqa: E402
 from data.tokenizer import TokenizerUnavailable, gpt2_encoding  # noqa: E402
 from model import GPT, PRESETS  # noqa: E402
 from tools.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
@@ -52,9 +52,11 @@ from training.recipe import (  # noqa: E402
     build_optimizer,
     lr_factor,
     parse_config,
+    plan_changes,
     schedule,
     window_at,
 )
+from training.rundir import claim_out_dir  # noqa: E402
 from training.runtime import (  # noqa: E402
     StopRequest,
     Stopwatch,
@@ -67,6 +69,7 @@ from training.runtime import (  # noqa: E402
     peak_memory,
     peak_memory_gib,
     resolve_device,
+    shorten_collective_timeout,
     wait_for_all_ranks,
     world_size_from_env,
 )
@@ -93,18 +96,43 @@ def main(cfg: TrainConfig) -> dict:
         close_distributed()
 
 
+class Setup(NamedTuple):
+    """What a run builds and checks before it claims its --out-dir."""
+
+    run: RunState
+    resume_from: Path | None
+    data_dir: Path
+    val_batches: Callable
+    model_config: dict
+    data: str  # the shards' fingerprint (data.shards.fingerprint), saved with every checkpoint
+    plan_changes: list[str]  # what --resume-changed-ok let this run change from the checkpoint's plan
+
+
 def train(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, device: torch.device) -> dict:
-    out_dir = Path(cfg.out_dir)
-    resume_from = resolve_checkpoint(cfg.resume, out_dir / "checkpoints") if cfg.resume else None
+    setup = set_up(cfg, layout, rank, world_size, device)
+    # Everything is checked and loaded: the run claims its folder (training/rundir.py), and only then
+    # writes in it.
+    with claim_out_dir(Path(cfg.out_dir), rank, resuming=bool(cfg.resume)):
+        return run_training(cfg, layout, setup, rank, world_size, device)
+
+
+def set_up(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, device: torch.device) -> Setup:
+    """The data, the model and its optimizer, loaded from --resume if given; each failure one line."""
+    resume_from = resolve_checkpoint(cfg.resume, Path(cfg.out_dir) / "checkpoints") if cfg.resume else None
     torch.manual_seed(cfg.seed)
     if samples(rank, cfg) and cfg.sample_tokens:
         gpt2_encoding()  # fail now, not after training, if the GPT-2 vocabulary cannot be loaded
 
     data_dir = shard_dir(cfg, rank, world_size)
-    loader = TokenLoader(list_shards(data_dir, "train"), layout.micro_batch, cfg.seq_len, rank=rank,
-                         world_size=world_size, device=device, align_to_bos=cfg.align_to_bos)
-    val_batches = partial(validation_batches, list_shards(data_dir, "val"), layout.val_batch, cfg.val_seq_len,
-                          cfg.val_tokens, rank=rank, world_size=world_size, device=device)
+    train_shards, val_shards = list_shards(data_dir, "train"), list_shards(data_dir, "val")
+    loader = TokenLoader(train_shards, layout.micro_batch, cfg.seq_len, rank=rank, world_size=world_size,
+                         device=device, align_to_bos=cfg.align_to_bos)
+    if world_size * layout.micro_batch * cfg.seq_len >= loader.num_tokens:  # one read, larger than the data
+        raise SystemExit(f"error: a micro-batch of {world_size} process(es) x {layout.micro_batch:,} "
+                         f"sequences x --seq-len {cfg.seq_len} tokens is more than the {loader.num_tokens:,} "
+                         f"train tokens in {data_dir}; lower --batch-size or --tokens-per-step")
+    val_batches = partial(validation_batches, val_shards, layout.val_batch, cfg.val_seq_len, cfg.val_tokens,
+                          rank=rank, world_size=world_size, device=device)
     val_batches()  # refuses now, not at the first validation, if the val split is too short
 
     model_cfg = dataclasses.replace(PRESETS[cfg.model], max_seq_len=max(cfg.seq_len, cfg.val_seq_len))
@@ -113,42 +141,63 @@ def train(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, dev
         shard(model.to(device), device)
     else:
         model.to_device(device)  # on CUDA, the embedding tables in the preset's dtype
-    run = RunState(model, build_optimizer(model, cfg), loader)
+    run, changes = RunState(model, build_optimizer(model, cfg), loader), []
+    data = fingerprint(train_shards + val_shards)
     if resume_from is not None:
-        load_run(run, resume_from, rank, world_size, dataclasses.asdict(model_cfg))
+        saved = load_run(run, resume_from, rank, world_size, dataclasses.asdict(model_cfg))
         if run.step > cfg.max_steps:
             raise SystemExit(f"error: --max-steps {cfg.max_steps}: --resume {resume_from} is at step "
                              f"{run.step}, past the end; pass --max-steps {run.step} or more")
+        changes = check_plan(cfg, saved, data, resume_from)
+    return Setup(run, resume_from, data_dir, val_batches, dataclasses.asdict(model_cfg), data, changes)
+
+
+def check_plan(cfg: TrainConfig, saved: dict, data: str, resume_from: Path) -> list[str]:
+    """The changes from the checkpoint's plan (recipe.plan_changes, and the shards' fingerprint): one
+    line naming each, unless --resume-changed-ok lets the run go on with them."""
+    changes = plan_changes(saved["config"], cfg)
+    if saved["data"] not in (None, data):
+        changes.append(f"the shards (fingerprint {saved['data']} -> {data})")
+    if changes and not cfg.resume_changed_ok:
+        raise SystemExit(f"error: --resume {resume_from}: this run changes the checkpoint's plan: "
+                         f"{'; '.join(changes)}; pass the checkpoint's values, or --resume-changed-ok to "
+                         f"continue with these")
+    return changes
+
+
+def run_training(cfg: TrainConfig, layout: BatchLayout, setup: Setup, rank: int, world_size: int,
+                 device: torch.device) -> dict:
+    """Warm up, train, finish: the run, in its claimed folder."""
+    out_dir, run, model = Path(cfg.out_dir), setup.run, setup.run.model
     compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
     forward, graphs = compile_model(model, cfg.compile_backend) if compiled else (model, None)
     autocast = autocast_dtype(model, device)
 
-    # Everything is checked and loaded: the run starts, and only now writes its log.
-    log = open_log(cfg, out_dir, rank, resumed=resume_from is not None)
+    log = open_log(cfg, out_dir, rank, resumed=setup.resume_from is not None)
     n_params = sum(p.numel() for p in model.parameters())
-    log.print(f"preset {cfg.preset}: model {cfg.model} ({n_params / 1e6:.1f}M parameters), data {data_dir}")
+    log.print(f"preset {cfg.preset}: model {cfg.model} ({n_params / 1e6:.1f}M parameters), "
+              f"data {setup.data_dir}")
     head = "fp8" if model.lm_head.matmul(device) == "fp8" else autocast or model.embed.weight.dtype
     log.print(f"device {device}, compile {cfg.compile_backend if compiled else 'off'}, residual stream "
               f"{model.embed.weight.dtype}, autocast {autocast or 'off'}, LM head matmul {head} in training")
     log.print(f"{cfg.tokens_per_step:,} tokens/step = {world_size} process(es) x {layout.micro_batch} "
               f"sequences x {cfg.seq_len} tokens x {layout.grad_accum} micro-batch(es)")
-    if resume_from is not None:
-        log.print(f"resumed from {resume_from} at step {run.step}")
+    if setup.resume_from is not None:
+        changed = f", with --resume-changed-ok: {'; '.join(setup.plan_changes)}" if setup.plan_changes else ""
+        log.print(f"resumed from {setup.resume_from} at step {run.step}{changed}")
     elif cfg.resume == "auto":
         log.print(f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}; a new run starts at step 0")
     windows = WindowTensors(cfg, device)
     precision = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=autocast is not None)
     step = partial(train_step, forward=forward, windows=windows, cfg=cfg, grad_accum=layout.grad_accum,
                    precision=precision)
-    validate = partial(evaluate, forward, model, val_batches, windows=windows, precision=precision)
-    if cfg.warmup_kernel_steps and run.step < cfg.max_steps:
-        warm_up(run, step, validate, cfg, log, device)
-    save = partial(save_run, run, out_dir / "checkpoints", rank, model_config=dataclasses.asdict(model_cfg),
-                   config=dataclasses.asdict(cfg))
+    validate = partial(evaluate, forward, model, setup.val_batches, windows=windows, precision=precision)
+    save = partial(save_run, run, out_dir / "checkpoints", rank, model_config=setup.model_config,
+                   config=dataclasses.asdict(cfg), data=setup.data)
     throughput = Throughput(cfg.tokens_per_step, world_size, partial(flops_per_token, model, cfg),
                             peak_flops(device))
-    timed_from = TimedRun(run.step, run.train_time, graphs_compiled())
-    val_loss, reached_target = loop(run, step, validate, save, cfg, log, throughput, device)
+    val_loss, reached_target, timed_from = warm_up_and_loop(run, step, validate, save, cfg, log, throughput,
+                                                            device)
     summary = run_summary(run, timed_from, throughput, graphs, device)
     return finish(run, cfg, log, out_dir, rank, val_loss, reached_target, summary, device)
 
@@ -167,11 +216,12 @@ def shard_dir(cfg: TrainConfig, rank: int, world_size: int) -> Path:
 
 
 def open_log(cfg: TrainConfig, out_dir: Path, rank: int, resumed: bool) -> RunLog:
-    """Rank 0's log: a new run's starts with the source and the environment; a resumed run appends."""
+    """Rank 0's log: a new run's starts with the source and the environment. Always appended to: a run
+    that does not resume has a folder without logs (claim_out_dir), and one that resumes keeps them."""
     wandb = None
     if rank == 0 and cfg.wandb:
         wandb = WandbSink(cfg.wandb_project, cfg.run_name or None, dataclasses.asdict(cfg), out_dir)
-    log = RunLog(out_dir, enabled=rank == 0, append=resumed, wandb=wandb)
+    log = RunLog(out_dir, enabled=rank == 0, append=True, wandb=wandb)
     if not resumed:
         log.print(code_listing(), console=False)
         log.print(environment(), console=False)
@@ -183,59 +233,86 @@ def open_log(cfg: TrainConfig, out_dir: Path, rank: int, resumed: bool) -> RunLo
 # Training loop
 
 
+def warm_up_and_loop(run: RunState, step, validate, save, cfg: TrainConfig, log: RunLog,
+                     throughput: "Throughput", device: torch.device) -> tuple[float, bool, "TimedRun"]:
+    """The warm-up, then the loop: (last val_loss, target reached, where the timed run began).
+
+    One StopRequest covers both, so SIGTERM or Ctrl-C during the warm-up (minutes of compilation) saves
+    and exits as it does in the loop. The loop runs with the short collective timeout where nothing is
+    left to compile (after a warm-up; on CPU without --compile on); a compiled run without warm-up keeps
+    the long one. A run that runs out of memory before its first step puts its log
+    files back as they were (RunLog.discard): it never started.
+    """
+    stop, first = StopRequest(), run.step
+    warming_up = bool(cfg.warmup_kernel_steps and run.step < cfg.max_steps)
+    try:
+        if warming_up and warm_up(run, step, validate, cfg, log, device, stop):
+            stop_on_signal(run, save, log, stop, " during the warm-up")
+            return float("nan"), False, TimedRun(run.step, run.train_time, graphs_compiled())
+        if warming_up or (device.type != "cuda" and cfg.compile != "on"):  # nothing left to compile
+            shorten_collective_timeout(cfg.collective_timeout_s)
+        timed_from = TimedRun(run.step, run.train_time, graphs_compiled())
+        return *loop(run, step, validate, save, cfg, log, throughput, device, stop), timed_from
+    except torch.OutOfMemoryError:
+        if run.step == first:
+            log.discard()
+        raise
+    finally:
+        stop.restore()
+
+
+def stop_on_signal(run: RunState, save, log: RunLog, stop: StopRequest, when: str = "") -> None:
+    log.print(f"{stop.signal_name or 'stop'} received{when}: saving and exiting at step {run.step}")
+    checkpoint(run, save, log, "on signal")
+
+
 def loop(run: RunState, step, validate, save, cfg: TrainConfig, log: RunLog, throughput: "Throughput",
-         device: torch.device) -> tuple[float, bool]:
+         device: torch.device, stop: StopRequest) -> tuple[float, bool]:
     """Train from run.step to cfg.max_steps, validating on schedule; (last val_loss, target reached).
 
     Steps run in stretches, each ending at a logged step, a validation, a checkpoint or the end
     (`stretch_ends`). Inside a stretch nothing waits for the device; at its end the clock stops on a
     device sync, and the step's loss and any rank's stop signal are read with one collective and one
-    host read. The loss is checked there: a NaN or inf loss leaves NaN in the weights, so the next
-    check sees it too.
+    host read. The loss is checked there (Divergence): a NaN or inf loss leaves NaN in the weights, so
+    the next check sees it too.
     """
-    stop, clock = StopRequest(), Stopwatch(device)
+    clock, diverged = Stopwatch(device), Divergence(run.model.config.vocab_size)
     start_step, val_loss = run.step, float("nan")
-    try:
-        while True:
-            if validation_due(run.step, cfg):
-                val_loss = validate(run.step)
-                log.print(f"step {run.step}/{cfg.max_steps} val_loss {val_loss:.4f} "
-                          f"train_time {run.train_time:.1f}s")
-                log.metrics(step=run.step, val_loss=val_loss, train_time_s=run.train_time)
-                if cfg.target_val_loss and val_loss <= cfg.target_val_loss:
-                    log.print(f"target val_loss {cfg.target_val_loss} reached at step {run.step} after "
-                              f"{run.train_time:.2f}s of training")
-                    return val_loss, True
-            if run.step == cfg.max_steps:
-                return val_loss, False
+    while True:
+        if validation_due(run.step, cfg):
+            val_loss = validate(run.step)
+            log.print(f"step {run.step}/{cfg.max_steps} val_loss {val_loss:.4f} "
+                      f"train_time {run.train_time:.1f}s")
+            log.metrics(step=run.step, val_loss=val_loss, train_time_s=run.train_time)
+            if cfg.target_val_loss and val_loss <= cfg.target_val_loss:
+                log.print(f"target val_loss {cfg.target_val_loss} reached at step {run.step} after "
+                          f"{run.train_time:.2f}s of training")
+                return val_loss, True
+        if run.step == cfg.max_steps:
+            return val_loss, False
 
-            first = run.step
-            clock.start()
-            while True:
-                loss = step(run)
-                run.step += 1
-                if stretch_ends(run.step, cfg, start_step):
-                    break
-            seconds = clock.stop()
-            run.train_time += seconds
-            train_loss, stopping = agree(loss, stop.requested)
-            if not math.isfinite(train_loss):
-                stop_diverged(run, log, f"train loss is {train_loss}",
-                              f"non-finite train loss ({train_loss})")
-            if logged(run.step, cfg):
-                log_step(run, cfg, log, train_loss, throughput.of(range(first, run.step), seconds))
-            if stopping:
-                log.print(f"{stop.signal_name or 'stop'} received: saving and exiting at step {run.step}")
-                checkpoint(run, save, log, "on signal")
-                return val_loss, False
-            if cfg.save_every and run.step % cfg.save_every == 0:
-                checkpoint(run, save, log, "periodic")
-            if cfg.exit_after_steps and run.step - start_step == cfg.exit_after_steps:
-                checkpoint(run, save, log, f"--exit-after-steps {cfg.exit_after_steps}")
-                log.print(f"exiting after {cfg.exit_after_steps} steps; continue with --resume auto")
-                return val_loss, False
-    finally:
-        stop.restore()
+        first = run.step
+        clock.start()
+        while True:
+            loss = step(run)
+            run.step += 1
+            if stretch_ends(run.step, cfg, start_step):
+                break
+        seconds = clock.stop()
+        run.train_time += seconds
+        train_loss, stopping = agree(loss, stop.requested)
+        diverged(run, log, train_loss)
+        if logged(run.step, cfg):
+            log_step(run, cfg, log, train_loss, throughput.of(range(first, run.step), seconds))
+        if stopping:
+            stop_on_signal(run, save, log, stop)
+            return val_loss, False
+        if cfg.save_every and run.step % cfg.save_every == 0:
+            checkpoint(run, save, log, "periodic")
+        if cfg.exit_after_steps and run.step - start_step == cfg.exit_after_steps:
+            checkpoint(run, save, log, f"--exit-after-steps {cfg.exit_after_steps}")
+            log.print(f"exiting after {cfg.exit_after_steps} steps; continue with --resume auto")
+            return val_loss, False
 
 
 def validation_due(step: int, cfg: TrainConfig) -> bool:
@@ -288,19 +365,29 @@ def evaluate(forward, model: GPT, val_batches, step: int, windows: WindowTensors
     return mean_over_ranks(total).item() / count
 
 
-def warm_up(run: RunState, step, validate, cfg: TrainConfig, log: RunLog, device: torch.device) -> None:
+def warm_up(run: RunState, step, validate, cfg: TrainConfig, log: RunLog, device: torch.device,
+            stop: StopRequest) -> bool:
     """Compile and warm every graph the run uses, on real steps and a validation at the run's current
     step, then put the whole state back: the timed run starts from exactly the state it would have
-    had without warm-up. With the window a tensor, that is one training and one validation graph."""
+    had without warm-up. With the window a tensor, that is one training and one validation graph.
+
+    Returns whether a rank was asked to stop: the ranks agree on it after each warm-up step (one
+    all-reduce and one host read each, outside the timed run), and then stop warming up.
+    """
     saved = copy.deepcopy(run.state_dict())
-    t0 = time.perf_counter()
+    t0, stopping = time.perf_counter(), False
     for _ in range(cfg.warmup_kernel_steps):
-        step(run)
-    validate(run.step)
+        _, stopping = agree(step(run), stop.requested)
+        if stopping:
+            break
+    if not stopping:
+        validate(run.step)
     run.load_state_dict(saved)
     wait_for_all_ranks(device)  # the timed run starts together on every rank
-    log.print(f"warm-up: {cfg.warmup_kernel_steps} steps + 1 validation in "
-              f"{time.perf_counter() - t0:.1f}s (untimed, state restored)")
+    if not stopping:
+        log.print(f"warm-up: {cfg.warmup_kernel_steps} steps + 1 validation in "
+                  f"{time.perf_counter() - t0:.1f}s (untimed, state restored)")
+    return stopping
 
 
 def checkpoint(run: RunState, save, log: RunLog, tag: str) -> None:
@@ -312,6 +399,29 @@ def checkpoint(run: RunState, save, log: RunLog, tag: str) -> None:
         log.print(f"step {run.step}: {error}; stopping")
         raise SystemExit(f"error: {error}") from None
     log.print(f"checkpoint ({tag}): {path}")
+
+
+class Divergence:
+    """Stops a run whose train loss is NaN or inf, or has stayed above FACTOR x ln(vocabulary) at CHECKS
+    reads in a row. The loop reads the loss only where it stops the clock (each logged step, and before
+    a validation or a checkpoint), so the window is CHECKS reads: up to (CHECKS - 1) x --log-every + 1
+    steps. ln(vocabulary), ~10.83 for GPT-2's, is the loss of a uniform guess, where every run starts
+    (the LM head is zero-initialized); a loss 50% above it for that long is a divergence, not noise."""
+
+    FACTOR, CHECKS = 1.5, 3
+
+    def __init__(self, vocab_size: int):
+        self.limit = self.FACTOR * math.log(vocab_size)
+        self.above = 0  # reads in a row above the limit
+
+    def __call__(self, run: RunState, log: RunLog, loss: float) -> None:
+        if not math.isfinite(loss):
+            stop_diverged(run, log, f"train loss is {loss}", f"non-finite train loss ({loss})")
+        self.above = self.above + 1 if loss > self.limit else 0
+        if self.above == self.CHECKS:
+            what = (f"train loss {loss:.2f} above {self.limit:.2f} ({self.FACTOR} x ln(vocabulary), the loss "
+                    f"of a uniform guess) at {self.CHECKS} reads in a row")
+            stop_diverged(run, log, what, f"the run diverged: {what}")
 
 
 def stop_diverged(run: RunState, log: RunLog, what: str, error: str) -> None:
@@ -396,9 +506,7 @@ def finish(run: RunState, cfg: TrainConfig, log: RunLog, out_dir: Path, rank: in
     if samples(rank, cfg) and cfg.sample_tokens and run.step == cfg.max_steps:
         log.print("sample: " + sample(run.model.eval(), cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed))
     if rank == 0 and cfg.plot:
-        from tools.plot import plot_runs
-
-        log.print(f"loss plot: {plot_runs([out_dir], out_dir / 'loss.png')}")
+        log.print(loss_plot(out_dir))
     log.close()
     if rank == 0 and cfg.target_val_loss:
         record = Path("records") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.preset}.txt"
@@ -408,6 +516,17 @@ def finish(run: RunState, cfg: TrainConfig, log: RunLog, out_dir: Path, rank: in
     return {"val_loss": val_loss, "train_time_s": run.train_time, "step": run.step}
 
 
+def loss_plot(out_dir: Path) -> str:
+    """Write out_dir/loss.png; the line saying where, or the one warning that a missing matplotlib
+    costs the plot (never the run: the plot is drawn after training)."""
+    from tools.plot import plot_runs
+
+    try:
+        return f"loss plot: {plot_runs([out_dir], out_dir / 'loss.png')}"
+    except ImportError as error:
+        return f"warning: no loss plot ({error}); pip install matplotlib, or pass --no-plot"
+
+
 # Errors whose message says what was wrong and how to fix it, in one line: bad data, no vocabulary,
 # a checkpoint that cannot be read or written.
 ONE_LINE_ERRORS = (ShardError, TokenizerUnavailable, CheckpointError)
@@ -415,15 +534,31 @@ ONE_LINE_ERRORS = (ShardError, TokenizerUnavailable, CheckpointError)
 
 def cli(argv: list[str] | None = None) -> None:
     """The command line: parse the flags, train. A run that cannot start or go on ends with one line on
-    stderr and exit code 1 (a ONE_LINE_ERRORS error, or a SystemExit carrying its message)."""
+    stderr and exit code 1: a ONE_LINE_ERRORS error, a SystemExit carrying its message, running out of
+    memory, or a collective that failed because another rank died or stopped answering."""
     try:
         main(parse_config(argv, description=__doc__))
     except ONE_LINE_ERRORS as error:
         exit_with(f"error: {error}")
+    except (torch.OutOfMemoryError, MemoryError) as error:
+        exit_with(f"error: {first_sentences(error, 2)}; lower --batch-size (sequences per micro-batch) or "
+                  f"--seq-len")
+    except RuntimeError as error:
+        if not (isinstance(error, torch.distributed.DistError) or "/gloo/" in str(error)):
+            raise
+        exit_with(f"error: rank {os.environ.get('RANK', 0)}: a collective failed ({first_sentences(error)}); "
+                  f"another process died or stopped answering: its own output, or torchrun's report, says "
+                  f"why; continue with --resume auto")
     except SystemExit as stop:
         if not isinstance(stop.code, str):
             raise
         exit_with(stop.code)
+
+
+def first_sentences(error: Exception, count: int = 1) -> str:
+    """The first `count` sentences of an error's first line, without a "[file.cc:123] " source prefix."""
+    line = (str(error).splitlines() or [type(error).__name__])[0]
+    return ". ".join(line.split("] ", 1)[-1].split(". ")[:count])[:200]
 
 
 def exit_with(line: str) -> None:

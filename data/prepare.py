@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 from collections import deque
@@ -28,7 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data.shards import ShardError, write_shard
+from data.shards import ShardError, fsync_dir, write_shard
 from data.tokenizer import TokenizerUnavailable, encode_documents, gpt2_encoding
 
 CHUNK_BYTES = 1 << 18  # input per worker task: enough to amortize the inter-process overhead
@@ -231,15 +232,15 @@ def check_options(out: Path, prefix: str, val_fraction: float, shard_tokens: int
         raise PrepareError(f"--out {out}: is a file; expected a directory")
 
 
-def clear_old_shards(out: Path, prefix: str, overwrite: bool) -> None:
+def old_shards(out: Path, prefix: str, overwrite: bool) -> list[Path]:
+    """The shards of `prefix` already in `out`, which --overwrite replaces; refused without it."""
     old = sorted(p for split in SPLIT_FIRST_INDEX for p in out.glob(f"{prefix}_{split}_*.bin"))
     if old and not overwrite:
         raise PrepareError(
             f"--out {out}: already holds {len(old)} {prefix}_* shards; pass --overwrite to replace them, "
             "or choose another --out or --prefix"
         )
-    for path in old:
-        path.unlink()
+    return old
 
 
 def prepare(
@@ -254,15 +255,44 @@ def prepare(
     overwrite: bool = False,
     progress: bool = False,
 ) -> Summary:
-    """Tokenize `inputs` into shards under `out`; see the module docstring for the rules."""
+    """Tokenize `inputs` into shards under `out`; see the module docstring for the rules.
+
+    The shards are written into a hidden staging folder in `out` and moved in only once every input
+    has been read and tokenized: a bad input, a crash or --overwrite's failure leaves `out` as it was.
+    """
     inputs, out = list(inputs), Path(out)
     workers = workers or available_cpus()
     check_options(out, prefix, val_fraction, shard_tokens, workers)
     files = find_files(inputs)
     gpt2_encoding()  # fail on a missing vocabulary before any work starts
     out.mkdir(parents=True, exist_ok=True)
-    clear_old_shards(out, prefix, overwrite)
-    writers = {split: ShardWriter(out, prefix, split, shard_tokens) for split in SPLIT_FIRST_INDEX}
+    old = old_shards(out, prefix, overwrite)
+    staging = out / f".{prefix}.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # a leftover of a run that was killed
+    staging.mkdir()
+    try:
+        summary = tokenize_into(staging, inputs, files, prefix, shard_tokens, jsonl_field, val_fraction,
+                                workers, progress)
+        for path in old:
+            path.unlink()
+        summary.shards = {split: move_into(out, paths) for split, paths in summary.shards.items()}
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary
+
+
+def move_into(out: Path, paths: list[Path]) -> list[Path]:
+    """Rename each of `paths` into `out` (same filesystem: atomic), durably; the new paths."""
+    for path in paths:
+        os.replace(path, out / path.name)
+    fsync_dir(out)
+    return [out / path.name for path in paths]
+
+
+def tokenize_into(folder: Path, inputs: list, files: list[Path], prefix: str, shard_tokens: int,
+                  jsonl_field: str, val_fraction: float, workers: int, progress: bool) -> Summary:
+    """Tokenize `files` into shards in `folder`; a PrepareError if no document, or none for train."""
+    writers = {split: ShardWriter(folder, prefix, split, shard_tokens) for split in SPLIT_FIRST_INDEX}
     summary, status = Summary(), Progress(progress)
     chunks = make_chunks(read_docs(files), jsonl_field, val_fraction)
     for chunk, tokens in tokenize_in_order(chunks, workers):
@@ -280,7 +310,7 @@ def prepare(
         raise PrepareError(f"{', '.join(map(str, inputs))}: no documents found; expected text or JSONL lines")
     if not summary.tokens["train"]:
         raise PrepareError(
-            f"{out}: no document left for the train split ({summary.documents} documents in all); "
+            f"{folder.parent}: no document left for the train split ({summary.documents} documents in all); "
             "give more documents or lower --val-fraction"
         )
     return summary

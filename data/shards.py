@@ -7,6 +7,7 @@ File size is exactly 1024 + 2N bytes. This is llm.c's format, used by the FineWe
 """
 
 import argparse
+import hashlib
 import os
 import sys
 import uuid
@@ -103,6 +104,19 @@ def check_shard(path: str | Path, vocab_size: int = VOCAB_SIZE) -> int:
             f"{vocab_size - 1}; {len(bad)} outside, the first at position {int(bad[0])}); {FIX}"
         )
     return len(tokens)
+
+
+def fingerprint(files: Iterable[str | Path], sample_bytes: int = 1 << 20) -> str:
+    """A short hash of the shards `files`: each one's name, token count (header) and first `sample_bytes`
+    of tokens. Shards re-prepared from another corpus, or another set of shards, give another hash;
+    reading 1 MiB of each keeps it cheap for FineWeb's 200 MB shards."""
+    digest = hashlib.sha256()
+    for path in map(Path, files):
+        digest.update(f"{path.name} {read_header(path)}\n".encode())
+        with open(path, "rb") as f:
+            f.seek(HEADER_BYTES)
+            digest.update(f.read(sample_bytes))
+    return digest.hexdigest()[:16]
 
 
 def count_tokens(files: Iterable[str | Path]) -> int:

@@ -6,11 +6,13 @@ its line to stderr and raises SystemExit with the exit code; any other exception
 be a traceback, and fails the test. Two rows also run as real processes, to pin that equivalence.
 """
 
+import json
 import os
 import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from contextlib import ExitStack, contextmanager
@@ -18,9 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_gpt
-from data.shards import write_shard
+from data.shards import fingerprint, write_shard
+from tools import plot
+from training.rundir import LOCK, claim_out_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "BAD_INPUTS.md"
@@ -112,6 +117,13 @@ def build(name: str, tmp_path: Path, request) -> Path:
         place.write_text("a file, not a folder\n")
     elif name == "READ_ONLY":
         place.mkdir()
+    elif name == "OTHER_SHARDS":
+        place.mkdir()
+        for split in ("val", "train"):
+            write_shard(place / f"other_{split}_000000.bin", [(7 * i) % 50000 for i in range(20000)])
+    elif name == "IN_USE":
+        earlier_run(place)
+        (place / LOCK).write_text(f"1 {socket.gethostname()}\n")  # pid 1 lives as long as the machine
     elif name == "TRUNCATED_SHARDS":
         place.mkdir()
         write_shard(place / "x_val_000000.bin", list(range(2048)))
@@ -129,8 +141,8 @@ def build(name: str, tmp_path: Path, request) -> Path:
     return place  # NEW and NOWHERE: paths that do not exist
 
 
-PLACEHOLDER = re.compile(r"\b(RUN|LOCKED_RUN|NEW|NOWHERE|A_FILE|READ_ONLY|TRUNCATED_SHARDS|TRAINED|"
-                         r"TRUNCATED_SHARED|GARBAGE_RANK0|DANGLING_LATEST)\b")
+PLACEHOLDER = re.compile(r"\b(RUN|LOCKED_RUN|IN_USE|OTHER_SHARDS|NEW|NOWHERE|A_FILE|READ_ONLY|"
+                         r"TRUNCATED_SHARDS|TRAINED|TRUNCATED_SHARED|GARBAGE_RANK0|DANGLING_LATEST)\b")
 
 
 def resolve(row: Row, tmp_path: Path, request) -> tuple[list[str], tuple[str, ...], dict[str, Path]]:
@@ -238,3 +250,225 @@ def test_a_one_process_checkpoint_resumed_by_two_ranks_is_refused_on_one_line(tr
     assert 'train_gpt.py", line' not in output  # torchrun's own traceback is its report, not ours
     lines = [line for line in output.splitlines() if "written by 1 process, this run has 2" in line]
     assert 1 <= len(lines) <= 2 and len(set(lines)) == 1  # torchrun may stop a rank before it says it
+
+
+# ---- the run folder: one live run, nothing of an earlier run lost (training/rundir.py) ---------------
+
+
+def test_a_second_live_run_into_the_folder_is_refused_naming_the_first_ones_pid(tmp_path):
+    with claim_out_dir(tmp_path, rank=0, resuming=True):
+        with pytest.raises(SystemExit, match=f"is in use by process {os.getpid()} on {socket.gethostname()}"):
+            with claim_out_dir(tmp_path, rank=0, resuming=True):
+                pass
+        assert (tmp_path / LOCK).is_file()  # the refusal left the first run's lock alone
+    assert not (tmp_path / LOCK).exists()  # removed when the run ends
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    (tmp_path / LOCK).write_text(f"{gone} {socket.gethostname()}\n")
+    with claim_out_dir(tmp_path, rank=0, resuming=True):
+        assert (tmp_path / LOCK).read_text().split()[0] == str(os.getpid())
+
+
+def test_a_resume_removes_the_unfinished_saves_that_hold_the_disk(trained, tmp_path):
+    run = copy_of(trained, tmp_path / "run")
+    unfinished = run / "checkpoints" / "step_000003.tmp"
+    unfinished.mkdir()
+    (unfinished / "rank0.pt").write_bytes(b"x" * 1000)
+    with claim_out_dir(run, rank=0, resuming=True):
+        assert not unfinished.exists()
+    assert (run / "checkpoints" / "step_000002" / "shared.pt").is_file()
+
+
+def test_a_finished_run_leaves_no_lock(trained):
+    assert not (trained / LOCK).exists() and (trained / "log.txt").is_file()
+
+
+# ---- faults while a run starts or goes on: one line, nothing lost --------------------------------------
+
+CUDA_OOM = ("CUDA out of memory. Tried to allocate 24.00 GiB. GPU 0 has a total capacity of 79.19 GiB of "
+            "which 3.10 GiB is free.")
+
+
+def test_out_of_memory_at_the_first_step_is_one_line_and_leaves_the_logs_as_they_were(trained, tmp_path,
+                                                                                     monkeypatch, capsys):
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError(CUDA_OOM)
+
+    monkeypatch.setattr(train_gpt.GPT, "forward", out_of_memory)
+    resumed, new = copy_of(trained, tmp_path / "resumed"), tmp_path / "new"
+    before = snapshot(resumed)
+    for args in (["--out-dir", str(resumed), "--resume", "auto", "--max-steps", "3"],
+                 ["--out-dir", str(new)]):
+        code, out, err = run_cli([*args, *FAST[2:]], capsys)
+        assert (code, err) == (1, "error: CUDA out of memory. Tried to allocate 24.00 GiB; lower "
+                                  "--batch-size (sequences per micro-batch) or --seq-len\n")
+    assert snapshot(resumed) == before  # the resumed run's log lines are taken back too
+    assert list(new.iterdir()) == []  # no log, no metrics, no lock: the run never started
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_the_warm_up_saves_and_exits_as_in_the_loop(tmp_path, monkeypatch, capsys, signum):
+    real_step = train_gpt.train_step
+
+    def signalled_step(run, **kwargs):
+        os.kill(os.getpid(), signum)  # as if sent while the first warm-up step compiles
+        return real_step(run, **kwargs)
+
+    monkeypatch.setattr(train_gpt, "train_step", signalled_step)
+    code, out, err = run_cli(["--out-dir", str(tmp_path), "--warmup-kernel-steps", "3", *FAST], capsys)
+    name = signal.Signals(signum).name
+    assert (code, err) == (0, "")
+    assert f"{name} received during the warm-up: saving and exiting at step 0" in out.splitlines()
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000000"
+
+
+def test_a_cut_off_or_binary_metrics_line_is_skipped_with_one_warning(tmp_path, capsys):
+    good = ['{"step": 1, "train_loss": 10.8}', '{"step": 2, "val_loss": 10.5, "train_time_s": 1.0}']
+    cut_off, binary = b'{"step": 3, "train_lo', b"\xff\xfe\x00"
+    (tmp_path / "metrics.jsonl").write_bytes(b"\n".join([*map(str.encode, good), cut_off, binary]) + b"\n")
+    assert plot.read_metrics(tmp_path) == [json.loads(line) for line in good]
+    assert capsys.readouterr().err == (f"warning: {tmp_path / 'metrics.jsonl'}:3: not a metrics record (cut "
+                                       f"off?); skipped it and 1 other line(s) like it\n")
+
+
+def test_a_missing_matplotlib_costs_the_plot_with_one_warning_not_the_run(tmp_path, monkeypatch):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 10.8}\n')
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    line = train_gpt.loss_plot(tmp_path)
+    assert line.startswith("warning: no loss plot (")
+    assert line.endswith("pip install matplotlib, or pass --no-plot")
+    assert not (tmp_path / "loss.png").exists()
+
+
+@pytest.mark.parametrize("target", ["gpu-check", "bench-gpu"])
+def test_the_gpu_make_targets_without_torch_say_so_in_one_line(tmp_path, target):
+    python = tmp_path / "python3"  # a python without site-packages: no torch
+    python.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")
+    python.chmod(0o755)
+    done = subprocess.run(["make", "-s", "-C", str(ROOT), target, f"BENCH_PY={python}"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.splitlines()[0] == (f"error: {python} cannot import torch: run `make install` (or pip "
+                                           f"install -r requirements.txt) first")
+
+
+def test_a_checkpoint_records_how_many_processes_wrote_it(trained):
+    shared = torch.load(trained / "checkpoints" / "step_000002" / "shared.pt", weights_only=False)
+    assert shared["world_size"] == 1
+
+
+# ---- a resume continues the checkpoint's plan -------------------------------------------------------
+
+
+def test_a_resume_with_resume_changed_ok_goes_on_and_logs_each_change(trained, tmp_path, capsys):
+    run = copy_of(trained, tmp_path / "run")
+    code, out, err = run_cli(["--out-dir", str(run), "--resume", "auto", "--max-steps", "3", "--lr", "0.04",
+                              "--resume-changed-ok", *FAST[2:]], capsys)
+    assert (code, err) == (0, "")
+    line = (f"resumed from {run / 'checkpoints' / 'step_000002'} at step 2, with --resume-changed-ok: "
+            f"--lr 0.05 -> 0.04")
+    assert line in out.splitlines() and line in (run / "log.txt").read_text()
+
+
+def test_the_shards_fingerprint_changes_with_their_tokens_not_with_their_folder(tmp_path):
+    paths = [write_shard(tmp_path / name, list(range(1000))) for name in ("a_train_000000.bin", "b.bin")]
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(paths[0], copy / paths[0].name)
+    assert fingerprint([paths[0]]) == fingerprint([copy / paths[0].name])
+    write_shard(copy / paths[0].name, [*range(999), 5])  # re-prepared: same name and size, one token apart
+    assert fingerprint([paths[0]]) != fingerprint([copy / paths[0].name])
+    assert fingerprint(paths) != fingerprint(paths[:1])
+
+
+# ---- divergence is not success ------------------------------------------------------------------------
+
+
+def test_a_loss_far_above_the_start_for_three_reads_stops_the_run_but_a_shorter_spike_does_not(
+        tmp_path, monkeypatch, capsys):
+    # Training forwards 1-2 and 4-8 return 3x the loss (~30, above 1.5 x ln(50304) = 16.24): the
+    # spike at steps 1-2 is two reads, then step 3 is normal; steps 4, 5, 6 are three reads in a row.
+    forward, calls = train_gpt.GPT.forward, []
+
+    def spiking(self, idx, targets=None, window=None):
+        loss = forward(self, idx, targets, window)
+        if self.training:
+            calls.append(None)
+            return loss * 3 if len(calls) != 3 else loss
+        return loss
+
+    monkeypatch.setattr(train_gpt.GPT, "forward", spiking)
+    flags = ["--out-dir", str(tmp_path), *FAST, "--max-steps", "8", "--log-every", "1"]
+    code, out, err = run_cli(flags, capsys)
+    assert code == 1 and len(calls) == 6
+    assert re.fullmatch(r"error: the run diverged: train loss \d\d\.\d\d above 16\.24 \(1\.5 x "
+                        r"ln\(vocabulary\), the loss of a uniform guess\) at 3 reads in a row at step 6\n",
+                        err), err
+
+
+# ---- no silent hang -------------------------------------------------------------------------------
+
+
+def test_torchrun_variables_left_in_the_environment_without_torchrun_are_one_line(tmp_path, monkeypatch,
+                                                                                 capsys):
+    for name in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in (("WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        monkeypatch.setenv(name, value)
+    code, out, err = run_cli(["--out-dir", str(tmp_path / "run")], capsys)
+    assert (code, out) == (1, "")
+    assert err == ("error: WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 set, but torchrun did not "
+                   "start this process (no LOCAL_RANK): unset them to run one process, or launch with "
+                   "torchrun\n")
+
+
+# Rank 1 of two gloo processes dies (kill -9) or stops (SIGSTOP) at its 4th step; the ranks are started
+# as torchrun starts them (its environment variables), so the test controls both processes' ends.
+FAULTY_RANK = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train_gpt
+
+real_step = train_gpt.train_step
+
+
+def faulty_step(run, **kwargs):
+    if os.environ["RANK"] == "1" and run.step == 3:
+        if {fault!r} == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        os._exit(9)
+    return real_step(run, **kwargs)
+
+
+train_gpt.train_step = faulty_step
+train_gpt.cli(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("fault, says", [("kill", "Connection closed by peer"),
+                                         ("stop", "Timed out waiting 3000ms")])
+def test_a_peer_that_dies_or_stops_answering_is_one_line_from_the_other_rank(tmp_path, fault, says):
+    script = tmp_path / "faulty_rank.py"
+    script.write_text(FAULTY_RANK.format(root=str(ROOT), fault=fault))
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    flags = ["--out-dir", str(tmp_path / "run"), *FAST[2:], "--max-steps", "8", "--log-every", "1",
+             "--batch-size", "4", "--collective-timeout-s", "3"]
+    job = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, str(script), *flags], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **job, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+             for rank in (0, 1)]
+    try:
+        out, err = ranks[0].communicate(timeout=TIME_LIMIT_S)  # 3 s after rank 1 stops, not 30 minutes
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate()
+    assert ranks[0].returncode == 1 and "step 3/8 train_loss" in out, err
+    assert err.count("\n") == 1 and err.startswith("error: rank 0: a collective failed (") and says in err
+    assert err.rstrip().endswith("another process died or stopped answering: its own output, or torchrun's "
+                                 "report, says why; continue with --resume auto")

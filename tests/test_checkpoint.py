@@ -4,6 +4,7 @@ NaN/inf, and every bad checkpoint or folder is a one-line CheckpointError.
 Run as a script (`python tests/test_checkpoint.py DIR POINT`) it is the child the kill test kills.
 """
 
+import errno
 import os
 import shutil
 import signal
@@ -187,7 +188,17 @@ def refuse_on_every_rank(rank: int, world_size: int, tmp: Path) -> None:
         save_checkpoint(tmp / "checkpoints", 1, {"model": {"w": torch.ones(2)}}, {"m": moments}, rank=rank)
     except CheckpointError as error:
         (tmp / f"rank{rank}.txt").write_text(str(error))
+    if rank == 1:  # then rank 1's disk is full: every rank fails that save, none waits for the other
+        torch.save = full_disk
+    try:
+        save_checkpoint(tmp / "checkpoints", 2, {"model": {"w": torch.ones(2)}}, {"m": torch.zeros(2)}, rank)
+    except CheckpointError as error:
+        (tmp / f"rank{rank}.full.txt").write_text(str(error))
     dist.destroy_process_group()
+
+
+def full_disk(obj, f, *args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 def test_one_ranks_non_finite_shard_makes_every_rank_refuse_without_a_hang(tmp_path):
@@ -203,6 +214,35 @@ def test_one_ranks_non_finite_shard_makes_every_rank_refuse_without_a_hang(tmp_p
     assert messages == {f"{tmp_path / 'checkpoints'}: refusing to save step 1: NaN or inf in 1 tensor "
                         f"(the first: rank1.m); no checkpoint was written"}
     assert not (tmp_path / "checkpoints" / "step_000001.tmp").exists()
+    messages = {(tmp_path / f"rank{r}.full.txt").read_text() for r in range(2)}
+    assert messages == {f"{tmp_path / 'checkpoints'}: cannot write step 2 (rank 1: No space left on device); "
+                        f"no checkpoint was written"}
+    assert not (tmp_path / "checkpoints" / "step_000002.tmp").exists()
+
+
+@pytest.mark.parametrize("failure, reason", [
+    (OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), "No space left on device"),
+    # what torch.save raises when the disk fills while it writes
+    (RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file "
+                  "data/0: file write failed\n(a C++ backtrace)"),
+     "[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file data/0: file "
+     "write failed"),
+])
+def test_a_full_disk_at_save_is_one_line_leaves_no_tmp_and_keeps_the_last_checkpoint(tmp_path, monkeypatch,
+                                                                                    failure, reason):
+    directory = saved(tmp_path / "checkpoints")
+    model, optimizer = tiny_run()
+
+    def fill_the_disk(obj, f, *args, **kwargs):
+        f.write(b"x" * 4096)  # part of a file, as a real full disk leaves
+        raise failure
+
+    monkeypatch.setattr(torch, "save", fill_the_disk)
+    with pytest.raises(CheckpointError) as error:
+        save_checkpoint(directory, 2, *states(model, optimizer, 2))
+    assert one_line(error) == (f"{directory}: cannot write step 2 ({reason}); the last good checkpoint is "
+                               f"still {directory / 'step_000001'}")
+    assert sorted(p.name for p in directory.iterdir()) == ["latest", "step_000001"]
 
 
 # ---- every bad checkpoint is one line -----------------------------------------------------------------
@@ -261,6 +301,33 @@ def test_checkpoint_of_another_world_size(tmp_path):
         load_checkpoint(step, rank=1, world_size=2)
     assert one_line(caught) == (f"{step}: written by 1 process, this run has 2; resume with 1 process "
                                 f"(each holds its own optimizer shard)")
+
+
+def two_process_step(tmp_path: Path) -> Path:
+    """A step directory as two processes leave it: shared.pt saying so, rank0.pt and rank1.pt."""
+    step = saved(tmp_path) / "step_000001"
+    shared = torch.load(step / "shared.pt", weights_only=False)
+    torch.save({**shared, "world_size": 2}, step / "shared.pt")
+    shutil.copyfile(step / "rank0.pt", step / "rank1.pt")
+    return step
+
+
+@pytest.mark.parametrize("missing", ["rank0.pt", "rank1.pt"])
+def test_a_missing_rank_file_is_named_with_the_number_of_processes_that_wrote_the_step(tmp_path, missing):
+    step = two_process_step(tmp_path)
+    (step / missing).unlink()
+    for world_size in (1, 2):  # whatever this run's size: the advice is not "resume with 1 process"
+        with pytest.raises(CheckpointError) as caught:
+            load_checkpoint(step, rank=0, world_size=world_size)
+        assert one_line(caught) == (f"{step}: {missing} missing, of the 2 processes that wrote it; the "
+                                    f"checkpoint is incomplete: resume from another step directory")
+
+
+def test_a_step_without_a_recorded_size_counts_its_writers_by_the_highest_rank_file(tmp_path):
+    step = saved(tmp_path) / "step_000001"
+    (step / "rank0.pt").rename(step / "rank1.pt")
+    with pytest.raises(CheckpointError, match="rank0.pt missing, of the 2 processes that wrote it"):
+        load_checkpoint(step, rank=0, world_size=1)
 
 
 def test_the_training_script_prints_one_line_for_a_bad_resume(tmp_path):

@@ -109,6 +109,19 @@ def test_existing_shards_need_overwrite_which_removes_stale_ones(tmp_path):
     assert names(out.iterdir()) == ["corpus_train_000001.bin"]
 
 
+def test_overwrite_with_a_bad_input_keeps_the_old_shards_as_they_were(tmp_path):
+    # The bad line comes after good documents: found only while tokenizing, after shards were cut.
+    (tmp_path / "a.txt").write_text("some words " * 50)
+    out = tmp_path / "out"
+    prepare([tmp_path / "a.txt"], out, val_fraction=0, shard_tokens=10, workers=1)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine words here"}\n' * 40 + '{"text": "cut\n')
+    with pytest.raises(PrepareError, match="not valid JSON"):
+        prepare([bad], out, val_fraction=0, shard_tokens=10, workers=1, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [

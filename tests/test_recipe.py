@@ -84,7 +84,7 @@ def test_a_typo_in_a_choice_fails_at_parse_time_listing_the_choices(capsys, name
 
 # A value just outside each range, and NaN, which no range holds.
 OUTSIDE = {recipe.AT_LEAST_1: "0", recipe.AT_LEAST_0: "-1", recipe.FRACTION: "1.5", recipe.BELOW_1: "1",
-           recipe.POSITIVE: "0"}
+           recipe.POSITIVE: "0", recipe.SEED: str(2**64)}
 
 
 @pytest.mark.parametrize("name", [n for n, f in FIELDS.items() if f.metadata["within"]])

@@ -2,7 +2,8 @@
 
 Layout under a run's checkpoint directory:
 
-    step_000120/shared.pt     rank 0: model weights, model config, train config, step, loader position
+    step_000120/shared.pt     rank 0: model weights, model config, train config, step, loader position,
+                              world_size (the processes that wrote the step)
     step_000120/rank0.pt      every rank: its optimizer state (sharded under torchrun) and RNG states
     step_000120/rank1.pt
     step_000120/sharded/      with --fsdp: model weights and optimizer state as DTensors, written by
@@ -16,14 +17,17 @@ periodic save) first moves the old copy to `step_XXXXXX.old/`, which `latest` th
 the kill lands between the two renames.
 
 A state with a non-finite floating-point tensor is refused, so the checkpoint `latest` names is
-always finite. Every failure a user can meet raises CheckpointError, whose message is one line.
+always finite. A save that fails on any rank (a full disk: an OSError, or torch.save's RuntimeError)
+fails on every rank, and its `.tmp` folder is deleted. Every failure a user can meet raises
+CheckpointError, whose message is one line.
 """
 
 import os
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,6 +37,7 @@ from data.shards import fsync_dir, write_text_atomic
 from optim.distributed import is_dtensor
 
 STEP_NAME = re.compile(r"step_\d{6}")
+RANK_FILE = re.compile(r"rank(\d+)\.pt")
 SHARDED = "sharded"  # the torch.distributed.checkpoint folder of a step written with --fsdp
 
 
@@ -77,24 +82,51 @@ def save_checkpoint(directory: str | Path, step: int, shared: dict, per_rank: di
     _refuse_non_finite(directory, step, own if sharded is None else {**own, SHARDED: sharded})
     final = directory / f"step_{step:06d}"
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    try:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed mid-save
-            tmp.mkdir(parents=True)
-        _barrier()
+
+    def write() -> None:
         if sharded is not None:
             _save_sharded(sharded, tmp / SHARDED)
         _save_file(per_rank, tmp / f"rank{rank}.pt")
         if rank == 0:
             _save_file(shared, tmp / "shared.pt")
-        _barrier()
+
+    failure = _first_failure(_attempt(partial(_fresh_folder, tmp)) if rank == 0 else None)
+    if failure is None:  # every rank's file on disk, or every rank knows one is not
+        failure = _first_failure(_attempt(write))
+    if failure is None:
+        failure = _first_failure(_attempt(partial(_publish, directory, tmp, final, old, keep)) if rank == 0
+                                 else None)
+    if failure is not None:
         if rank == 0:
-            _publish(directory, tmp, final, old, keep)
-    except OSError as error:
-        raise CheckpointError(f"{directory}: cannot write step {step} ({error.strerror or error}); "
-                              f"{_last_good(directory)}") from None
-    _barrier()
+            shutil.rmtree(tmp, ignore_errors=True)  # a part-written step would hold the disk
+        raise CheckpointError(f"{directory}: cannot write step {step} ({failure}); {_last_good(directory)}")
     return final
+
+
+def _fresh_folder(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a run killed mid-save
+    tmp.mkdir(parents=True)
+
+
+def _attempt(write: Callable[[], None]) -> str | None:
+    """None if `write` succeeded, else why not, in a few words. torch.save reports a full disk or an I/O
+    error as a RuntimeError ("PytorchStreamWriter failed writing file ..."), not an OSError."""
+    try:
+        write()
+    except OSError as error:
+        return error.strerror or str(error)
+    except RuntimeError as error:
+        return (str(error).splitlines() or [type(error).__name__])[0].strip()[:160]
+    return None
+
+
+def _first_failure(failure: str | None) -> str | None:
+    """The first rank's failure, on every rank (collective under torchrun: a barrier that carries it)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return failure
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    return next((f"rank {r}: {f}" for r, f in enumerate(failures) if f is not None), None)
 
 
 def _publish(directory: Path, tmp: Path, final: Path, old: Path, keep: int) -> None:
@@ -135,11 +167,6 @@ def _last_good(directory: Path) -> str:
     if latest.is_file():
         return f"the last good checkpoint is still {directory / latest.read_text().strip()}"
     return "no checkpoint was written"
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _save_file(obj, path: Path) -> None:
@@ -183,15 +210,30 @@ def _follow_latest(directory: Path) -> Path:
 
 
 def load_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> tuple[dict, dict]:
-    """(shared, this rank's state); refuses a checkpoint written by a different number of ranks."""
+    """(shared, this rank's state); refuses a checkpoint missing a rank's file, or written by a different
+    number of ranks."""
     path = Path(path)
     if not (path / "shared.pt").is_file():
         raise CheckpointError(f"{path}: no shared.pt there; expected a complete step directory")
-    saved_ranks = len(list(path.glob("rank*.pt")))
+    shared = _load(path / "shared.pt")
+    saved_ranks = _writers(path, shared)
+    missing = [f"rank{r}.pt" for r in range(saved_ranks) if not (path / f"rank{r}.pt").is_file()]
+    if missing:
+        raise CheckpointError(f"{path}: {', '.join(missing)} missing, of the {_processes(saved_ranks)} that "
+                              f"wrote it; the checkpoint is incomplete: resume from another step directory")
     if saved_ranks != world_size:
         raise CheckpointError(f"{path}: written by {_processes(saved_ranks)}, this run has {world_size}; "
                               f"resume with {_processes(saved_ranks)} (each holds its own optimizer shard)")
-    return _load(path / "shared.pt"), _load(path / f"rank{rank}.pt")
+    return shared, _load(path / f"rank{rank}.pt")
+
+
+def _writers(path: Path, shared) -> int:
+    """How many processes wrote the step: shared.pt's `world_size` (train_gpt.py records it), else one
+    more than the highest rank file's index."""
+    if isinstance(shared, dict) and isinstance(shared.get("world_size"), int):
+        return shared["world_size"]
+    names = (RANK_FILE.fullmatch(f.name) for f in path.glob("rank*.pt"))
+    return 1 + max((int(m.group(1)) for m in names if m), default=0)
 
 
 def is_sharded(path: str | Path) -> bool:

@@ -7,14 +7,32 @@ Each RUN_DIR holds the metrics.jsonl written by train_gpt.py.
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of run_dir/metrics.jsonl. A line that is not one (cut off by a kill or a full disk,
+    or not text) is skipped, with one warning on stderr naming the first such line and their count."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise SystemExit(f"{path}: no metrics.jsonl (expected the --out-dir of a train_gpt.py run)")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, bad = [], []
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:  # JSON's errors and UTF-8's alike
+            record = None
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
+        else:
+            bad.append(number)
+    if bad:
+        print(f"warning: {path}:{bad[0]}: not a metrics record (cut off?); skipped it and "
+              f"{len(bad) - 1} other line(s) like it", file=sys.stderr)
+    return records
 
 
 def plot_runs(run_dirs: list[Path], out: Path) -> Path:

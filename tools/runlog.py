@@ -125,6 +125,10 @@ class RunLog:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         mode = "a" if append else "w"
+        # Each file's size before this run, which discard() puts back (None: the run creates the file).
+        paths = {name: self.out_dir / name for name in ("log.txt", "metrics.jsonl")}
+        self._found = {name: path.stat().st_size if append and path.exists() else None
+                       for name, path in paths.items()}
         self._text = open(self.out_dir / "log.txt", mode, encoding="utf-8")  # noqa: SIM115 -- lives with the run
         self._metrics = open(self.out_dir / "metrics.jsonl", mode, encoding="utf-8")  # noqa: SIM115
 
@@ -146,6 +150,19 @@ class RunLog:
         self._metrics.flush()
         if self.wandb is not None:
             self.wandb.log(record)
+
+    def discard(self) -> None:
+        """Close the files and undo this run's writes to them: each back to its size when opened, or
+        deleted if this run created it. For a run that stops before its first step."""
+        if not self.enabled:
+            return
+        self._text.close()
+        self._metrics.close()
+        for name, size in self._found.items():
+            if size is None:
+                (self.out_dir / name).unlink(missing_ok=True)
+            else:
+                os.truncate(self.out_dir / name, size)
 
     def close(self) -> None:
         if self.enabled:

@@ -13,6 +13,7 @@ import re
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -37,10 +38,12 @@ class Interval:
     def __str__(self) -> str:
         if self.high == math.inf:
             return f"{'>' if self.ends[0] == '(' else '>='} {self.low:g}"
-        return f"in {self.ends[0]}{self.low:g}, {self.high:g}{self.ends[1]}"
+        high = self.high if isinstance(self.high, int) else f"{self.high:g}"  # an int bound in full
+        return f"in {self.ends[0]}{self.low:g}, {high}{self.ends[1]}"
 
 
 AT_LEAST_1, AT_LEAST_0 = Interval(1), Interval(0)
+SEED = Interval(0, 2**64 - 1)  # torch's generators take an unsigned 64-bit seed
 POSITIVE, FRACTION, BELOW_1 = Interval(0, ends="(]"), Interval(0, 1), Interval(0, 1, "[)")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -76,7 +79,7 @@ class TrainConfig:
     out_dir: str | None = option(None, "run folder: log.txt, metrics.jsonl, loss.png, checkpoints/ "
                                  "(default: out/<preset>)")
     seed: int = option(0, "seed of the weight init and the final sample; the same seed gives bit-identical "
-                       "losses on CPU", within=AT_LEAST_0)
+                       "losses on CPU", within=SEED)
     device: str = option("auto", "auto (CUDA if visible, else CPU), cpu, cuda, cuda:N or mps")
     compile: str = option("auto", "torch.compile the model (auto: on for CUDA)",
                           choices=("auto", "on", "off"))
@@ -141,17 +144,43 @@ class TrainConfig:
                              within=AT_LEAST_0)
     resume: str = option("", "continue from a checkpoint: a step folder, a checkpoints/ folder, or auto "
                          "(this --out-dir's latest; a new run if it has none)")
+    resume_changed_ok: bool = option(False, "let --resume continue with flags that change the run's plan "
+                                     "(learning rates, schedule, batch, data: PLAN_FIELDS) from the "
+                                     "checkpoint's; without it such a resume is refused, naming each change")
     exit_after_steps: int = option(0, "save and exit after N steps of this invocation (for jobs with a "
                                    "wall-clock limit; 0: off)", within=AT_LEAST_0)
     # record mode: stop at the first validation at or below the target; timing excludes warm-up
     target_val_loss: float = option(0.0, "record mode: stop at the first validation at or below this loss "
                                     "and copy the log to records/ (0: off)", within=AT_LEAST_0)
+    collective_timeout_s: float = option(300.0, "under torchrun, once the warm-up is done (or with nothing "
+                                         "to compile), a rank that waits longer than this in a collective "
+                                         "ends with one line: a peer died or stopped answering (30 minutes "
+                                         "before, while graphs compile)", within=POSITIVE)
     warmup_kernel_steps: int = option(0, "untimed steps first (compile, autotune), whose effects are then "
                                       "undone", within=AT_LEAST_0)
     # wandb (rank 0, opt-in); WANDB_MODE=offline|disabled and WANDB_DIR are honoured
     wandb: bool = option(False, "log to Weights & Biases (rank 0)")
     wandb_project: str = option("modular-duality-speedrun", "wandb project")
     run_name: str = option("", "wandb run name (default: wandb's)")
+
+
+# The flags that set a run's trajectory: a resume that changes one of them continues another run than
+# the checkpoint's (a longer --max-steps moves the cooldown, new shards another data order), so it is
+# refused unless --resume-changed-ok. The model's shape is checked apart (training/state.py).
+PLAN_FIELDS = ("max_steps", "tokens_per_step", "seq_len", "align_to_bos", "data_dir", "lr", "embed_lr",
+               "head_lr", "scalar_lr", "embed_map", "lr_scale", "adam_betas", "adam_eps", "weight_decay",
+               "warmup_steps", "cooldown_frac", "lr_floor", "momentum", "momentum_start",
+               "momentum_warmup_steps", "ns_coefficients", "ns_steps", "window_start", "window_end")
+
+
+def plan_changes(saved: dict, cfg: TrainConfig) -> list[str]:
+    """`--flag saved -> now` for each PLAN_FIELDS flag whose value differs from the `saved` config's
+    (a field the saved config lacks is not compared; data folders are compared as resolved paths)."""
+    def value(name: str, v):
+        return str(Path(v).resolve()) if name == "data_dir" and v is not None else v
+
+    return [f"--{name.replace('_', '-')} {saved[name]} -> {getattr(cfg, name)}" for name in PLAN_FIELDS
+            if name in saved and value(name, saved[name]) != value(name, getattr(cfg, name))]
 
 
 class FlagParser(argparse.ArgumentParser):
@@ -182,9 +211,15 @@ def parse_config(argv: list[str] | None = None, description: str | None = None) 
         if name not in args and (problem := check(f, value)):
             parser.error(f"--preset {preset} sets {name} = {value!r}: {problem}")
     cfg = TrainConfig(preset=preset, **{**PRESETS_TRAIN[preset], **args})
+    if cfg.window_start and not cfg.window_end:
+        parser.error(f"--window-start {cfg.window_start} without --window-end: the window grows from start "
+                     f"to end, and --window-end 0 means full causal attention; pass --window-end too")
     if cfg.window_end and cfg.window_start > cfg.window_end:
         parser.error(f"--window-start {cfg.window_start} is past --window-end {cfg.window_end}; the window "
                      f"grows from start to end")
+    for name in ("out_dir", "data_dir"):  # "" (an unset shell variable) would mean the default folder
+        if name in args and not args[name].strip():
+            parser.error(f"argument --{name.replace('_', '-')}: expected a path; got {args[name]!r}")
     return cfg
 
 
@@ -285,7 +320,13 @@ def batch_layout(cfg: TrainConfig, world_size: int) -> BatchLayout:
 
 
 def largest_divisor(n: int, at_most: int) -> int:
-    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+    """The largest divisor of n that is at most `at_most`: divisors come in pairs (d, n / d) with
+    d <= sqrt(n), so sqrt(n) trials whatever the flags (10^5 for n = 10^10)."""
+    best = 1
+    for d in range(1, math.isqrt(n) + 1):
+        if n % d == 0:
+            best = max([best] + [c for c in (d, n // d) if c <= at_most])
+    return best
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

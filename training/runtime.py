@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-# A rank that waits longer than this in a collective raises instead of hanging. torchrun already ends
+# A rank that waits longer than this in a collective raises instead of hanging, while the run compiles
+# (until the warm-up is done; shorten_collective_timeout then takes over). torchrun already ends
 # the job when a rank exits; this covers a peer that is stuck, or gone where this node's torchrun
 # cannot see it. It must outlast the longest wait of a healthy run: the warm-up's compilation on a cold
 # cache, where each rank compiles the training graph (forward and backward), the validation graph and
@@ -41,8 +42,20 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+LAUNCHED = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID")  # set by torchrun in each process it starts
+JOB = ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")  # read by init_process_group
+
+
 def world_size_from_env() -> int:
-    """Processes in the job: torchrun's WORLD_SIZE, 1 when not under torchrun."""
+    """Processes in the job: torchrun's WORLD_SIZE, 1 when not under torchrun.
+
+    A one-line SystemExit where WORLD_SIZE, RANK or MASTER_* are set but torchrun did not start this
+    process (left in the shell by another job): the process group would wait for peers that never come.
+    """
+    stray = [f"{name}={os.environ[name]}" for name in JOB if name in os.environ]
+    if stray and not any(name in os.environ for name in LAUNCHED):
+        raise SystemExit(f"error: {' '.join(stray)} set, but torchrun did not start this process (no "
+                         f"LOCAL_RANK): unset them to run one process, or launch with torchrun")
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
@@ -69,6 +82,17 @@ def init_distributed(device: torch.device, group_of_one: bool = False) -> tuple[
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT,
                             device_id=device if device.type == "cuda" else None, **alone)
     return rank, world_size, device
+
+
+def shorten_collective_timeout(seconds: float) -> None:
+    """Once nothing is left to compile, a rank waits at most `seconds` (--collective-timeout-s) in a
+    collective instead of COLLECTIVE_TIMEOUT: a peer that stops answering is then reported, as a failed
+    collective (one line from train_gpt.cli), within that time. Under torchrun only. Every group this
+    process holds: the default one, and the optimizer's own (optim/distributed.py), which a group made
+    with new_group() only inherits at its creation."""
+    if dist.is_available() and dist.is_initialized():
+        for group in list(dist.distributed_c10d._world.pg_map):
+            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), group)
 
 
 def check_writable(folder: Path, what: str) -> None:

@@ -18,6 +18,7 @@ every rank writing its rows, and a resume loads them into this run's shards.
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from optim.distributed import is_dtensor
 from tools.checkpoint import is_sharded, load_checkpoint, load_sharded, save_checkpoint
@@ -58,11 +59,14 @@ def save_run(run: RunState, directory: Path, rank: int, **meta) -> Path:
     state = run.state_dict()
     sharded = {key: state.pop(key) for key in SHARDED_KEYS} if run.sharded else None
     own = {key: state.pop(key) for key in RANK_KEYS if key in state}
-    return save_checkpoint(directory, run.step, {**state, **meta}, own, rank, sharded=sharded)
+    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return save_checkpoint(directory, run.step, {**state, **meta, "world_size": world_size}, own, rank,
+                           sharded=sharded)
 
 
-def load_run(run: RunState, path: Path, rank: int, world_size: int, model_config: dict) -> None:
-    """Restore `run` from the checkpoint at `path`, refusing one saved for another model shape."""
+def load_run(run: RunState, path: Path, rank: int, world_size: int, model_config: dict) -> dict:
+    """Restore `run` from the checkpoint at `path`, refusing one saved for another model shape; returns
+    the checkpoint's train config and data fingerprint ({} where an older checkpoint has none)."""
     shared, own = load_checkpoint(path, rank, world_size)
     if shared["model_config"] != model_config:
         raise SystemExit(f"error: --resume {path}: saved for model {shared['model_config']}, but this "
@@ -75,3 +79,4 @@ def load_run(run: RunState, path: Path, rank: int, world_size: int, model_config
         state = run.state_dict()
         own |= load_sharded(path, {key: state[key] for key in SHARDED_KEYS})
     run.load_state_dict({**shared, **own})
+    return dict(config=shared.get("config") or {}, data=shared.get("data"))
