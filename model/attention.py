@@ -1,10 +1,27 @@
 """Rotary embeddings and causal attention with two back ends.
 
 Attention inputs are (B, H, T, D). Query i sees key j iff
-    j <= i  (causal),  i - j < window  (sliding window; no limit when window is None),
+    j <= i  (causal),  d(i, j) < limit  (sliding window; no limit when window is None),
     and i, j lie in the same document (when document ids are given),
 where a document starts at each BOS token (GPT-2's <|endoftext|>, which precedes every document in
-our shards). The rule is token-exact: a window need not be a multiple of anything.
+our shards). A window of w >= 1 tokens sets the distance d and its limit by the window rule:
+  - "token":  d(i, j) = i - j,                      limit = w: token-exact, any w;
+  - "block":  d(i, j) = floor(i/128) - floor(j/128), limit = W = max(1, ceil(w/128)) blocks: a query
+    sees the keys of its own 128-token block up to itself and of the W - 1 blocks before it: at most
+    W·128 keys, at least (W - 1)·128 + 1 where its document reaches that far back; no token-level
+    window inside those blocks. This is the rule of the
+    2025-07-12 speedrun record (docs/RECIPE.md), as its create_blockmasks builds it: for each query
+    block m it lists the blocks whose causal + document rule is partial (P of them) and full (F),
+    each nearest first, and keeps min(F, W - 1) full and min(P, max(1, W - F)) partial ones, then
+    applies only causal + document inside the partial ones. Documents are contiguous, so if block m
+    lies inside one document its full blocks are m - 1, ..., m - F and its partial ones m and
+    perhaps m - F - 1 (where the document starts); if a document starts inside block m it has no
+    full block and its partial ones are m, m - 1, ... In both cases the kept blocks are exactly those
+    with m - n < W (W = 0, the record's short window when its long one is 1 block, keeps block m
+    alone, as W = 1 does).
+Short-window layers take half the long window (`short_window`): "token" max(1, floor(w/2)) tokens,
+"block" floor(W/2) blocks (at least 1), the record's halving of its block count: at W = 3 the short
+window is 1 block, where "token" gives 192 tokens.
 
 The window is a 0-dim integer tensor, so one compiled graph serves every window value: nothing below
 branches on it or reads it on the host.
@@ -57,17 +74,38 @@ def document_ids(idx: Tensor, bos_token: int) -> Tensor:
     return (idx == bos_token).cumsum(dim=-1)
 
 
-def short_window(window: Tensor) -> Tensor:
-    """The short-window layers' window: half the long one (at least 1), as a tensor op (no host read)."""
+WINDOW_RULES = ("token", "block")
+
+
+def window_blocks(window: Tensor) -> Tensor:
+    """W = max(1, ceil(w / 128)): a window of w >= 1 tokens in whole blocks, as a tensor op."""
+    return torch.clamp_min((window + BLOCK - 1) // BLOCK, 1)
+
+
+def short_window(window: Tensor, rule: str) -> Tensor:
+    """The short-window layers' window in tokens, as a tensor op (no host read): "token" max(1, w // 2);
+    "block" 128 * max(1, W // 2), W = window_blocks(w)."""
+    if rule == "block":
+        return BLOCK * torch.clamp_min(window_blocks(window) // 2, 1)
     return torch.clamp_min(window // 2, 1)
 
 
-def dense_mask(seq_len: int, window: Tensor | None, docs: Tensor | None, device) -> Tensor:
+def in_window(i: Tensor, j: Tensor, window: Tensor, rule: str) -> Tensor:
+    """d(i, j) < limit, the window rule's condition (module docstring), elementwise over i, j.
+
+    d never decreases in i and never increases in j, under either rule."""
+    if rule == "block":
+        return i // BLOCK - j // BLOCK < window_blocks(window)
+    return i - j < window
+
+
+def dense_mask(seq_len: int, window: Tensor | None, docs: Tensor | None, device,
+               rule: str = "token") -> Tensor:
     """Boolean mask (B or 1, 1, T, T), True where query i may attend to key j."""
     i = torch.arange(seq_len, device=device)
     allowed = i[:, None] >= i[None, :]
     if window is not None:
-        allowed = allowed & (i[:, None] - i[None, :] < window)
+        allowed = allowed & in_window(i[:, None], i[None, :], window, rule)
     allowed = allowed[None, None]
     if docs is not None:
         allowed = allowed & (docs[:, None, :, None] == docs[:, None, None, :])
@@ -81,14 +119,17 @@ def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, mask: Tensor |
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
-def block_classes(seq_len: int, window: Tensor | None, docs: Tensor | None, device) -> tuple[Tensor, Tensor]:
+def block_classes(seq_len: int, window: Tensor | None, docs: Tensor | None, device,
+                  rule: str = "token") -> tuple[Tensor, Tensor]:
     """(some, every): (B or 1, N, N) booleans over N = ceil(T/128) query blocks x key blocks.
 
     some[m, n]: some query of block m may see some key of block n; every[m, n]: all may (a full block).
     Exact, from per-block quantities only: with first/last the block's first and last position and
     lo/hi the document ids there (ids never decrease along the sequence),
       causal:   some iff m >= n;                     every iff m > n;
-      window:   some iff first_m - last_n < window;  every iff last_m - first_n < window;
+      window:   some iff d(first_m, last_n) < limit; every iff d(last_m, first_n) < limit (d is
+                monotone: smallest and largest over the block pair there). "token": first_m - last_n
+                < w and last_m - first_n < w; "block": both read m - n < W;
       document: some iff lo_m <= hi_n and lo_n <= hi_m (a document shared; it then covers the
                 nearest pair (first_m, last_n), so the three conditions hold on one pair);
                 every iff hi_m == lo_n and lo_m == hi_n (one document spans both blocks).
@@ -101,8 +142,8 @@ def block_classes(seq_len: int, window: Tensor | None, docs: Tensor | None, devi
     some = m >= n
     every = (m > n) & whole[:, None] & whole[None, :]
     if window is not None:
-        some = some & (first[:, None] - last[None, :] < window)
-        every = every & (last[:, None] - first[None, :] < window)
+        some = some & in_window(first[:, None], last[None, :], window, rule)
+        every = every & in_window(last[:, None], first[None, :], window, rule)
     some, every = some[None], every[None]
     if docs is not None:
         lo, hi = docs[:, first], docs[:, last]  # (B, N)
@@ -121,23 +162,27 @@ def ordered_blocks(blocks: Tensor) -> tuple[Tensor, Tensor]:
     return num[:, None].contiguous(), indices[:, None].contiguous()
 
 
-def flex_block_mask(seq_len: int, window: Tensor | None, docs: Tensor | None, device):
+def flex_block_mask(seq_len: int, window: Tensor | None, docs: Tensor | None, device, rule: str = "token"):
     """FlexAttention BlockMask for causal (+ sliding window) (+ same document) attention.
 
     Full blocks (`every`) skip the mask_mod; partial blocks (`some` and not `every`) apply the
     elementwise rule; other blocks are skipped. Nothing here is evaluated over all T^2 pairs.
+    Under the "block" rule the window term is true on every pair of a kept block: the block lists
+    alone apply the window, as in the record. The mask_mod still states it (a few integer operations
+    per pair of a partial block) because eager FlexAttention evaluates mask_mod on every pair and
+    ignores the block lists.
     """
     from torch.nn.attention.flex_attention import BlockMask
 
     def mask_mod(b, h, q_idx, kv_idx):
         allowed = q_idx >= kv_idx
         if window is not None:
-            allowed = allowed & (q_idx - kv_idx < window)
+            allowed = allowed & in_window(q_idx, kv_idx, window, rule)
         if docs is not None:
             allowed = allowed & (docs[b, q_idx] == docs[b, kv_idx])
         return allowed
 
-    some, every = block_classes(seq_len, window, docs, device)
+    some, every = block_classes(seq_len, window, docs, device, rule)
     partial_num, partial_indices = ordered_blocks(some & ~every)
     full_num, full_indices = ordered_blocks(every)
     return BlockMask.from_kv_blocks(partial_num, partial_indices, full_num, full_indices, BLOCK_SIZE=BLOCK,
@@ -150,13 +195,14 @@ def flex_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, block_mask) ->
     return _flex(q, k, v, block_mask=block_mask, scale=scale)
 
 
-def build_mask(backend: str, seq_len: int, window: Tensor | None, docs: Tensor | None, device):
+def build_mask(backend: str, seq_len: int, window: Tensor | None, docs: Tensor | None, device,
+               rule: str = "token"):
     """The mask object `attend` expects: a BlockMask for "flex", a dense bool tensor or None for "sdpa"."""
     if backend == "flex":
-        return flex_block_mask(seq_len, window, docs, device)
+        return flex_block_mask(seq_len, window, docs, device, rule)
     if window is None and docs is None:
         return None
-    return dense_mask(seq_len, window, docs, device)
+    return dense_mask(seq_len, window, docs, device, rule)
 
 
 def attend(backend: str, q: Tensor, k: Tensor, v: Tensor, scale: float, mask) -> Tensor:

@@ -3,7 +3,8 @@
 A decoder-only transformer in the shape of the mid-2025 NanoGPT speedrun:
   - token embedding and LM head untied; every residual-stream read goes through a weightless RMSNorm;
   - attention with QK-norm, rotary position embedding, scale 0.12, causal with sliding windows (long
-    on some blocks, half as long on the others) and document masking (see model/attention.py);
+    on some blocks, half as long on the others; token-exact, or in whole 128-token blocks as the
+    record) and document masking (see model/attention.py); q, k, v from one stacked weight;
     optionally some blocks have no attention at all (MLP only);
   - value embeddings: extra embedding tables mixed into the attention values of the first and last
     few layers, v <- l0 * v + l1 * ve, with learned (l0, l1); optionally v <- l0 * v elsewhere;
@@ -30,7 +31,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data.tokenizer import EOT, VOCAB_SIZE
-from model.attention import Rotary, attend, build_mask, document_ids, short_window
+from model.attention import (
+    BLOCK,
+    WINDOW_RULES,
+    Rotary,
+    attend,
+    build_mask,
+    document_ids,
+    short_window,
+    window_blocks,
+)
 
 SOFTCAPS = ("tanh", "sigmoid")
 CUDA_DTYPES = ("float32", "bfloat16")
@@ -55,6 +65,10 @@ class GPTConfig:
     bos_token: the token that starts every document.
     document_masking: attention never crosses a BOS boundary.
     attention: "flex", "sdpa", or "auto" (flex on CUDA, sdpa elsewhere).
+    window_rule: what a window of w tokens allows (model/attention.py): "token": keys i - w < j <= i;
+        "block": keys of the query's 128-token block up to it and of the ceil(w/128) - 1 blocks
+        before, short windows half as many blocks (the record's rule, on the GPU presets). The demo
+        keeps "token" (it trains with full causal attention, so either rule gives the same model).
     long_window_layers: blocks that attend over the long window; the others over half of it. None:
         every fourth block counted from the first in the first half and from the last in the second
         half (12 layers: 0, 4, 7, 11). An attention-free block listed here has no effect.
@@ -83,6 +97,7 @@ class GPTConfig:
     bos_token: int = EOT
     document_masking: bool = True
     attention: str = "auto"
+    window_rule: str = "token"
     long_window_layers: tuple[int, ...] | None = None
     attention_free_layers: tuple[int, ...] = ()
     value_lambda_all_layers: bool = False
@@ -90,7 +105,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name, allowed in (("head_softcap", SOFTCAPS), ("cuda_dtype", CUDA_DTYPES),
-                              ("attention", ATTENTION_BACKENDS)):
+                              ("attention", ATTENTION_BACKENDS), ("window_rule", WINDOW_RULES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
         for name in ("long_window_layers", "attention_free_layers"):
@@ -123,8 +138,9 @@ def long_window_layers(cfg: GPTConfig) -> frozenset[int]:
 
 
 # The record's architecture on the GPU presets (2025-07-12 "BosAlign", docs/RECIPE.md): sigmoid head,
-# values scaled in every attention block, bf16 tables and residual stream on CUDA.
-RECORD = dict(head_softcap="sigmoid", value_lambda_all_layers=True, cuda_dtype="bfloat16")
+# values scaled in every attention block, bf16 tables and residual stream on CUDA, block-granular windows.
+RECORD = dict(head_softcap="sigmoid", value_lambda_all_layers=True, cuda_dtype="bfloat16",
+              window_rule="block")
 
 PRESETS: dict[str, GPTConfig] = {
     # A few minutes on 2 CPU cores; the 50304-wide head dominates its cost. Kept on the generic
@@ -243,10 +259,22 @@ class Block(nn.Module):
         return x + self.mlp(rms_norm(x))
 
 
-def mean_context(seq_len: int, window: int) -> float:
-    """Mean number of keys a query sees, causal with window w over T tokens: (1/T) sum_t min(t + 1, w)."""
-    w = min(window, seq_len)
-    return w - w * (w - 1) / (2 * seq_len)
+def mean_context(seq_len: int, window: int, rule: str = "token") -> float:
+    """Mean number of keys a query sees, causal with a window of w tokens over T tokens, one document.
+
+    "token": (1/T) sum_t min(t + 1, w). "block": (1/T) sum_t (t - s_t + 1), s_t = 128 max(0, m - W + 1)
+    the first key of the window of query t in block m = floor(t/128), W = max(1, ceil(w/128)); summed
+    per block: n (a - s + 1) + n (n - 1) / 2 over the block's n queries from position a.
+    """
+    if rule == "token":
+        w = min(window, seq_len)
+        return w - w * (w - 1) / (2 * seq_len)
+    W = int(window_blocks(torch.tensor(window)))
+    total = 0
+    for m, a in enumerate(range(0, seq_len, BLOCK)):
+        n, s = min(BLOCK, seq_len - a), BLOCK * max(0, m - W + 1)
+        total += n * (a - s + 1) + n * (n - 1) // 2
+    return total / seq_len
 
 
 class GPT(nn.Module):
@@ -304,8 +332,9 @@ class GPT(nn.Module):
                 window: Tensor | int | None = None) -> Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab) float32, or the mean cross-entropy if targets (B, T).
 
-        window: the long attention window in tokens (query i sees key j iff 0 <= i - j < window, same
-        document); short-window layers use max(1, window // 2). None: full causal attention.
+        window: the long attention window in tokens, applied by config.window_rule (model/attention.py;
+        "token": query i sees key j iff 0 <= i - j < window, same document); short-window layers use
+        attention.short_window of it. None: full causal attention.
         Pass a 0-dim integer tensor on idx's device (same dtype every call, e.g. int32): under
         torch.compile(dynamic=False) every window value then runs through one graph, since nothing
         reads its value on the host. A Python int works too (eager convenience), but a compiled
@@ -319,9 +348,10 @@ class GPT(nn.Module):
             if window < 1:
                 raise ValueError(f"window must be >= 1 token, got {window}")
             window = torch.tensor(window, device=idx.device)
-        long_mask = build_mask(backend, T, window, docs, idx.device)
-        short_mask = long_mask if window is None else build_mask(backend, T, short_window(window), docs,
-                                                                 idx.device)
+        rule = cfg.window_rule
+        long_mask = build_mask(backend, T, window, docs, idx.device, rule)
+        short_mask = long_mask if window is None else build_mask(backend, T, short_window(window, rule), docs,
+                                                                 idx.device, rule)
         ves = [table(idx) for table in self.value_embeds]
 
         x = x0 = rms_norm(self.embed(idx))
@@ -344,19 +374,22 @@ class GPT(nn.Module):
         """Training FLOPs per token: 6 * (matmul params) + sum over attention layers of 6 * 2 * H*D * context.
 
         Matmul parameters are every Linear and StackedLinear weight (blocks and LM head; none in
-        attention-free blocks); embeddings are lookups. context is mean_context(T, w), w the layer's
-        window (long, or max(1, window // 2) on short-window layers; T when attention is full causal).
+        attention-free blocks); embeddings are lookups. context is mean_context(T, w, window_rule), w
+        the layer's window (long, or short_window(window) on short-window layers), counted within one
+        document (document masking only removes keys); T (full causal) when window is None.
         """
         cfg = self.config
         matmul_params = sum(m.weight.numel() for m in self.modules()
                             if isinstance(m, nn.Linear | StackedLinear))
 
+        rule = cfg.window_rule if window is not None else "token"
+
         def layer_window(i: int) -> int:
             if window is None:
                 return seq_len
-            return window if i in self.long_window else max(1, window // 2)
+            return window if i in self.long_window else int(short_window(torch.tensor(window), rule))
 
-        contexts = [mean_context(seq_len, layer_window(i)) for i, block in enumerate(self.blocks)
+        contexts = [mean_context(seq_len, layer_window(i), rule) for i, block in enumerate(self.blocks)
                     if block.attn is not None]
         return 6 * matmul_params + 6 * 2 * cfg.n_head * cfg.head_dim * sum(contexts)
 

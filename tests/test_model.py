@@ -10,7 +10,8 @@ from conftest import random_gpt
 
 from data.tokenizer import EOT
 from model import GPT, PRESETS, GPTConfig
-from model.gpt import long_window_layers
+from model.attention import dense_mask
+from model.gpt import long_window_layers, mean_context
 
 TINY = GPTConfig(vocab_size=256, n_layer=4, n_head=2, head_dim=16, dim=32, max_seq_len=64, value_embeds=2,
                  bos_token=0)
@@ -112,6 +113,21 @@ def test_flex_and_sdpa_back_ends_agree(window):
         torch.testing.assert_close(flex(idx, window=window), expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_and_sdpa_back_ends_agree_under_the_block_rule():
+    # T = 300 over 3 blocks, window 128: long layers see their own block, short ones too. Eager flex
+    # evaluates mask_mod on every pair, ignoring the block lists: it must state the window itself.
+    cfg = dataclasses.replace(TINY, max_seq_len=300, window_rule="block")
+    idx = tokens(1, 300)
+    idx[:, 190] = TINY.bos_token
+    sdpa = randomized(dataclasses.replace(cfg, attention="sdpa"))
+    flex = randomized(dataclasses.replace(cfg, attention="flex"))
+    with torch.no_grad():
+        expected = sdpa(idx, window=128)
+        torch.testing.assert_close(flex(idx, window=128), expected, rtol=1e-4, atol=1e-4)
+        assert (expected - sdpa(idx, window=256)).abs().max() > 1e-3  # the window is in effect
+
+
 def test_value_embeddings_feed_first_and_last_blocks():
     model = GPT(dataclasses.replace(TINY, n_layer=6, value_embeds=2))
     assert model.value_embedding_layers() == [0, 1, None, None, 0, 1]
@@ -162,6 +178,22 @@ def test_flops_per_token_counts_matmuls_and_each_layers_attention_window():
     assert model.flops_per_token(4, window=2) == 6 * matmuls + per_key * (2 * 1.75 + 2 * 1.0)
 
 
+@pytest.mark.parametrize("rule", ["token", "block"])
+def test_mean_context_is_the_mean_number_of_keys_the_mask_allows(rule):
+    for T, w in [(1, 1), (100, 7), (300, 128), (300, 129), (700, 384), (1000, 2000)]:
+        allowed = dense_mask(T, torch.tensor(w), None, "cpu", rule).sum().item()
+        assert mean_context(T, w, rule) == pytest.approx(allowed / T, rel=1e-12), f"T={T}, w={w}"
+
+
+def test_flops_per_token_counts_the_block_rules_short_window_in_blocks():
+    # window 384 = 3 blocks: long layers (0 and 3) 3 blocks, short ones 3 // 2 = 1 block (not 192 tokens)
+    model = GPT(dataclasses.replace(TINY, window_rule="block"))
+    per_key = 6 * 2 * TINY.n_head * TINY.head_dim
+    attention = model.flops_per_token(700, window=384) - model.flops_per_token(700, window=None)
+    long, short, full = (mean_context(700, w, "block") for w in (384, 128, 700))
+    assert attention == pytest.approx(per_key * (2 * long + 2 * short - 4 * full), rel=1e-12)
+
+
 def test_window_as_int_or_tensor_is_the_same_function():
     model = randomized(TINY)
     idx = tokens(2, 40)
@@ -203,7 +235,7 @@ def test_124m_preset_is_the_records_architecture():
     assert (cfg.n_layer, cfg.dim, cfg.n_head, cfg.head_dim, cfg.vocab_size) == (12, 768, 6, 128, 50304)
     assert (cfg.head_softcap, cfg.logit_softcap, cfg.sigmoid_softcap_scale) == ("sigmoid", 30.0, 7.5)
     assert cfg.attention_free_layers == (7,) and cfg.long_window_layers == (0, 4, 7, 11)
-    assert cfg.value_lambda_all_layers and cfg.cuda_dtype == "bfloat16"
+    assert cfg.value_lambda_all_layers and cfg.cuda_dtype == "bfloat16" and cfg.window_rule == "block"
     with torch.device("meta"):
         model = GPT(cfg)
     assert model.value_embedding_layers() == [0, 1, 2] + [None] * 6 + [0, 1, 2]
@@ -358,11 +390,11 @@ def test_one_graph_per_mode_over_the_window_schedule():
     assert sorted(g.mode for g in graphs) == ["eval", "train"]
 
 
-@pytest.fixture(scope="module")
-def flex_schedule_graphs() -> list[torch.fx.GraphModule]:
-    """The graphs captured while the Flex model evaluates the whole schedule (Flex compiles no
-    backward on CPU; training builds its masks with the same code)."""
-    model = randomized(dataclasses.replace(COMPILE_CFG, attention="flex"))
+@pytest.fixture(scope="module", params=["token", "block"])
+def flex_schedule_graphs(request) -> list[torch.fx.GraphModule]:
+    """The graphs captured while the Flex model evaluates the whole schedule under each window rule
+    (Flex compiles no backward on CPU; training builds its masks with the same code)."""
+    model = randomized(dataclasses.replace(COMPILE_CFG, attention="flex", window_rule=request.param))
     compiled, graphs = compile_counting(model)
     idx = schedule_batch()
     with torch.no_grad():
