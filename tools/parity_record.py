@@ -234,7 +234,7 @@ def listed_blocks(num: Tensor, indices: Tensor, kv_blocks: int) -> Tensor:
     """(B, H, Q) counts and (B, H, Q, K) indices -> (B, H, Q, kv_blocks) bool: row q's first num[q]
     indices set. A count of zero or below lists no block (the record clamps counts to -1 at window 1)."""
     rank = torch.arange(indices.size(-1), device=indices.device)
-    listed = (rank < num.clamp_min(0)[..., None]).to(torch.int32)
+    listed = (rank < num[..., None]).to(torch.int32)
     table = torch.zeros(*indices.shape[:-1], kv_blocks, dtype=torch.int32, device=indices.device)
     return table.scatter_add_(-1, indices.long(), listed) > 0
 
