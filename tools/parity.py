@@ -61,8 +61,10 @@ from tools.parity_record import Entry, Reference, describe, load_reference, one_
 from training.recipe import PRESETS_TRAIN, TrainConfig, build_optimizer, parse_config, schedule, window_at
 
 KINDS = ("hidden", "embed", "value_embed", "head", "scalar")
-# Default one-step tolerances (relative update difference), argued in docs/RECIPE.md ("Step parity").
-STEP_TOLERANCES = {"hidden": 2e-4, "embed": 0.02, "value_embed": 0.02, "head": 1e-4, "scalar": 1e-6}
+# Default one-step tolerances (relative update difference): the bounds of the named differences from
+# the 2025-07-12 record, measured and argued in docs/RECIPE.md ("Step parity"): Newton–Schulz's ε on a
+# mean gradient (hidden), bf16 Adam moments (embeddings), Adam's ε placement (head), float32 rounding.
+STEP_TOLERANCES = {"hidden": 5e-4, "embed": 0.05, "value_embed": 0.05, "head": 5e-3, "scalar": 1e-6}
 
 
 # ---- ours ---------------------------------------------------------------------------------------------
