@@ -40,6 +40,7 @@ kind's one-step difference exceeds max(its floor, --step-tol KIND=REL); 0 otherw
 """
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import re
@@ -178,7 +179,7 @@ class Side:
     backend: list[SDPBackend] | None  # None: SDPA's default choice
 
     def kernel(self):
-        return sdpa_kernel(self.backend) if self.backend else torch.enable_grad()
+        return sdpa_kernel(self.backend) if self.backend else contextlib.nullcontext()
 
     def train_step(self, table: list[Entry], inputs: Tensor, targets: Tensor,
                    step: int) -> tuple[float, dict]:
