@@ -1,0 +1,480 @@
+"""Step parity: a record's own training script beside this repo's `--preset speedrun`, on CPU.
+
+    python -m tools.parity --reference RECORD_LOG_OR_PY [--steps 0-19 --steps 1000,1500]
+                           [--check-steps 1,1500] [--width 256] [--seq-len 2048] [--data DIR]
+
+The reference (a record's log, whose source precedes its first line of '=' characters, or that source
+as a .py) is loaded by tools/parity_record.py: definitions only, with the CPU substitutions listed
+there, by the adapter of its format. Ours is the speedrun preset built by training/recipe.py
+(parse_config, build_optimizer, schedule, window_at), at the same width (heads of 128) and the
+record's 12 layers, with the embedding tables in bf16 as on CUDA (GPT.cast_embeddings).
+
+Both start from identical weights: ours are initialized (--seed) and copied into the reference
+through the adapter's explicit name table; a parameter the table does not cover, either side, or a
+shape that differs, stops the run naming it. Both are fed the same BOS-aligned --seq-len batches
+(data/loader.py, --data or the demo corpus) and stepped at the --steps schedule steps of a
+1750-step run, so lr, momentum and window are the schedule's at those steps. Steps that continue
+the previous one train on; the first step of each run of consecutive steps starts every model from
+ours' current weights with fresh optimizer state (steps 1000 and 1500 cannot be trained to on a CPU:
+they get the schedule's lr, momentum and window, from the weights reached so far).
+
+Units. The reference's training loss is a sum over the sequence, ours a mean: losses are printed
+per token, and ours uses the preset's rule for Adam's ε, the record's 1e-10 divided by the tokens
+its loss sums over (49,152 in the preset, --seq-len here), so both Adams see the same ε relative to
+their gradients.
+
+Printed per step: both losses and their difference; per kind (hidden matrices, embeddings, value
+embeddings, head, scalars) the update difference ‖u_ref − u_ours‖/‖u_ref‖, u the change a step made
+to the weights, mapped to our names. The noise floor comes from the same run: a second copy of the
+reference, identical but for SDPA's math kernel in place of its default one (a reordering of the
+same sums at rounding level), trained beside it; its loss difference from the reference, and its
+update difference, are the floor.
+
+One-optimizer-step check (--check-steps): from a common state (ours' weights, fresh optimizer
+state) and identical gradients (ours', times the tokens the reference's loss sums over), one step
+of each optimizer with both Newton–Schulz in float32, compared per kind. Its floor for the hidden
+matrices is the reference's own step with float32 against float64 Newton–Schulz.
+
+Exit status 1 when the largest loss difference exceeds the largest floor plus --loss-tol, or a
+kind's one-step difference exceeds max(its floor, --step-tol KIND=REL); 0 otherwise.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import math
+import re
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from data.loader import TokenLoader
+from data.shards import ShardError, list_shards
+from model import GPT, PRESETS
+from optim import Muon
+from tools.parity_record import Entry, Reference, describe, load_reference, one_process_group
+from training.recipe import PRESETS_TRAIN, TrainConfig, build_optimizer, parse_config, schedule, window_at
+
+KINDS = ("hidden", "embed", "value_embed", "head", "scalar")
+# Default one-step tolerances (relative update difference): the bounds of the named differences from
+# the 2025-07-12 record, measured and argued in docs/RECIPE.md ("Step parity"): Newton–Schulz's ε on a
+# mean gradient (hidden), bf16 Adam moments (embeddings), Adam's ε placement (head), float32 rounding.
+STEP_TOLERANCES = {"hidden": 5e-4, "embed": 0.05, "value_embed": 0.05, "head": 5e-3, "scalar": 1e-6}
+
+
+# ---- ours ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Ours:
+    model: GPT
+    optimizer: Muon
+    cfg: TrainConfig
+
+
+def build_ours(width: int, seq_len: int, seed: int) -> Ours:
+    """The speedrun preset at `width` (heads of 128) and one `seq_len` sequence a step, as on CUDA:
+    bf16 embedding tables, Newton–Schulz in bf16; Adam's ε the record's 1e-10 over seq_len tokens."""
+    preset = PRESETS_TRAIN["speedrun"]
+    eps = preset["adam_eps"] * preset["seq_len"] / seq_len
+    cfg = parse_config(["--preset", "speedrun", "--seq-len", str(seq_len), "--tokens-per-step", str(seq_len),
+                        "--adam-eps", repr(eps)])
+    model_cfg = dataclasses.replace(PRESETS[cfg.model], dim=width, n_head=width // 128, max_seq_len=seq_len,
+                                    attention="sdpa")
+    torch.manual_seed(seed)
+    model = GPT(model_cfg).cast_embeddings(model_cfg.table_dtype("cuda"))
+    optimizer = build_optimizer(model, cfg)
+    set_ns_dtype(optimizer, torch.bfloat16)
+    return Ours(model, optimizer, cfg)
+
+
+def set_ns_dtype(optimizer: Muon, dtype: torch.dtype) -> None:
+    for group in optimizer.param_groups:
+        group["ns_dtype"] = dtype
+
+
+def our_loss(ours: Ours, inputs: Tensor, targets: Tensor, step: int) -> Tensor:
+    """Mean cross-entropy at the schedule's window for `step`."""
+    window = torch.tensor(window_at(step, ours.cfg), dtype=torch.int32)
+    return ours.model(inputs, targets, window=window)
+
+
+def step_ours(ours: Ours, step: int) -> None:
+    schedule(ours.optimizer, step, ours.cfg)
+    ours.optimizer.step()
+    ours.optimizer.zero_grad(set_to_none=True)
+
+
+# ---- the two sides in our names ------------------------------------------------------------------------
+
+
+def reference_tensor(ref: Reference, entry: Entry, grad: bool = False) -> Tensor | None:
+    """The reference's tensor (or its gradient) behind a table entry."""
+    param = dict(ref.model.named_parameters())[entry.reference]
+    tensor = param.grad if grad else param
+    if tensor is None:
+        return None
+    return tensor if entry.part is None else tensor[entry.part]
+
+
+@torch.no_grad()
+def copy_weights(table: list[Entry], ours: GPT, ref: Reference) -> None:
+    """Our weights into the reference, entry by entry (its unread elements are left as they are)."""
+    params = dict(ours.named_parameters())
+    for entry in table:
+        if entry.ours is not None:
+            reference_tensor(ref, entry).copy_(params[entry.ours])
+
+
+@torch.no_grad()
+def reference_weights(table: list[Entry], ref: Reference) -> dict[str, Tensor]:
+    """The reference's weights under our names, as float32 copies."""
+    return {e.ours: reference_tensor(ref, e).float().clone() for e in table if e.ours is not None}
+
+
+@torch.no_grad()
+def our_weights(ours: GPT) -> dict[str, Tensor]:
+    return {name: p.float().clone() for name, p in ours.named_parameters()}
+
+
+def check_unread(table: list[Entry], ref: Reference) -> None:
+    """The elements the table calls unread must get no gradient from the reference's loss."""
+    for entry in table:
+        grad = reference_tensor(ref, entry, grad=True) if entry.ours is None else None
+        if grad is not None and grad.any():
+            raise SystemExit(f"error: tools.parity: the name table calls {describe(entry)} unread, but the "
+                             f"reference's loss has a gradient there; map it to one of our parameters")
+
+
+def kind_of(table: list[Entry]) -> dict[str, str]:
+    return {e.ours: e.kind for e in table if e.ours is not None}
+
+
+def relative_differences(kinds: dict[str, str], a: dict[str, Tensor],
+                         b: dict[str, Tensor]) -> dict[str, float]:
+    """Per kind, ‖a − b‖/‖a‖ over all of that kind's tensors together (0/0 counts as 0)."""
+    num, den = dict.fromkeys(KINDS, 0.0), dict.fromkeys(KINDS, 0.0)
+    for name, kind in kinds.items():
+        num[kind] += torch.linalg.vector_norm(a[name] - b[name]).item() ** 2
+        den[kind] += torch.linalg.vector_norm(a[name]).item() ** 2
+    return {k: math.sqrt(num[k] / den[k]) if den[k] else math.sqrt(num[k]) for k in KINDS}
+
+
+def change(after: dict[str, Tensor], before: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: after[name] - before[name] for name in after}
+
+
+# ---- a side of the comparison: the reference, possibly under another attention kernel --------------------
+
+
+@dataclass
+class Side:
+    ref: Reference
+    backend: list[SDPBackend] | None  # None: SDPA's default choice
+
+    def kernel(self):
+        return sdpa_kernel(self.backend) if self.backend else contextlib.nullcontext()
+
+    def train_step(self, table: list[Entry], inputs: Tensor, targets: Tensor,
+                   step: int) -> tuple[float, dict]:
+        """One training step at schedule step `step`: (loss per token, the weights' change by our names)."""
+        before = reference_weights(table, self.ref)
+        with self.kernel():
+            total = self.ref.loss(inputs, targets, self.ref.window(step))
+            total.backward()
+        check_unread(table, self.ref)
+        self.ref.schedule(step)
+        self.ref.step()
+        return total.item() / targets.numel(), change(reference_weights(table, self.ref), before)
+
+
+def fresh_state(*optimizers) -> None:
+    for opt in optimizers:
+        opt.state.clear()
+
+
+# ---- the run -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepRow:
+    step: int
+    window: int
+    loss_ref: float
+    loss_ours: float
+    loss_floor: float  # the reference under the math kernel
+    update: dict[str, float]
+    update_floor: dict[str, float]
+
+    @property
+    def loss_diff(self) -> float:
+        return self.loss_ours - self.loss_ref
+
+    @property
+    def floor_diff(self) -> float:
+        return self.loss_floor - self.loss_ref
+
+
+@dataclass
+class CheckRow:
+    step: int
+    update: dict[str, float]
+    floor: dict[str, float]
+
+
+@dataclass
+class Report:
+    substitutions: dict[str, int]
+    steps: list[StepRow] = field(default_factory=list)
+    checks: list[CheckRow] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+class Parity:
+    """Ours, the reference and its noise-floor twin, from identical weights, fed identical batches."""
+
+    def __init__(self, reference: str | Path, width: int, seq_len: int, data: list[Path], seed: int,
+                 floor: bool = True):
+        self.ours = build_ours(width, seq_len, seed)
+        ref, self.substitutions = load_reference(reference, width, seq_len)
+        self.table = ref.table(self.ours.model)
+        self.kinds = kind_of(self.table)
+        self.sides = [Side(ref, None)]
+        if floor:
+            self.sides.append(Side(load_reference(reference, width, seq_len)[0], [SDPBackend.MATH]))
+        self.loader = TokenLoader(data, 1, seq_len, align_to_bos=True)
+
+    def start_segment(self) -> None:
+        """Every model at ours' current weights, every optimizer with fresh state."""
+        for side in self.sides:
+            copy_weights(self.table, self.ours.model, side.ref)
+            fresh_state(*side.ref.optimizers)
+            side.ref.model.zero_grad(set_to_none=True)
+        fresh_state(self.ours.optimizer)
+
+    def train_step(self, step: int) -> StepRow:
+        inputs, targets = self.loader.next_batch()
+        before = our_weights(self.ours.model)
+        loss = our_loss(self.ours, inputs, targets, step)
+        loss.backward()
+        step_ours(self.ours, step)
+        ours_update = change(our_weights(self.ours.model), before)
+        (loss_ref, ref_update), *twin = (side.train_step(self.table, inputs, targets, step)
+                                          for side in self.sides)
+        loss_floor, floor_update = twin[0] if twin else (loss_ref, ref_update)  # --no-floor: floor 0
+        return StepRow(step, window_at(step, self.ours.cfg), loss_ref, loss.item(), loss_floor,
+                       relative_differences(self.kinds, ref_update, ours_update),
+                       relative_differences(self.kinds, ref_update, floor_update))
+
+    def check_step(self, step: int) -> CheckRow:
+        """One optimizer step of each from a common state and identical gradients, Newton–Schulz in
+        float32 (module docstring); the floor: the reference's own float32 against float64 step."""
+        self.start_segment()
+        inputs, targets = self.loader.next_batch()
+        our_loss(self.ours, inputs, targets, step).backward()
+        grads = {name: p.grad.clone() for name, p in self.ours.model.named_parameters()}
+        ref = self.sides[0].ref
+        updates = {}
+        for dtype in (torch.float32, torch.float64):
+            updates[dtype] = self.reference_step(ref, grads, targets.numel(), step, dtype)
+        set_ns_dtype(self.ours.optimizer, torch.float32)
+        before = our_weights(self.ours.model)
+        step_ours(self.ours, step)
+        set_ns_dtype(self.ours.optimizer, torch.bfloat16)
+        ours_update = change(our_weights(self.ours.model), before)
+        self.start_segment()
+        return CheckRow(step, relative_differences(self.kinds, updates[torch.float32], ours_update),
+                        relative_differences(self.kinds, updates[torch.float32], updates[torch.float64]))
+
+    def reference_step(self, ref: Reference, grads: dict[str, Tensor], tokens: int, step: int,
+                       ns_dtype: torch.dtype) -> dict[str, Tensor]:
+        """The reference's optimizer step from ours' weights and fresh state, its gradients ours times
+        `tokens` (its loss is a sum), Newton–Schulz in ns_dtype; the weights' change by our names."""
+        copy_weights(self.table, self.ours.model, ref)
+        fresh_state(*ref.optimizers)
+        params = dict(ref.model.named_parameters())
+        for p in params.values():
+            p.grad = torch.zeros_like(p)
+        with torch.no_grad():
+            for entry in self.table:
+                if entry.ours is not None:
+                    reference_tensor(ref, entry, grad=True).copy_(grads[entry.ours].float() * tokens)
+        ref.set_ns_dtype(ns_dtype)
+        ref.schedule(step)
+        before = reference_weights(self.table, ref)
+        ref.step()
+        ref.set_ns_dtype(torch.bfloat16)
+        return change(reference_weights(self.table, ref), before)
+
+
+def segments(steps: list[int]) -> Iterator[list[int]]:
+    """Runs of consecutive steps: [0, 1, 2, 1000, 1500] -> [0, 1, 2], [1000], [1500]."""
+    run: list[int] = []
+    for step in steps:
+        if run and step != run[-1] + 1:
+            yield run
+            run = []
+        run.append(step)
+    if run:
+        yield run
+
+
+def run(args: argparse.Namespace, out=None) -> Report:
+    """The comparison, printed as it goes (to `out`, default stdout); the report carries every figure and
+    the failed checks."""
+    out = out or sys.stdout
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with warnings.catch_warnings(), one_process_group():
+        # the record calls reduce_scatter_tensor and all_gather_into_tensor: deprecated, still working
+        warnings.filterwarnings("ignore", r"`torch\.distributed\..*` is deprecated", FutureWarning)
+        parity = Parity(args.reference, args.width, args.seq_len, shards(args.data), args.seed, args.floor)
+        report = Report(parity.substitutions)
+        print(header(args, parity), file=out)
+        for segment in segments(args.steps):
+            parity.start_segment()
+            for step in segment:
+                report.steps.append(parity.train_step(step))
+                print(format_step(report.steps[-1]), file=out)
+        for step in args.check_steps:
+            report.checks.append(parity.check_step(step))
+            print(format_check(report.checks[-1]), file=out)
+    report.failures = verdicts(report, args.loss_tol, args.step_tol)
+    for line in report.failures or ["PASS: every difference within its tolerance"]:
+        print(line, file=out)
+    return report
+
+
+def verdicts(report: Report, loss_tol: float, step_tol: dict[str, float]) -> list[str]:
+    """The failed checks, one line each (module docstring)."""
+    failures = []
+    if report.steps:
+        worst = max(report.steps, key=lambda r: abs(r.loss_diff))
+        floor = max(abs(r.floor_diff) for r in report.steps)
+        if abs(worst.loss_diff) > floor + loss_tol:
+            failures.append(f"FAIL: loss difference {worst.loss_diff:+.2e} at step {worst.step} exceeds the "
+                            f"noise floor {floor:.2e} + --loss-tol {loss_tol:g}")
+    for row in report.checks:
+        for kind in KINDS:
+            allowed = max(row.floor[kind], step_tol[kind])
+            if row.update[kind] > allowed:
+                failures.append(f"FAIL: one-step {kind} update difference {row.update[kind]:.2e} at step "
+                                f"{row.step} exceeds max(floor {row.floor[kind]:.1e}, --step-tol "
+                                f"{kind}={step_tol[kind]:g})")
+    return failures
+
+
+# ---- printing -------------------------------------------------------------------------------------------
+
+
+def header(args: argparse.Namespace, parity: Parity) -> str:
+    made = ", ".join(f"{what} x{n}" for what, n in parity.substitutions.items()) or "none needed"
+    names = " ".join(f"{k:>17}" for k in KINDS)
+    return (f"reference {args.reference} ({type(parity.sides[0].ref).__name__}); CPU substitutions: {made}\n"
+            f"width {args.width}, 12 layers, {args.seq_len}-token BOS-aligned batches; loss per token; "
+            f"update: |u_ref - u_ours|/|u_ref| (floor: reference under SDPA's math kernel)\n"
+            f"{'step':>5} {'window':>6} {'loss ref':>9} {'loss ours':>9} {'diff':>9} {'floor':>9} {names}")
+
+
+def format_step(row: StepRow) -> str:
+    updates = " ".join(f"{row.update[k]:8.1e}/{row.update_floor[k]:8.1e}" for k in KINDS)
+    return (f"{row.step:5d} {row.window:6d} {row.loss_ref:9.5f} {row.loss_ours:9.5f} {row.loss_diff:+9.1e} "
+            f"{row.floor_diff:+9.1e} {updates}")
+
+
+def format_check(row: CheckRow) -> str:
+    parts = ", ".join(f"{k} {row.update[k]:.1e}" + (f" (floor {row.floor[k]:.1e})" if k == "hidden" else "")
+                      for k in KINDS)
+    return (f"one optimizer step at step {row.step} (common state and gradients, Newton-Schulz float32):\n"
+            f"  {parts}")
+
+
+# ---- flags ------------------------------------------------------------------------------------------------
+
+
+def step_list(text: str) -> list[int]:
+    """'0-19' or '1000,1500' (or both, comma-separated) -> the steps; 'none' -> no step."""
+    if text == "none":
+        return []
+    steps = []
+    for part in text.split(","):
+        found = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not found:
+            raise argparse.ArgumentTypeError(f"expected steps like 0-19 or 1000,1500; got {text!r}")
+        low, high = int(found.group(1)), int(found.group(2) or found.group(1))
+        steps.extend(range(low, high + 1))
+    if any(s > 1750 for s in steps):
+        raise argparse.ArgumentTypeError(f"steps must lie in the 1750-step schedule, 0..1750; got {text!r}")
+    return steps
+
+
+def tolerance(text: str) -> tuple[str, float]:
+    kind, _, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if kind not in KINDS or not number >= 0:
+        raise argparse.ArgumentTypeError(f"expected KIND=REL with KIND one of {', '.join(KINDS)} and "
+                                         f"REL >= 0; "
+                                         f"got {text!r}")
+    return kind, number
+
+
+def shards(data: str | None) -> list[Path]:
+    """The training shards of --data, or of the demo corpus (built on first use)."""
+    if data is None:
+        from data.demo import demo_shards
+
+        data = demo_shards()
+    try:
+        return list_shards(data, "train")
+    except ShardError as error:
+        raise SystemExit(f"error: --data: {error}") from None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tools.parity", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
+    parser.add_argument("--reference", required=True, help="a record's log (its source is read up to the "
+                        "first line of '=') or that source as a .py")
+    parser.add_argument("--steps", type=step_list, action="append",
+                        help="schedule steps to train, e.g. 0-19 or 1000,1500, or none; repeatable "
+                             "[default: 0-19 and 1000,1500]")
+    parser.add_argument("--check-steps", type=step_list, default=[1, 1500],
+                        help="schedule steps of the one-optimizer-step check, or none [default: 1,1500]")
+    parser.add_argument("--width", type=int, default=256, help="residual width, a multiple of 128 [256]")
+    parser.add_argument("--seq-len", type=int, default=2048,
+                        help="tokens per batch, a multiple of 128 [2048]")
+    parser.add_argument("--data", help="folder of *_train_*.bin shards [the demo corpus]")
+    parser.add_argument("--seed", type=int, default=0, help="seed of our weight init [0]")
+    parser.add_argument("--loss-tol", type=float, default=0.0,
+                        help="loss difference allowed beyond the measured noise floor [0]")
+    parser.add_argument("--step-tol", type=tolerance, action="append", default=[],
+                        help="KIND=REL: one-step relative update difference allowed for KIND "
+                             f"[{' '.join(f'{k}={v:g}' for k, v in STEP_TOLERANCES.items())}]")
+    parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                        help="train the reference's noise-floor twin (--no-floor: a third less work; "
+                             "the floor is then 0)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    args = parser.parse_args(argv)
+    args.steps = sorted({s for part in (args.steps or [list(range(20)), [1000, 1500]]) for s in part})
+    args.step_tol = {**STEP_TOLERANCES, **dict(args.step_tol)}
+    for flag, value in (("--width", args.width), ("--seq-len", args.seq_len)):
+        if value < 128 or value % 128:
+            parser.error(f"{flag} must be a positive multiple of 128, got {value}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    return 1 if run(parse_args(argv)).failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
