@@ -53,7 +53,6 @@ from training.recipe import (  # noqa: E402
     lr_factor,
     parse_config,
     plan_changes,
-    schedule,
     window_at,
 )
 from training.rundir import claim_out_dir  # noqa: E402
@@ -65,7 +64,6 @@ from training.runtime import (  # noqa: E402
     check_writable,
     close_distributed,
     init_distributed,
-    mean_over_ranks,
     peak_memory,
     peak_memory_gib,
     resolve_device,
@@ -74,6 +72,7 @@ from training.runtime import (  # noqa: E402
     world_size_from_env,
 )
 from training.state import RunState, load_run, save_run  # noqa: E402
+from training.steps import evaluate, train_step  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
 # Set-up, data, model, optimizer
@@ -329,40 +328,6 @@ def stretch_ends(step: int, cfg: TrainConfig, start_step: int) -> bool:
     saving = bool(cfg.save_every and step % cfg.save_every == 0)
     exiting = bool(cfg.exit_after_steps and step - start_step == cfg.exit_after_steps)
     return logged(step, cfg) or validation_due(step, cfg) or saving or exiting
-
-
-def train_step(run: RunState, forward, windows: WindowTensors, cfg: TrainConfig, grad_accum: int,
-               precision: Callable[[], torch.autocast]) -> torch.Tensor:
-    """One optimizer step (all micro-batches) at run.step; this rank's loss, left on the device."""
-    schedule(run.optimizer, run.step, cfg)
-    window = windows(run.step)
-    train_loss = None
-    for micro_step in range(grad_accum):
-        x, y = run.loader.next_batch()
-        with precision():
-            loss = forward(x, y, window=window) / grad_accum
-        # Under torchrun the optimizer averages gradients over ranks itself, sending each bucket
-        # during the last backward as soon as it is complete (optim/distributed.py).
-        with run.optimizer.sync_gradients(enabled=micro_step == grad_accum - 1):
-            loss.backward()
-        train_loss = loss.detach() if train_loss is None else train_loss + loss.detach()
-    run.optimizer.step()
-    run.optimizer.zero_grad(set_to_none=True)
-    return train_loss
-
-
-def evaluate(forward, model: GPT, val_batches, step: int, windows: WindowTensors,
-             precision: Callable[[], torch.autocast]) -> float:
-    """Mean loss over the fixed validation batches at `step`'s window (every rank its share, averaged)."""
-    model.eval()
-    window, total, count = windows(step), None, 0
-    with torch.no_grad(), precision():
-        for x, y in val_batches():
-            loss = forward(x, y, window=window).float()
-            total = loss if total is None else total + loss
-            count += 1
-    model.train()
-    return mean_over_ranks(total).item() / count
 
 
 def warm_up(run: RunState, step, validate, cfg: TrainConfig, log: RunLog, device: torch.device,

@@ -92,18 +92,18 @@ def fp8_mm_backward(dy: Tensor, x8: Tensor, w8: Tensor, x_s: float, w_s: float,
 
 
 @functools.cache
-def compiled(fn):
+def compiled_on_first_call(fn):
     """torch.compile(fn), made at the first call: importing the model does not import the compiler."""
     return torch.compile(fn)
 
 
 def fp8_mm_cuda(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
-    return compiled(fp8_forward)(x, w, x_s, w_s)
+    return compiled_on_first_call(fp8_forward)(x, w, x_s, w_s)
 
 
 def fp8_mm_backward_cuda(dy: Tensor, x8: Tensor, w8: Tensor, x_s: float, w_s: float,
                          grad_s: float) -> tuple[Tensor, Tensor]:
-    return compiled(fp8_backward)(dy, x8, w8, x_s, w_s, grad_s)
+    return compiled_on_first_call(fp8_backward)(dy, x8, w8, x_s, w_s, grad_s)
 
 
 def fp8_mm_fake(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
