@@ -355,23 +355,36 @@ def a_gpt_like_state(rank: int, world_size: int, tmp: Path) -> dict:
 
 def a_missing_gradient_raises_by_default(rank: int, world_size: int, tmp: Path) -> dict:
     """unused_parameters left off, rank r without a gradient for layer r's bias: step() refuses it on each
-    rank, naming that bias, before any collective; discarding recovers, and the next step goes through."""
+    rank, naming that bias, before any collective; discarding recovers, and the next step goes through.
+    Then layer r's bias frozen on rank r: its bucket is not sent during the synchronized backward, and
+    step() refuses it alike."""
     model = nn.Sequential(*(nn.Linear(4, 4) for _ in range(world_size)))
     opt = Muon(param_groups(model), **HYPER)
     for name, p in model.named_parameters():
         p.grad = None if name == f"{rank}.bias" else torch.ones_like(p)
+    errors = []
     with recording_collectives([]) as issued:
-        try:
-            opt.step()
-            error = None
-        except RuntimeError as e:
-            error = str(e)
+        errors.append(step_error(opt))
     opt.discard_gradients()
     for p in model.parameters():
         p.grad = torch.ones_like(p)
     opt.step()
+    opt.zero_grad(set_to_none=True)
+    model.get_submodule(str(rank)).bias.requires_grad_(False)
+    with opt.sync_gradients():
+        model(torch.ones(2, 4)).sum().backward()
+    errors.append(step_error(opt))
+    opt.discard_gradients()
     opt.close()
-    return dict(missing_error=error, missing_issued=issued)
+    return dict(missing_errors=errors, missing_issued=issued)
+
+
+def step_error(opt: Muon) -> str | None:
+    try:
+        opt.step()
+    except RuntimeError as e:
+        return str(e)
+    return None
 
 
 # Where each collective of a step is called, and which of its arguments is the per-rank chunk.
@@ -644,9 +657,10 @@ def test_by_default_a_step_sends_no_flags(run):
 def test_by_default_a_missing_gradient_raises_on_its_rank_before_any_collective(run):
     _, ranks = run
     for rank, saved in enumerate(ranks):
-        assert f"parameter '{rank}.bias' (param group 1, adam) has no gradient on rank {rank}" \
-            in saved["missing_error"]
-        assert "unused_parameters=True" in saved["missing_error"] and "\n" not in saved["missing_error"]
+        for error in saved["missing_errors"]:  # a gradient set to None, then a frozen parameter
+            assert error is not None, saved["missing_errors"]
+            assert f"parameter '{rank}.bias' (param group 1, adam) has no gradient on rank {rank}" in error
+            assert "unused_parameters=True" in error and "\n" not in error
         assert saved["missing_issued"] == []
 
 
