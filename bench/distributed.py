@@ -17,8 +17,9 @@ order), per W:
                   the whole machine, so the least over the steps), and predicted from the step's
                   collectives (optim.distributed.step_collectives; optim/zero.py gives the
                   formulas): (W−1) chunks per reduce-scatter and all-gather, 2(W−1)/W of each flags
-                  all-reduce. Gloo builds a reduce-scatter from an all-reduce of the whole input,
-                  which sends twice a ring reduce-scatter's bytes: predicted both ways
+                  all-reduce (none here: every parameter has a gradient, Muon's default). Gloo
+                  builds a reduce-scatter from an all-reduce of the whole input, which sends twice a
+                  ring reduce-scatter's bytes: predicted both ways
   all_reduce      the same gradients all-reduced instead, as a replicated step (DDP, or this
                   optimizer before ZeRO-1) sends them: measured, and predicted 2(W−1)/W·(elements)·4
 

@@ -62,7 +62,7 @@ from optim.kinds import MATRIX
 from optim.state import muon_state_layout
 from optim.zero import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER
 from training.fsdp import sharding_units
-from training.recipe import optimizer_groups, parse_config
+from training.recipe import optimizer_groups, parse_config, unused_parameters
 from training.runtime import autocast_dtype
 
 GiB = 2**30
@@ -108,8 +108,9 @@ def state_bytes(groups: list[dict], state_shape) -> int:
     return total
 
 
-def data_parallel(groups: list[dict], world_size: int, rank: int) -> dict:
-    """Parameters, gradients, state and in-flight buffers of one rank under the default distribution."""
+def data_parallel(groups: list[dict], world_size: int, rank: int, flagged: bool = False) -> dict:
+    """Parameters, gradients, state and in-flight buffers of one rank under the default distribution;
+    flagged: has-a-gradient flags (Muon's unused_parameters, as training.recipe.build_optimizer sets it)."""
     params = [p for group in groups for p in group["params"]]
     held = sum(nbytes(p.shape, p.dtype) for p in params)
     if world_size == 1:
@@ -117,7 +118,7 @@ def data_parallel(groups: list[dict], world_size: int, rank: int) -> dict:
                     **{"in flight": 0})
     shard_of = {}
     for index, group in enumerate(groups):
-        for shard in shards_of(index, group["params"], KINDS[group["kind"]], rank, world_size):
+        for shard in shards_of(index, group["params"], KINDS[group["kind"]], rank, world_size, flagged):
             shard_of.update((id(p), shard) for p in shard.params)
     shards = list({id(shard): shard for shard in shard_of.values()}.values())
     state = state_bytes(groups, lambda p, g: shard_of[id(p)].state_shape(p))
@@ -128,7 +129,7 @@ def data_parallel(groups: list[dict], world_size: int, rank: int) -> dict:
 def data_parallel_buffers(shard, world_size: int) -> int:
     """One shard's communication buffers (optim/zero.py), made at the first step and kept: per
     collective in shard.collectives, a reduce-scatter's W rows sent and row received, an all-gather's
-    chunk sent and W chunks received, the flags' all-reduced counts."""
+    chunk sent and W chunks received, the flags' all-reduced counts (unused_parameters=True only)."""
     copies = {REDUCE_SCATTER: world_size + 1, ALL_GATHER: world_size + 1, ALL_REDUCE: 1}
     return sum(copies[c.op] * c.bytes for c in shard.collectives)
 
@@ -226,7 +227,8 @@ def rows(presets: list[str], world_sizes: list[int], tokens: int, embed_map: str
         for world_size in world_sizes:
             for fsdp in (False, True):
                 per_rank = [fully_sharded(gpts[fsdp], groups[fsdp], world_size, r) if fsdp
-                            else data_parallel(groups[fsdp], world_size, r) for r in range(world_size)]
+                            else data_parallel(groups[fsdp], world_size, r, unused_parameters(gpts[fsdp]))
+                            for r in range(world_size)]
                 largest = max(per_rank, key=lambda held: sum(held.values()))
                 table.append(dict(preset=preset, world_size=world_size, fsdp=fsdp, **largest,
                                   activations=activations[fsdp]["all"], logits=activations[fsdp]["logits"]))

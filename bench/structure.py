@@ -65,7 +65,7 @@ from optim.allocations import count_allocations
 from optim.distributed import DataParallel, step_collectives
 from optim.zero import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER
 from training.compiling import compile_model
-from training.recipe import WindowTensors, build_optimizer, parse_config, window_at
+from training.recipe import WindowTensors, build_optimizer, parse_config, unused_parameters, window_at
 from training.steps import evaluate
 
 T = 48 * 1024  # tokens per GPU per step
@@ -369,9 +369,12 @@ def attention_tiles(preset: str = "124m") -> dict[str, int]:
 
 def collectives(preset: str = "124m", world_size: int = WORLD_SIZE) -> list[tuple[str, str, int]]:
     """(op, dtype, bytes per rank) of each collective of one optimizer step at world_size ranks:
-    optim.distributed.step_collectives, the list the step issues, computed without a process group."""
-    groups = speedrun_groups(meta_gpt(PRESETS[preset], fsdp=False), "adam")
-    return [(c.op, dtype_name(c.dtype), c.bytes) for c in step_collectives(groups, world_size)]
+    optim.distributed.step_collectives, the list the step issues, computed without a process group, for
+    the speedrun's optimizer as training/recipe.py build_optimizer makes it (unused_parameters: flags
+    only where the model leaves a parameter without a gradient; the 124M model does not)."""
+    gpt = meta_gpt(PRESETS[preset], fsdp=False)
+    plan = step_collectives(speedrun_groups(gpt, "adam"), world_size, unused_parameters(gpt))
+    return [(c.op, dtype_name(c.dtype), c.bytes) for c in plan]
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -13,17 +13,23 @@ from different seeds start alike.
 A step. Gradients are reduce-scattered and averaged; each rank steps its share (whole matrices for
 the Newton–Schulz kinds, 1/W of the elements or rows for the others, holding that share's state
 only); updated values are all-gathered. It equals the one-process step on the gradient averaged over
-ranks. A parameter no rank has a gradient for is left alone, as one process leaves it (decided on the
-device from has-a-gradient flags, one small all-reduce per shard sent after its last bucket; no host
-read); one missing on some ranks counts as zero there. Every collective's per-rank chunk is a multiple
-of 16 bytes, and its buffers are made at the first step and reused: step_collectives(param_groups, W)
-lists one step's collectives, from the same shards the step builds, without a process group.
+ranks. Every collective's per-rank chunk is a multiple of 16 bytes, and its buffers are made at the
+first step and reused: step_collectives(param_groups, W, unused_parameters) lists one step's
+collectives, from the same shards the step builds, without a process group.
+
+Unused parameters. By default (Muon(unused_parameters=False), as DDP's find_unused_parameters) every
+parameter of a group the step updates must have a gradient on every rank: a rank without one for some
+parameter raises, naming it, before the step sends anything more (a frozen parameter's bucket waits
+for step() to be refused there). With unused_parameters=True a parameter no rank has a gradient for
+is left alone, as one process leaves it (decided on the device from has-a-gradient flags, one small
+all-reduce per shard sent after its last bucket; no host read); one missing on some ranks counts as
+zero there.
 
 Launch order. Collectives must be issued in the same order on every rank. During the first
 synchronized backward each rank records the order in which its buckets fill; the first step adopts
 rank 0's (one broadcast, the only host read, once), and from then on a filled bucket is launched as
 soon as every bucket before it in that order has been; step() launches the rest in the same order.
-A shard's flags follow its last bucket in that order.
+A shard's flags (unused_parameters=True) follow its last bucket in that order.
 
 Guards. Inside sync_gradients(), `loss.backward()` is intercepted (a TorchFunctionMode on
 Tensor.backward) to: register hooks for parameters unfrozen since construction; refuse, before any
@@ -58,7 +64,7 @@ from torch.overrides import TorchFunctionMode
 
 from .kinds import KINDS, MATRIX, ROW
 from .update import clip_coefficient, resting
-from .zero import BUCKET_ELEMENTS, Collective, FlatShard, GradientBucket, MatrixShard
+from .zero import BUCKET_ELEMENTS, Collective, FlatShard, GradientBucket, MatrixShard, wait_flags
 
 WORLD = "world"
 
@@ -86,26 +92,29 @@ def resolve_process_group(process_group) -> "dist.ProcessGroup | None":
     return process_group
 
 
-def shards_of(group_index: int, params: list[torch.Tensor], kind, rank: int,
-              world_size: int) -> list["MatrixShard | FlatShard"]:
+def shards_of(group_index: int, params: list[torch.Tensor], kind, rank: int, world_size: int,
+              unused_parameters: bool) -> list["MatrixShard | FlatShard"]:
     """How DataParallel splits a param group of `kind` (optim/zero.py): whole matrices per same-shape
-    stack, or flat buckets of elements or rows."""
+    stack, or flat buckets of elements or rows; each with has-a-gradient flags if unused_parameters."""
     if kind.shard == MATRIX:
-        return [MatrixShard(group_index, same, rank, world_size) for same in same_shape(params)]
-    return [FlatShard(group_index, same, unit, kind.shard == ROW, rank, world_size)
+        return [MatrixShard(group_index, same, rank, world_size, unused_parameters)
+                for same in same_shape(params)]
+    return [FlatShard(group_index, same, unit, kind.shard == ROW, rank, world_size, unused_parameters)
             for same, unit in _flat_buckets(params, kind.shard == ROW)]
 
 
-def step_collectives(param_groups: list[dict], world_size: int) -> list[Collective]:
+def step_collectives(param_groups: list[dict], world_size: int,
+                     unused_parameters: bool = False) -> list[Collective]:
     """The collectives of one DataParallel step at `world_size` ranks, without a process group.
 
     `param_groups`: Muon's param groups (opt.param_groups) or optim.param_groups(model)'s, each with
     "params" (tensors or (name, tensor) pairs; meta tensors will do) and "kind". The shards are built
     by shards_of, as DataParallel builds them, and each Collective is the description the step makes
     that collective's buffers from: per shard in param-group order, its buckets' reduce-scatters, its
-    flags' all-reduce, its all-gather (at run time the reduce-scatters leave in the agreed fill order,
-    each shard's flags right after its last bucket). Which rank owns what does not change any
-    collective's size, so rank 0's shards stand for every rank's. One rank: none.
+    flags' all-reduce (only if unused_parameters, Muon's option of that name), its all-gather (at run
+    time the reduce-scatters leave in the agreed fill order, each shard's flags right after its last
+    bucket). Which rank owns what does not change any collective's size, so rank 0's shards stand for
+    every rank's. One rank: none.
     """
     if world_size == 1:
         return []
@@ -115,7 +124,7 @@ def step_collectives(param_groups: list[dict], world_size: int) -> list[Collecti
             raise ValueError(f"step_collectives: param group {index} has kind {group.get('kind')!r}; "
                              f"give each group one of {tuple(KINDS)} (optim.param_groups(model) does)")
         params = [p[1] if isinstance(p, tuple) else p for p in group["params"]]
-        for shard in shards_of(index, params, KINDS[group["kind"]], 0, world_size):
+        for shard in shards_of(index, params, KINDS[group["kind"]], 0, world_size, unused_parameters):
             collectives += shard.collectives
     return collectives
 
@@ -143,8 +152,9 @@ def own_group(parent: "dist.ProcessGroup") -> "dist.ProcessGroup":
 class DataParallel:
     """Muon's gradient averaging over a process group: its own group, shards, buckets, hooks, guards."""
 
-    def __init__(self, parent: "dist.ProcessGroup"):
+    def __init__(self, parent: "dist.ProcessGroup", unused_parameters: bool):
         self.group = own_group(parent)
+        self.unused_parameters = unused_parameters  # flags, or a gradient required of every parameter
         ranks = dist.get_process_group_ranks(parent)
         self.rank, self.world_size, self.source = dist.get_rank(self.group), len(ranks), ranks[0]
         self.shards: list = []
@@ -169,7 +179,7 @@ class DataParallel:
                 raise ValueError(f"Muon: a parameter of shape {tuple(p.shape)} is not contiguous; "
                                  "distributed Muon steps flat views of its parameters")
         self._broadcast(params)
-        for shard in shards_of(group_index, params, kind, self.rank, self.world_size):
+        for shard in shards_of(group_index, params, kind, self.rank, self.world_size, self.unused_parameters):
             self.shards.append(shard)
             self.shard_of.update((id(p), shard) for p in shard.params)
             for bucket in shard.buckets:
@@ -237,7 +247,7 @@ class DataParallel:
             bucket.average(self.world_size)
         for shard in self.shards:
             if not self._resting(shard):
-                shard.flags.wait()
+                wait_flags(shard)
         self._reset()
 
     def close(self) -> None:
@@ -247,7 +257,7 @@ class DataParallel:
             if self.buckets[i].work is not None:  # None: a resting group's, never sent
                 self.buckets[i].work.wait()
         for shard in self.shards:
-            if shard.flags.work is not None:
+            if shard.flags is not None and shard.flags.work is not None:
                 shard.flags.wait()
         self._remove_hooks()
         dist.destroy_process_group(self.group)
@@ -332,6 +342,22 @@ class DataParallel:
                     "sync_gradients() (step() then sends them as they are). A DistributedDataParallel "
                     "wrapper does this too: Muon averages gradients itself, so do not wrap the model")
 
+    def _check_present(self) -> None:
+        """Without unused_parameters, refuse a parameter of a bucket still to be sent that has no gradient
+        on this rank: with no flags, the other ranks would count its zeros as a gradient (momentum,
+        weight decay and the step count would move), where one process leaves it alone."""
+        if self.unused_parameters:
+            return
+        for bucket in self._sending(self.buckets[i] for i in self.order[self.launched :]):
+            for p in bucket.params:
+                if p.grad is None:
+                    group = self.groups[bucket.shard.group_index]
+                    raise RuntimeError(
+                        f"Muon: {_describe(p, group, bucket.shard.group_index)} has no gradient on rank "
+                        f"{self.rank} at this step; every parameter must have one on every rank (as DDP "
+                        "requires by default), or pass Muon(..., unused_parameters=True) to leave alone "
+                        "those no rank has a gradient for")
+
     def _check_untouched(self) -> None:
         """Refuse a p.grad changed after backward accumulated it: p.grad is this rank's own gradient, so a
         change made from it (a clip by its norm, an unscale that checks its infs) differs between ranks."""
@@ -345,13 +371,15 @@ class DataParallel:
                     "p.grad, and do not wrap the model in DistributedDataParallel (Muon averages gradients)")
 
     def _receive(self, check: bool = True) -> None:
-        """Agree the launch order (first step), refuse late gradient changes, launch every bucket left."""
+        """Agree the launch order (first step), refuse late gradient changes and (without
+        unused_parameters) a missing gradient, launch every bucket left."""
         self._check_open()
         if self.order is None:
             self.order = self._agree_order()
         if check:
             self._check_unchanged()
             self._check_untouched()
+            self._check_present()
         self._launch(only_filled=False)
 
     def _launch(self, only_filled: bool) -> None:
@@ -365,7 +393,7 @@ class DataParallel:
             bucket.launch(self.group)
             self.launched += 1
             shard = bucket.shard
-            if all(b.work is not None for b in shard.buckets):
+            if shard.flags is not None and all(b.work is not None for b in shard.buckets):
                 shard.flags.launch(shard.buckets, self.group)
 
     def _resting(self, shard) -> bool:
@@ -389,7 +417,8 @@ class DataParallel:
         for bucket in self.buckets:
             bucket.reset()
         for shard in self.shards:
-            shard.flags.reset()
+            if shard.flags is not None:
+                shard.flags.reset()
         self.launched = 0
         self.accumulated.clear()
 
@@ -416,6 +445,14 @@ def _on_gradient(owner: "weakref.ref[DataParallel]", bucket: GradientBucket, p: 
     data_parallel = owner()
     if data_parallel is not None:
         data_parallel.gradient_ready(bucket, p)
+
+
+def _describe(p: torch.Tensor, group: dict, group_index: int) -> str:
+    """'parameter NAME (param group i, kind)' where the group records names, else its position and shape."""
+    i = next(i for i, q in enumerate(group["params"]) if q is p)
+    names = group.get("param_names")
+    which = repr(names[i]) if names else f"{i} of shape {tuple(p.shape)}"
+    return f"parameter {which} (param group {group_index}, {group['kind']})"
 
 
 def _remove_all(hooks: dict) -> None:

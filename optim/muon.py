@@ -93,6 +93,13 @@ class Muon(torch.optim.Optimizer):
     (whole matrices for the Newton–Schulz kinds, 1/W of the elements or rows for the others, with
     that share's state only: ZeRO-1), and updated parameters are all-gathered. Each step equals the
     one-process step on the gradient averaged over ranks. p.grad keeps this rank's own gradient.
+    unused_parameters (as DDP's find_unused_parameters): False (the default, the speedrun's) requires
+    a gradient for every parameter of every group a step updates, on every rank (frozen ones
+    included: leave them out of the optimizer), and refuses a missing one (RuntimeError naming it)
+    before sending anything more; True leaves a parameter no rank has a gradient for alone, as one
+    process does (state, weight decay and step count untouched; one missing on some ranks counts as
+    zero there), at the cost of one small all-reduce of has-a-gradient flags per shard. One process
+    and fully_shard (p.grad None on every rank or on none) skip a None gradient either way.
     Wrap the last micro-step's backward in `sync_gradients()` so communication overlaps it; clip
     with `clip_grad_norm_`, drop a step with `discard_gradients`, release hooks and the group with
     `close` (or by dropping the optimizer). What would make the ranks disagree is refused on every
@@ -130,10 +137,14 @@ class Muon(torch.optim.Optimizer):
         adam_betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
         process_group=WORLD,
+        unused_parameters: bool = False,
     ):
         # Chosen at the first param group, whose tensors say how (DTensors: FSDP); add_param_group then
         # gives each group its shards, buckets and hooks.
+        if not isinstance(unused_parameters, bool):
+            raise ValueError(f"Muon: unused_parameters={unused_parameters!r}; expected True or False")
         self._process_group, self._distribution = process_group, None
+        self._unused_parameters = unused_parameters
         if isinstance(params, (set, frozenset)):  # torch refuses a set only as a group's params
             raise TypeError("Muon: params is a set, whose order changes between runs (and with it the state "
                             "dict's parameter indexes); pass a list")
@@ -181,7 +192,8 @@ class Muon(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         if index == 0:
-            self._distribution = _make_distribution(group["params"], self._process_group)
+            self._distribution = _make_distribution(group["params"], self._process_group,
+                                                    self._unused_parameters)
         if self._distribution is not None:  # collective: every rank adds the same groups in order
             self._distribution.add_group(index, group)
 
@@ -343,13 +355,13 @@ class Muon(torch.optim.Optimizer):
             kind_update(KINDS[group["kind"]], group, states, tensors, grads, flags, dualize)
 
 
-def _make_distribution(params: list[torch.Tensor], process_group):
+def _make_distribution(params: list[torch.Tensor], process_group, unused_parameters: bool):
     """How Muon spreads its step, from its first param group's tensors (all DTensors or all plain):
     FullyShardedParallel (optim/fsdp.py) for DTensors, else DataParallel over
-    resolve_process_group(process_group), or None for one process."""
+    resolve_process_group(process_group) (with flags if unused_parameters), or None for one process."""
     if not any(is_dtensor(p) for p in params):
         group = resolve_process_group(process_group)
-        return None if group is None else DataParallel(group)
+        return None if group is None else DataParallel(group, unused_parameters)
     if process_group != WORLD:
         raise ValueError(f"Muon: process_group={process_group!r} with DTensor (fully_shard) parameters; "
                          f"leave it {WORLD!r}: the parameters' device mesh names the ranks")

@@ -5,8 +5,10 @@ reduce-scatter of a (W, L) buffer whose row j is what rank j should receive; ran
 over ranks and divides it by W: the average. Each shard's has-a-gradient flags travel apart from the
 data, in one all-reduce of int32 counts launched right after the shard's last bucket: a parameter's
 count is the number of ranks that had a gradient for it, so every rank knows, without a host read,
-whether any rank had one (a rank without one sends zeros in its place). After the update one
-all-gather per shard brings every rank the others' updated values.
+whether any rank had one (a rank without one sends zeros in its place). Shards have flags only under
+Muon(unused_parameters=True); by default every parameter has a gradient on every rank (checked
+before sending, optim/distributed.py) and no flag travels. After the update one all-gather per shard
+brings every rank the others' updated values.
 
 Alignment. Every collective's per-rank chunk (a reduce-scatter's row, an all-gather's contribution,
 the flags' buffer) is padded with zeros to a multiple of ALIGNMENT = 16 bytes, whatever W and the
@@ -29,12 +31,12 @@ there. Row j = range j of the gradients padded to L = ⌈S⌉₁₆. Rank r step
 their state only (a 1-D or (rows, u) slice per parameter): ZeRO stage 1.
 
 Bytes a rank sends per step, ring algorithms, b bytes an element, k parameters in the shard:
-  MatrixShard  reduce-scatter (W−1)/W·P·L·b + all-gather (W−1)/W·P·L·b + flags 2(W−1)/W·⌈k⌉₁₆·4
-  FlatShard    reduce-scatter (W−1)·L·b     + all-gather (W−1)·L·b     + flags 2(W−1)/W·⌈k⌉₁₆·4
+  MatrixShard  reduce-scatter (W−1)/W·P·L·b + all-gather (W−1)/W·P·L·b [+ flags 2(W−1)/W·⌈k⌉₁₆·4]
+  FlatShard    reduce-scatter (W−1)·L·b     + all-gather (W−1)·L·b     [+ flags 2(W−1)/W·⌈k⌉₁₆·4]
   all-reduce of the same gradients, as a replicated step sends them: 2(W−1)/W·(elements)·b
-The same volume up to padding and flags. Gloo (CPU) builds its reduce-scatter from an all-reduce of
-the whole input, keeping the rank's slice, so there a reduce-scatter moves twice as much
-(bench.distributed measures it); NCCL's is a true reduce-scatter.
+The same volume up to padding (and flags, under unused_parameters=True). Gloo (CPU) builds its
+reduce-scatter from an all-reduce of the whole input, keeping the rank's slice, so there a
+reduce-scatter moves twice as much (bench.distributed measures it); NCCL's is a true reduce-scatter.
 """
 
 import math
@@ -105,8 +107,10 @@ class GradientBucket:
         self.sent: list[tuple] = []  # (param, its grad, the grad's version) when launched
 
     def refresh(self) -> None:
-        """Expect the gradients of the parameters that require one now (frozen or unfrozen since)."""
-        self.expected = {id(p) for p in self.params if p.requires_grad}
+        """Expect the gradients of the parameters that require one now (frozen or unfrozen since); without
+        flags, of every parameter: a frozen one keeps the bucket for step(), which refuses it."""
+        flagged = self.shard.flags is not None
+        self.expected = {id(p) for p in self.params if p.requires_grad or not flagged}
 
     @property
     def filled(self) -> bool:
@@ -184,7 +188,8 @@ class Flags:
 class MatrixShard:
     """A group's n same-shape matrices; matrix i is owned, stepped and sent by rank i mod W."""
 
-    def __init__(self, group_index: int, params: list[torch.Tensor], rank: int, world_size: int):
+    def __init__(self, group_index: int, params: list[torch.Tensor], rank: int, world_size: int,
+                 unused_parameters: bool):
         self.group_index, self.params, self.rank, self.world_size = group_index, params, rank, world_size
         W, like = world_size, params[0]
         self.elements = like.numel()
@@ -197,7 +202,7 @@ class MatrixShard:
                 f"gradients of {shape} matrices {c}-{c + W - 1} of {len(params)}"))
             for c in range(0, len(padded), W)]
         self.owned = params[rank::W]  # one per bucket, but none from the last bucket's padding
-        self.flags = Flags(group_index, params)
+        self.flags = Flags(group_index, params) if unused_parameters else None
         self.gather = Collective(ALL_GATHER, len(self.buckets) * row, like.dtype, group_index,
                                  f"{len(self.buckets)} updated {shape} matrices a rank")
         self.mine: torch.Tensor | None = None  # (C, L) sent and (W, C, L) gathered, made once
@@ -205,7 +210,7 @@ class MatrixShard:
 
     @property
     def collectives(self) -> list[Collective]:
-        return [bucket.collective for bucket in self.buckets] + [self.flags.collective, self.gather]
+        return [bucket.collective for bucket in self.buckets] + flag_collectives(self) + [self.gather]
 
     def fill(self, bucket: GradientBucket) -> None:
         """Row j of the bucket's rows ← its slot j's gradient, or zeros where this rank has none."""
@@ -224,13 +229,15 @@ class MatrixShard:
             torch._foreach_zero_(missing)
 
     def gradients(self) -> tuple[list, list, list, torch.Tensor | None]:
-        """(keys, tensors, averaged gradients, has-a-gradient flags) of this rank's matrices."""
-        counts = self.flags.wait()
+        """(keys, tensors, averaged gradients, has-a-gradient flags or None: all have one) of this
+        rank's matrices."""
+        counts = wait_flags(self)
         received = [bucket.received for bucket in self.buckets[: len(self.owned)]]
         if not received:
             return [], [], [], None
         grads = [r[: self.elements].view_as(p) for p, r in zip(self.owned, received, strict=True)]
-        return self.owned, self.owned, grads, counts[self.rank : len(self.params) : self.world_size] > 0
+        flags = None if counts is None else counts[self.rank : len(self.params) : self.world_size] > 0
+        return self.owned, self.owned, grads, flags
 
     def squares(self) -> torch.Tensor:
         """Σ of this rank's averaged gradients' squares, in float32."""
@@ -272,7 +279,7 @@ class FlatShard:
     """ZeRO-1: parameters flattened in order, rank r owning elements [rS, (r+1)S) in whole units of u."""
 
     def __init__(self, group_index: int, params: list[torch.Tensor], unit: int, by_rows: bool,
-                 rank: int, world_size: int):
+                 rank: int, world_size: int, unused_parameters: bool):
         self.group_index, self.params, self.unit, self.by_rows = group_index, params, unit, by_rows
         self.rank, self.world_size = rank, world_size
         self.sizes = [p.numel() for p in params]
@@ -293,7 +300,7 @@ class FlatShard:
         self.bucket = GradientBucket(self, params, Collective(REDUCE_SCATTER, row, like.dtype, group_index,
                                                               f"gradients of {what}"))
         self.buckets = [self.bucket]
-        self.flags = Flags(group_index, params)
+        self.flags = Flags(group_index, params) if unused_parameters else None
         self.gather = Collective(ALL_GATHER, row, like.dtype, group_index, f"updated {what}, 1/W a rank")
         self.mine: torch.Tensor | None = None  # (L,) sent and (W, L) gathered, made once
         self.everyone: torch.Tensor | None = None
@@ -301,7 +308,7 @@ class FlatShard:
 
     @property
     def collectives(self) -> list[Collective]:
-        return [self.bucket.collective, self.flags.collective, self.gather]
+        return [self.bucket.collective] + flag_collectives(self) + [self.gather]
 
     def fill(self, bucket: GradientBucket) -> None:
         """Row j[a:b] ← the gradient's piece in range j, or zeros where this rank has no gradient."""
@@ -320,8 +327,9 @@ class FlatShard:
             torch._foreach_zero_(missing)
 
     def gradients(self) -> tuple[list, list, list, torch.Tensor | None]:
-        """(keys, tensors, averaged gradients, flags) of this rank's pieces; tensors view the parameters."""
-        counts = self.flags.wait()
+        """(keys, tensors, averaged gradients, flags or None) of this rank's pieces; tensors view the
+        parameters."""
+        counts = wait_flags(self)
         if not self.pieces:
             return [], [], [], None
         received, starts = self.bucket.received, 0
@@ -331,6 +339,8 @@ class FlatShard:
             tensors.append(self._shaped(self.params[i].view(-1)[a:b]))
             grads.append(self._shaped(received[starts : starts + b - a]))
             starts += b - a
+        if counts is None:
+            return keys, tensors, grads, None
         if self._piece_params is None:  # once: which parameter each piece belongs to, on the device
             self._piece_params = torch.tensor([i for i, _, _ in self.pieces], device=received.device)
         return keys, tensors, grads, counts.index_select(0, self._piece_params) > 0
@@ -374,6 +384,16 @@ class FlatShard:
 
     def _shaped(self, flat: torch.Tensor) -> torch.Tensor:
         return flat.view(-1, self.unit) if self.by_rows else flat
+
+
+def flag_collectives(shard) -> list[Collective]:
+    """The shard's flags' all-reduce, or none where it has no flags."""
+    return [] if shard.flags is None else [shard.flags.collective]
+
+
+def wait_flags(shard) -> torch.Tensor | None:
+    """The shard's has-a-gradient counts summed over ranks (waits for them), or None without flags."""
+    return None if shard.flags is None else shard.flags.wait()
 
 
 def _overlap(start: int, length: int, offset: int, size: int) -> tuple[int, int]:

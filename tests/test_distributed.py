@@ -66,6 +66,8 @@ USER_COLLECTIVE_AT = 4  # a user's all_reduce on the world group between the syn
 # through it (and the clipping norm, and the momentum state) would a wrong average show.
 HYPER = dict(lr=0.05, momentum=0.9, weight_decay=0.1, adam_betas=(0.8, 0.95), adam_eps=0.1,
              ns_dtype=torch.float32)
+# The problem leaves UNUSED and RANK0_ONLY without a gradient on some ranks: has-a-gradient flags needed.
+FLAGGED = dict(HYPER, unused_parameters=True)
 
 
 def halve_lr_after_a_round_trip(opt: Muon) -> None:
@@ -166,7 +168,7 @@ def state_bytes(opt: Muon) -> int:
 def sharded_steps(rank: int, world_size: int, tmp: Path) -> dict:
     """STEPS steps, each reaching the optimizer a different way."""
     params, groups = problem()
-    opt = Muon(groups, **HYPER)
+    opt = Muon(groups, **FLAGGED)
     mine = [i for i, p in enumerate(params) if has_gradient(i, rank)]
     history, norms, sent, user_sums, host_reads, ns_calls = [], [], [], [], [], []
 
@@ -238,7 +240,7 @@ def loads_of_foreign_state(rank: int, world_size: int, tmp: Path) -> dict:
 def a_changed_gradient_raises_and_discarding_recovers(rank: int, world_size: int, tmp: Path) -> dict:
     """torch.nn.utils.clip_grad_norm_ on p.grad after the synchronized backward: step() refuses it."""
     params, groups = problem()
-    opt = Muon(groups, **HYPER)
+    opt = Muon(groups, **FLAGGED)
     mine = [i for i in range(len(params)) if has_gradient(i, rank)]
     synchronized_backward(opt, params, 0, rank, mine)  # records the order buckets fill in
     opt.discard_gradients()  # agrees it; from now on buckets leave during backward
@@ -294,7 +296,7 @@ def unfrozen_later_run(world_size: int, rank: int | None) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(3)
     a, b, c = (torch.randn(s, generator=gen).requires_grad_() for s in [(8, 16), (8, 16), (5,)])
     c.requires_grad_(False)
-    opt = Muon([{"params": [a, b], "kind": "hidden"}, {"params": [c], "kind": "adam"}], **HYPER)
+    opt = Muon([{"params": [a, b], "kind": "hidden"}, {"params": [c], "kind": "adam"}], **FLAGGED)
     for step in range(4):
         if step == UNFROZEN_AT:
             c.requires_grad_(True)
@@ -342,9 +344,47 @@ def gpt_like_groups() -> list[dict]:
 
 
 def a_gpt_like_state(rank: int, world_size: int, tmp: Path) -> dict:
+    """Every parameter with a gradient, unused_parameters left off: its state, and what the step issues."""
     opt = Muon(gpt_like_groups(), **HYPER)
+    with recording_collectives([]) as issued:
+        opt.step()
+    return dict(gpt_like_state_bytes=state_bytes(opt), default_issued=issued,
+                default_planned=[(c.op, c.elements, c.dtype) for c in step_collectives(gpt_like_groups(),
+                                                                                        world_size)])
+
+
+def a_missing_gradient_raises_by_default(rank: int, world_size: int, tmp: Path) -> dict:
+    """unused_parameters left off, rank r without a gradient for layer r's bias: step() refuses it on each
+    rank, naming that bias, before any collective; discarding recovers, and the next step goes through.
+    Then layer r's bias frozen on rank r: its bucket is not sent during the synchronized backward, and
+    step() refuses it alike."""
+    model = nn.Sequential(*(nn.Linear(4, 4) for _ in range(world_size)))
+    opt = Muon(param_groups(model), **HYPER)
+    for name, p in model.named_parameters():
+        p.grad = None if name == f"{rank}.bias" else torch.ones_like(p)
+    errors = []
+    with recording_collectives([]) as issued:
+        errors.append(step_error(opt))
+    opt.discard_gradients()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
     opt.step()
-    return dict(gpt_like_state_bytes=state_bytes(opt))
+    opt.zero_grad(set_to_none=True)
+    model.get_submodule(str(rank)).bias.requires_grad_(False)
+    with opt.sync_gradients():
+        model(torch.ones(2, 4)).sum().backward()
+    errors.append(step_error(opt))
+    opt.discard_gradients()
+    opt.close()
+    return dict(missing_errors=errors, missing_issued=issued)
+
+
+def step_error(opt: Muon) -> str | None:
+    try:
+        opt.step()
+    except RuntimeError as e:
+        return str(e)
+    return None
 
 
 # Where each collective of a step is called, and which of its arguments is the per-rank chunk.
@@ -373,7 +413,7 @@ def recording_collectives(issued: list):
 def collectives_and_allocations(rank: int, world_size: int, tmp: Path) -> dict:
     """Four steps on gradients set by hand: the collectives each issues, and the tensors it allocates."""
     params, groups = problem()
-    opt = Muon(groups, **HYPER)
+    opt = Muon(groups, **FLAGGED)
     issued, allocations = [], []
     for step in range(4):
         for i, p in enumerate(params):
@@ -384,7 +424,8 @@ def collectives_and_allocations(rank: int, world_size: int, tmp: Path) -> dict:
         allocations.append(counted.count)
         opt.zero_grad(set_to_none=True)
     return dict(issued=issued, allocations=allocations,
-                planned=[(c.op, c.elements, c.dtype) for c in step_collectives(problem()[1], world_size)],
+                planned=[(c.op, c.elements, c.dtype)
+                         for c in step_collectives(problem()[1], world_size, unused_parameters=True)],
                 own=[(c.op, c.elements, c.dtype) for c in opt._distribution.collectives()])
 
 
@@ -403,7 +444,7 @@ def problem_46() -> tuple[list[torch.Tensor], list[dict]]:
 def record_46_options(rank: int, world_size: int, tmp: Path) -> dict:
     """STEPS_46 synchronized steps with OPTIONS_46: parameters after each, and the collectives each issues."""
     params, groups = problem_46()
-    opt = Muon(groups, **HYPER)
+    opt = Muon(groups, **FLAGGED)
     mine = [i for i in range(len(params)) if has_gradient(i, rank)]
     history, issued = [], []
     for step in range(STEPS_46):
@@ -420,7 +461,8 @@ def record_46_options(rank: int, world_size: int, tmp: Path) -> dict:
 def every_scenario(rank: int, world_size: int, tmp: Path) -> None:
     init_gloo(rank, world_size, tmp / "store")
     record = sharded_steps(rank, world_size, tmp)
-    for scenario in (loads_of_foreign_state, a_gpt_like_state, collectives_and_allocations,
+    for scenario in (loads_of_foreign_state, a_gpt_like_state, a_missing_gradient_raises_by_default,
+                     collectives_and_allocations,
                      a_changed_gradient_raises_and_discarding_recovers,
                      a_parameter_outside_the_optimizer_raises, hooks_and_closing,
                      a_ddp_wrapped_model_raises, record_46_options):
@@ -602,6 +644,24 @@ def test_the_step_issues_the_planned_collectives_each_16_byte_aligned(run):
 # update's temporaries (one process: 144), plus the flagged update's per-tensor factors (torch.where and
 # its scalars: 72 at W = 2) and the flags' comparisons; none the size of a gradient bucket.
 ALLOCATIONS_AFTER_THE_FIRST_STEP = {2: 236, 3: 231}
+
+
+def test_by_default_a_step_sends_no_flags(run):
+    _, ranks = run
+    for saved in ranks:
+        # unused_parameters off: no has-a-gradient all-reduce planned, and none issued.
+        assert saved["default_planned"] and all(op != ALL_REDUCE for op, _, _ in saved["default_planned"])
+        assert sorted(saved["default_issued"], key=str) == sorted(saved["default_planned"], key=str)
+
+
+def test_by_default_a_missing_gradient_raises_on_its_rank_before_any_collective(run):
+    _, ranks = run
+    for rank, saved in enumerate(ranks):
+        for error in saved["missing_errors"]:  # a gradient set to None, then a frozen parameter
+            assert error is not None, saved["missing_errors"]
+            assert f"parameter '{rank}.bias' (param group 1, adam) has no gradient on rank {rank}" in error
+            assert "unused_parameters=True" in error and "\n" not in error
+        assert saved["missing_issued"] == []
 
 
 def test_a_step_allocates_no_more_after_the_first(run):

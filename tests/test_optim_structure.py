@@ -1,5 +1,6 @@
 """The optimizer step's structure, without a process group: its collectives
-(optim.distributed.step_collectives) are 16-byte aligned with the flags apart from the data, its
+(optim.distributed.step_collectives) are 16-byte aligned, with has-a-gradient flags only under
+unused_parameters=True and apart from the data there, its
 allocations (optim.allocations) do not grow after the first step, and Adam's compiled update equals the
 eager one without recompiling as lr is scheduled. The multi-process side (the step issues exactly
 step_collectives' list; its allocations at W = 2, 3) is in tests/test_distributed.py."""
@@ -30,22 +31,27 @@ def odd_groups(dtype: torch.dtype) -> list[dict]:
 @pytest.mark.parametrize("world_size", [2, 3, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_every_collective_is_16_byte_aligned_at_any_world_size(world_size, dtype):
-    collectives = step_collectives(odd_groups(dtype), world_size)
+    collectives = step_collectives(odd_groups(dtype), world_size, unused_parameters=True)
     assert collectives and all(c.bytes % ALIGNMENT == 0 for c in collectives)
     # The data travel in the parameters' dtype, the flags apart, as int32 counts.
     assert {c.dtype for c in collectives if c.op != ALL_REDUCE} == {dtype}
     assert {c.dtype for c in collectives if c.op == ALL_REDUCE} == {torch.int32}
+    # By default no flag travels: the same collectives less the all-reduces.
+    assert step_collectives(odd_groups(dtype), world_size) == [c for c in collectives if c.op != ALL_REDUCE]
 
 
 def test_a_stack_travels_as_padded_matrices_and_its_flags_apart():
     # Five 3×5 float32 matrices at W = 2: 3 buckets of 2 rows of 15 → 16 elements (64 bytes), the
     # flags of 5 matrices as 8 int32 counts, and 3 matrices a rank gathered, each padded alike.
-    hidden = step_collectives([{"params": [torch.zeros(3, 5)] * 5, "kind": "hidden"}], 2)
+    hidden = step_collectives([{"params": [torch.zeros(3, 5)] * 5, "kind": "hidden"}], 2,
+                              unused_parameters=True)
     assert [(c.op, c.elements, c.dtype) for c in hidden] == [(REDUCE_SCATTER, 16, torch.float32)] * 3 + [
         (ALL_REDUCE, 8, torch.int32), (ALL_GATHER, 48, torch.float32)]
     # 17 bf16 Adam elements at W = 3: ranges of 6, padded to 8 (16 bytes); no flag in them.
-    adam = step_collectives([{"params": [torch.zeros(17, dtype=torch.bfloat16)], "kind": "adam"}], 3)
-    assert [(c.op, c.elements) for c in adam] == [(REDUCE_SCATTER, 8), (ALL_REDUCE, 4), (ALL_GATHER, 8)]
+    adam = [{"params": [torch.zeros(17, dtype=torch.bfloat16)], "kind": "adam"}]
+    flagged = step_collectives(adam, 3, unused_parameters=True)
+    assert [(c.op, c.elements) for c in flagged] == [(REDUCE_SCATTER, 8), (ALL_REDUCE, 4), (ALL_GATHER, 8)]
+    assert [(c.op, c.elements) for c in step_collectives(adam, 3)] == [(REDUCE_SCATTER, 8), (ALL_GATHER, 8)]
 
 
 def test_the_speedrun_step_at_8_ranks_is_aligned():

@@ -389,13 +389,24 @@ def optimizer_groups(model: GPT, cfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: GPT, cfg: TrainConfig) -> Muon:
-    """Muon over optimizer_groups(model, cfg), with cfg's momentum, decay, Newton-Schulz and Adam settings."""
+    """Muon over optimizer_groups(model, cfg), with cfg's momentum, decay, Newton-Schulz and Adam settings;
+    has-a-gradient flags across ranks only where the model has unused parameters (unused_parameters)."""
     groups = optimizer_groups(model, cfg)
     for group in groups:
         group["initial_lr"] = group["lr"]  # the base that schedule() multiplies by lr_factor
     return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                 ns_steps=cfg.ns_steps, ns_coefficients=cfg.ns_coefficients, lr_scale=cfg.lr_scale,
-                adam_betas=cfg.adam_betas, adam_eps=cfg.adam_eps)
+                adam_betas=cfg.adam_betas, adam_eps=cfg.adam_eps, unused_parameters=unused_parameters(model))
+
+
+def unused_parameters(model: GPT) -> bool:
+    """Whether a training step leaves some parameter of `model` without a gradient: the value lambdas of
+    an attention block with no value embedding, on the generic architecture (value_lambda_all_layers
+    off: the demo's). Muon(unused_parameters=True) then sends has-a-gradient flags across ranks; the
+    record's architecture (the speedrun's) uses every parameter, and its step sends none."""
+    blocks = zip(model.blocks, model.value_embedding_layers(), strict=True)
+    return not model.config.value_lambda_all_layers and any(
+        block.attn is not None and table is None for block, table in blocks)
 
 
 def schedule(optimizer: Muon, step: int, cfg: TrainConfig) -> None:
