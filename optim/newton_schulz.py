@@ -71,6 +71,10 @@ COEFFICIENTS: dict[str, Coefficients] = {
 }
 
 
+# Where orthogonalize normalizes G: in at least float32, rounded once, or in the iteration's dtype.
+NORMALIZE_IN = ("float32", "iteration")
+
+
 def resolve_coefficients(coefficients: "str | Coefficients | Sequence") -> Coefficients:
     """A name from COEFFICIENTS, a Coefficients, one (a, b, c) triple, or a list of triples."""
     if isinstance(coefficients, Coefficients):
@@ -114,14 +118,20 @@ def orthogonalize(
     coefficients: "str | Coefficients | Sequence" = "muon",
     dtype: torch.dtype | None = None,
     compile: "bool | str | Callable | None" = None,
+    normalize_in: str = "float32",
 ) -> torch.Tensor:
     """≈ U Vᵀ for each matrix of G (..., m, n) = U Σ Vᵀ, by `steps` Newton–Schulz iterations.
 
     Works on the smaller Gram matrix (m×m with m ≤ n; tall inputs are transposed), so one step
-    costs 4m²n + 2m³ FLOPs. Normalization is per matrix over the last two dims, its norm taken in
-    at least float32 (an fp16 norm overflows past 65504 and underflows below ~2.4e-4). `dtype` is
-    the iteration's precision (default: `default_dtype(G.device)`); the result has G's dtype.
-    G = 0 gives 0.
+    costs 4m²n + 2m³ FLOPs. `dtype` is the iteration's precision (default:
+    `default_dtype(G.device)`); the result has G's dtype. G = 0 gives 0.
+
+    Normalization X₀ = G/(scale·‖G‖_F + eps) is per matrix over the last two dims, in the order
+    `normalize_in` names (NORMALIZE_IN): "float32" (the default, the more accurate) takes the norm
+    and the division in at least float32 and rounds X₀ once to `dtype` (an fp16 norm overflows past
+    65504 and underflows below ~2.4e-4); "iteration" rounds G to `dtype` first and then normalizes
+    in `dtype`, norm included: the speedrun records' order (X = G.bfloat16(); X / (‖X‖_F + ε)), one
+    rounding more, and an fp16 norm can overflow. In float32 and float64 the two are the same.
 
     `compile`: None compiles on CUDA only, True compiles anywhere, False never, a torch.compile
     backend (name or callable) compiles with it. Compiled means torch.compile(fullgraph=True,
@@ -130,13 +140,15 @@ def orthogonalize(
     default) bounds how many a process compiles. Called from code torch.compile is tracing, it adds
     its iteration to that graph instead.
     """
+    if normalize_in not in NORMALIZE_IN:
+        raise ValueError(f"orthogonalize: normalize_in={normalize_in!r}; use one of {NORMALIZE_IN}")
     schedule = resolve_coefficients(coefficients)
     triples = tuple(schedule.triples[min(step, len(schedule.triples) - 1)] for step in range(steps))
     iterate = _newton_schulz
     backend = compile_backend(G.device, compile)
     if backend and not torch.compiler.is_compiling():  # inside a traced caller the caller's graph has it
         iterate = compiled(_newton_schulz, backend)
-    return iterate(G, triples, schedule.scale, schedule.eps, dtype or default_dtype(G.device))
+    return iterate(G, triples, schedule.scale, schedule.eps, dtype or default_dtype(G.device), normalize_in)
 
 
 def compile_backend(device: torch.device, compile: "bool | str | Callable | None") -> "str | Callable | None":
@@ -155,17 +167,13 @@ def compiled(fn: Callable, backend: "str | Callable") -> Callable:
 
 
 def _newton_schulz(G: torch.Tensor, triples: tuple[Triple, ...], scale: float, eps: float,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, normalize_in: str) -> torch.Tensor:
     """X₀ = G/(scale·‖G‖_F + eps) per matrix, then X ← a·X + (b·A + c·A²)·X with A = X Xᵀ per triple."""
     m, n = G.shape[-2:]
     X = G.reshape(-1, m, n)
     if m > n:
         X = X.mT
-    # The norm sums m·n squares: in float32 at least, so fp16 neither overflows nor underflows
-    # and bf16 loses no more than the matmuls do.
-    precise = torch.promote_types(G.dtype, torch.float32)
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=precise)
-    X = (X.to(precise) / (norm * scale + eps)).to(dtype)
+    X = _normalized(X, scale, eps, dtype, normalize_in)
     for a, b, c in triples:
         A = X @ X.mT
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b·A + c·A²
@@ -173,6 +181,19 @@ def _newton_schulz(G: torch.Tensor, triples: tuple[Triple, ...], scale: float, e
     if m > n:
         X = X.mT
     return X.reshape(G.shape).to(G.dtype)
+
+
+def _normalized(X: torch.Tensor, scale: float, eps: float, dtype: torch.dtype,
+                normalize_in: str) -> torch.Tensor:
+    """X/(scale·‖X‖_F + eps) per matrix (B, m, n), in `dtype`, in orthogonalize's `normalize_in` order."""
+    if normalize_in == "iteration":
+        X = X.to(dtype)
+        return X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) * scale + eps)
+    # The norm sums m·n squares: in float32 at least, so fp16 neither overflows nor underflows
+    # and bf16 loses no more than the matmuls do.
+    precise = torch.promote_types(X.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=precise)
+    return (X.to(precise) / (norm * scale + eps)).to(dtype)
 
 
 def polar_reference(G: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor:

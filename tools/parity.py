@@ -19,9 +19,9 @@ ours' current weights with fresh optimizer state (steps 1000 and 1500 cannot be 
 they get the schedule's lr, momentum and window, from the weights reached so far).
 
 Units. The reference's training loss is a sum over the sequence, ours a mean: losses are printed
-per token, and ours uses the preset's rule for Adam's ε, the record's 1e-10 divided by the tokens
-its loss sums over (49,152 in the preset, --seq-len here), so both Adams see the same ε relative to
-their gradients.
+per token, and ours uses the preset's rule for Adam's and Newton–Schulz's ε, the record's 1e-10 and
+1e-7 divided by the tokens its loss sums over (49,152 in the preset, --seq-len here), so both sides
+see the same ε relative to their gradients.
 
 Printed per step: both losses and their difference; per kind (hidden matrices, embeddings, value
 embeddings, head, scalars) the update difference ‖u_ref − u_ours‖/‖u_ref‖, u the change a step made
@@ -80,11 +80,12 @@ class Ours:
 
 def build_ours(width: int, seq_len: int, seed: int) -> Ours:
     """The speedrun preset at `width` (heads of 128) and one `seq_len` sequence a step, as on CUDA:
-    bf16 embedding tables, Newton–Schulz in bf16; Adam's ε the record's 1e-10 over seq_len tokens."""
+    bf16 embedding tables, Newton–Schulz in bf16; Adam's and Newton–Schulz's ε the record's 1e-10 and
+    1e-7 over seq_len tokens."""
     preset = PRESETS_TRAIN["speedrun"]
-    eps = preset["adam_eps"] * preset["seq_len"] / seq_len
+    per_token = {name: preset[name] * preset["seq_len"] / seq_len for name in ("adam_eps", "ns_eps")}
     cfg = parse_config(["--preset", "speedrun", "--seq-len", str(seq_len), "--tokens-per-step", str(seq_len),
-                        "--adam-eps", repr(eps)])
+                        *(f"--{name.replace('_', '-')}={value!r}" for name, value in per_token.items())])
     model_cfg = dataclasses.replace(PRESETS[cfg.model], dim=width, n_head=width // 128, max_seq_len=seq_len,
                                     attention="sdpa")
     torch.manual_seed(seed)
