@@ -58,12 +58,12 @@ class Kind:
 
 def _ns_options(group: dict) -> dict:
     """orthogonalize's options from a group: ns_steps, ns_coefficients with ε = ns_eps unless that is
-    None (the set's own), ns_dtype and ns_normalize_in."""
+    None (the set's own), ns_dtype and ns_rounding."""
     coefficients = group["ns_coefficients"]
     if group["ns_eps"] is not None:
         coefficients = dataclasses.replace(resolve_coefficients(coefficients), eps=group["ns_eps"])
     return dict(steps=group["ns_steps"], coefficients=coefficients, dtype=group["ns_dtype"],
-                normalize_in=group["ns_normalize_in"])
+                rounding=group["ns_rounding"])
 
 
 _KINDS = (

@@ -7,7 +7,7 @@ import torch
 
 from .distributed import WORLD, DataParallel, is_dtensor, resolve_process_group
 from .kinds import KINDS, LR_SCALES, MATRIX
-from .newton_schulz import COEFFICIENTS, NORMALIZE_IN, Coefficients, resolve_coefficients
+from .newton_schulz import COEFFICIENTS, ROUNDINGS, Coefficients, resolve_coefficients
 from .state import check_muon_state_dict, muon_state_layout
 from .update import clip_coefficient, kind_update, resting
 
@@ -30,7 +30,7 @@ class Muon(torch.optim.Optimizer):
     "hidden" if all its tensors are 2-D and "adam" if none is; a group mixing the two is refused
     (ValueError), and `optim.param_groups(model)` routes a model's parameters by role. Group keys,
     each defaulting to the constructor argument of its name: lr, momentum, nesterov, weight_decay,
-    cautious_wd, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_normalize_in, lr_scale, beta2, eps
+    cautious_wd, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_rounding, lr_scale, beta2, eps
     and eps_form (Adam's β₂, ε and ε's place: adam_betas[1], adam_eps, adam_eps_form here), and record
     #46's options (docs/MATH.md §4.7), each off by default: normuon, wd_form, lr_mul, step_every,
     matrix_shape; besides them a group may hold kind, role (optim.param_groups), initial_lr (torch's
@@ -68,8 +68,9 @@ class Muon(torch.optim.Optimizer):
     - Newton–Schulz runs in ns_dtype (None: optim.default_dtype, bf16 on CUDA and on CPUs with
       bf16 dot products, float32 elsewhere), compiled on CUDA. It starts from X₀ = G/(s·‖G‖_F + ε),
       ε = ns_eps (None: the coefficient set's own, 1e-7 for "muon"), normalized in at least float32
-      and rounded once (ns_normalize_in "float32", the more accurate), or rounded to ns_dtype first and
-      normalized in it ("iteration", the speedrun records' order; optim/newton_schulz.py orthogonalize).
+      and rounded once, then fused matmul-adds (ns_rounding "precise", the more accurate), or rounded
+      to ns_dtype after every operation ("stepwise", the speedrun records' arithmetic;
+      optim/newton_schulz.py orthogonalize).
     - Adam's ε: adam_eps_form "corrected" adds it to the bias-corrected √v̂ (torch's AdamW), "raw" to
       √v before the correction (the Adam paper's efficient form, the speedrun records' DistAdam;
       optim/update.py adam_math has both formulas). Within a group, matrices of one shape
@@ -128,7 +129,7 @@ class Muon(torch.optim.Optimizer):
         ns_coefficients="muon",
         ns_dtype: torch.dtype | None = None,
         ns_eps: float | None = None,
-        ns_normalize_in: str = "float32",
+        ns_rounding: str = "precise",
         lr_scale: str = "spectral",
         normuon: str | None = None,
         wd_form: str = "decoupled",
@@ -159,7 +160,7 @@ class Muon(torch.optim.Optimizer):
             ns_coefficients=ns_coefficients,
             ns_dtype=ns_dtype,
             ns_eps=ns_eps,
-            ns_normalize_in=ns_normalize_in,
+            ns_rounding=ns_rounding,
             lr_scale=lr_scale,
             normuon=normuon,
             wd_form=wd_form,
@@ -489,8 +490,8 @@ def _check_hyperparameters(group: dict, where: str) -> None:
         raise ValueError(f"{where}: wd_form={group['wd_form']!r}; use one of {WD_FORMS}")
     if group["eps_form"] not in EPS_FORMS:
         raise ValueError(f"{where}: eps_form={group['eps_form']!r}; use one of {EPS_FORMS}")
-    if group["ns_normalize_in"] not in NORMALIZE_IN:
-        raise ValueError(f"{where}: ns_normalize_in={group['ns_normalize_in']!r}; use one of {NORMALIZE_IN}")
+    if group["ns_rounding"] not in ROUNDINGS:
+        raise ValueError(f"{where}: ns_rounding={group['ns_rounding']!r}; use one of {ROUNDINGS}")
     eps = group["ns_eps"]
     number = isinstance(eps, (int, float)) and not isinstance(eps, bool)
     if eps is not None and not (number and 0 < eps < math.inf):

@@ -21,7 +21,7 @@ import torch
 from model import GPT, PRESETS
 from optim import COEFFICIENTS, LR_SCALES, Muon, param_groups
 from optim.muon import EPS_FORMS
-from optim.newton_schulz import NORMALIZE_IN
+from optim.newton_schulz import ROUNDINGS
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ PRESETS_TRAIN: dict[str, dict] = {
         batch_size=1, seq_len=48 * 1024, align_to_bos=True, val_every=125, val_tokens=10_485_760,
         val_seq_len=256 * 1024, log_every=25, lr=0.05, embed_lr=0.6, head_lr=0.22, scalar_lr=0.04,
         embed_map="adam", lr_scale="muon", adam_eps=1e-10 / (48 * 1024), adam_eps_form="raw",
-        ns_eps=1e-7 / (48 * 1024), ns_normalize_in="iteration", cooldown_frac=0.45, lr_floor=0.05,
+        ns_eps=1e-7 / (48 * 1024), ns_rounding="stepwise", cooldown_frac=0.45, lr_floor=0.05,
         window_start=0, window_end=1728, sample_tokens=0, warmup_kernel_steps=10,
     ),
 }
@@ -137,10 +137,10 @@ class TrainConfig:
     ns_steps: int = option(5, "Newton-Schulz iterations", within=AT_LEAST_1)
     ns_eps: float | None = option(None, "Newton-Schulz epsilon: the iteration starts from G/(||G||_F + eps) "
                                   "(default: the coefficient set's own, 1e-7 for muon)", within=POSITIVE)
-    ns_normalize_in: str = option("float32", "where Newton-Schulz normalizes G: float32 (norm and "
-                                  "division in float32, rounded once to the iteration's dtype; the more "
-                                  "accurate) or iteration (G rounded to the iteration's dtype first, then "
-                                  "normalized in it)", choices=NORMALIZE_IN)
+    ns_rounding: str = option("precise", "where Newton-Schulz rounds to its dtype (bf16 on GPUs): precise "
+                              "(normalized in float32 and rounded once, then fused matmul-adds; the more "
+                              "accurate) or stepwise (after every operation, as the records compute it)",
+                              choices=ROUNDINGS)
     # attention: the long window grows linearly from window_start to window_end, rounded up to a multiple
     # of 128 tokens, at least 128 (window_end 0: full causal attention)
     window_start: int = option(0, "long attention window at step 0, in tokens, before rounding up to a "
@@ -182,7 +182,7 @@ class TrainConfig:
 PLAN_FIELDS = ("max_steps", "tokens_per_step", "seq_len", "align_to_bos", "data_dir", "lr", "embed_lr",
                "head_lr", "scalar_lr", "embed_map", "lr_scale", "adam_betas", "adam_eps", "adam_eps_form",
                "weight_decay", "warmup_steps", "cooldown_frac", "lr_floor", "momentum", "momentum_start",
-               "momentum_warmup_steps", "ns_coefficients", "ns_steps", "ns_eps", "ns_normalize_in",
+               "momentum_warmup_steps", "ns_coefficients", "ns_steps", "ns_eps", "ns_rounding",
                "window_start", "window_end")
 
 
@@ -412,7 +412,7 @@ def build_optimizer(model: GPT, cfg: TrainConfig) -> Muon:
 def muon_options(cfg: TrainConfig) -> dict:
     """Muon's keyword arguments from cfg: lr, momentum, decay, Newton-Schulz and Adam settings."""
     return dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, ns_steps=cfg.ns_steps,
-                ns_coefficients=cfg.ns_coefficients, ns_eps=cfg.ns_eps, ns_normalize_in=cfg.ns_normalize_in,
+                ns_coefficients=cfg.ns_coefficients, ns_eps=cfg.ns_eps, ns_rounding=cfg.ns_rounding,
                 lr_scale=cfg.lr_scale, adam_betas=cfg.adam_betas, adam_eps=cfg.adam_eps,
                 adam_eps_form=cfg.adam_eps_form)
 
