@@ -62,10 +62,12 @@ from tools.parity_record import Entry, Reference, describe, load_reference, one_
 from training.recipe import PRESETS_TRAIN, TrainConfig, build_optimizer, parse_config, schedule, window_at
 
 KINDS = ("hidden", "embed", "value_embed", "head", "scalar")
-# Default one-step tolerances (relative update difference): the bounds of the named differences from
-# the 2025-07-12 record, measured and argued in docs/RECIPE.md ("Step parity"): Newton–Schulz's ε on a
-# mean gradient (hidden), bf16 Adam moments (embeddings), Adam's ε placement (head), float32 rounding.
-STEP_TOLERANCES = {"hidden": 5e-4, "embed": 0.05, "value_embed": 0.05, "head": 5e-3, "scalar": 1e-6}
+# Default one-step tolerances (relative update difference), measured against the 2025-07-12 record in
+# docs/RECIPE.md ("Step parity"): with the preset's ns_eps, ns_rounding and adam_eps_form the hidden,
+# head and scalar updates are bit-identical (0), so hidden is held to its own float32-vs-float64
+# Newton–Schulz floor and head and scalars to float32 rounding; the embeddings keep the one named
+# difference left, the record's bf16 Adam moments (measured 0.9% and 2.5%).
+STEP_TOLERANCES = {"hidden": 0.0, "embed": 0.05, "value_embed": 0.05, "head": 1e-6, "scalar": 1e-6}
 
 
 # ---- ours ---------------------------------------------------------------------------------------------
