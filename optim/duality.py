@@ -20,15 +20,17 @@ def dualize_linear(
     coefficients="muon",
     dtype: torch.dtype | None = None,
     exact: bool = False,
+    rounding: str = "precise",
 ) -> torch.Tensor:
     """Linear, RMS→RMS operator norm ‖W‖ = √(d_in/d_out)·σ_max(W).
 
     G (..., d_out, d_in) = U Σ Vᵀ  ↦  √(d_out/d_in)·U Vᵀ;  dual norm √(d_out/d_in)·‖G‖_nuclear.
-    U Vᵀ comes from `orthogonalize(G, steps, coefficients, dtype)`, or from the float64 SVD
-    (`polar_reference`) when exact=True.
+    U Vᵀ comes from `orthogonalize(G, steps, coefficients, dtype, rounding=rounding)`, or
+    from the float64 SVD (`polar_reference`) when exact=True.
     """
     d_out, d_in = G.shape[-2:]
-    polar = polar_reference(G).to(G.dtype) if exact else orthogonalize(G, steps, coefficients, dtype)
+    polar = (polar_reference(G).to(G.dtype) if exact
+             else orthogonalize(G, steps, coefficients, dtype, rounding=rounding))
     return polar * math.sqrt(d_out / d_in)
 
 
@@ -51,6 +53,7 @@ def dualize_conv2d(
     coefficients="muon",
     dtype: torch.dtype | None = None,
     exact: bool = False,
+    rounding: str = "precise",
 ) -> torch.Tensor:
     """Conv2D, norm k²·max over kernel offsets (i, j) of ‖W[:, :, i, j]‖_{RMS→RMS}.
 
@@ -60,7 +63,7 @@ def dualize_conv2d(
     """
     k_h, k_w = G.shape[-2:]
     slices = G.movedim((-2, -1), (-4, -3))  # (..., k, k, d_out, d_in)
-    dual = dualize_linear(slices, steps, coefficients, dtype, exact)
+    dual = dualize_linear(slices, steps, coefficients, dtype, exact, rounding)
     return dual.movedim((-4, -3), (-2, -1)) / (k_h * k_w)
 
 

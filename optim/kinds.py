@@ -5,6 +5,7 @@ Adding a kind is one entry here plus its map (duality.py); the maps and their no
 docs/MATH.md.
 """
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .duality import dualize_conv2d, dualize_embed, dualize_linear, dualize_sign
-from .newton_schulz import orthogonalize
+from .newton_schulz import orthogonalize, resolve_coefficients
 
 # Scale of a hidden (d_out, d_in) matrix's U Vᵀ. The rules are not interchangeable: each has its
 # own good learning rate.
@@ -56,7 +57,13 @@ class Kind:
 
 
 def _ns_options(group: dict) -> dict:
-    return dict(steps=group["ns_steps"], coefficients=group["ns_coefficients"], dtype=group["ns_dtype"])
+    """orthogonalize's options from a group: ns_steps, ns_coefficients with ε = ns_eps unless that is
+    None (the set's own), ns_dtype and ns_rounding."""
+    coefficients = group["ns_coefficients"]
+    if group["ns_eps"] is not None:
+        coefficients = dataclasses.replace(resolve_coefficients(coefficients), eps=group["ns_eps"])
+    return dict(steps=group["ns_steps"], coefficients=coefficients, dtype=group["ns_dtype"],
+                rounding=group["ns_rounding"])
 
 
 _KINDS = (

@@ -7,7 +7,7 @@ import torch
 
 from .distributed import WORLD, DataParallel, is_dtensor, resolve_process_group
 from .kinds import KINDS, LR_SCALES, MATRIX
-from .newton_schulz import COEFFICIENTS, Coefficients, resolve_coefficients
+from .newton_schulz import COEFFICIENTS, ROUNDINGS, Coefficients, resolve_coefficients
 from .state import check_muon_state_dict, muon_state_layout
 from .update import clip_coefficient, kind_update, resting
 
@@ -30,12 +30,12 @@ class Muon(torch.optim.Optimizer):
     "hidden" if all its tensors are 2-D and "adam" if none is; a group mixing the two is refused
     (ValueError), and `optim.param_groups(model)` routes a model's parameters by role. Group keys,
     each defaulting to the constructor argument of its name: lr, momentum, nesterov, weight_decay,
-    cautious_wd, ns_steps, ns_coefficients, ns_dtype, lr_scale, beta2 and eps (Adam's β₂ and ε:
-    adam_betas[1], adam_eps here), and record #46's options (docs/MATH.md §4.7), each off by default:
-    normuon, wd_form, lr_mul, step_every, matrix_shape; besides them a group may hold kind, role
-    (optim.param_groups), initial_lr (torch's schedulers) and pending_steps (step_every's counter);
-    any other key is refused. Every value is checked at construction and in add_param_group
-    (ValueError).
+    cautious_wd, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_rounding, lr_scale, beta2, eps
+    and eps_form (Adam's β₂, ε and ε's place: adam_betas[1], adam_eps, adam_eps_form here), and record
+    #46's options (docs/MATH.md §4.7), each off by default: normuon, wd_form, lr_mul, step_every,
+    matrix_shape; besides them a group may hold kind, role (optim.param_groups), initial_lr (torch's
+    schedulers) and pending_steps (step_every's counter); any other key is refused. Every value is
+    checked at construction and in add_param_group (ValueError).
 
     Record #46's options (optim/update.py has the formulas):
     - normuon: None, "row", "column" or "auto" (hidden only): NorMuon's second moment (β₂ = beta2) of
@@ -66,7 +66,14 @@ class Muon(torch.optim.Optimizer):
       cautious_wd=True decays only coordinates where u·p ≥ 0, i.e. where the step already pulls p
       towards 0.
     - Newton–Schulz runs in ns_dtype (None: optim.default_dtype, bf16 on CUDA and on CPUs with
-      bf16 dot products, float32 elsewhere), compiled on CUDA. Within a group, matrices of one shape
+      bf16 dot products, float32 elsewhere), compiled on CUDA. It starts from X₀ = G/(s·‖G‖_F + ε),
+      ε = ns_eps (None: the coefficient set's own, 1e-7 for "muon"), normalized in at least float32
+      and rounded once, then fused matmul-adds (ns_rounding "precise", the more accurate), or rounded
+      to ns_dtype after every operation ("stepwise", the speedrun records' arithmetic;
+      optim/newton_schulz.py orthogonalize).
+    - Adam's ε: adam_eps_form "corrected" adds it to the bias-corrected √v̂ (torch's AdamW), "raw" to
+      √v before the correction (the Adam paper's efficient form, the speedrun records' DistAdam;
+      optim/update.py adam_math has both formulas). Within a group, matrices of one shape
       are stacked into one batched call: that stack is the unit a distributed step shards.
     - State is kept in float32 (float64 for float64 parameters) whatever the parameter's dtype, so
       a bf16 embedding's Adam moments are float32 and its update is rounded once, as stored.
@@ -128,6 +135,8 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int = 5,
         ns_coefficients="muon",
         ns_dtype: torch.dtype | None = None,
+        ns_eps: float | None = None,
+        ns_rounding: str = "precise",
         lr_scale: str = "spectral",
         normuon: str | None = None,
         wd_form: str = "decoupled",
@@ -136,6 +145,7 @@ class Muon(torch.optim.Optimizer):
         matrix_shape: tuple[int, int] | None = None,
         adam_betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
+        adam_eps_form: str = "corrected",
         process_group=WORLD,
         unused_parameters: bool = False,
     ):
@@ -160,6 +170,8 @@ class Muon(torch.optim.Optimizer):
             ns_steps=ns_steps,
             ns_coefficients=ns_coefficients,
             ns_dtype=ns_dtype,
+            ns_eps=ns_eps,
+            ns_rounding=ns_rounding,
             lr_scale=lr_scale,
             normuon=normuon,
             wd_form=wd_form,
@@ -168,6 +180,7 @@ class Muon(torch.optim.Optimizer):
             matrix_shape=matrix_shape,
             beta2=adam_betas[1],
             eps=adam_eps,
+            eps_form=adam_eps_form,
         )
         _check_hyperparameters(defaults, "Muon")
         _check_range("Muon: adam_betas[0]", adam_betas[0], 0, 1)
@@ -427,6 +440,7 @@ def _check_sharding(group: dict, sharded: bool) -> None:
 
 NORMUON_AXES = (None, "row", "column", "auto")  # optim.update.normuon_axis
 WD_FORMS = ("decoupled", "in_update")  # optim.update._apply
+EPS_FORMS = ("corrected", "raw")  # optim.update.adam_math
 
 # Keys a group may hold besides the hyper-parameters (Muon's defaults): torch's params and param_names,
 # the kind, optim.param_groups' role, and the initial_lr torch's schedulers read when resumed.
@@ -486,6 +500,15 @@ def _check_hyperparameters(group: dict, where: str) -> None:
         raise ValueError(f"{where}: normuon={group['normuon']!r}; use one of {NORMUON_AXES}")
     if group["wd_form"] not in WD_FORMS:
         raise ValueError(f"{where}: wd_form={group['wd_form']!r}; use one of {WD_FORMS}")
+    if group["eps_form"] not in EPS_FORMS:
+        raise ValueError(f"{where}: eps_form={group['eps_form']!r}; use one of {EPS_FORMS}")
+    if group["ns_rounding"] not in ROUNDINGS:
+        raise ValueError(f"{where}: ns_rounding={group['ns_rounding']!r}; use one of {ROUNDINGS}")
+    eps = group["ns_eps"]
+    number = isinstance(eps, (int, float)) and not isinstance(eps, bool)
+    if eps is not None and not (number and 0 < eps < math.inf):
+        raise ValueError(f"{where}: ns_eps={eps!r}; expected None (the coefficient set's own) or a "
+                         "number > 0")
     shape = group["matrix_shape"]
     if shape is not None and not (isinstance(shape, (tuple, list)) and len(shape) == 2
                                   and all(isinstance(d, int) and d > 0 for d in shape)):

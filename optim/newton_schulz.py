@@ -71,6 +71,11 @@ COEFFICIENTS: dict[str, Coefficients] = {
 }
 
 
+# Where orthogonalize rounds to its dtype: once after a float32 normalization, then once per fused
+# matmul-add ("precise"), or after every operation, the speedrun records' arithmetic ("stepwise").
+ROUNDINGS = ("precise", "stepwise")
+
+
 def resolve_coefficients(coefficients: "str | Coefficients | Sequence") -> Coefficients:
     """A name from COEFFICIENTS, a Coefficients, one (a, b, c) triple, or a list of triples."""
     if isinstance(coefficients, Coefficients):
@@ -114,14 +119,23 @@ def orthogonalize(
     coefficients: "str | Coefficients | Sequence" = "muon",
     dtype: torch.dtype | None = None,
     compile: "bool | str | Callable | None" = None,
+    rounding: str = "precise",
 ) -> torch.Tensor:
     """≈ U Vᵀ for each matrix of G (..., m, n) = U Σ Vᵀ, by `steps` Newton–Schulz iterations.
 
     Works on the smaller Gram matrix (m×m with m ≤ n; tall inputs are transposed), so one step
-    costs 4m²n + 2m³ FLOPs. Normalization is per matrix over the last two dims, its norm taken in
-    at least float32 (an fp16 norm overflows past 65504 and underflows below ~2.4e-4). `dtype` is
-    the iteration's precision (default: `default_dtype(G.device)`); the result has G's dtype.
-    G = 0 gives 0.
+    costs 4m²n + 2m³ FLOPs. `dtype` is the iteration's precision (default:
+    `default_dtype(G.device)`); the result has G's dtype. G = 0 gives 0.
+
+    Normalization X₀ = G/(scale·‖G‖_F + eps) is per matrix over the last two dims. `rounding`
+    (ROUNDINGS) says where `dtype` rounds:
+    - "precise" (the default, the more accurate): the norm and the division in at least float32,
+      X₀ rounded once to `dtype` (an fp16 norm would overflow past 65504 and underflow below
+      ~2.4e-4); each step two fused matmul-adds, B = b·A + c·A·A and X = a·X + B·X, one rounding each.
+    - "stepwise": the speedrun records' arithmetic. G is rounded to `dtype` first and normalized in
+      `dtype`, norm included; then every product, scaling and sum is rounded apart, in the order
+      B = b·A + (c·A)·A, X = a·X + B·X. In bf16 its result differs from "precise" by ~2.5% (as the
+      records' own result moves under a 1e-6 change of its input); an fp16 norm can overflow.
 
     `compile`: None compiles on CUDA only, True compiles anywhere, False never, a torch.compile
     backend (name or callable) compiles with it. Compiled means torch.compile(fullgraph=True,
@@ -130,13 +144,15 @@ def orthogonalize(
     default) bounds how many a process compiles. Called from code torch.compile is tracing, it adds
     its iteration to that graph instead.
     """
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"orthogonalize: rounding={rounding!r}; use one of {ROUNDINGS}")
     schedule = resolve_coefficients(coefficients)
     triples = tuple(schedule.triples[min(step, len(schedule.triples) - 1)] for step in range(steps))
     iterate = _newton_schulz
     backend = compile_backend(G.device, compile)
     if backend and not torch.compiler.is_compiling():  # inside a traced caller the caller's graph has it
         iterate = compiled(_newton_schulz, backend)
-    return iterate(G, triples, schedule.scale, schedule.eps, dtype or default_dtype(G.device))
+    return iterate(G, triples, schedule.scale, schedule.eps, dtype or default_dtype(G.device), rounding)
 
 
 def compile_backend(device: torch.device, compile: "bool | str | Callable | None") -> "str | Callable | None":
@@ -155,24 +171,37 @@ def compiled(fn: Callable, backend: "str | Callable") -> Callable:
 
 
 def _newton_schulz(G: torch.Tensor, triples: tuple[Triple, ...], scale: float, eps: float,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """X₀ = G/(scale·‖G‖_F + eps) per matrix, then X ← a·X + (b·A + c·A²)·X with A = X Xᵀ per triple."""
+                   dtype: torch.dtype, rounding: str) -> torch.Tensor:
+    """X₀ = G/(scale·‖G‖_F + eps) per matrix, then X ← a·X + (b·A + c·A²)·X with A = X Xᵀ per triple,
+    rounded to dtype as orthogonalize's `rounding` says."""
     m, n = G.shape[-2:]
     X = G.reshape(-1, m, n)
     if m > n:
         X = X.mT
-    # The norm sums m·n squares: in float32 at least, so fp16 neither overflows nor underflows
-    # and bf16 loses no more than the matmuls do.
-    precise = torch.promote_types(G.dtype, torch.float32)
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=precise)
-    X = (X.to(precise) / (norm * scale + eps)).to(dtype)
+    X = _normalized(X, scale, eps, dtype, rounding)
     for a, b, c in triples:
         A = X @ X.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b·A + c·A²
-        X = torch.baddbmm(X, B, X, beta=a)  # a·X + B·X
+        if rounding == "stepwise":
+            X = a * X + (b * A + (c * A) @ A) @ X
+        else:
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b·A + c·A²
+            X = torch.baddbmm(X, B, X, beta=a)  # a·X + B·X
     if m > n:
         X = X.mT
     return X.reshape(G.shape).to(G.dtype)
+
+
+def _normalized(X: torch.Tensor, scale: float, eps: float, dtype: torch.dtype,
+                rounding: str) -> torch.Tensor:
+    """X/(scale·‖X‖_F + eps) per matrix (B, m, n), in `dtype`, rounded as orthogonalize's `rounding` says."""
+    if rounding == "stepwise":
+        X = X.to(dtype)
+        return X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) * scale + eps)
+    # The norm sums m·n squares: in float32 at least, so fp16 neither overflows nor underflows
+    # and bf16 loses no more than the matmuls do.
+    precise = torch.promote_types(X.dtype, torch.float32)
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=precise)
+    return (X.to(precise) / (norm * scale + eps)).to(dtype)
 
 
 def polar_reference(G: torch.Tensor, rtol: float = 1e-10) -> torch.Tensor:

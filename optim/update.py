@@ -11,7 +11,7 @@ Adam's update (the speedrun's embeddings, head and scalars) is one function, ada
 CUDA with torch.compile(fullgraph=True, dynamic=False), as Newton–Schulz is
 (optim/newton_schulz.py compiled): its ~15 foreach passes over memory fuse into a few kernels. So
 that a scheduled lr does not recompile it, the compiled call gets lr as a 0-dim tensor on the
-device, refilled in place each call; β₁, β₂, ε and the weight decay are constants of its graph (a
+device, refilled in place each call; β₁, β₂, ε, ε's place and the weight decay are constants of its graph (a
 change recompiles, as does a new list of shapes: one graph per param group or shard).
 """
 
@@ -188,8 +188,9 @@ def adam_update(group: dict, states: list[dict], tensors: list[torch.Tensor], gr
                 flags: torch.Tensor | None, compile: "bool | str | Callable | None" = None) -> None:
     """Adam's step of `tensors` given their gradients: state made at the first call, then adam_math
     with β₁ the group's momentum (so schedulers that cycle momentum drive it), β₂ its beta2, the step
-    size lr·lr_mul, and the weight decay of its wd_form (as _apply's, with s = 1):
-    "decoupled" ρ = lr·lr_mul·wd, torch's AdamW and the record's DistAdam; "in_update" ρ = (lr·lr_mul)·lr·wd.
+    size lr·lr_mul, ε where its eps_form puts it ("raw": raw_eps), and the weight decay of its wd_form
+    (as _apply's, with s = 1): "decoupled" ρ = lr·lr_mul·wd, torch's AdamW and the record's DistAdam;
+    "in_update" ρ = (lr·lr_mul)·lr·wd.
 
     `compile` as orthogonalize's: None compiles on CUDA only, True or a backend anywhere, False never.
     """
@@ -206,7 +207,7 @@ def adam_update(group: dict, states: list[dict], tensors: list[torch.Tensor], gr
     squared = group["wd_form"] == "in_update"
     weight_decay = group["weight_decay"] / lr_mul if squared else group["weight_decay"]
     constants = dict(weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=group["eps"],
-                     cautious=group["cautious_wd"], squared=squared)
+                     cautious=group["cautious_wd"], squared=squared, raw_eps=group["eps_form"] == "raw")
     backend = compile_backend(tensors[0].device, compile)
     if backend is None:
         adam_math(tensors, grads, *moments, flags, step, **constants)
@@ -218,12 +219,17 @@ def adam_update(group: dict, states: list[dict], tensors: list[torch.Tensor], gr
 def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
               exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], flags: torch.Tensor | None,
               lr: "float | torch.Tensor", weight_decay: float, beta1: float, beta2: float,
-              eps: float, cautious: bool = False, squared: bool = False) -> None:
+              eps: float, cautious: bool = False, squared: bool = False, raw_eps: bool = False) -> None:
     """torch.optim.AdamW's math in state_dtype, with its step count on the device (no host reads).
 
     m ← lerp(m, g, 1−β₁);  v ← β₂·v + (1−β₂)·g²;  d = lr/(1−β₁ᵗ)·m/(√v/√(1−β₂ᵗ) + ε);
     p ← p·(1 − ρ) − d, with ρ = lr·wd (lr²·wd if squared). cautious: p ← p − ρ·[d·p ≥ 0]·p − d instead,
     decaying only where the step already pulls p towards 0.
+
+    raw_eps: ε is added to √v before the bias correction, d = lr·(√(1−β₂ᵗ)/(1−β₁ᵗ))·m/(√v + ε), the
+    Adam paper's efficient form (Kingma & Ba 2015, §2) and the speedrun records' DistAdam. It is torch's
+    form with ε/√(1−β₂ᵗ) in place of ε: 1/√(1−β₂) times larger at t = 1 (4.5× at β₂ = 0.95), the same
+    once β₂ᵗ ≪ 1.
 
     tensors (any float dtype) are read into state_dtype and written back rounded once; grads are
     read into it. lr: a float, or a 0-dim tensor on the device (the compiled call's). Every tensor's
@@ -240,10 +246,13 @@ def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     torch._foreach_mul_(exp_avg_sqs, where_flagged(flags, beta2, 1.0))
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)  # g = 0 where no rank had one
     step = torch.stack(steps)
-    step_size, bias2_sqrt = lr / (1 - beta1**step), (1 - beta2**step).sqrt()
+    bias1, bias2_sqrt = 1 - beta1**step, (1 - beta2**step).sqrt()
+    step_size = lr * (bias2_sqrt / bias1) if raw_eps else lr / bias1
     if flags is not None:  # a tensor never stepped has t = 0: keep its 1/0 out of the arithmetic
         step_size, bias2_sqrt = torch.where(flags, step_size, 0.0), torch.where(flags, bias2_sqrt, 1.0)
-    denom = torch._foreach_div(torch._foreach_sqrt(exp_avg_sqs), list(bias2_sqrt.unbind()))
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    if not raw_eps:  # the correction on √v, before ε; raw_eps has it in step_size
+        torch._foreach_div_(denom, list(bias2_sqrt.unbind()))
     torch._foreach_add_(denom, eps)
     steps_taken = torch._foreach_div(exp_avgs, denom)
     torch._foreach_mul_(steps_taken, list(step_size.unbind()))

@@ -109,7 +109,8 @@ def test_one_process_step_allocates_the_same_after_the_first():
     assert counts[0] > counts[1] == counts[2] == counts[3] <= ALLOCATIONS_AFTER_THE_FIRST_STEP
 
 
-DEFAULT_ADAM_OPTIONS = dict(lr_mul=1.0, wd_form="decoupled", cautious_wd=False)  # Muon's defaults
+# Muon's defaults
+DEFAULT_ADAM_OPTIONS = dict(lr_mul=1.0, wd_form="decoupled", cautious_wd=False, eps_form="corrected")
 
 
 def adam_problem() -> tuple[list[torch.Tensor], list[dict]]:
@@ -120,12 +121,13 @@ def adam_problem() -> tuple[list[torch.Tensor], list[dict]]:
 
 
 @pytest.mark.parametrize("options", [DEFAULT_ADAM_OPTIONS,
-                                     dict(lr_mul=2.0, wd_form="in_update", cautious_wd=True)],
-                         ids=["decoupled", "cautious_in_update"])
+                                     dict(lr_mul=2.0, wd_form="in_update", cautious_wd=True, eps_form="raw")],
+                         ids=["decoupled", "cautious_in_update_raw_eps"])
 def test_compiled_adam_equals_eager_in_one_graph_as_lr_changes(options):
     # The function compiled on CUDA (optim.update.adam_math), compiled here with inductor on the CPU.
     # Flags on: the distributed case, with one tensor no rank had a gradient for at the first step.
-    # Parametrized: record #46's cautious in-update decay with lr_mul, compiled as the default form is.
+    # Parametrized: record #46's cautious in-update decay with lr_mul and the records' raw ε, compiled as
+    # the default form is.
     counter = CompileCounterWithBackend("inductor")
     group = dict(weight_decay=0.1, momentum=0.8, beta2=0.95, eps=1e-3) | options
     eager, eager_states = adam_problem()

@@ -60,8 +60,8 @@ def test_each_choice_flag_lists_exactly_its_choices():
 
 def test_every_value_the_table_lists_is_accepted():
     alternatives = listed_alternatives()
-    assert len(alternatives) == 9  # preset model embed-map lr-scale ns-coefficients device compile
-    # compile-backend resume
+    assert len(alternatives) == 11  # preset model embed-map lr-scale adam-eps-form ns-coefficients
+    # ns-rounding device compile compile-backend resume
     for name, values in alternatives.items():
         for value in values:
             if value.isupper():  # a placeholder such as PATH

@@ -225,3 +225,15 @@ def test_recipe_md_has_a_row_for_every_setting_of_the_preset_and_its_model():
     fields = {*recipe.PRESETS_TRAIN["speedrun"], *RECORD_DEFAULTS}
     fields |= {f"model.{f.name}" for f in dataclasses.fields(GPTConfig)}
     assert fields - set(recipe_rows()) == set()
+
+
+def test_the_speedrun_optimizer_computes_as_the_record_and_the_demo_as_the_library():
+    # docs/RECIPE.md rows adam_eps_form, ns_eps, ns_rounding; the library's defaults elsewhere.
+    from model import GPT
+
+    model = GPT(PRESETS["demo"])
+    for preset, want in (("speedrun", dict(eps_form="raw", ns_eps=1e-7 / 49152, ns_rounding="stepwise")),
+                         ("demo", dict(eps_form="corrected", ns_eps=None, ns_rounding="precise"))):
+        optimizer = recipe.build_optimizer(model, recipe.parse_config(["--preset", preset]))
+        for group in optimizer.param_groups:
+            assert {key: group[key] for key in want} == want, (preset, group["kind"])

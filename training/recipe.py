@@ -20,6 +20,8 @@ import torch
 
 from model import GPT, PRESETS
 from optim import COEFFICIENTS, LR_SCALES, Muon, param_groups
+from optim.muon import EPS_FORMS
+from optim.newton_schulz import ROUNDINGS
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ PRESETS_TRAIN: dict[str, dict] = {
         model="124m", data_dir="data/fineweb10B", max_steps=1750, tokens_per_step=8 * 48 * 1024,
         batch_size=1, seq_len=48 * 1024, align_to_bos=True, val_every=125, val_tokens=10_485_760,
         val_seq_len=256 * 1024, log_every=25, lr=0.05, embed_lr=0.6, head_lr=0.22, scalar_lr=0.04,
-        embed_map="adam", lr_scale="muon", adam_eps=1e-10 / (48 * 1024), cooldown_frac=0.45, lr_floor=0.05,
+        embed_map="adam", lr_scale="muon", adam_eps=1e-10 / (48 * 1024), adam_eps_form="raw",
+        ns_eps=1e-7 / (48 * 1024), ns_rounding="stepwise", cooldown_frac=0.45, lr_floor=0.05,
         window_start=0, window_end=1728, sample_tokens=0, warmup_kernel_steps=10,
     ),
 }
@@ -117,6 +120,9 @@ class TrainConfig:
                            choices=tuple(LR_SCALES))
     adam_betas: tuple[float, float] = option((0.8, 0.95), "Adam's beta1 beta2", within=BELOW_1)
     adam_eps: float = option(1e-10, "Adam's epsilon", within=POSITIVE)
+    adam_eps_form: str = option("corrected", "where Adam adds its epsilon: to the bias-corrected sqrt(v) "
+                                "(corrected, torch's AdamW) or to sqrt(v) before the bias correction (raw, "
+                                "the Adam paper's efficient form)", choices=EPS_FORMS)
     weight_decay: float = option(0.0, "decoupled weight decay (times the group's lr)", within=AT_LEAST_0)
     warmup_steps: int = option(0, "steps of linear lr warm-up", within=AT_LEAST_0)
     cooldown_frac: float = option(0.4, "final fraction of the run over which the lr falls linearly to "
@@ -129,6 +135,12 @@ class TrainConfig:
     ns_coefficients: str = option("muon", "Newton-Schulz coefficient set",
                                   choices=tuple(sorted(COEFFICIENTS)))
     ns_steps: int = option(5, "Newton-Schulz iterations", within=AT_LEAST_1)
+    ns_eps: float | None = option(None, "Newton-Schulz epsilon: the iteration starts from G/(||G||_F + eps) "
+                                  "(default: the coefficient set's own, 1e-7 for muon)", within=POSITIVE)
+    ns_rounding: str = option("precise", "where Newton-Schulz rounds to its dtype (bf16 on GPUs): precise "
+                              "(normalized in float32 and rounded once, then fused matmul-adds; the more "
+                              "accurate) or stepwise (after every operation, as the records compute it)",
+                              choices=ROUNDINGS)
     # attention: the long window grows linearly from window_start to window_end, rounded up to a multiple
     # of 128 tokens, at least 128 (window_end 0: full causal attention)
     window_start: int = option(0, "long attention window at step 0, in tokens, before rounding up to a "
@@ -168,9 +180,10 @@ class TrainConfig:
 # the checkpoint's (a longer --max-steps moves the cooldown, new shards another data order), so it is
 # refused unless --resume-changed-ok. The model's shape is checked apart (training/state.py).
 PLAN_FIELDS = ("max_steps", "tokens_per_step", "seq_len", "align_to_bos", "data_dir", "lr", "embed_lr",
-               "head_lr", "scalar_lr", "embed_map", "lr_scale", "adam_betas", "adam_eps", "weight_decay",
-               "warmup_steps", "cooldown_frac", "lr_floor", "momentum", "momentum_start",
-               "momentum_warmup_steps", "ns_coefficients", "ns_steps", "window_start", "window_end")
+               "head_lr", "scalar_lr", "embed_map", "lr_scale", "adam_betas", "adam_eps", "adam_eps_form",
+               "weight_decay", "warmup_steps", "cooldown_frac", "lr_floor", "momentum", "momentum_start",
+               "momentum_warmup_steps", "ns_coefficients", "ns_steps", "ns_eps", "ns_rounding",
+               "window_start", "window_end")
 
 
 def plan_changes(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -389,14 +402,20 @@ def optimizer_groups(model: GPT, cfg: TrainConfig) -> list[dict]:
 
 
 def build_optimizer(model: GPT, cfg: TrainConfig) -> Muon:
-    """Muon over optimizer_groups(model, cfg), with cfg's momentum, decay, Newton-Schulz and Adam settings;
-    has-a-gradient flags across ranks only where the model has unused parameters (unused_parameters)."""
+    """Muon over optimizer_groups(model, cfg), with muon_options(cfg); has-a-gradient flags across ranks
+    only where the model has unused parameters (unused_parameters)."""
     groups = optimizer_groups(model, cfg)
     for group in groups:
         group["initial_lr"] = group["lr"]  # the base that schedule() multiplies by lr_factor
-    return Muon(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                ns_steps=cfg.ns_steps, ns_coefficients=cfg.ns_coefficients, lr_scale=cfg.lr_scale,
-                adam_betas=cfg.adam_betas, adam_eps=cfg.adam_eps, unused_parameters=unused_parameters(model))
+    return Muon(groups, **muon_options(cfg), unused_parameters=unused_parameters(model))
+
+
+def muon_options(cfg: TrainConfig) -> dict:
+    """Muon's keyword arguments from cfg: lr, momentum, decay, Newton-Schulz and Adam settings."""
+    return dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, ns_steps=cfg.ns_steps,
+                ns_coefficients=cfg.ns_coefficients, ns_eps=cfg.ns_eps, ns_rounding=cfg.ns_rounding,
+                lr_scale=cfg.lr_scale, adam_betas=cfg.adam_betas, adam_eps=cfg.adam_eps,
+                adam_eps_form=cfg.adam_eps_form)
 
 
 def unused_parameters(model: GPT) -> bool:
