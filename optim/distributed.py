@@ -353,7 +353,7 @@ class DataParallel:
                 if p.grad is None:
                     group = self.groups[bucket.shard.group_index]
                     raise RuntimeError(
-                        f"Muon: {_describe(p, group, bucket.shard.group_index)} has no gradient on rank "
+                        f"Muon: {_name_of(p, group, bucket.shard.group_index)} has no gradient on rank "
                         f"{self.rank} at this step; every parameter must have one on every rank (as DDP "
                         "requires by default), or pass Muon(..., unused_parameters=True) to leave alone "
                         "those no rank has a gradient for")
@@ -447,7 +447,7 @@ def _on_gradient(owner: "weakref.ref[DataParallel]", bucket: GradientBucket, p: 
         data_parallel.gradient_ready(bucket, p)
 
 
-def _describe(p: torch.Tensor, group: dict, group_index: int) -> str:
+def _name_of(p: torch.Tensor, group: dict, group_index: int) -> str:
     """'parameter NAME (param group i, kind)' where the group records names, else its position and shape."""
     i = next(i for i, q in enumerate(group["params"]) if q is p)
     names = group.get("param_names")
