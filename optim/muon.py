@@ -496,14 +496,10 @@ def _check_hyperparameters(group: dict, where: str) -> None:
     for name in ("ns_steps", "step_every"):
         if not isinstance(group[name], int):
             raise ValueError(f"{where}: {name}={group[name]!r}; expected an integer ≥ 1")
-    if group["normuon"] not in NORMUON_AXES:
-        raise ValueError(f"{where}: normuon={group['normuon']!r}; use one of {NORMUON_AXES}")
-    if group["wd_form"] not in WD_FORMS:
-        raise ValueError(f"{where}: wd_form={group['wd_form']!r}; use one of {WD_FORMS}")
-    if group["eps_form"] not in EPS_FORMS:
-        raise ValueError(f"{where}: eps_form={group['eps_form']!r}; use one of {EPS_FORMS}")
-    if group["ns_rounding"] not in ROUNDINGS:
-        raise ValueError(f"{where}: ns_rounding={group['ns_rounding']!r}; use one of {ROUNDINGS}")
+    for name, choices in (("normuon", NORMUON_AXES), ("wd_form", WD_FORMS), ("eps_form", EPS_FORMS),
+                          ("ns_rounding", ROUNDINGS)):
+        if group[name] not in choices:
+            raise ValueError(f"{where}: {name}={group[name]!r}; use one of {choices}")
     eps = group["ns_eps"]
     number = isinstance(eps, (int, float)) and not isinstance(eps, bool)
     if eps is not None and not (number and 0 < eps < math.inf):

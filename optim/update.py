@@ -52,7 +52,7 @@ def resting(group: dict) -> bool:
     return group["pending_steps"] + 1 < group["step_every"]
 
 
-def matrix_dims(kind: Kind, group: dict, shape: tuple) -> tuple[int, int]:
+def matrix_dims(group: dict, shape: tuple) -> tuple[int, int]:
     """(m, n) of the matrices a MATRIX kind maps in a tensor of `shape`: its last two dims, or the
     group's matrix_shape, a view of the tensor's memory as a stack of (m, n) matrices."""
     return tuple(group["matrix_shape"]) if group["matrix_shape"] else tuple(shape[-2:])
@@ -60,7 +60,7 @@ def matrix_dims(kind: Kind, group: dict, shape: tuple) -> tuple[int, int]:
 
 def lr_scale(kind: Kind, group: dict, shape: tuple) -> float:
     """The factor s the kind's map is multiplied by: the group's LR_SCALES rule on the matrix dims, or 1."""
-    return LR_SCALES[group["lr_scale"]](*matrix_dims(kind, group, shape)) if kind.lr_scale else 1.0
+    return LR_SCALES[group["lr_scale"]](*matrix_dims(group, shape)) if kind.lr_scale else 1.0
 
 
 def kind_update(kind: Kind, group: dict, states: list[dict], tensors: list[torch.Tensor],
@@ -133,7 +133,7 @@ def normuon_axis(group: dict, m: int, n: int) -> int:
 
 def normuon_shape(group: dict, shape: tuple) -> tuple:
     """Shape of NorMuon's second moment for a tensor of `shape`: its matrices' stack, the averaged dim 1."""
-    m, n = group["matrix_shape"] or shape[-2:]
+    m, n = matrix_dims(group, shape)
     stack = (math.prod(shape) // (m * n),) if group["matrix_shape"] else tuple(shape[:-2])
     return (*stack, m, 1) if normuon_axis(group, m, n) == -1 else (*stack, 1, n)
 
