@@ -46,13 +46,14 @@ from model.attention import (
     short_window,
     window_blocks,
 )
-from model.fp8 import fp8_head, why_no_fp8
+from model.fp8 import WEIGHT_SCALES, fp8_head, why_no_fp8
 
 SOFTCAPS = ("tanh", "sigmoid", "sigmoid_unscaled")
 SKIP_GATES = {"linear": 1.0, "sigmoid": -1.5}  # the gate g(w) and w's initial value
 CUDA_DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "flex", "sdpa")
 HEAD_MATMULS = ("auto", "fp8", "bf16")
+TRAIN_LOSSES = ("mean_fp32", "sum_bf16")
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,14 @@ class GPTConfig:
         record's FP8 matmul with its fixed scales (model/fp8.py), on a device that has one, else an
         error; "bf16": CastedLinear, in the input's dtype (bf16 on the GPU presets, float32 on CPU);
         "auto": fp8 on CUDA GPUs with FP8 tensor cores (compute capability 8.9+, e.g. H100), else bf16.
+    fp8_weight_scale: s_w, the FP8 head's weight scale (model/fp8.py WEIGHT_SCALES): the 2025-07-12
+        record's 24/448 (|W| up to 24), or record #46's 2^-9 (|W| up to 0.875, 27x finer below).
+    train_loss: the loss forward returns in training mode. "mean_fp32": the mean cross-entropy of
+        float32 logits (soft-capped in float32). "sum_bf16" (record #37 on): logits rounded to bf16,
+        soft-capped and cross-entropy taken in bf16, summed over the B*T tokens: a bf16 scalar, B*T
+        times the mean, whose gradients are B*T times the mean's (docs/MATH.md §4.8: Adam's and
+        Newton-Schulz's eps then act as the records'; the FP8 head's s_g is the records' 1/448).
+        Evaluation (model.eval()) always returns the float32 mean.
     gate_dims: g, how many leading residual dims feed the smear and attention gates (the record's 12).
     smear: token embeddings mixed one position forward (record #34), before the first norm:
         e_t <- e_t + lambda * sigmoid(w . e_t[:g]) * e_{t-1} for t >= 1, e_0 unchanged; w (1, g) and
@@ -138,6 +147,8 @@ class GPTConfig:
     value_lambda_all_layers: bool = False
     cuda_dtype: str = "float32"
     head_matmul: str = "bf16"
+    fp8_weight_scale: float = WEIGHT_SCALES["2025-07-12"]
+    train_loss: str = "mean_fp32"
     mlp_free_layers: tuple[int, ...] = ()
     gate_dims: int = 12
     smear: bool = False
@@ -151,6 +162,7 @@ class GPTConfig:
     def __post_init__(self):
         for name, allowed in (("head_softcap", SOFTCAPS), ("cuda_dtype", CUDA_DTYPES),
                               ("attention", ATTENTION_BACKENDS), ("head_matmul", HEAD_MATMULS),
+                              ("train_loss", TRAIN_LOSSES),
                               ("window_rule", WINDOW_RULES), ("skip_gate", tuple(SKIP_GATES))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -266,6 +278,7 @@ class LMHead(CastedLinear):
         super().__init__(cfg.dim, cfg.vocab_size, bias=False)
         nn.init.zeros_(self.weight)
         self.choice = cfg.head_matmul
+        self.fp8_scaling = dict(w_s=cfg.fp8_weight_scale, summed=cfg.train_loss == "sum_bf16")
 
     def matmul(self, device: torch.device) -> str:
         """The matmul in training on device, "fp8" or "bf16" (GPTConfig.head_matmul). "auto" takes fp8
@@ -278,7 +291,7 @@ class LMHead(CastedLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.training and self.matmul(x.device) == "fp8":
-            return fp8_head(x, self.weight)
+            return fp8_head(x, self.weight, **self.fp8_scaling)
         return super().forward(x)
 
 
@@ -452,7 +465,8 @@ class GPT(nn.Module):
         return self.to(device).cast_embeddings(self.config.table_dtype(device))
 
     def soft_cap(self, z: Tensor) -> Tensor:
-        """The head's soft-cap (GPTConfig.head_softcap), in z's dtype (float32 logits)."""
+        """The head's soft-cap (GPTConfig.head_softcap), in z's dtype (float32 logits, or bf16 for the
+        "sum_bf16" training loss)."""
         cfg = self.config
         if cfg.head_softcap == "sigmoid":
             return cfg.logit_softcap * torch.sigmoid(z / (cfg.sigmoid_softcap_scale * math.sqrt(cfg.dim)))
@@ -485,7 +499,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None,
                 window: Tensor | int | None = None) -> Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab) float32, or the mean cross-entropy if targets (B, T).
+        """idx (B, T) token ids -> logits (B, T, vocab) float32, or if targets (B, T) the cross-entropy:
+        in training its mean or bf16 sum over the B*T tokens (GPTConfig.train_loss), else its mean.
 
         window: the long attention window in tokens, applied by config.window_rule (model/attention.py;
         "token": query i sees key j iff 0 <= i - j < window, same document); short-window layers use
@@ -495,8 +510,11 @@ class GPT(nn.Module):
         reads its value on the host. A Python int works too (eager convenience), but a compiled
         model specializes on it: one graph per distinct int.
         """
-        x = self.residual(idx, window)
-        logits = self.soft_cap(self.lm_head(rms_norm(x)).float())
+        z = self.lm_head(rms_norm(self.residual(idx, window)))
+        if targets is not None and self.training and self.config.train_loss == "sum_bf16":
+            logits = self.soft_cap(z.bfloat16())
+            return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
+        logits = self.soft_cap(z.float())
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
