@@ -5,9 +5,10 @@ stepped every other step (step_every = 2) on the sum of two steps' gradients. On
 
 The shapes and options follow record #46's groups at toy size (docs/MATH.md §4.7): its attention
 tensor (d, 4d) viewed as four (d, d) matrices with NorMuon by columns; its c_fc with lr_mul 2 (ours
-(4d, d), NorMuon by rows, the larger side); its gates (1 x g and heads x g, bf16 in the record); the
-Adam side with the cautious decay and lr_mul, stepped on odd steps. Two gates of one shape share a
-stack, three attention tensors do too, so 2 and 3 ranks split the stacks unevenly.
+(4d, d), NorMuon by rows, the larger side); its gates (1 x g and heads x g, bf16 in the record; here
+also stepped every other step, to cover a resting Newton–Schulz group); the Adam side with the
+cautious decay and lr_mul, stepped on odd steps. Two gates of one shape share a stack, three attention
+tensors do too, so 2 and 3 ranks split the stacks unevenly.
 """
 
 from pathlib import Path
