@@ -20,8 +20,8 @@ an RMS-normed row has |x_i| <= sqrt(K), so x / s_x with s_x = sqrt(K)/448 lies i
 1/448 for the records' loss, a sum over each GPU's tokens (1/(448 rows) for our mean, the same e5m2
 values). s_w is the one that differs (WEIGHT_SCALES, GPTConfig.fp8_weight_scale): the 2025-07-12
 record's 24/448 holds weights up to |W| = 24 and keeps 3 mantissa bits down to 24/448 · 2^-6 = 8.4e-4;
-record #46's 2^-9 holds only |W| <= 448 · 2^-9 = 0.875 (torch's cast saturates a larger one at 448),
-but keeps 3 mantissa bits down to 2^-15 = 3.1e-5: 1/27 of the range, 27× finer for small weights.
+record #46's 2^-9 holds only |W| <= 448 · 2^-9 = 0.875 (a larger weight does not fit in e4m3), but
+keeps 3 mantissa bits down to 2^-15 = 3.1e-5: 1/27 of the range, 27× finer for small weights.
 """
 
 import functools

@@ -49,7 +49,7 @@ def test_record_46s_weight_scale_keeps_small_weights_normal_and_holds_weights_up
     # (every weight here), 8.4e-4 at 24/448 (below that the weights go subnormal and lose bits).
     assert relative["2025-11-29"] <= 2.0**-4 < relative["2025-07-12"]
     top = emulate(torch.tensor([0.875, 1.0]), W_S_46, E4M3)
-    assert top.tolist() == [0.875, 0.875]  # 448 * 2^-9 is the largest, a larger weight saturates
+    assert top.tolist() == [0.875, 0.875]  # 448 * 2^-9 is the largest (torch 2.13's CPU cast saturates)
 
 
 def scales_the_head_passes(cfg, monkeypatch) -> list[tuple[float, float, float]]:
