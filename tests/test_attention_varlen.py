@@ -35,8 +35,8 @@ def packed_lengths(length: int, max_doc_len: int, g: torch.Generator) -> list[in
     lengths (1 to 3000 tokens), each cut to max_doc_len, the last one cut to what is left."""
     lengths, filled = [], 0
     while filled < length:
-        raw = int(torch.randint(1, 3000, (1,), generator=g)) if torch.rand(1, generator=g) < 0.3 else \
-            int(torch.randint(1, 300, (1,), generator=g))
+        longest = 3000 if torch.rand(1, generator=g) < 0.3 else 300
+        raw = int(torch.randint(1, longest, (1,), generator=g))
         take = min(raw, max_doc_len, length - filled)
         lengths.append(take)
         filled += take
@@ -87,8 +87,9 @@ def random_cases(n: int, seed: int):
         training = case % 2 == 0
         cap = 2048 if case % 4 == 0 else int(torch.randint(1, 700, (1,), generator=g))
         lengths = packed_lengths(length, cap, g) if training else validation_lengths(length, g)
-        window = [768, 2560, 0, 128 * int(torch.randint(1, 14, (1,), generator=g))][case % 4] if case % 3 \
-            else int(torch.randint(0, length + 200, (1,), generator=g))
+        record_windows = (768, 2560, 0, BLOCK * int(torch.randint(1, 14, (1,), generator=g)))
+        any_window = int(torch.randint(0, length + 200, (1,), generator=g))
+        window = record_windows[case % 4] if case % 3 else any_window
         idx = tokens_for(lengths, leading_bos=training, g=g)
         cu = cu_seqlens(lengths, padded_to=len(lengths) + 5)
         yield length, window, idx, varlen_reference(cu, length, window)
