@@ -122,6 +122,14 @@ class TokenLoader:
     than the documents. Measured on the demo corpus (74 documents, mean 1,738 tokens): 93.5% of the
     tokens skipped at seq_len 128, 77% at 1,024, 23.5% at 16,384, 4.6% at 49,152.
 
+    With `max_doc_len` (record #46's training batches, its train_max_seq_len; exclusive with
+    align_to_bos) rows are packed from documents instead: a row's seq_len + 1 tokens are the next
+    documents in stream order, each from its EOT, each cut to at most max_doc_len tokens (its tail
+    dropped), the last one cut where the row is full (its rest dropped too); the next row starts at
+    the document after it. So every row starts at an EOT and every document in it (EOT to next EOT) is
+    one of the record's varlen segments, at most max_doc_len long. With batch_size 1 these are the
+    record's rows for its ranks (its BOSFinder.next_batch), except at shard ends, as above.
+
     Every shard's ids are checked below `vocab_size` (default GPT-2's 50,257) when the loader is
     built, so a bad shard stops the run before any step, naming the file.
     """
@@ -136,23 +144,27 @@ class TokenLoader:
         world_size: int = 1,
         device: str | torch.device = "cpu",
         align_to_bos: bool = False,
+        max_doc_len: int | None = None,
         vocab_size: int = VOCAB_SIZE,
     ):
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+        if max_doc_len is not None and (max_doc_len < 1 or align_to_bos):
+            raise ValueError(f"max_doc_len must be >= 1 and without align_to_bos (it packs documents "
+                             f"itself), got max_doc_len={max_doc_len}, align_to_bos={align_to_bos}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.batch_size, self.seq_len = batch_size, seq_len
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.align_to_bos = align_to_bos
+        self.align_to_bos, self.max_doc_len = align_to_bos, max_doc_len
         self.position = 0  # stream position where the next call's global batch starts
-        self._stream = _Stream(files, find_bos=align_to_bos, vocab_size=vocab_size)
+        self._stream = _Stream(files, find_bos=align_to_bos or max_doc_len is not None, vocab_size=vocab_size)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's share of the next global batch of world_size * batch_size sequences."""
-        if self.align_to_bos:
-            rows = self._to_device(self._aligned_rows())
+        if self.align_to_bos or self.max_doc_len is not None:
+            rows = self._to_device(self._aligned_rows() if self.align_to_bos else self._packed_rows())
             return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         size = self.batch_size * self.seq_len
         tokens = self._stream.read(self.position + self.rank * size, size + 1)
@@ -183,6 +195,26 @@ class TokenLoader:
             if first <= k < first + self.batch_size:
                 rows[k - first] = self._stream.read(start, self.seq_len + 1)
             cursor = start + self.seq_len
+        self.position = cursor
+        return rows
+
+    def _packed_rows(self) -> np.ndarray:
+        # As _aligned_rows, every rank walks all rows (a row's documents depend on the rows before).
+        rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.uint16)
+        first = self.rank * self.batch_size
+        cursor = self.position
+        for k in range(self.world_size * self.batch_size):
+            mine = first <= k < first + self.batch_size
+            pieces, filled = [], 0
+            while filled <= self.seq_len:
+                start = self._stream.next_bos(cursor)
+                cursor = self._stream.next_bos(start + 1)  # the document's end: the next one's start
+                take = min(cursor - start, self.max_doc_len, self.seq_len + 1 - filled)
+                if mine:
+                    pieces.append(self._stream.read(start, take))
+                filled += take
+            if mine:
+                rows[k - first] = np.concatenate(pieces)
         self.position = cursor
         return rows
 

@@ -4,7 +4,8 @@ Attention inputs are (B, H, T, D). Query i sees key j iff
     j <= i  (causal),  d(i, j) < limit  (sliding window; no limit when window is None),
     and i, j lie in the same document (when document ids are given),
 where a document starts at each BOS token (GPT-2's <|endoftext|>, which precedes every document in
-our shards). A window of w >= 1 tokens sets the distance d and its limit by the window rule:
+our shards). A window of w tokens (w >= 1; "varlen" w >= 0) sets the distance d and its limit by
+the window rule:
   - "token":  d(i, j) = i - j,                      limit = w: token-exact, any w;
   - "block":  d(i, j) = floor(i/128) - floor(j/128), limit = W = max(1, ceil(w/128)) blocks: a query
     sees the keys of its own 128-token block up to itself and of the W - 1 blocks before it: at most
@@ -19,9 +20,22 @@ our shards). A window of w >= 1 tokens sets the distance d and its limit by the 
     full block and its partial ones are m, m - 1, ... In both cases the kept blocks are exactly those
     with m - n < W (W = 0, the record's short window when its long one is 1 block, keeps block m
     alone, as W = 1 does).
+  - "varlen": d(i, j) = i - j,                     limit = w + 1: token-exact, w + 1 keys (w >= 0):
+    FlashAttention-3's varlen kernel with causal=True and window_size=(w, 0), as record #46 calls it
+    (w = 128 x its window in blocks): query i sees keys i - w, ..., i of its own segment. The record's
+    segments (cu_seqlens) are exactly our documents: in training every segment starts at a BOS and
+    holds no other (data/loader.py's max_doc_len packing: each document cut to at most max_doc_len
+    tokens, its tail dropped, the last one cut at the row's end; cu_seqlens padded with empty
+    segments, which hold no token); in validation the stream is unaligned, so the tokens before the
+    first BOS form one more segment, as our document id 0. FA3's max_seqlen (2048 = max_doc_len in
+    training, the rank's whole sequence in validation) only bounds the segment lengths for its kernel;
+    the document ids bound them exactly, so the masks here need no such argument.
 Short-window layers take half the long window (`short_window`): "token" max(1, floor(w/2)) tokens,
 "block" floor(W/2) blocks (at least 1), the record's halving of its block count: at W = 3 the short
-window is 1 block, where "token" gives 192 tokens.
+window is 1 block, where "token" gives 192 tokens; "varlen" 128 floor(floor(w/128)/2) tokens, record
+#46's ws_long // 2 blocks (w = 384: 128 tokens, 129 keys). Record #46's final validation breaks the
+halving (short 6 blocks = 768 tokens, long 20 = 2560): the model takes the short window explicitly
+there (GPT.forward's `short`).
 
 The window is a 0-dim integer tensor, so one compiled graph serves every window value: nothing below
 branches on it or reads it on the host.
@@ -144,7 +158,7 @@ def document_ids(idx: Tensor, bos_token: int) -> Tensor:
     return (idx == bos_token).cumsum(dim=-1)
 
 
-WINDOW_RULES = ("token", "block")
+WINDOW_RULES = ("token", "block", "varlen")
 
 
 def window_blocks(window: Tensor) -> Tensor:
@@ -154,9 +168,12 @@ def window_blocks(window: Tensor) -> Tensor:
 
 def short_window(window: Tensor, rule: str) -> Tensor:
     """The short-window layers' window in tokens, as a tensor op (no host read): "token" max(1, w // 2);
-    "block" 128 * max(1, W // 2), W = window_blocks(w)."""
+    "block" 128 * max(1, W // 2), W = window_blocks(w); "varlen" 128 * ((w // 128) // 2) (0 at w < 256:
+    each query then sees itself alone, as FA3's window (0, 0))."""
     if rule == "block":
         return BLOCK * torch.clamp_min(window_blocks(window) // 2, 1)
+    if rule == "varlen":
+        return BLOCK * (window // BLOCK // 2)
     return torch.clamp_min(window // 2, 1)
 
 
@@ -166,6 +183,8 @@ def in_window(i: Tensor, j: Tensor, window: Tensor, rule: str) -> Tensor:
     d never decreases in i and never increases in j, under either rule."""
     if rule == "block":
         return i // BLOCK - j // BLOCK < window_blocks(window)
+    if rule == "varlen":
+        return i - j <= window
     return i - j < window
 
 
@@ -199,7 +218,8 @@ def block_classes(seq_len: int, window: Tensor | None, docs: Tensor | None, devi
       causal:   some iff m >= n;                     every iff m > n;
       window:   some iff d(first_m, last_n) < limit; every iff d(last_m, first_n) < limit (d is
                 monotone: smallest and largest over the block pair there). "token": first_m - last_n
-                < w and last_m - first_n < w; "block": both read m - n < W;
+                < w and last_m - first_n < w; "varlen" the same with w + 1; "block": both read
+                m - n < W;
       document: some iff lo_m <= hi_n and lo_n <= hi_m (a document shared; it then covers the
                 nearest pair (first_m, last_n), so the three conditions hold on one pair);
                 every iff hi_m == lo_n and lo_m == hi_n (one document spans both blocks).

@@ -77,8 +77,10 @@ class GPTConfig:
     attention: "flex", "sdpa", or "auto" (flex on CUDA, sdpa elsewhere).
     window_rule: what a window of w tokens allows (model/attention.py): "token": keys i - w < j <= i;
         "block": keys of the query's 128-token block up to it and of the ceil(w/128) - 1 blocks
-        before, short windows half as many blocks (the record's rule, on the GPU presets). The demo
-        keeps "token" (it trains with full causal attention, so either rule gives the same model).
+        before, short windows half as many blocks (the record's rule, on the GPU presets); "varlen":
+        keys i - w <= j <= i (w + 1 keys), short windows 128 * ((w // 128) // 2), record #46's FA3
+        varlen window. The demo keeps "token" (it trains with full causal attention, so every rule
+        gives the same model).
     long_window_layers: blocks that attend over the long window; the others over half of it. None:
         every fourth block counted from the first in the first half and from the last in the second
         half (12 layers: 0, 4, 7, 11). An attention-free block listed here has no effect.
@@ -400,12 +402,13 @@ class Smear(nn.Module):
 def mean_context(seq_len: int, window: int, rule: str = "token") -> float:
     """Mean number of keys a query sees, causal with a window of w tokens over T tokens, one document.
 
-    "token": (1/T) sum_t min(t + 1, w). "block": (1/T) sum_t (t - s_t + 1), s_t = 128 max(0, m - W + 1)
-    the first key of the window of query t in block m = floor(t/128), W = max(1, ceil(w/128)); summed
-    per block: n (a - s + 1) + n (n - 1) / 2 over the block's n queries from position a.
+    "token": (1/T) sum_t min(t + 1, w); "varlen" the same with w + 1. "block": (1/T) sum_t
+    (t - s_t + 1), s_t = 128 max(0, m - W + 1) the first key of the window of query t in block
+    m = floor(t/128), W = max(1, ceil(w/128)); summed per block: n (a - s + 1) + n (n - 1) / 2 over
+    the block's n queries from position a.
     """
-    if rule == "token":
-        w = min(window, seq_len)
+    if rule != "block":
+        w = min(window + (rule == "varlen"), seq_len)  # "varlen" sees w + 1 keys
         return w - w * (w - 1) / (2 * seq_len)
     W = int(window_blocks(torch.tensor(window)))
     total = 0
@@ -498,19 +501,20 @@ class GPT(nn.Module):
         return torch.sigmoid(w) if self.config.skip_gate == "sigmoid" else w
 
     def forward(self, idx: Tensor, targets: Tensor | None = None,
-                window: Tensor | int | None = None) -> Tensor:
+                window: Tensor | int | None = None, short: Tensor | None = None) -> Tensor:
         """idx (B, T) token ids -> logits (B, T, vocab) float32, or if targets (B, T) the cross-entropy:
         in training its mean or bf16 sum over the B*T tokens (GPTConfig.train_loss), else its mean.
 
         window: the long attention window in tokens, applied by config.window_rule (model/attention.py;
         "token": query i sees key j iff 0 <= i - j < window, same document); short-window layers use
-        attention.short_window of it. None: full causal attention.
+        attention.short_window of it, or `short` (a 0-dim tensor, tokens) where given (record #46's
+        final validation: short 768, long 2560). None: full causal attention.
         Pass a 0-dim integer tensor on idx's device (same dtype every call, e.g. int32): under
         torch.compile(dynamic=False) every window value then runs through one graph, since nothing
         reads its value on the host. A Python int works too (eager convenience), but a compiled
         model specializes on it: one graph per distinct int.
         """
-        z = self.lm_head(rms_norm(self.residual(idx, window)))
+        z = self.lm_head(rms_norm(self.residual(idx, window, short)))
         if targets is not None and self.training and self.config.train_loss == "sum_bf16":
             logits = self.soft_cap(z.bfloat16())
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
@@ -519,9 +523,10 @@ class GPT(nn.Module):
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
-    def residual(self, idx: Tensor, window: Tensor | int | None = None) -> Tensor:
+    def residual(self, idx: Tensor, window: Tensor | int | None = None,
+                 short: Tensor | None = None) -> Tensor:
         """idx (B, T) -> the residual stream (B, T, dim) the head reads (before its norm): embedding
-        (smeared, normed), the blocks with their skips, the backout. window as in forward."""
+        (smeared, normed), the blocks with their skips, the backout. window, short as in forward."""
         cfg = self.config
         T = idx.size(1)
         backend = self.attention_backend(idx.device)
@@ -532,8 +537,9 @@ class GPT(nn.Module):
             window = torch.tensor(window, device=idx.device)
         rule = cfg.window_rule
         long_mask = build_mask(backend, T, window, docs, idx.device, rule)
-        short_mask = long_mask if window is None else build_mask(backend, T, short_window(window, rule), docs,
-                                                                 idx.device, rule)
+        if window is not None and short is None:
+            short = short_window(window, rule)
+        short_mask = long_mask if window is None else build_mask(backend, T, short, docs, idx.device, rule)
         ves = [table(idx) for table in self.value_embeds]
 
         x = self.embed(idx)

@@ -273,3 +273,79 @@ def test_loader_rejects_bad_arguments(counting):
         TokenLoader([], 1, 8)
     with pytest.raises(ValueError, match="non-empty list of shard paths"):
         TokenLoader(str(files[0]), 1, 8)
+
+
+# ---- record #46's packing: documents cut at max_doc_len -----------------------------------------
+
+# Documents A = [E 1 2 3 4 5], B = [E 6], C = [E 7 8 9], D = [E 10 11] at positions 0, 6, 8, 12 (15 in all).
+PACKED_DOCS = [E, 1, 2, 3, 4, 5, E, 6, E, 7, 8, 9, E, 10, 11]
+
+
+def test_packed_rows_cut_documents_at_max_doc_len_and_at_the_rows_end(tmp_path):
+    # Rows of seq_len + 1 = 6 tokens, max_doc_len 3, two ranks of one row, two calls; the shard
+    # boundary (position 7) falls inside B. By hand, pieces (start, tokens taken):
+    #   row 0: A (0, 3 of 6), B (6, 2), C (8, 1: the row is full)        -> E 1 2 E 6 E
+    #   row 1: D (12, 3), A (15, 3: after the wrap)                         -> E 10 11 E 1 2
+    #   row 2: B (21, 2), C (23, 3 of 4), D (27, 1)                         -> E 6 E 7 8 E
+    #   row 3: A (30, 3), B (36, 2), C (38, 1)                              -> E 1 2 E 6 E
+    # Row 1 starts at D: C's EOT already ended row 0, and the rest of C is dropped with it.
+    files = make_shards(tmp_path, PACKED_DOCS, [7])
+    loaders = [TokenLoader(files, 1, 5, rank=r, world_size=2, max_doc_len=3) for r in range(2)]
+    rows = [[E, 1, 2, E, 6, E], [E, 10, 11, E, 1, 2], [E, 6, E, 7, 8, E], [E, 1, 2, E, 6, E]]
+    for call in range(2):
+        for rank, loader in enumerate(loaders):
+            x, y = loader.next_batch()
+            row = rows[2 * call + rank]
+            assert x.tolist() == [row[:-1]] and y.tolist() == [row[1:]], f"call {call}, rank {rank}"
+    # The next call starts at D of the third lap: C's piece ended at its successor's start, 42.
+    assert [ld.state_dict() for ld in loaders] == [{"position": 42}, {"position": 42}]
+
+
+def packed_rows_by_document_index(tokens, doc, rows, seq_len, max_doc_len):
+    """The packing restated over one lap's document list (as the record indexes its shard's EOTs):
+    row after row, document `doc` onward, each cut to max_doc_len and to the room left in the row."""
+    starts = np.flatnonzero(np.asarray(tokens) == E)
+    ends = np.append(starts[1:], len(tokens))
+    out = []
+    for _ in range(rows):
+        row = []
+        while len(row) <= seq_len:
+            take = min(ends[doc] - starts[doc], max_doc_len, seq_len + 1 - len(row))
+            row.extend(tokens[starts[doc] : starts[doc] + take].tolist())
+            doc += 1
+        out.append(row)
+    return out, doc
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_packed_rows_follow_the_document_list_and_are_world_size_invariant(tmp_path, world_size):
+    # Documents of 1..60 tokens, max_doc_len 16, rows of 33: many documents are cut at the cap and
+    # the row ends fall anywhere, an EOT among them.
+    tokens = random_documents(4, 200, 60)
+    files = make_shards(tmp_path, tokens, [900, 2000])
+    T, cap, steps = 32, 16, 4
+    batches = global_batches(files, world_size, steps, batch_size=12 // world_size, seq_len=T,
+                             max_doc_len=cap)
+    expected, _ = packed_rows_by_document_index(tokens, 0, steps * 12, T, cap)
+    got = torch.cat([torch.cat([x, y[:, -1:]], dim=1) for x, y in batches])
+    assert got.tolist() == expected
+    for row in got:
+        starts = torch.cat([torch.nonzero(row == E).flatten(), torch.tensor([T + 1])])
+        assert starts[0] == 0 and (starts.diff() <= cap).all()
+
+
+def test_packed_rows_resume_from_the_saved_position(tmp_path):
+    files = make_shards(tmp_path, random_documents(5, 60, 40), [500])
+    first = TokenLoader(files, 2, 20, max_doc_len=8)
+    for _ in range(7):
+        first.next_batch()
+    resumed = TokenLoader(files, 2, 20, max_doc_len=8)
+    resumed.load_state_dict(first.state_dict())
+    for _ in range(5):
+        assert torch.equal(first.next_batch()[0], resumed.next_batch()[0])
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_doc_len=0), dict(max_doc_len=8, align_to_bos=True)])
+def test_packing_rejects_a_bad_max_doc_len(counting, kwargs):
+    with pytest.raises(ValueError, match="max_doc_len must be >= 1 and without align_to_bos"):
+        TokenLoader(counting[1], 1, 8, **kwargs)
