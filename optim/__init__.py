@@ -25,7 +25,7 @@ public names:
                         ROUNDINGS its roundings; default_dtype its default precision;
                         newton_schulz_flops its cost; polar_reference the exact U Vᵀ by SVD
   dualize_linear, dualize_embed, dualize_sign, dualize_conv2d   the duality maps
-  EPS_FORMS             where Adam's ε sits (Muon's adam_eps_form)
+  EPS_FORMS, WD_FORMS, NORMUON_AXES   the choices of Muon's adam_eps_form, wd_form and normuon
   Distribution          what Muon calls for everything that depends on the ranks; OneProcess is one rank
   is_dtensor            whether a tensor is a DTensor (fully_shard's), without importing DTensor
   step_collectives      one DataParallel step's collectives at W ranks, without a process group;
@@ -44,7 +44,7 @@ from .duality import dualize_conv2d, dualize_embed, dualize_linear, dualize_sign
 from .fsdp_layout import exchange_elements, local_shape
 from .grouping import ROLES, param_groups
 from .kinds import KINDS, LR_SCALES, Kind
-from .muon import EPS_FORMS, Muon
+from .muon import EPS_FORMS, NORMUON_AXES, WD_FORMS, Muon
 from .newton_schulz import (
     COEFFICIENTS,
     ROUNDINGS,
@@ -65,9 +65,11 @@ __all__ = [
     "EPS_FORMS",
     "KINDS",
     "LR_SCALES",
+    "NORMUON_AXES",
     "REDUCE_SCATTER",
     "ROLES",
     "ROUNDINGS",
+    "WD_FORMS",
     "Coefficients",
     "Collective",
     "Distribution",
