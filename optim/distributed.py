@@ -15,7 +15,8 @@ the Newton–Schulz kinds, 1/W of the elements or rows for the others, holding t
 only); updated values are all-gathered. It equals the one-process step on the gradient averaged over
 ranks. Every collective's per-rank chunk is a multiple of 16 bytes, and its buffers are made at the
 first step and reused: step_collectives(param_groups, W, unused_parameters) lists one step's
-collectives, from the same shards the step builds, without a process group.
+collectives, and state_shapes(param_groups, rank, W) the state each rank keeps, from the same shards
+the step builds, without a process group.
 
 Unused parameters. By default (Muon(unused_parameters=False), as DDP's find_unused_parameters) every
 parameter of a group the step updates must have a gradient on every rank: a rank without one for some

@@ -11,7 +11,8 @@ everything that depends on the ranks; it never asks which one it has. A Distribu
   dualize=None) on what this rank owns (whole matrices for the Newton–Schulz kinds, rows or elements
   for the others), and brings every rank the updated values.
 - clip_grad_norm_(groups, max_norm): scales the gradients step() will use by
-  min(1, max_norm/(‖g‖₂ + 1e-6)), ‖g‖₂ over every rank's share; returns ‖g‖₂.
+  min(1, max_norm/(‖g‖₂ + 1e-6)), ‖g‖₂ over every rank's share; returns ‖g‖₂. `groups` (Muon's, as
+  step's) is what OneProcess reads; the distributed ones read the groups add_group gave them.
 - discard(): completes and forgets this step's communication; close(): releases hooks and groups.
 - state_shape(p): the shape of the state this rank keeps for p, or None where it keeps none.
 - stamp(), saved(state_dict, groups), loaded(state_dict, groups): the checkpoint's "distribution"
