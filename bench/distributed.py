@@ -15,7 +15,7 @@ order), per W:
   state           optimizer-state bytes per rank (the largest), and as a multiple of 1/W of all ranks' sum
   bytes           sent per rank per step, measured on the loopback interface (/proc/net/dev counts
                   the whole machine, so the least over the steps), and predicted from the step's
-                  collectives (optim.distributed.step_collectives; optim/zero.py gives the
+                  collectives (optim.step_collectives; optim/zero.py gives the
                   formulas): (W−1) chunks per reduce-scatter and all-gather, 2(W−1)/W of each flags
                   all-reduce (none here: every parameter has a gradient, Muon's default). Gloo
                   builds a reduce-scatter from an all-reduce of the whole input, which sends twice a
@@ -44,11 +44,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import optim.kinds
 from bench.optim import gpt_hidden_shapes, machine
-from optim import Muon, default_dtype, newton_schulz_flops, orthogonalize
-from optim.distributed import step_collectives
-from optim.zero import ALL_REDUCE, REDUCE_SCATTER, Collective
+from optim import (
+    ALL_REDUCE,
+    REDUCE_SCATTER,
+    Collective,
+    Muon,
+    default_dtype,
+    newton_schulz_flops,
+    orthogonalize,
+    step_collectives,
+)
 
 ELEMENT = 4  # bytes: float32
 
@@ -142,7 +148,8 @@ def rank_worker(rank: int, world_size: int, args: argparse.Namespace, tmp: Path)
         return out
 
     steps = []
-    with mock.patch.object(optim.kinds, "orthogonalize", timed_orthogonalize):
+    # Muon's kinds call orthogonalize by this name (optim/kinds.py): timed there, inside the step.
+    with mock.patch("optim.kinds.orthogonalize", timed_orthogonalize):
         for step in range(args.steps + 1):  # step 0: warm-up
             set_gradients(groups, step, rank)
             ns_seconds[0], ns_shapes[:] = 0.0, []

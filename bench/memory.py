@@ -10,11 +10,11 @@ fake tensors. Columns, for the rank that holds the most (GiB = 2³⁰ bytes):
   parameters   default: every parameter whole, in the dtype GPT.to_device stores it on CUDA (the
                embedding tables in GPTConfig.table_dtype: bf16 for the GPU presets; the rest float32);
                --fsdp: this rank's rows of every parameter (fully_shard's torch.chunk split,
-               optim.fsdp.local_shape), float32 (train_gpt.py shards model.to(device))
+               optim.local_shape), float32 (train_gpt.py shards model.to(device))
   gradients    p.grad, in its parameter's dtype: default whole, --fsdp this rank's rows (float32)
-  optimizer    Muon's state on this rank: optim.state.muon_state_layout on the shapes DataParallel's
-               shards (optim.distributed.shards_of) or fully_shard's rows give it, float32 for bf16
-               parameters too (optim.update.state_dtype); the speedrun's param groups (hidden
+  optimizer    Muon's state on this rank: optim.muon_state_layout on the shapes DataParallel's
+               shards (optim.state_shapes) or fully_shard's rows give it, float32 for bf16
+               parameters too; the speedrun's param groups (hidden
                matrices: momentum; embeddings, head, scalars: Adam's two moments, or momentum for the
                embeddings with --embed-map dual)
   activations  the tensors autograd keeps for backward in one forward of a micro-batch of
@@ -37,7 +37,7 @@ fake tensors. Columns, for the rank that holds the most (GiB = 2³⁰ bytes):
                one computing and the one prefetched: embedding tables and head, each its own unit,
                outweigh a block) and of the root's own parameters (fully_shard keeps the root gathered
                from forward through backward); plus optim.fsdp's exchange for the largest stack: six
-               float32 buffers of its W·C·c·(d_in) elements (optim.fsdp.OwnerExchange)
+               float32 buffers of its W·C·c·(d_in) elements (optim.exchange_elements)
 
 The total adds every column, though DataParallel's buffers peak after backward has freed the
 activations: an upper bound. Prints markdown tables, one per --tokens-per-gpu; --write replaces what
@@ -55,12 +55,16 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import model.gpt
 from data.shards import write_text_atomic
 from model import GPT, PRESETS, GPTConfig
-from optim import KINDS
-from optim.distributed import same_shape, shards_of
-from optim.fsdp import OwnerExchange, local_shape
-from optim.kinds import MATRIX
-from optim.state import muon_state_layout
-from optim.zero import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER
+from optim import (
+    ALL_GATHER,
+    ALL_REDUCE,
+    REDUCE_SCATTER,
+    exchange_elements,
+    local_shape,
+    muon_state_layout,
+    state_shapes,
+    step_collectives,
+)
 from training.fsdp import sharding_units
 from training.recipe import optimizer_groups, parse_config, unused_parameters
 from training.runtime import autocast_dtype
@@ -96,12 +100,12 @@ def nbytes(shape: tuple, dtype: torch.dtype) -> int:
     return math.prod(shape) * dtype.itemsize
 
 
-def state_bytes(groups: list[dict], state_shape) -> int:
-    """Σ of muon_state_layout over the parameters this rank keeps state for (state_shape → None: none)."""
+def state_bytes(groups: list[dict], shapes: list[list[tuple | None]]) -> int:
+    """Σ of muon_state_layout over the parameters this rank keeps state for: shapes[g][i] is the state's
+    shape for parameter i of group g on this rank (None: it keeps none)."""
     total = 0
-    for group in groups:
-        for p in group["params"]:
-            shape = state_shape(p, group)
+    for group, group_shapes in zip(groups, shapes, strict=True):
+        for p, shape in zip(group["params"], group_shapes, strict=True):
             if shape is not None:
                 layout = muon_state_layout(p, group["kind"], shape)
                 total += sum(nbytes(s, dtype) for s, dtype in layout.values())
@@ -113,51 +117,33 @@ def data_parallel(groups: list[dict], world_size: int, rank: int, flagged: bool 
     flagged: has-a-gradient flags (Muon's unused_parameters, as training.recipe.build_optimizer sets it)."""
     params = [p for group in groups for p in group["params"]]
     held = sum(nbytes(p.shape, p.dtype) for p in params)
-    if world_size == 1:
-        return dict(parameters=held, gradients=held, optimizer=state_bytes(groups, lambda p, g: p.shape),
-                    **{"in flight": 0})
-    shard_of = {}
-    for index, group in enumerate(groups):
-        for shard in shards_of(index, group["params"], KINDS[group["kind"]], rank, world_size, flagged):
-            shard_of.update((id(p), shard) for p in shard.params)
-    shards = list({id(shard): shard for shard in shard_of.values()}.values())
-    state = state_bytes(groups, lambda p, g: shard_of[id(p)].state_shape(p))
+    state = state_bytes(groups, state_shapes(groups, rank, world_size))
     return dict(parameters=held, gradients=held, optimizer=state,
-                **{"in flight": sum(data_parallel_buffers(shard, world_size) for shard in shards)})
+                **{"in flight": data_parallel_buffers(groups, world_size, flagged)})
 
 
-def data_parallel_buffers(shard, world_size: int) -> int:
-    """One shard's communication buffers (optim/zero.py), made at the first step and kept: per
-    collective in shard.collectives, a reduce-scatter's W rows sent and row received, an all-gather's
+def data_parallel_buffers(groups: list[dict], world_size: int, flagged: bool) -> int:
+    """DataParallel's communication buffers (optim/zero.py), made at the first step and kept: per
+    collective of step_collectives, a reduce-scatter's W rows sent and row received, an all-gather's
     chunk sent and W chunks received, the flags' all-reduced counts (unused_parameters=True only)."""
     copies = {REDUCE_SCATTER: world_size + 1, ALL_GATHER: world_size + 1, ALL_REDUCE: 1}
-    return sum(copies[c.op] * c.bytes for c in shard.collectives)
+    return sum(copies[c.op] * c.bytes for c in step_collectives(groups, world_size, flagged))
 
 
 def fully_sharded(gpt: GPT, groups: list[dict], world_size: int, rank: int) -> dict:
     """Parameters, gradients, state and in-flight buffers of one rank under --fsdp (float32 rows)."""
-    local = [local_shape(tuple(p.shape), rank, world_size) for group in groups for p in group["params"]]
-    held = sum(nbytes(shape, torch.float32) for shape in local)
-    state = state_bytes(groups, lambda p, g: local_shape(tuple(p.shape), rank, world_size))
+    local = [[local_shape(tuple(p.shape), rank, world_size) for p in group["params"]] for group in groups]
+    held = sum(nbytes(shape, torch.float32) for shapes in local for shape in shapes)
     units = sorted(sum(p.numel() for p in unit.parameters()) for unit in sharding_units(gpt))
     root = sum(p.numel() for p in gpt.parameters()) - sum(units)
     gathered = (root + sum(units[-2:])) * (BF16 + BF16 + FP32)
-    return dict(parameters=held, gradients=held, optimizer=state,
-                **{"in flight": gathered + exchange_bytes(groups, world_size, rank)})
+    return dict(parameters=held, gradients=held, optimizer=state_bytes(groups, local),
+                **{"in flight": gathered + exchange_bytes(groups, world_size)})
 
 
-def exchange_bytes(groups: list[dict], world_size: int, rank: int) -> int:
-    """Six float32 buffers of the largest stack's OwnerExchange, dealt as optim.fsdp deals them."""
-    largest, dealt = 0, 0
-    for group in groups:
-        if KINDS[group["kind"]].shard != MATRIX:
-            continue
-        for stack in same_shape(group["params"]):
-            exchange = OwnerExchange(stack, dealt, rank, world_size, group=None)
-            padded = world_size * exchange.columns * exchange.chunk * math.prod(exchange.shape[1:])
-            largest = max(largest, 6 * padded * FP32)
-            dealt += len(stack)
-    return largest
+def exchange_bytes(groups: list[dict], world_size: int) -> int:
+    """Six float32 buffers of the largest stack's owner exchange (optim.exchange_elements)."""
+    return 6 * max(exchange_elements(groups, world_size), default=0) * FP32
 
 
 class FlexSaved(torch.autograd.Function):

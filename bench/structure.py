@@ -54,16 +54,12 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 from torch.utils._pytree import tree_flatten
 
 import model.gpt
-import optim.newton_schulz
-import optim.update
 from bench.gpu_check import synthetic_tokens
 from bench.memory import meta_gpt, speedrun_groups
 from model import GPT, PRESETS
 from model.attention import build_mask, document_ids, short_window
 from model.gpt import LMHead
-from optim.allocations import count_allocations
-from optim.distributed import DataParallel, step_collectives
-from optim.zero import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER
+from optim import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, count_allocations, step_collectives
 from training.compiling import compile_model
 from training.recipe import WindowTensors, build_optimizer, parse_config, unused_parameters, window_at
 from training.steps import evaluate
@@ -369,7 +365,7 @@ def attention_tiles(preset: str = "124m") -> dict[str, int]:
 
 def collectives(preset: str = "124m", world_size: int = WORLD_SIZE) -> list[tuple[str, str, int]]:
     """(op, dtype, bytes per rank) of each collective of one optimizer step at world_size ranks:
-    optim.distributed.step_collectives, the list the step issues, computed without a process group, for
+    optim.step_collectives, the list the step issues, computed without a process group, for
     the speedrun's optimizer as training/recipe.py build_optimizer makes it (unused_parameters: flags
     only where the model leaves a parameter without a gradient; the 124M model does not)."""
     gpt = meta_gpt(PRESETS[preset], fsdp=False)
@@ -432,12 +428,13 @@ def allocations(preset: str = "124m", world_size: int = WORLD_SIZE, steps: int =
     gpt = meta_gpt(PRESETS[preset], fsdp=False)
     counts = []
     with contextlib.ExitStack() as patches, fake_world(world_size):
-        for module in (optim.newton_schulz, optim.update):
-            patches.enter_context(mock.patch.object(module, "compile_backend", lambda *_: "inductor"))
-            patches.enter_context(mock.patch.object(module, "compiled", opaque))
-        # One process: rank 0's fill order is the order; on meta tensors it cannot be read from the host.
+        # Instrumentation by name, not API: the two modules that compile on CUDA take CUDA's path, and
+        # DataParallel's launch order, which on meta tensors cannot be read from the host, is rank 0's.
+        for module in ("optim.newton_schulz", "optim.update"):
+            patches.enter_context(mock.patch(f"{module}.compile_backend", lambda *_: "inductor"))
+            patches.enter_context(mock.patch(f"{module}.compiled", opaque))
         in_index_order = lambda self: list(range(len(self.buckets)))  # noqa: E731
-        patches.enter_context(mock.patch.object(DataParallel, "_agree_order", in_index_order))
+        patches.enter_context(mock.patch("optim.distributed.DataParallel._agree_order", in_index_order))
         optimizer = build_optimizer(gpt, cfg)
         for _ in range(steps):
             for p in gpt.parameters():

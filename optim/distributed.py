@@ -15,7 +15,8 @@ the Newton–Schulz kinds, 1/W of the elements or rows for the others, holding t
 only); updated values are all-gathered. It equals the one-process step on the gradient averaged over
 ranks. Every collective's per-rank chunk is a multiple of 16 bytes, and its buffers are made at the
 first step and reused: step_collectives(param_groups, W, unused_parameters) lists one step's
-collectives, from the same shards the step builds, without a process group.
+collectives, and state_shapes(param_groups, rank, W) the state each rank keeps, from the same shards
+the step builds, without a process group.
 
 Unused parameters. By default (Muon(unused_parameters=False), as DDP's find_unused_parameters) every
 parameter of a group the step updates must have a gradient on every rank: a rank without one for some
@@ -41,13 +42,11 @@ p.grad changed after backward accumulated it: it is this rank's own, so such a c
 norm) would differ between ranks. The gradient hooks hold the
 optimizer weakly and are removed when it is dropped or closed.
 
-Distributions. Muon picks one from its first param group: FullyShardedParallel (optim/fsdp.py) when
-its parameters are DTensors (fully_shard), else DataParallel, or None for one process. Each has
-the same methods: add_group, sync_backward, step(groups, update), clip_grad_norm_, discard, close,
-state_shape, stamp, saved and loaded (state_dict() and load_state_dict() pass the state dict through
-these two), rank and world_size. `update(group, keys, tensors, grads, flags, dualize=None)`
-(Muon._update) steps any local tensors, whole parameters or slices, by their kind; `dualize` stands in
-for a matrix kind's stacked map (optim/update.py kind_update).
+Distributions. Muon picks one from its first param group (optim/distribution.py, which states their
+common interface): FullyShardedParallel (optim/fsdp.py) when its parameters are DTensors
+(fully_shard), else DataParallel here, or OneProcess. `update(group, keys, tensors, grads, flags,
+dualize=None)` (Muon._update) steps any local tensors, whole parameters or slices, by their kind;
+`dualize` stands in for a matrix kind's stacked map (optim/update.py kind_update).
 """
 
 import importlib
@@ -116,17 +115,48 @@ def step_collectives(param_groups: list[dict], world_size: int,
     bucket). Which rank owns what does not change any collective's size, so rank 0's shards stand for
     every rank's. One rank: none.
     """
+    _check_kinds(param_groups, "step_collectives")
     if world_size == 1:
         return []
-    collectives = []
+    return [collective for _, shard in _planned_shards(param_groups, 0, world_size, unused_parameters)
+            for collective in shard.collectives]
+
+
+def state_shapes(param_groups: list[dict], rank: int, world_size: int) -> list[list[tuple | None]]:
+    """Per param group, per parameter: the shape of the state rank `rank` of `world_size` keeps for it
+    under DataParallel (the whole shape for a matrix it owns, its slice's for the others), or None
+    where it keeps none; from the shards DataParallel builds, without a process group. `param_groups`
+    as step_collectives takes them. One rank: every parameter's own shape (one process)."""
+    _check_kinds(param_groups, "state_shapes")
+    if world_size == 1:
+        return [[tuple(p.shape) for p in _tensors(group)] for group in param_groups]
+    shapes: list[list[tuple | None]] = [[None] * len(group["params"]) for group in param_groups]
+    for index, shard in _planned_shards(param_groups, rank, world_size, unused_parameters=False):
+        params = _tensors(param_groups[index])
+        for p in shard.params:
+            shapes[index][next(i for i, q in enumerate(params) if q is p)] = shard.state_shape(p)
+    return shapes
+
+
+def _planned_shards(param_groups: list[dict], rank: int, world_size: int,
+                    unused_parameters: bool) -> Iterator[tuple[int, "MatrixShard | FlatShard"]]:
+    """(group index, shard) per shard of rank `rank`, in param-group order, as DataParallel builds them."""
+    for index, group in enumerate(param_groups):
+        for shard in shards_of(index, _tensors(group), KINDS[group["kind"]], rank, world_size,
+                               unused_parameters):
+            yield index, shard
+
+
+def _check_kinds(param_groups: list[dict], where: str) -> None:
     for index, group in enumerate(param_groups):
         if group.get("kind") not in KINDS:
-            raise ValueError(f"step_collectives: param group {index} has kind {group.get('kind')!r}; "
+            raise ValueError(f"{where}: param group {index} has kind {group.get('kind')!r}; "
                              f"give each group one of {tuple(KINDS)} (optim.param_groups(model) does)")
-        params = [p[1] if isinstance(p, tuple) else p for p in group["params"]]
-        for shard in shards_of(index, params, KINDS[group["kind"]], 0, world_size, unused_parameters):
-            collectives += shard.collectives
-    return collectives
+
+
+def _tensors(group: dict) -> list[torch.Tensor]:
+    """A group's parameters: its tensors, or the tensors of its (name, tensor) pairs."""
+    return [p[1] if isinstance(p, tuple) else p for p in group["params"]]
 
 
 def is_dtensor(p: torch.Tensor) -> bool:
@@ -150,7 +180,11 @@ def own_group(parent: "dist.ProcessGroup") -> "dist.ProcessGroup":
 
 
 class DataParallel:
-    """Muon's gradient averaging over a process group: its own group, shards, buckets, hooks, guards."""
+    """Muon's gradient averaging over a process group: its own group, shards, buckets, hooks, guards.
+    A Distribution (optim/distribution.py)."""
+
+    copyable = False  # it owns a process group and gradient hooks
+    local_gradients = True  # p.grad is this rank's own gradient; the average travels in the buckets
 
     def __init__(self, parent: "dist.ProcessGroup", unused_parameters: bool):
         self.group = own_group(parent)
@@ -226,7 +260,7 @@ class DataParallel:
         """This rank's collectives of one step, as step_collectives lists them."""
         return [collective for shard in self.shards for collective in shard.collectives]
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, groups: list[dict], max_norm: float) -> torch.Tensor:
         """Scale this rank's averaged shares by min(1, max_norm/(‖g‖ + 1e-6)), ‖g‖ over all ranks' shares."""
         self._receive()
         for bucket in self._sending(self.buckets):

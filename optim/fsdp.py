@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Shard
 
 from .distributed import Update, own_group, same_shape
+from .fsdp_layout import exchange_slots, local_shape, shard_rows
 from .kinds import KINDS, MATRIX, Kind
 from .state import muon_state_layout
 from .update import clip_coefficient, dualize_all
@@ -49,7 +50,11 @@ STAMP = {"sharding": "fully_shard"}  # any number of ranks: DTensor state is res
 
 
 class FullyShardedParallel:
-    """Muon's step over DTensor parameters sharded on dim 0 of a 1-D device mesh (fully_shard's layout)."""
+    """Muon's step over DTensor parameters sharded on dim 0 of a 1-D device mesh (fully_shard's layout).
+    A Distribution (optim/distribution.py)."""
+
+    copyable = False  # it owns a process group
+    local_gradients = False  # fully_shard's backward leaves every rank its rows of the average
 
     def __init__(self, mesh):
         if mesh.ndim != 1:
@@ -91,7 +96,7 @@ class FullyShardedParallel:
                 update(group, stack, _local(stack), _local_grads(stack), None, dualize=exchange.dualize)
                 dealt += len(stack)
 
-    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(self, groups: list[dict], max_norm: float) -> torch.Tensor:
         """Scale every local gradient by min(1, max_norm/(‖g‖ + 1e-6)); ‖g‖ over all ranks' rows, fp32."""
         self._check_open()
         grads = _local_grads([p for p in self.params.values() if p.grad is not None])
@@ -173,9 +178,7 @@ class OwnerExchange:
         self.rank, self.world_size, self.group = rank, world_size, group
         self.shape = tuple(stack[0].shape)
         self.chunk = math.ceil(self.shape[0] / world_size)
-        lead = dealt % world_size
-        self.slots = [None] * lead + list(range(len(stack)))
-        self.slots += [None] * (-len(self.slots) % world_size)
+        self.slots = exchange_slots(len(stack), dealt, world_size)
         self.columns = len(self.slots) // world_size
         mine = [c for c in range(self.columns) if self.slots[c * world_size + rank] is not None]
         self.owned = (mine[0], mine[-1] + 1) if mine else (0, 0)  # a range: slots hold matrices in a row
@@ -205,17 +208,6 @@ class OwnerExchange:
         received = torch.empty_like(send)
         dist.all_to_all_single(received, send, group=self.group)
         return received
-
-
-def shard_rows(m: int, rank: int, world_size: int) -> int:
-    """Rows of an m-row parameter on `rank` under fully_shard: torch.chunk's, ⌈m/W⌉ until none are left."""
-    c = math.ceil(m / world_size)
-    return max(0, min(m, (rank + 1) * c) - rank * c)
-
-
-def local_shape(shape: tuple, rank: int, world_size: int) -> tuple:
-    """A parameter's shape on `rank` under fully_shard: its rows, every other dim whole."""
-    return (shard_rows(shape[0], rank, world_size), *shape[1:]) if len(shape) else ()
 
 
 def _local(params: list[DTensor]) -> list[torch.Tensor]:

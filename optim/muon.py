@@ -5,11 +5,12 @@ import math
 
 import torch
 
-from .distributed import WORLD, DataParallel, is_dtensor, resolve_process_group
-from .kinds import KINDS, LR_SCALES, MATRIX
+from .distributed import WORLD, is_dtensor
+from .distribution import OneProcess, make_distribution
+from .kinds import KINDS, LR_SCALES
 from .newton_schulz import COEFFICIENTS, ROUNDINGS, Coefficients, resolve_coefficients
-from .state import check_muon_state_dict, muon_state_layout
-from .update import clip_coefficient, kind_update, resting
+from .state import check_muon_state_dict
+from .update import kind_update, resting
 
 
 class Muon(torch.optim.Optimizer):
@@ -91,6 +92,9 @@ class Muon(torch.optim.Optimizer):
     Muon can be deep-copied and pickled; a distributed one, which owns a process group and hooks,
     refuses (TypeError).
 
+    Ranks: Muon makes one Distribution (optim/distribution.py: the interface, and OneProcess) when its
+    first param group is added and calls it for everything that depends on the ranks.
+
     Distributed (optim/distributed.py): process_group="world" (the default) means torch.distributed's
     default group when one is initialized, and one process otherwise, refusing to build under
     torchrun (WORLD_SIZE > 1) before init_process_group; None steps each process alone; or pass a
@@ -149,11 +153,11 @@ class Muon(torch.optim.Optimizer):
         process_group=WORLD,
         unused_parameters: bool = False,
     ):
-        # Chosen at the first param group, whose tensors say how (DTensors: FSDP); add_param_group then
-        # gives each group its shards, buckets and hooks.
+        # The distribution (optim/distribution.py) is made when torch's constructor adds the first param
+        # group, whose tensors say which (DTensors: FSDP); it then takes every group added.
         if not isinstance(unused_parameters, bool):
             raise ValueError(f"Muon: unused_parameters={unused_parameters!r}; expected True or False")
-        self._process_group, self._distribution = process_group, None
+        self._process_group = process_group
         self._unused_parameters = unused_parameters
         if isinstance(params, (set, frozenset)):  # torch refuses a set only as a group's params
             raise TypeError("Muon: params is a set, whose order changes between runs (and with it the state "
@@ -205,14 +209,13 @@ class Muon(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
         if index == 0:
-            self._distribution = _make_distribution(group["params"], self._process_group,
-                                                    self._unused_parameters)
-        if self._distribution is not None:  # collective: every rank adds the same groups in order
-            self._distribution.add_group(index, group)
+            self._distribution = make_distribution(group["params"], self._process_group,
+                                                   self._unused_parameters)
+        self._distribution.add_group(index, group)  # distributed, a collective: every rank, in order
 
     def __getstate__(self) -> dict:
         """What copy.deepcopy and pickle keep: torch's optimizer state and the Adam β₁; one process only."""
-        if self._distribution is not None:
+        if not self._distribution.copyable:
             raise TypeError("Muon: a distributed optimizer can't be copied or pickled (it owns a process "
                             "group and gradient hooks); save its state_dict() and load it into a new Muon")
         return {**super().__getstate__(), "_adam_momentum": self._adam_momentum}
@@ -220,14 +223,14 @@ class Muon(torch.optim.Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self.defaults.pop("differentiable")  # torch's __setstate__ adds it; Muon's groups have no such key
-        self._process_group, self._distribution = None, None
+        self._process_group, self._distribution = None, OneProcess()
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
         """Read by torch.amp.GradScaler.step on every rank before it looks at infs; False: GradScaler unscales
         p.grad and skips step() itself, right in one process. Across DataParallel ranks each would skip on
         its own gradient's infs and the ranks' collectives would pair across steps: refused on every rank."""
-        if isinstance(self._distribution, DataParallel):
+        if self._distribution.local_gradients:
             raise RuntimeError("Muon: torch.amp.GradScaler with several processes would skip step() on the "
                                "ranks whose own gradient has an inf and not on the others; train under bf16 "
                                "autocast, which needs no GradScaler")
@@ -250,9 +253,7 @@ class Muon(torch.optim.Optimizer):
                     loss.backward()
             optimizer.step()
         """
-        if self._distribution is None or not enabled:
-            return contextlib.nullcontext()
-        return self._distribution.sync_backward()
+        return self._distribution.sync_backward() if enabled else contextlib.nullcontext()
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -260,12 +261,7 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._distribution is not None:
-            self._distribution.step(self.param_groups, self._update)
-        else:
-            for group in (g for g in self.param_groups if not resting(g)):
-                for params in _batches(group, _with_dense_gradients(group["params"])):
-                    self._update(group, params, params, [p.grad for p in params], None)
+        self._distribution.step(self.param_groups, self._update)
         for group in self.param_groups:
             group["pending_steps"] = group["pending_steps"] + 1 if resting(group) else 0
         return loss
@@ -292,16 +288,7 @@ class Muon(torch.optim.Optimizer):
         gradient collectives and scales this rank's averaged share; p.grad is left as it is.
         Call it after backward and before step().
         """
-        if self._distribution is not None:
-            return self._distribution.clip_grad_norm_(max_norm)
-        grads = [p.grad for group in self.param_groups if not resting(group) for p in group["params"]
-                 if p.grad is not None]
-        if not grads:
-            return torch.zeros(())
-        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
-        total = torch.linalg.vector_norm(torch.stack(norms))
-        torch._foreach_mul_(grads, clip_coefficient(total, max_norm))
-        return total
+        return self._distribution.clip_grad_norm_(self.param_groups, max_norm)
 
     def discard_gradients(self) -> None:
         """Drop this step's gradients without an update, e.g. after a non-finite loss; call on every rank.
@@ -310,22 +297,21 @@ class Muon(torch.optim.Optimizer):
         ranks must stay in step), then forgets them. Gradients are set to None, a resting group's
         (step_every) too: what it accumulated may hold the bad step's; it keeps its place in its cycle.
         """
-        if self._distribution is not None:
-            self._distribution.discard()
+        self._distribution.discard()
         super().zero_grad(set_to_none=True)
 
     def close(self) -> None:
         """Remove the gradient hooks and destroy the optimizer's process group; it cannot step after."""
-        if self._distribution is not None:
-            self._distribution.close()
+        self._distribution.close()
 
     def state_dict(self) -> dict:
-        """torch's state dict plus "distribution" (self._stamp()). On fully_shard parameters it holds
-        every parameter's state, zeros where none was made yet, as DTensors sharded like the parameter,
-        which torch.distributed.checkpoint saves and loads on any number of ranks."""
+        """torch's state dict plus "distribution" (the distribution's stamp: rank and world size). On
+        fully_shard parameters it holds every parameter's state, zeros where none was made yet, as
+        DTensors sharded like the parameter, which torch.distributed.checkpoint saves and loads on any
+        number of ranks."""
         state = super().state_dict()
-        state["distribution"] = self._stamp()
-        return state if self._distribution is None else self._distribution.saved(state, self.param_groups)
+        state["distribution"] = self._distribution.stamp()
+        return self._distribution.saved(state, self.param_groups)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, after checking that the state is this optimizer's and this rank's (else ValueError).
@@ -334,9 +320,9 @@ class Muon(torch.optim.Optimizer):
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
-        if self._distribution is not None:
-            state_dict = self._distribution.loaded(state_dict, self.param_groups)
-        check_muon_state_dict(self, state_dict, self._stamp())
+        state_dict = self._distribution.loaded(state_dict, self.param_groups)
+        check_muon_state_dict(state_dict, self.param_groups, self.defaults, self._distribution.stamp(),
+                              self._distribution.state_shape)
         saved_groups = state_dict["param_groups"]
         params = {i: p for saved, group in zip(saved_groups, self.param_groups, strict=True)
                   for i, p in zip(saved["params"], group["params"], strict=True)}
@@ -352,45 +338,12 @@ class Muon(torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-    def _state_layout(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple, torch.dtype]] | None:
-        """The state this rank keeps for p of `group`: key → (shape, dtype), or None if it keeps none."""
-        shape = tuple(p.shape) if self._distribution is None else self._distribution.state_shape(p)
-        return None if shape is None else muon_state_layout(p, group["kind"], shape, group)
-
-    def _stamp(self) -> dict:
-        return {"rank": 0, "world_size": 1} if self._distribution is None else self._distribution.stamp()
-
     def _update(self, group: dict, keys: list, tensors: list, grads: list, flags, dualize=None) -> None:
         """Step `tensors` (params or this rank's slices of `keys`) given their averaged gradients;
         `dualize` stands in for a matrix kind's stacked map (optim/update.py kind_update)."""
         if tensors:
             states = [self.state[k] for k in keys]
             kind_update(KINDS[group["kind"]], group, states, tensors, grads, flags, dualize)
-
-
-def _make_distribution(params: list[torch.Tensor], process_group, unused_parameters: bool):
-    """How Muon spreads its step, from its first param group's tensors (all DTensors or all plain):
-    FullyShardedParallel (optim/fsdp.py) for DTensors, else DataParallel over
-    resolve_process_group(process_group) (with flags if unused_parameters), or None for one process."""
-    if not any(is_dtensor(p) for p in params):
-        group = resolve_process_group(process_group)
-        return None if group is None else DataParallel(group, unused_parameters)
-    if process_group != WORLD:
-        raise ValueError(f"Muon: process_group={process_group!r} with DTensor (fully_shard) parameters; "
-                         f"leave it {WORLD!r}: the parameters' device mesh names the ranks")
-    from .fsdp import FullyShardedParallel  # torch.distributed.tensor: imported only where it is in use
-
-    return FullyShardedParallel(params[0].device_mesh)  # the group has DTensors only
-
-
-def _batches(group: dict, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-    """One update call per device; matrix kinds also split by shape and dtype: each list is one stack."""
-    matrix = KINDS[group["kind"]].shard == MATRIX
-    batches: dict[tuple, list[torch.Tensor]] = {}
-    for p in params:
-        key = (p.device, p.shape, p.dtype) if matrix else (p.device,)
-        batches.setdefault(key, []).append(p)
-    return list(batches.values())
 
 
 def _kind_by_dims(params: list[torch.Tensor], index: int) -> str:
@@ -408,15 +361,6 @@ def _kind_by_dims(params: list[torch.Tensor], index: int) -> str:
         "is one kind: pass optim.param_groups(model), or groups like {'params': matrices, 'kind': 'hidden'} "
         "and {'params': others, 'kind': 'adam'}")
 
-
-def _with_dense_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The parameters that have a gradient; a sparse one is refused (the updates are dense)."""
-    with_grad = [p for p in params if p.grad is not None]
-    for p in with_grad:
-        if p.grad.layout != torch.strided:
-            raise RuntimeError(f"Muon: the parameter of shape {tuple(p.shape)} has a {p.grad.layout} "
-                               "gradient; Muon needs dense gradients (build nn.Embedding with sparse=False)")
-    return with_grad
 
 # Options fully_shard's distribution does not take (the value that turns each off): NorMuon's second
 # moment, the in-update decay's lr_scale and a matrix view need whole matrices where rows are stepped,

@@ -1,5 +1,9 @@
 """What a Muon state dict must hold, checked before anything is loaded: one clear ValueError, naming what
-the state dict has and what this optimizer expected."""
+the state dict has and what this optimizer expected. The checks read only their arguments: the
+optimizer's groups and hyper-parameter names, and its distribution's stamp and state shapes
+(optim/distribution.py)."""
+
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -19,13 +23,19 @@ def muon_state_layout(p: torch.Tensor, kind: str, shape: tuple,
     return layout
 
 
-def check_muon_state_dict(optimizer, state_dict, stamp: dict) -> None:
-    """Raise ValueError unless state_dict is one this optimizer saved on this rank, world size and groups."""
+StateShape = Callable[[torch.Tensor], "tuple | None"]  # p → its state's shape on this rank, None: not kept
+
+
+def check_muon_state_dict(state_dict, groups: list[dict], hyperparameters: Iterable[str], stamp: dict,
+                          state_shape: StateShape) -> None:
+    """Raise ValueError unless state_dict is one saved by a Muon with these param `groups` (kinds and
+    sizes), every key of `hyperparameters` in each group, the distribution `stamp` (rank and world size)
+    and, per parameter p it holds state for, muon_state_layout on state_shape(p)."""
     where = "Muon.load_state_dict"
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
         got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
         raise ValueError(f"{where}: expected a state dict with 'state' and 'param_groups', got {got}")
-    saved, groups = state_dict["param_groups"], optimizer.param_groups
+    saved = state_dict["param_groups"]
     expected = [(g["kind"], len(g["params"])) for g in groups]
     for i, group in enumerate(saved):
         if "kind" not in group:
@@ -36,7 +46,7 @@ def check_muon_state_dict(optimizer, state_dict, stamp: dict) -> None:
     if got != expected:
         raise ValueError(f"{where}: saved groups (kind, parameters) {got}, but this optimizer has {expected}")
     for i, group in enumerate(saved):
-        missing = sorted(set(optimizer.defaults) - set(group))
+        missing = sorted(set(hyperparameters) - set(group))
         if missing:
             raise ValueError(f"{where}: saved param group {i} lacks {missing}: it was saved by another "
                              "version of optim.Muon; start the optimizer afresh")
@@ -47,20 +57,21 @@ def check_muon_state_dict(optimizer, state_dict, stamp: dict) -> None:
         raise ValueError(
             f"{where}: state saved as {_describe(saved_stamp)}, but this optimizer is {_describe(stamp)}; "
             "each rank loads the state it saved itself, with the same number of ranks")
-    _check_entries(optimizer, state_dict["state"], saved, groups)
+    _check_entries(state_dict["state"], saved, groups, state_shape)
 
 
-def _check_entries(optimizer, state: dict, saved: list[dict], groups: list[dict]) -> None:
+def _check_entries(state: dict, saved: list[dict], groups: list[dict], state_shape: StateShape) -> None:
     for saved_group, group in zip(saved, groups, strict=True):
         names = group.get("param_names") or [None] * len(group["params"])
         for i, p, name in zip(saved_group["params"], group["params"], names, strict=True):
             if i not in state:
                 continue
             label = f"parameter {name or i} of shape {tuple(p.shape)}"
-            layout = optimizer._state_layout(p, group)
-            if layout is None:
+            shape = state_shape(p)
+            if shape is None:
                 raise ValueError(f"Muon.load_state_dict: the state dict holds state for {label}, which this "
                                  "rank does not own: it is another rank's state")
+            layout = muon_state_layout(p, group["kind"], shape, group)
             got = {key: (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
                    for key, value in state[i].items()}
             if got != layout:

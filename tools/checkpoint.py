@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from data.shards import fsync_dir, write_text_atomic
-from optim.distributed import is_dtensor
+from optim import is_dtensor
 
 STEP_NAME = re.compile(r"step_\d{6}")
 RANK_FILE = re.compile(r"rank(\d+)\.pt")

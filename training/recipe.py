@@ -19,9 +19,7 @@ from typing import NamedTuple
 import torch
 
 from model import GPT, PRESETS
-from optim import COEFFICIENTS, LR_SCALES, Muon, param_groups
-from optim.muon import EPS_FORMS
-from optim.newton_schulz import ROUNDINGS
+from optim import COEFFICIENTS, EPS_FORMS, LR_SCALES, ROUNDINGS, Muon, param_groups
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from optim.distributed import is_dtensor
+from optim import is_dtensor
 from tools.checkpoint import is_sharded, load_checkpoint, load_sharded, save_checkpoint
 
 RANK_KEYS = ("optimizer", "rng")  # differ between ranks; the rest is shared and written by rank 0
