@@ -35,8 +35,9 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
+from data.durable import write_text_atomic  # noqa: E402
 from data.loader import TokenLoader, validation_batches  # noqa: E402
-from data.shards import ShardError, fingerprint, list_shards, write_text_atomic  # noqa: E402
+from data.shards import ShardError, fingerprint, list_shards  # noqa: E402
 from data.tokenizer import TokenizerUnavailable, gpt2_encoding  # noqa: E402
 from model import GPT, PRESETS  # noqa: E402
 from tools.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.shards import fsync_dir, write_text_atomic
+from data.durable import fsync_dir, write_text_atomic
 from optim.distributed import is_dtensor
 
 STEP_NAME = re.compile(r"step_\d{6}")
