@@ -2,8 +2,8 @@
 
     save_checkpoint(run, folder, **meta)       collective: the RunState at its step (and `meta`) into
                                                folder/step_XXXXXX; returns that step directory
-    load_checkpoint(run, path, model_config)   collective: the RunState back from a step directory;
-                                               returns the plan it was saved with (config, data)
+    load_checkpoint(run, path, model_config)   the RunState back from a step directory (collective with
+                                               --fsdp); returns the plan it was saved with (config, data)
     resolve_checkpoint(spec, folder)           the step directory --resume SPEC names (`auto`: the one
                                                folder/latest names, or None)
     load_model(path, device)                   the GPT of a checkpoint, in eval mode (sampling, evals)
@@ -29,7 +29,8 @@ back to if the kill lands between the two renames. The newest KEEP steps are kep
 
 A state with a non-finite floating-point tensor is refused on every rank, so the checkpoint `latest`
 names is always finite. A save that fails on any rank (a full disk: an OSError, or torch.save's
-RuntimeError) fails on every rank, and its `.tmp` folder is deleted.
+RuntimeError) fails on every rank, and its `.tmp` folder is deleted; the `.tmp` folders of saves a
+kill cut short are deleted when a run claims its folder (remove_unfinished_saves, training/rundir.py).
 """
 
 import os
@@ -152,6 +153,13 @@ def write_step(directory: str | Path, step: int, shared: dict, own: dict,
             shutil.rmtree(tmp, ignore_errors=True)  # a part-written step would hold the disk
         raise CheckpointError(f"{directory}: cannot write step {step} ({failure}); {_last_good(directory)}")
     return final
+
+
+def remove_unfinished_saves(checkpoints: Path) -> None:
+    """Delete step_XXXXXX.tmp folders: saves that never completed (a kill, a full disk). Nothing names
+    them, and on a full disk they hold the space the next save needs."""
+    for unfinished in checkpoints.glob("step_??????.tmp"):
+        shutil.rmtree(unfinished, ignore_errors=True)
 
 
 def _fresh_folder(tmp: Path) -> None:
