@@ -35,13 +35,17 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
+from data.durable import write_text_atomic  # noqa: E402
 from data.loader import TokenLoader, validation_batches  # noqa: E402
-from data.shards import ShardError, fingerprint, list_shards, write_text_atomic  # noqa: E402
+from data.shards import ShardError, fingerprint, list_shards  # noqa: E402
 from data.tokenizer import TokenizerUnavailable, gpt2_encoding  # noqa: E402
 from model import GPT, PRESETS  # noqa: E402
-from tools.checkpoint import CheckpointError, resolve_checkpoint  # noqa: E402
-from tools.runlog import RunLog, WandbSink, code_listing, environment, peak_flops  # noqa: E402
-from tools.sample import sample  # noqa: E402
+from training.checkpoint import (  # noqa: E402
+    CheckpointError,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+)
 from training.compiling import GraphCount, compile_model, graphs_compiled  # noqa: E402
 from training.fsdp import shard  # noqa: E402
 from training.recipe import (  # noqa: E402
@@ -56,6 +60,7 @@ from training.recipe import (  # noqa: E402
     window_at,
 )
 from training.rundir import claim_out_dir  # noqa: E402
+from training.runlog import RunLog, WandbSink, code_listing, environment, peak_flops  # noqa: E402
 from training.runtime import (  # noqa: E402
     StopRequest,
     Stopwatch,
@@ -71,7 +76,8 @@ from training.runtime import (  # noqa: E402
     wait_for_all_ranks,
     world_size_from_env,
 )
-from training.state import RunState, load_run, save_run  # noqa: E402
+from training.sampling import Sampling, sample  # noqa: E402
+from training.state import RunState  # noqa: E402
 from training.steps import evaluate, train_step  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
@@ -143,7 +149,7 @@ def set_up(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, de
     run, changes = RunState(model, build_optimizer(model, cfg), loader), []
     data = fingerprint(train_shards + val_shards)
     if resume_from is not None:
-        saved = load_run(run, resume_from, rank, world_size, dataclasses.asdict(model_cfg))
+        saved = load_checkpoint(run, resume_from, dataclasses.asdict(model_cfg))
         if run.step > cfg.max_steps:
             raise SystemExit(f"error: --max-steps {cfg.max_steps}: --resume {resume_from} is at step "
                              f"{run.step}, past the end; pass --max-steps {run.step} or more")
@@ -191,7 +197,7 @@ def run_training(cfg: TrainConfig, layout: BatchLayout, setup: Setup, rank: int,
     step = partial(train_step, forward=forward, windows=windows, cfg=cfg, grad_accum=layout.grad_accum,
                    precision=precision)
     validate = partial(evaluate, forward, model, setup.val_batches, windows=windows, precision=precision)
-    save = partial(save_run, run, out_dir / "checkpoints", rank, model_config=setup.model_config,
+    save = partial(save_checkpoint, run, out_dir / "checkpoints", model_config=setup.model_config,
                    config=dataclasses.asdict(cfg), data=setup.data)
     throughput = Throughput(cfg.tokens_per_step, world_size, partial(flops_per_token, model, cfg),
                             peak_flops(device))
@@ -356,7 +362,7 @@ def warm_up(run: RunState, step, validate, cfg: TrainConfig, log: RunLog, device
 
 
 def checkpoint(run: RunState, save, log: RunLog, tag: str) -> None:
-    """Save the run. tools/checkpoint.py refuses a state holding NaN/inf on every rank, writing nothing:
+    """Save the run. training/checkpoint.py refuses a state holding NaN/inf on every rank, writing nothing:
     the run stops there and the last good checkpoint stays the latest."""
     try:
         path = save()
@@ -469,7 +475,8 @@ def finish(run: RunState, cfg: TrainConfig, log: RunLog, out_dir: Path, rank: in
     if rank == 0:
         write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
     if samples(rank, cfg) and cfg.sample_tokens and run.step == cfg.max_steps:
-        log.print("sample: " + sample(run.model.eval(), cfg.sample_prompt, cfg.sample_tokens, seed=cfg.seed))
+        text = sample(run.model.eval(), cfg.sample_prompt, cfg.sample_tokens, Sampling(seed=cfg.seed))
+        log.print("sample: " + text)
     if rank == 0 and cfg.plot:
         log.print(loss_plot(out_dir))
     log.close()
@@ -484,7 +491,7 @@ def finish(run: RunState, cfg: TrainConfig, log: RunLog, out_dir: Path, rank: in
 def loss_plot(out_dir: Path) -> str:
     """Write out_dir/loss.png; the line saying where, or the one warning that a missing matplotlib
     costs the plot (never the run: the plot is drawn after training)."""
-    from tools.plot import plot_runs
+    from training.plot import plot_runs
 
     try:
         return f"loss plot: {plot_runs([out_dir], out_dir / 'loss.png')}"

@@ -39,8 +39,8 @@ from bench.optim import gpt_hidden_shapes, machine, orthogonalize_each, stacks
 from data.tokenizer import VOCAB_SIZE
 from model import GPT, PRESETS, GPTConfig
 from optim import COEFFICIENTS, Muon, newton_schulz_flops
-from tools.runlog import peak_flops
 from training.recipe import PRESETS_TRAIN, TrainConfig, build_optimizer
+from training.runlog import peak_flops
 from training.runtime import autocast_dtype
 
 REPO = Path(__file__).resolve().parents[1]
@@ -252,7 +252,7 @@ def bench_train(plan: Plan, case: StepCase, device: torch.device, clock: Clock, 
 
 def train_row(case: StepCase, model: GPT, device: torch.device, step_s: float, optimizer_s: float,
               measured_peak: float) -> dict:
-    """A training case's figures; MFU against the data-sheet peak where tools.runlog knows it."""
+    """A training case's figures; MFU against the data-sheet peak where training.runlog knows it."""
     tokens = case.batch * case.seq_len
     tokens_per_s = tokens / step_s
     achieved = model.flops_per_token(case.seq_len, case.window) * tokens_per_s
@@ -265,7 +265,7 @@ def train_row(case: StepCase, model: GPT, device: torch.device, step_s: float, o
         step_ms=step_s * 1e3, optimizer_ms=optimizer_s * 1e3, optimizer_share=optimizer_s / step_s,
         optimizer_share_recipe=optimizer_s / recipe_step_s, tokens_per_s=tokens_per_s,
         achieved_tflops=achieved / 1e12, mfu=achieved / (sheet or measured_peak),
-        mfu_peak="data sheet (tools.runlog)" if sheet else "measured matmul",
+        mfu_peak="data sheet (training.runlog)" if sheet else "measured matmul",
         mfu_of_measured=achieved / measured_peak,
     )
 

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from bench.optim import machine
-from data.shards import write_shard, write_text_atomic
+from data.durable import write_text_atomic
+from data.shards import write_shard
 from data.tokenizer import EOT
 from training.recipe import TrainConfig, parse_config, windows_of
 

@@ -53,7 +53,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import model.gpt
-from data.shards import write_text_atomic
+from data.durable import write_text_atomic
 from model import GPT, PRESETS, GPTConfig
 from optim import (
     ALL_GATHER,

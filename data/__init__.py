@@ -1,2 +1,3 @@
-"""Token data: the .bin shard format, the GPT-2 tokenizer, the distributed loader, and the commands
-that make shards (FineWeb download, tokenizing any text corpus, the offline demo corpus)."""
+"""Token data: the .bin shard format, the GPT-2 tokenizer, the distributed loader, durable (crash-safe)
+file writes, and the commands that make shards (FineWeb download, tokenizing any text corpus, the
+offline demo corpus)."""

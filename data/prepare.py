@@ -29,7 +29,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from data.shards import ShardError, fsync_dir, write_shard
+from data.durable import fsync_dir
+from data.shards import ShardError, write_shard
 from data.tokenizer import TokenizerUnavailable, encode_documents, gpt2_encoding
 
 CHUNK_BYTES = 1 << 18  # input per worker task: enough to amortize the inter-process overhead

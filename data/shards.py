@@ -8,14 +8,13 @@ File size is exactly 1024 + 2N bytes. This is llm.c's format, used by the FineWe
 
 import argparse
 import hashlib
-import os
 import sys
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
+from data.durable import write_atomic
 from data.tokenizer import VOCAB_SIZE
 
 MAGIC = 20240520
@@ -37,21 +36,12 @@ def write_shard(path: str | Path, tokens) -> Path:
     body = _as_token_array(tokens, path)
     header = np.zeros(HEADER_INTS, dtype=HEADER_DTYPE)
     header[:3] = (MAGIC, VERSION, len(body))
-    # A unique hidden name in the same directory, so os.replace is an atomic rename; unlike
-    # tempfile.mkstemp, os.open with 0o666 lets the umask set the usual permissions.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(header.tobytes())
-            f.write(body.data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+
+    def write(f) -> None:
+        f.write(header.tobytes())
+        f.write(body.data)
+
+    write_atomic(path, write)
     return path
 
 
@@ -160,31 +150,6 @@ def _as_token_array(tokens, path: Path) -> np.ndarray:
         if low < 0 or high > 65535:
             raise ShardError(f"{path}: token ids must fit uint16 (0..65535), found ids in [{low}, {high}]")
     return np.ascontiguousarray(array, dtype=TOKEN_DTYPE)
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write `text` to `path` so that a crash leaves the old file or the new one, never a part of it:
-    a hidden temporary beside it, flushed to disk, renamed over it, the rename made durable."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make a rename inside `directory` durable (a no-op where a directory cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _shards_in(path: Path) -> list[Path]:

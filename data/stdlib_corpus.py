@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from pydoc_data.topics import topics
 
+from data.durable import write_text_atomic
 from data.prepare import PrepareError, prepare
-from data.shards import ShardError, check_shard, list_shards, write_text_atomic
+from data.shards import ShardError, check_shard, list_shards
 from data.tokenizer import TokenizerUnavailable
 
 STDLIB_DIR = Path(__file__).resolve().parent / "cache" / "stdlib"

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny GPT saved as a checkpoint directory (tools/checkpoint.py's format)."""
+"""Shared fixtures: a tiny GPT saved as a checkpoint directory (training/checkpoint.py's format)."""
 
 import dataclasses
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from tools.checkpoint import save_checkpoint
+from training.checkpoint import write_step
 
 # GPT-2's padded vocabulary, so that sampled ids decode as text; everything else tiny.
 TINY_GPT2 = GPTConfig(vocab_size=50304, n_layer=2, n_head=2, head_dim=8, dim=16, max_seq_len=64,
@@ -30,5 +30,5 @@ def tiny_checkpoint(tmp_path_factory):
     directory = tmp_path_factory.mktemp("run") / "checkpoints"
     shared = dict(model=model.state_dict(), model_config=dataclasses.asdict(TINY_GPT2), config={}, step=7,
                   loader={})
-    save_checkpoint(directory, 7, shared, per_rank={})
+    write_step(directory, 7, shared, {})
     return directory, model

@@ -24,7 +24,7 @@ import torch
 
 import train_gpt
 from data.shards import fingerprint, write_shard
-from tools import plot
+from training import plot
 from training.rundir import LOCK, claim_out_dir
 
 ROOT = Path(__file__).resolve().parents[1]

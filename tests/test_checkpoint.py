@@ -1,4 +1,4 @@
-"""tools.checkpoint: a kill -9 mid-save keeps the previous checkpoint and an exact resume, saving refuses
+"""training.checkpoint: a kill -9 mid-save keeps the previous checkpoint and an exact resume, saving refuses
 NaN/inf, and every bad checkpoint or folder is a one-line CheckpointError.
 
 Run as a script (`python tests/test_checkpoint.py DIR POINT`) it is the child the kill test kills.
@@ -19,13 +19,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from tools.checkpoint import (
+from training.checkpoint import (
     CheckpointError,
     load_checkpoint,
     non_finite_tensors,
+    read_step,
     resolve_checkpoint,
     save_checkpoint,
+    write_step,
 )
+from training.state import RunState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,8 +69,49 @@ def saved(directory: Path, steps: int = 1) -> Path:
     model, optimizer = tiny_run()
     for step in range(steps):
         train_step(model, optimizer, step)
-        save_checkpoint(directory, step + 1, *states(model, optimizer, step + 1))
+        write_step(directory, step + 1, *states(model, optimizer, step + 1))
     return directory
+
+
+# ---- the interface: a RunState in, the same RunState out ---------------------------------------------
+
+
+class Position:
+    """A loader's position, as RunState keeps it (state_dict / load_state_dict)."""
+
+    def __init__(self, position: int = 0):
+        self.position = position
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
+def test_save_then_load_restores_the_run_and_returns_the_plan_it_was_saved_with(tmp_path):
+    model, optimizer = tiny_run()
+    run = RunState(model, optimizer, Position(96))
+    train_step(model, optimizer, 0)
+    run.step, run.train_time = 1, 2.5
+    plan = dict(model_config={"dim": 8}, config={"lr": 0.1}, data="0123abcd")
+    step = save_checkpoint(run, tmp_path / "checkpoints", **plan)
+    assert step == tmp_path / "checkpoints" / "step_000001"
+    shared, own = read_step(step)
+    assert sorted(own) == ["optimizer", "rng"]  # each rank's own; the rest is rank 0's shared part
+    assert sorted(shared) == ["config", "data", "loader", "model", "model_config", "step", "train_time",
+                              "world_size"] and shared["world_size"] == 1
+
+    fresh_model, fresh_optimizer = tiny_run()
+    fresh = RunState(fresh_model, fresh_optimizer, Position())
+    assert load_checkpoint(fresh, step, {"dim": 8}) == {"config": {"lr": 0.1}, "data": "0123abcd"}
+    assert (fresh.step, fresh.train_time, fresh.loader.position) == (1, 2.5, 96)
+    expected, got = tensors(run.state_dict()), tensors(fresh.state_dict())
+    assert expected.keys() == got.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    with pytest.raises(SystemExit, match=r"saved for model \{'dim': 8\}, but this run builds \{'dim': 16\}"):
+        load_checkpoint(fresh, step, {"dim": 16})
 
 
 # ---- kill -9 during a real save ----------------------------------------------------------------------
@@ -90,7 +134,7 @@ def save_then_stall(directory: Path, point: str) -> None:
     model, optimizer = tiny_run()
     train_step(model, optimizer, 0)
     shared, own = states(model, optimizer, 1)
-    save_checkpoint(directory, 1, shared, own)
+    write_step(directory, 1, shared, own)
     if point == "same step":  # a signal right after a periodic save writes step 1 again
         real_replace = os.replace
 
@@ -100,14 +144,14 @@ def save_then_stall(directory: Path, point: str) -> None:
             real_replace(src, dst)
 
         os.replace = stalling_replace
-        save_checkpoint(directory, 1, shared, own)
+        write_step(directory, 1, shared, own)
     train_step(model, optimizer, 1)
     shared, own = states(model, optimizer, 2)
     if point == "rank file":
         own["stall"] = Stall(marker)
     else:
         shared["stall"] = Stall(marker)
-    save_checkpoint(directory, 2, shared, own)
+    write_step(directory, 2, shared, own)
 
 
 @pytest.mark.parametrize("point", ["rank file", "shared file", "same step"])
@@ -125,7 +169,7 @@ def test_kill_9_mid_save_keeps_the_previous_checkpoint_and_the_resume_is_exact(t
     assert (directory / unfinished).is_dir()  # killed mid-save: the save's work is still lying there
 
     path = resolve_checkpoint("auto", directory)
-    shared, own = load_checkpoint(path)
+    shared, own = read_step(path)
     assert shared["step"] == 1
     resumed, resumed_optimizer = tiny_run()
     resumed.load_state_dict(shared["model"])
@@ -140,7 +184,7 @@ def test_kill_9_mid_save_keeps_the_previous_checkpoint_and_the_resume_is_exact(t
     for name, tensor in expected.items():
         assert torch.equal(got[name], tensor), name  # bitwise: same ops on the same CPU
 
-    save_checkpoint(directory, 2, *states(resumed, resumed_optimizer, 2))  # the next save tidies up
+    write_step(directory, 2, *states(resumed, resumed_optimizer, 2))  # the next save tidies up
     assert sorted(p.name for p in directory.iterdir()) == ["latest", "step_000001", "step_000002"]
 
 
@@ -173,7 +217,7 @@ def test_a_state_with_nan_or_inf_is_refused_and_the_last_good_checkpoint_stays(t
     train_step(model, optimizer, 0)
     poison(model, optimizer)
     with pytest.raises(CheckpointError) as caught:
-        save_checkpoint(directory, 2, *states(model, optimizer, 2))
+        write_step(directory, 2, *states(model, optimizer, 2))
     assert str(caught.value) == (f"{directory}: refusing to save step 2: NaN or inf in 1 tensor "
                                  f"(the first: {first}); the last good checkpoint is still "
                                  f"{directory / 'step_000001'}")
@@ -185,13 +229,13 @@ def refuse_on_every_rank(rank: int, world_size: int, tmp: Path) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp / 'store'}", rank=rank, world_size=world_size)
     moments = torch.tensor([0.0, float("inf") if rank == 1 else 0.0])  # only rank 1's shard is bad
     try:
-        save_checkpoint(tmp / "checkpoints", 1, {"model": {"w": torch.ones(2)}}, {"m": moments}, rank=rank)
+        write_step(tmp / "checkpoints", 1, {"model": {"w": torch.ones(2)}}, {"m": moments})
     except CheckpointError as error:
         (tmp / f"rank{rank}.txt").write_text(str(error))
     if rank == 1:  # then rank 1's disk is full: every rank fails that save, none waits for the other
         torch.save = full_disk
     try:
-        save_checkpoint(tmp / "checkpoints", 2, {"model": {"w": torch.ones(2)}}, {"m": torch.zeros(2)}, rank)
+        write_step(tmp / "checkpoints", 2, {"model": {"w": torch.ones(2)}}, {"m": torch.zeros(2)})
     except CheckpointError as error:
         (tmp / f"rank{rank}.full.txt").write_text(str(error))
     dist.destroy_process_group()
@@ -239,7 +283,7 @@ def test_a_full_disk_at_save_is_one_line_leaves_no_tmp_and_keeps_the_last_checkp
 
     monkeypatch.setattr(torch, "save", fill_the_disk)
     with pytest.raises(CheckpointError) as error:
-        save_checkpoint(directory, 2, *states(model, optimizer, 2))
+        write_step(directory, 2, *states(model, optimizer, 2))
     assert one_line(error) == (f"{directory}: cannot write step 2 ({reason}); the last good checkpoint is "
                                f"still {directory / 'step_000001'}")
     assert sorted(p.name for p in directory.iterdir()) == ["latest", "step_000001"]
@@ -266,7 +310,7 @@ def test_truncated_shared_file(tmp_path):
     data = (step / "shared.pt").read_bytes()
     (step / "shared.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError) as caught:
-        load_checkpoint(resolve_checkpoint(str(tmp_path)))
+        read_step(resolve_checkpoint(str(tmp_path)))
     assert one_line(caught).startswith(f"{step / 'shared.pt'}: cannot be read (")
     assert str(caught.value).endswith("the checkpoint is damaged: resume from another step directory")
 
@@ -275,7 +319,7 @@ def test_garbage_rank_file(tmp_path):
     step = saved(tmp_path) / "step_000001"
     (step / "rank0.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError) as caught:
-        load_checkpoint(step)
+        read_step(step)
     assert one_line(caught).startswith(f"{step / 'rank0.pt'}: cannot be read (")
 
 
@@ -298,7 +342,7 @@ def test_latest_holding_something_else(tmp_path):
 def test_checkpoint_of_another_world_size(tmp_path):
     step = saved(tmp_path) / "step_000001"
     with pytest.raises(CheckpointError) as caught:
-        load_checkpoint(step, rank=1, world_size=2)
+        read_step(step, rank=1, world_size=2)
     assert one_line(caught) == (f"{step}: written by 1 process, this run has 2; resume with 1 process "
                                 f"(each holds its own optimizer shard)")
 
@@ -318,7 +362,7 @@ def test_a_missing_rank_file_is_named_with_the_number_of_processes_that_wrote_th
     (step / missing).unlink()
     for world_size in (1, 2):  # whatever this run's size: the advice is not "resume with 1 process"
         with pytest.raises(CheckpointError) as caught:
-            load_checkpoint(step, rank=0, world_size=world_size)
+            read_step(step, rank=0, world_size=world_size)
         assert one_line(caught) == (f"{step}: {missing} missing, of the 2 processes that wrote it; the "
                                     f"checkpoint is incomplete: resume from another step directory")
 
@@ -327,7 +371,7 @@ def test_a_step_without_a_recorded_size_counts_its_writers_by_the_highest_rank_f
     step = saved(tmp_path) / "step_000001"
     (step / "rank0.pt").rename(step / "rank1.pt")
     with pytest.raises(CheckpointError, match="rank0.pt missing, of the 2 processes that wrote it"):
-        load_checkpoint(step, rank=0, world_size=1)
+        read_step(step, rank=0, world_size=1)
 
 
 def test_the_training_script_prints_one_line_for_a_bad_resume(tmp_path):

@@ -25,9 +25,9 @@ import optim.kinds
 from bench.memory import fully_sharded, speedrun_groups
 from model import GPT, GPTConfig
 from optim import Muon, orthogonalize, param_groups
-from tools.checkpoint import load_model
-from tools.sample import sample
+from training.checkpoint import load_model
 from training.fsdp import mixed_precision_policy
+from training.sampling import Sampling, sample
 
 # The demo's architecture made tiny; every matrix dim divisible by 2 and 3, so rows split evenly and only
 # the 2-element scalar vectors (lambdas, skip weights) split unevenly at W = 3. Values scaled in every
@@ -389,6 +389,6 @@ def test_train_gpt_with_fsdp_follows_the_default_run_resumes_bitwise_and_samples
     # The first run warmed up a step and a validation first, then put the state back: that too must
     # leave its losses on the default run's. The resumed run, from step 2, has no warm-up.
     assert losses(tmp_path / "resumed") == got[2:]  # steps 3, 4 and the validation: bitwise
-    # tools.sample reads an --fsdp checkpoint in one process, and writes what the run wrote after step 4.
+    # load_model reads an --fsdp checkpoint in one process, and writes what the run wrote after step 4.
     model = load_model(tmp_path / "fsdp" / "checkpoints" / "step_000004")
-    assert f"sample: {sample(model, 'The', 4, seed=0)}" in sharded.stdout
+    assert f"sample: {sample(model, 'The', 4, Sampling(seed=0))}" in sharded.stdout

@@ -1,5 +1,11 @@
-"""The repo's import graph, read from the sources with ast: no cycles, nothing imports the entry script,
-and no library imports a layer above it (the entry script imports libraries, never the reverse)."""
+"""The repo's import graph, read from the sources with ast (top-level and function-level imports alike):
+the layers
+
+    {model, optim, data} -> {training} -> {tools, bench, experiments} -> train_gpt.py
+
+with no import from a layer to a later one, no cycles, nothing importing the entry script, and nothing
+outside tools/ importing from tools/ (its modules are commands). Every .py of the repo outside tests/
+is in a layer."""
 
 import ast
 from pathlib import Path
@@ -7,8 +13,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = "train_gpt"
 # Each layer may import its own layer and those before it, never a later one.
-LAYERS = [{"model", "optim", "data"}, {"tools", "training"}, {"bench", "experiments"}, {SCRIPT}]
+LAYERS = [{"model", "optim", "data"}, {"training"}, {"tools", "bench", "experiments"}, {SCRIPT}]
 PACKAGES = set().union(*LAYERS) - {SCRIPT}
+COMMANDS = "tools"  # `python -m tools.X`: imported by nothing outside tools/
 
 
 def module_name(path: Path) -> str:
@@ -71,11 +78,27 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return next((c for c in (visit(n, []) for n in sorted(graph)) if c), None)
 
 
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{name} -> {target}" for name, targets in graph.items() for target in targets
+                  if layer(target) > layer(name))
+
+
+def imports_of_commands(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(f"{name} -> {target}" for name, targets in graph.items() for target in targets
+                  if target.split(".")[0] == COMMANDS and name.split(".")[0] != COMMANDS)
+
+
 def test_the_walker_sees_function_level_and_relative_imports():
     graph = import_graph()
     assert "training.runtime" in graph["tools.sample"]  # top level
     assert "optim.distributed" in graph["optim.muon"]  # relative: from .distributed import Sharding
     assert "data.demo" in graph[SCRIPT]  # inside a function
+
+
+def test_every_module_of_the_repo_is_in_a_layer():
+    packages = {path.parent.name for path in ROOT.glob("*/__init__.py")}
+    scripts = {path.stem for path in ROOT.glob("*.py")}
+    assert packages | scripts == set().union(*LAYERS)
 
 
 def test_the_import_graph_has_no_cycle():
@@ -92,6 +115,28 @@ def test_nothing_imports_the_entry_script():
 
 
 def test_no_module_imports_a_later_layer():
-    upward = sorted(f"{name} -> {target}" for name, targets in import_graph().items() for target in targets
-                    if layer(target) > layer(name))
-    assert upward == []
+    assert upward_imports(import_graph()) == []
+
+
+def test_nothing_outside_tools_imports_from_tools():
+    assert imports_of_commands(import_graph()) == []
+
+
+def test_every_module_of_tools_is_a_command():
+    """`python -m tools.X` runs it; parity_record.py is the record's side of the command tools.parity."""
+    def runs_as_a_command(path: Path) -> bool:
+        return any(isinstance(node, ast.If) and ast.unparse(node.test) == "__name__ == '__main__'"
+                   for node in ast.parse(path.read_text()).body)
+
+    modules = {path.stem for path in (ROOT / COMMANDS).glob("*.py")} - {"__init__", "parity_record"}
+    assert {name for name in modules if not runs_as_a_command(ROOT / COMMANDS / f"{name}.py")} == set()
+    assert modules >= {"bundle", "hellaswag", "parity", "plot", "record_stats", "sample"}
+
+
+def test_the_checks_name_an_upward_import_and_an_import_of_a_command():
+    graph = {"model.gpt": {"optim.muon"}, "training.state": {"training.runlog", "model.gpt"},
+             "training.checkpoint": {"bench.memory"}, "data.loader": {"training.state"},
+             "bench.gpu": {"tools.parity", "training.runlog"}, "tools.sample": {"tools.parity"},
+             SCRIPT: {"tools.plot", "training.state"}}
+    assert upward_imports(graph) == ["data.loader -> training.state", "training.checkpoint -> bench.memory"]
+    assert imports_of_commands(graph) == ["bench.gpu -> tools.parity", f"{SCRIPT} -> tools.plot"]

@@ -135,6 +135,9 @@ def test_log_starts_with_the_source_and_environment(tmp_path):
     assert log.index("# train_gpt.py") < log.index("# model/gpt.py") < log.index("# optim/muon.py")
     assert (ROOT / "optim" / "newton_schulz.py").read_text() in log  # the exact source, whole
     assert (ROOT / "training" / "recipe.py").read_text() in log and "# training/state.py" in log
+    # the modules a run's checkpoints and log are made by are listed too
+    for listed in ("training/checkpoint.py", "training/runlog.py", "data/durable.py"):
+        assert f"# {listed}\n" in log, listed
     assert "torch " in log and "config {" in log
     assert log.index("# optim/muon.py") < log.index("step 0/1 val_loss")
 

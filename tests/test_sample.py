@@ -1,4 +1,5 @@
-"""tools.sample: seeded, reproducible text from a checkpoint; one-line error for a missing or corrupt one."""
+"""tools.sample (training/sampling.py, training.checkpoint.load_model): seeded, reproducible text from a
+checkpoint; one-line error for a missing or corrupt one."""
 
 import shutil
 
@@ -6,6 +7,9 @@ import pytest
 
 from data.tokenizer import gpt2_encoding
 from tools import sample
+from training.checkpoint import load_model
+from training.sampling import Sampling
+from training.sampling import sample as sample_text
 
 
 def run(capsys, *args: str) -> str:
@@ -35,10 +39,10 @@ def test_run_dir_checkpoint_dir_and_step_dir_give_the_same_text(tiny_checkpoint,
 
 def test_text_is_the_models_own_generate_call(tiny_checkpoint):
     directory, model = tiny_checkpoint
-    loaded = sample.open_checkpoint(directory, "cpu")
+    loaded = load_model(directory, "cpu")
     for name, tensor in model.state_dict().items():
         assert loaded.state_dict()[name].equal(tensor), name
-    assert sample.sample(loaded, "Hi", 5, seed=4) == sample.sample(model, "Hi", 5, seed=4)
+    assert sample_text(loaded, "Hi", 5, Sampling(seed=4)) == sample_text(model, "Hi", 5, Sampling(seed=4))
 
 
 def test_missing_checkpoint_is_a_one_line_error(tmp_path):

@@ -28,12 +28,13 @@ Rules it imposes on repo code, each refused with one line naming the file, the l
 import argparse
 import ast
 import builtins
-import os
 import subprocess
 import sys
 import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from data.durable import write_text_atomic
 
 ENTRY = "__main__"
 FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)
@@ -451,9 +452,7 @@ def main(argv: list[str] | None = None) -> None:
     except BundleError as error:
         sys.exit(f"error: {error}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_name(args.out.name + ".tmp")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, args.out)  # a reader never sees half a bundle
+    write_text_atomic(args.out, text)  # a reader never sees half a bundle
     print(f"{args.out}: {args.entry.name} with {len(bundler.inlined)} repo modules inlined, "
           f"{text.count(chr(10))} lines")
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from data.tokenizer import EOT, TokenizerUnavailable, gpt2_encoding
-from tools.sample import open_checkpoint
+from training.checkpoint import CheckpointError, load_model
 from training.runtime import resolve_device
 
 URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -119,7 +119,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    model = open_checkpoint(args.checkpoint, device)
+    try:
+        model = load_model(args.checkpoint, device)
+    except CheckpointError as error:
+        sys.exit(f"error: {error}")
     path = args.file or validation_file()
     if not path.is_file():
         sys.exit(f"error: --file {path}: no such file")

@@ -5,40 +5,16 @@
 
 CHECKPOINT is a step directory (holding shared.pt), a checkpoint directory (holding `latest`), or a
 run's --out-dir (holding checkpoints/). The prompt follows <|endoftext|>, as every training document
-does. The same seed on the same device gives the same text.
+does. The same seed on the same device gives the same text (training/sampling.py).
 """
 
 import argparse
 import sys
-from pathlib import Path
 
-import torch
-
-from data.tokenizer import EOT, TokenizerUnavailable, gpt2_encoding
-from tools.checkpoint import CheckpointError, load_model
+from data.tokenizer import TokenizerUnavailable
+from training.checkpoint import CheckpointError, load_model
 from training.runtime import resolve_device
-
-
-def open_checkpoint(path: str | Path, device: torch.device) -> torch.nn.Module:
-    """The GPT of a checkpoint, in eval mode on `device`; a missing or damaged one: one-line SystemExit."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        path = path / "checkpoints"
-    try:
-        return load_model(path, device)
-    except CheckpointError as error:
-        raise SystemExit(f"error: {error}") from None
-
-
-def sample(model: torch.nn.Module, prompt: str, max_tokens: int, temperature: float = 0.8,
-           top_k: int | None = 40, seed: int = 0) -> str:
-    """The prompt and its sampled continuation of max_tokens tokens."""
-    encoding = gpt2_encoding()
-    device = next(model.parameters()).device
-    idx = torch.tensor([[EOT, *encoding.encode_ordinary(prompt)]], device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    out = model.generate(idx, max_tokens, temperature=temperature, top_k=top_k, generator=generator)
-    return encoding.decode(out[0, 1:].tolist())
+from training.sampling import Sampling, sample
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,10 +28,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     args = parser.parse_args(argv)
-    model = open_checkpoint(args.checkpoint, resolve_device(args.device))
+    how = Sampling(args.temperature, args.top_k or None, args.seed)
     try:
-        text = sample(model, args.prompt, args.max_tokens, args.temperature, args.top_k or None, args.seed)
-    except TokenizerUnavailable as error:
+        model = load_model(args.checkpoint, resolve_device(args.device))
+        text = sample(model, args.prompt, args.max_tokens, how)
+    except (CheckpointError, TokenizerUnavailable) as error:
         sys.exit(f"error: {error}")
     print(text)
 

@@ -1,9 +1,14 @@
-"""The training library behind train_gpt.py:
-  recipe.py     config (flags), presets, schedules, batch layout, optimizer groups, window tensors;
-  runtime.py    the process: device, process group, signals, the clock, agreement across ranks;
-  rundir.py     the run's folder: claiming it, the lock, refusing to overwrite an earlier run;
-  state.py      the run's state (model, optimizer, loader, RNG, step): save, load, restore;
-  steps.py      the training step and the validation, the functions the compiled model runs in;
-  compiling.py  torch.compile with every graph counted by mode;
-  fsdp.py       FSDP2 sharding of the GPT (--fsdp).
+"""The training library behind train_gpt.py (it imports model/, optim/ and data/, never tools/, bench/,
+experiments/ or the entry script):
+  recipe.py      config (flags), presets, schedules, batch layout, optimizer groups, window tensors;
+  runtime.py     the process: device, process group, signals, the clock, agreement across ranks;
+  rundir.py      the run's folder: claiming it, the lock, refusing to overwrite an earlier run;
+  state.py       the run's state (model, optimizer, loader, RNG, step, train time): RunState;
+  checkpoint.py  a RunState saved, loaded and resolved (--resume), durably, for one process or many;
+  runlog.py      the run's record: console, log.txt (source and environment first), metrics.jsonl, wandb;
+  steps.py       the training step and the validation, the functions the compiled model runs in;
+  compiling.py   torch.compile with every graph counted by mode;
+  fsdp.py        FSDP2 sharding of the GPT (--fsdp);
+  sampling.py    text from a trained GPT (the run's final sample, tools.sample);
+  plot.py        loss curves from runs' metrics.jsonl (the run's loss.png, tools.plot).
 """

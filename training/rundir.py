@@ -11,13 +11,14 @@ Under torchrun rank 0 claims the folder for the job and every rank ends with its
 """
 
 import os
-import shutil
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch.distributed as dist
+
+from training.checkpoint import remove_unfinished_saves
 
 LOCK = "run.lock"
 RUN_FILES = ("log.txt", "metrics.jsonl")
@@ -38,13 +39,6 @@ def refuse_earlier_run(out_dir: Path, resuming: bool) -> None:
     if found:
         raise SystemExit(f"error: --out-dir {out_dir} holds an earlier run ({', '.join(found)}); continue it "
                          f"with --resume auto, or pass a new --out-dir")
-
-
-def remove_unfinished_saves(checkpoints: Path) -> None:
-    """Delete step_XXXXXX.tmp folders: saves that never completed (a kill, a full disk). Nothing names
-    them, and on a full disk they hold the space the next save needs."""
-    for unfinished in checkpoints.glob("step_??????.tmp"):
-        shutil.rmtree(unfinished, ignore_errors=True)
 
 
 def lock_holder(lock: Path) -> tuple[int, str] | None:

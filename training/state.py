@@ -9,22 +9,16 @@ warm-up puts back.
     step         optimizer steps done
     train_time   seconds spent in training steps
 
-On disk (tools/checkpoint.py) rank 0 writes the shared part and every rank its own (RANK_KEYS); the
-shared part also carries the model and train configs, so a resume can refuse another model's weights.
-With --fsdp the model and optimizer (SHARDED_KEYS) go through torch.distributed.checkpoint instead,
-every rank writing its rows, and a resume loads them into this run's shards.
+On disk (training/checkpoint.py, which imports this module, never the reverse) rank 0 writes the
+shared part and every rank its own (optimizer, rng); the shared part also carries the model and train
+configs, so a resume can refuse another model's weights. With --fsdp the model and optimizer go through
+torch.distributed.checkpoint instead, every rank writing its rows, and a resume loads them into this
+run's shards.
 """
 
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
 
 from optim import is_dtensor
-from tools.checkpoint import is_sharded, load_checkpoint, load_sharded, save_checkpoint
-
-RANK_KEYS = ("optimizer", "rng")  # differ between ranks; the rest is shared and written by rank 0
-SHARDED_KEYS = ("model", "optimizer")  # with --fsdp: DTensors, through torch.distributed.checkpoint
 
 
 class RunState:
@@ -53,30 +47,3 @@ class RunState:
         """Whether the model is sharded with fully_shard (--fsdp): its parameters are DTensors."""
         return any(is_dtensor(p) for p in self.model.parameters())
 
-
-def save_run(run: RunState, directory: Path, rank: int, **meta) -> Path:
-    """Checkpoint `run` at its step into `directory` (collective), with `meta` beside the shared part."""
-    state = run.state_dict()
-    sharded = {key: state.pop(key) for key in SHARDED_KEYS} if run.sharded else None
-    own = {key: state.pop(key) for key in RANK_KEYS if key in state}
-    world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return save_checkpoint(directory, run.step, {**state, **meta, "world_size": world_size}, own, rank,
-                           sharded=sharded)
-
-
-def load_run(run: RunState, path: Path, rank: int, world_size: int, model_config: dict) -> dict:
-    """Restore `run` from the checkpoint at `path`, refusing one saved for another model shape; returns
-    the checkpoint's train config and data fingerprint ({} where an older checkpoint has none)."""
-    shared, own = load_checkpoint(path, rank, world_size)
-    if shared["model_config"] != model_config:
-        raise SystemExit(f"error: --resume {path}: saved for model {shared['model_config']}, but this "
-                         f"run builds {model_config}; use the run's original flags")
-    if is_sharded(path) != run.sharded:
-        saved, now = ("with", "without") if is_sharded(path) else ("without", "with")
-        raise SystemExit(f"error: --resume {path}: saved {saved} --fsdp, but this run is {now} it; resume "
-                         f"{saved} --fsdp")
-    if run.sharded:  # a template of this run's shards, filled in place
-        state = run.state_dict()
-        own |= load_sharded(path, {key: state[key] for key in SHARDED_KEYS})
-    run.load_state_dict({**shared, **own})
-    return dict(config=shared.get("config") or {}, data=shared.get("data"))

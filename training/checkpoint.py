@@ -1,9 +1,20 @@
-"""Checkpoints that a crash cannot corrupt and that never hold NaN or inf, for one process or many.
+"""A run's checkpoints, in one place: save, load and resolve, for one process or many.
+
+    save_checkpoint(run, folder, **meta)       collective: the RunState at its step (and `meta`) into
+                                               folder/step_XXXXXX; returns that step directory
+    load_checkpoint(run, path, model_config)   the RunState back from a step directory (collective with
+                                               --fsdp); returns the plan it was saved with (config, data)
+    resolve_checkpoint(spec, folder)           the step directory --resume SPEC names (`auto`: the one
+                                               folder/latest names, or None)
+    load_model(path, device)                   the GPT of a checkpoint, in eval mode (sampling, evals)
+    CheckpointError                            every failure a user can meet, in one line naming the path
+
+Below them, the format (write_step, read_step): any state split into a shared part and each rank's.
 
 Layout under a run's checkpoint directory:
 
-    step_000120/shared.pt     rank 0: model weights, model config, train config, step, loader position,
-                              world_size (the processes that wrote the step)
+    step_000120/shared.pt     rank 0: model weights, model config, train config, data fingerprint, step,
+                              loader position, world_size (the processes that wrote the step)
     step_000120/rank0.pt      every rank: its optimizer state (sharded under torchrun) and RNG states
     step_000120/rank1.pt
     step_000120/sharded/      with --fsdp: model weights and optimizer state as DTensors, written by
@@ -11,15 +22,15 @@ Layout under a run's checkpoint directory:
     latest                    text file naming the newest complete step directory
 
 A checkpoint is written into `step_XXXXXX.tmp/`, which is renamed to `step_XXXXXX/` only once every
-rank's file is on disk, and `latest` is replaced atomically after that; a kill at any moment leaves
-the previous checkpoint complete and `latest` naming it. Saving a step again (a signal right after a
-periodic save) first moves the old copy to `step_XXXXXX.old/`, which `latest` then falls back to if
-the kill lands between the two renames.
+rank's file is on disk (data/durable.py), and `latest` is replaced atomically after that; a kill at any
+moment leaves the previous checkpoint complete and `latest` naming it. Saving a step again (a signal
+right after a periodic save) first moves the old copy to `step_XXXXXX.old/`, which `latest` then falls
+back to if the kill lands between the two renames. The newest KEEP steps are kept.
 
-A state with a non-finite floating-point tensor is refused, so the checkpoint `latest` names is
-always finite. A save that fails on any rank (a full disk: an OSError, or torch.save's RuntimeError)
-fails on every rank, and its `.tmp` folder is deleted. Every failure a user can meet raises
-CheckpointError, whose message is one line.
+A state with a non-finite floating-point tensor is refused on every rank, so the checkpoint `latest`
+names is always finite. A save that fails on any rank (a full disk: an OSError, or torch.save's
+RuntimeError) fails on every rank, and its `.tmp` folder is deleted; the `.tmp` folders of saves a
+kill cut short are deleted when a run claims its folder (remove_unfinished_saves, training/rundir.py).
 """
 
 import os
@@ -33,16 +44,56 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.shards import fsync_dir, write_text_atomic
+from data.durable import fsync_dir, write_durably, write_text_atomic
 from optim import is_dtensor
+from training.state import RunState
 
 STEP_NAME = re.compile(r"step_\d{6}")
 RANK_FILE = re.compile(r"rank(\d+)\.pt")
 SHARDED = "sharded"  # the torch.distributed.checkpoint folder of a step written with --fsdp
+KEEP = 2  # step directories kept after a save: the newest ones
+RANK_KEYS = ("optimizer", "rng")  # RunState keys that differ between ranks; the rest is shared (rank 0)
+SHARDED_KEYS = ("model", "optimizer")  # with --fsdp: DTensors, through torch.distributed.checkpoint
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message is one line naming the path."""
+
+
+def save_checkpoint(run: RunState, folder: Path, **meta) -> Path:
+    """Checkpoint `run` at its step into `folder`, with `meta` beside the shared part; returns the step
+    directory. Collective under torchrun (every rank calls it); CheckpointError on every rank if any
+    rank's state is not finite or cannot be written."""
+    state = run.state_dict()
+    sharded = {key: state.pop(key) for key in SHARDED_KEYS} if run.sharded else None
+    own = {key: state.pop(key) for key in RANK_KEYS if key in state}  # with --fsdp: the RNG only
+    return write_step(folder, run.step, {**state, **meta, "world_size": _ranks()[1]}, own, sharded)
+
+
+def load_checkpoint(run: RunState, path: Path, model_config: dict) -> dict:
+    """Restore `run` from the step directory `path`, refusing one saved for another model shape or with
+    another --fsdp; returns the checkpoint's train config and data fingerprint ({} and None where an
+    older checkpoint has none). Collective under --fsdp."""
+    shared, own = read_step(path, *_ranks())
+    if shared["model_config"] != model_config:
+        raise SystemExit(f"error: --resume {path}: saved for model {shared['model_config']}, but this "
+                         f"run builds {model_config}; use the run's original flags")
+    if is_sharded(path) != run.sharded:
+        saved, now = ("with", "without") if is_sharded(path) else ("without", "with")
+        raise SystemExit(f"error: --resume {path}: saved {saved} --fsdp, but this run is {now} it; resume "
+                         f"{saved} --fsdp")
+    if run.sharded:  # a template of this run's shards, filled in place
+        state = run.state_dict()
+        own |= load_sharded(path, {key: state[key] for key in SHARDED_KEYS})
+    run.load_state_dict({**shared, **own})
+    return dict(config=shared.get("config") or {}, data=shared.get("data"))
+
+
+def _ranks() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def non_finite_tensors(state, prefix: str = "") -> list[str]:
@@ -69,24 +120,25 @@ def _floating_tensors(state, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
             yield from _floating_tensors(value, f"{prefix}{index}.")
 
 
-def save_checkpoint(directory: str | Path, step: int, shared: dict, per_rank: dict, rank: int = 0,
-                    keep: int = 2, sharded: dict | None = None) -> Path:
-    """Write step `step`; returns its directory and keeps the newest `keep` steps.
+def write_step(directory: str | Path, step: int, shared: dict, own: dict,
+               sharded: dict | None = None) -> Path:
+    """Write step `step`; returns its directory and keeps the newest KEEP steps.
 
-    Collective under torchrun: every rank calls it; `shared` is written (and checked) by rank 0 only;
-    `sharded` (DTensors, every rank its rows) goes through torch.distributed.checkpoint into SHARDED.
-    Raises CheckpointError on every rank, writing nothing, if any rank's state is not finite.
+    Collective under torchrun: every rank calls it, with its `own` part; `shared` is written (and
+    checked) by rank 0 only; `sharded` (DTensors, every rank its rows) goes through
+    torch.distributed.checkpoint into SHARDED. Raises CheckpointError on every rank, writing nothing,
+    if any rank's state is not finite.
     """
-    directory = Path(directory)
-    own = {"shared": shared, "rank0": per_rank} if rank == 0 else {f"rank{rank}": per_rank}
-    _refuse_non_finite(directory, step, own if sharded is None else {**own, SHARDED: sharded})
+    directory, rank = Path(directory), _ranks()[0]
+    parts = {"shared": shared, "rank0": own} if rank == 0 else {f"rank{rank}": own}
+    _refuse_non_finite(directory, step, parts if sharded is None else {**parts, SHARDED: sharded})
     final = directory / f"step_{step:06d}"
     tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
 
     def write() -> None:
         if sharded is not None:
             _save_sharded(sharded, tmp / SHARDED)
-        _save_file(per_rank, tmp / f"rank{rank}.pt")
+        _save_file(own, tmp / f"rank{rank}.pt")
         if rank == 0:
             _save_file(shared, tmp / "shared.pt")
 
@@ -94,13 +146,20 @@ def save_checkpoint(directory: str | Path, step: int, shared: dict, per_rank: di
     if failure is None:  # every rank's file on disk, or every rank knows one is not
         failure = _first_failure(_attempt(write))
     if failure is None:
-        failure = _first_failure(_attempt(partial(_publish, directory, tmp, final, old, keep)) if rank == 0
+        failure = _first_failure(_attempt(partial(_publish, directory, tmp, final, old)) if rank == 0
                                  else None)
     if failure is not None:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # a part-written step would hold the disk
         raise CheckpointError(f"{directory}: cannot write step {step} ({failure}); {_last_good(directory)}")
     return final
+
+
+def remove_unfinished_saves(checkpoints: Path) -> None:
+    """Delete step_XXXXXX.tmp folders: saves that never completed (a kill, a full disk). Nothing names
+    them, and on a full disk they hold the space the next save needs."""
+    for unfinished in checkpoints.glob("step_??????.tmp"):
+        shutil.rmtree(unfinished, ignore_errors=True)
 
 
 def _fresh_folder(tmp: Path) -> None:
@@ -129,7 +188,7 @@ def _first_failure(failure: str | None) -> str | None:
     return next((f"rank {r}: {f}" for r, f in enumerate(failures) if f is not None), None)
 
 
-def _publish(directory: Path, tmp: Path, final: Path, old: Path, keep: int) -> None:
+def _publish(directory: Path, tmp: Path, final: Path, old: Path) -> None:
     """Rename the complete `tmp` to `final`, point `latest` at it, then delete what it replaces."""
     if (tmp / SHARDED).is_dir():
         fsync_dir(tmp / SHARDED)
@@ -144,7 +203,7 @@ def _publish(directory: Path, tmp: Path, final: Path, old: Path, keep: int) -> N
     write_text_atomic(directory / "latest", final.name)
     for leftover in [*directory.glob("step_??????.old"), *directory.glob("step_??????.tmp")]:
         shutil.rmtree(leftover)
-    for stale in sorted(directory.glob("step_??????"))[:-keep]:
+    for stale in sorted(directory.glob("step_??????"))[:-KEEP]:
         if stale != final:
             shutil.rmtree(stale)
 
@@ -170,22 +229,19 @@ def _last_good(directory: Path) -> str:
 
 
 def _save_file(obj, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
+    write_durably(path, lambda f: torch.save(obj, f))  # torch.save looked up at the call: tests replace it
 
 
-def resolve_checkpoint(resume: str, checkpoint_dir: str | Path | None = None) -> Path | None:
+def resolve_checkpoint(spec: str, folder: str | Path | None = None) -> Path | None:
     """The step directory to resume from.
 
-    `auto`: the one `latest` in `checkpoint_dir` names, or None if there is no `latest`. Otherwise
-    `resume` is a step directory, or a checkpoint directory holding `latest`.
+    `auto`: the one `latest` in the checkpoint directory `folder` names, or None if there is no
+    `latest`. Otherwise `spec` is a step directory, or a checkpoint directory holding `latest`.
     """
-    if resume == "auto":
-        directory = Path(checkpoint_dir)
+    if spec == "auto":
+        directory = Path(folder)
         return _follow_latest(directory) if (directory / "latest").is_file() else None
-    path = Path(resume)
+    path = Path(spec)
     if path.is_dir() and (path / "latest").is_file():
         return _follow_latest(path)
     if not (path / "shared.pt").is_file():
@@ -209,7 +265,7 @@ def _follow_latest(directory: Path) -> Path:
                           f"directory that exists ({', '.join(steps) or 'there is none'})")
 
 
-def load_checkpoint(path: str | Path, rank: int = 0, world_size: int = 1) -> tuple[dict, dict]:
+def read_step(path: str | Path, rank: int = 0, world_size: int = 1) -> tuple[dict, dict]:
     """(shared, this rank's state); refuses a checkpoint missing a rank's file, or written by a different
     number of ranks."""
     path = Path(path)
@@ -245,7 +301,7 @@ def load_sharded(path: str | Path, template: dict) -> dict:
     """`template` filled from the step's SHARDED folder, whatever the number of processes that wrote it.
 
     Under a process group (a resumed --fsdp run) the template holds this run's DTensors and the load is
-    collective; in a process without one (tools.sample) it holds whole tensors, read in full.
+    collective; in a process without one (load_model) it holds whole tensors, read in full.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -271,10 +327,12 @@ def _processes(count: int) -> str:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """The GPT saved in a checkpoint (a step directory, or a checkpoint directory's latest), in eval mode."""
+    """The GPT saved in a checkpoint, in eval mode on `device`: `path` is a step directory, a checkpoint
+    directory (its latest), or a run's --out-dir (holding checkpoints/)."""
     from model import GPT, GPTConfig
 
-    path = resolve_checkpoint(str(path))
+    path = Path(path)
+    path = resolve_checkpoint(str(path / "checkpoints" if (path / "checkpoints").is_dir() else path))
     shared = _load(path / "shared.pt")
     weights_here = isinstance(shared, dict) and ("model" in shared or is_sharded(path))
     if not weights_here or "model_config" not in shared:

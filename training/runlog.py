@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SOURCE_PACKAGES = ("model", "optim", "data", "tools", "training")
+SOURCE_PACKAGES = ("model", "optim", "data", "training", "tools")  # tools: a run started from a command
 
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, matched against the device name.
 PEAK_BF16_FLOPS = {
@@ -43,7 +43,7 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def source_modules() -> list[Path]:
-    """The entry script and every repo module (model/, optim/, data/, tools/, training/) imported so far."""
+    """The entry script and every repo module of SOURCE_PACKAGES imported so far, the entry first."""
     entry = Path(sys.argv[0]).resolve() if sys.argv and sys.argv[0].endswith(".py") else None
     paths = {entry} if entry and entry.is_file() else set()
     for module in list(sys.modules.values()):
