@@ -1,0 +1,115 @@
+"""The run's schedule: what changes with the step, in one object queried by step.
+
+At step s (0-based, of T = max_steps) the schedule sets:
+  lr factor   (s + 1)/warmup_steps during the warm-up; then 1; over the last cooldown_frac of the run
+              w + (1 - w) lr_floor with w = min((1 - s/T)/cooldown_frac, 1): linear from 1 to lr_floor
+              at s = T. Every param group's lr is its base lr (group["initial_lr"]) times the factor.
+  momentum    Muon's mu: (1 - f) momentum_start + f momentum, f = min(s/momentum_warmup_steps, 1).
+  window      the long attention window in tokens, 128 ceil(size/128) and at least 128, where size
+              grows linearly from window_start at s = 0 to window_end at s = T (window_end 0: None,
+              full causal attention).
+  tokens      tokens per optimizer step.
+
+Schedule.at(step) answers all four as one StepSettings; Schedule.apply(optimizer, step) writes the lr
+and the momentum into the optimizer's groups. On a device, the schedule also holds one 0-dim int32
+tensor per distinct window, all made when it is built: the compiled model reads the window from the
+device, so every window runs through one graph and no step copies a window from the host.
+"""
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class StepSettings(NamedTuple):
+    """What the schedule sets at one step."""
+
+    lr_factor: float  # times every group's base lr (initial_lr)
+    momentum: float  # Muon's momentum, in every group that has one (not Adam's beta1)
+    window: int | None  # long attention window in tokens (None: full causal attention)
+    tokens: int  # tokens per optimizer step, over all processes
+
+
+@dataclass
+class Schedule:
+    """The schedule of one run of max_steps steps (module docstring); built from a config by `of`."""
+
+    max_steps: int
+    tokens_per_step: int
+    warmup_steps: int = 0
+    cooldown_frac: float = 0.0
+    lr_floor: float = 0.0
+    momentum: float = 0.95
+    momentum_start: float = 0.95
+    momentum_warmup_steps: float = 0  # may be fractional: a share of a run of any length
+    window_start: int = 0
+    window_end: int = 0
+    device: torch.device | None = None  # where the window tensors live (None: no tensors)
+    window_tensors: dict[int, Tensor] = field(init=False, repr=False)
+
+    def __post_init__(self):
+        on = self.device is not None
+        self.window_tensors = {w: torch.tensor(w, dtype=torch.int32, device=self.device)
+                               for w in (self.windows() if on else ())}
+
+    @classmethod
+    def of(cls, config, device: torch.device | None = None) -> "Schedule":
+        """The schedule of a config holding a field of each name above (training/recipe.py TrainConfig)."""
+        names = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "device"]
+        return cls(**{name: getattr(config, name) for name in names}, device=device)
+
+    def at(self, step: int) -> StepSettings:
+        return StepSettings(self.lr_factor(step), self.momentum_at(step), self.window_at(step),
+                            self.tokens_per_step)
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> StepSettings:
+        """Set step's lr in every group (its initial_lr x the lr factor) and its momentum in every group
+        whose momentum is Muon's (a "momentum" key, kind not "adam", whose momentum is beta1)."""
+        now = self.at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * now.lr_factor
+            if "momentum" in group and group.get("kind") != "adam":
+                group["momentum"] = now.momentum
+        return now
+
+    def window_tensor(self, step: int) -> Tensor | None:
+        """The step's window as the 0-dim int32 device tensor made for it (None: full causal)."""
+        window = self.window_at(step)
+        return None if window is None else self.window_tensors[window]
+
+    def windows(self) -> list[int]:
+        """The distinct long windows of steps 0..max_steps, ascending (none for full causal attention)."""
+        return sorted({self.window_at(step) for step in range(self.max_steps + 1)} - {None})
+
+    def first_steps(self) -> list[int]:
+        """The first step of each distinct (window, tokens per step) of steps 0..max_steps: the steps
+        that show the compiled model every shape and window it will see."""
+        firsts: dict = {}
+        for step in range(self.max_steps + 1):
+            now = self.at(step)
+            firsts.setdefault((now.window, now.tokens), step)
+        return list(firsts.values())
+
+    def lr_factor(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if not self.cooldown_frac:
+            return 1.0
+        w = min((1 - step / self.max_steps) / self.cooldown_frac, 1.0)
+        return w + (1 - w) * self.lr_floor
+
+    def momentum_at(self, step: int) -> float:
+        frac = min(step / self.momentum_warmup_steps, 1.0) if self.momentum_warmup_steps else 1.0
+        return (1 - frac) * self.momentum_start + frac * self.momentum
+
+    def window_at(self, step: int) -> int | None:
+        """The speedrun's start 0 and end 1728 give the 2025-07-12 record's 128 ceil(1728 (s/1750)/128):
+        128 at step 0, 1792 at the end, 14 values."""
+        if not self.window_end:
+            return None
+        size = self.window_start + (self.window_end - self.window_start) * (step / self.max_steps)
+        return 128 * max(1, math.ceil(size / 128))
