@@ -20,7 +20,10 @@ class Toy:
     name: str = flags.option("x", "a name", form=flags.Form("[a-z]+", "lower-case letters"))
 
 
-TOY_PRESETS = {"small": {}, "large": {"width": 64}}
+    steps: tuple[int, ...] = flags.option((), "any number of steps", within=flags.AT_LEAST_0)
+
+
+TOY_PRESETS = {"small": {}, "large": {"width": 64, "steps": (10, 20)}}
 
 
 def refused(capsys, argv: list[str], validate=None) -> str:
@@ -36,6 +39,12 @@ def test_flags_override_the_named_preset_which_overrides_the_defaults():
     assert flags.parse_flags(Toy, TOY_PRESETS, []) == Toy()
     assert flags.parse_flags(Toy, TOY_PRESETS, ["--preset", "large"]).width == 64
     assert flags.parse_flags(Toy, TOY_PRESETS, ["--preset", "large", "--width", "3"]).width == 3
+
+
+def test_a_tuple_of_any_length_takes_any_number_of_values_each_checked(capsys):
+    assert flags.parse_flags(Toy, TOY_PRESETS, ["--steps", "1", "2", "3"]).steps == (1, 2, 3)
+    assert flags.parse_flags(Toy, TOY_PRESETS, ["--preset", "large", "--steps"]).steps == ()
+    assert "argument --steps: expected an integer >= 0; got '-1'" in refused(capsys, ["--steps", "4", "-1"])
 
 
 def test_a_value_outside_its_range_or_form_is_one_line(capsys):

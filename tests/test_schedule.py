@@ -116,3 +116,83 @@ def test_the_experiments_schedule_is_the_speedruns_shape_with_a_floor_of_0_1():
     ours = experiment_schedule(1750, 128)
     cfg = dataclasses.replace(SPEEDRUN, lr_floor=0.1, window_end=0, tokens_per_step=128)
     assert all(ours.at(s) == Schedule.of(cfg).at(s) for s in range(1751))
+
+
+# ---- record #46's schedule (training/schedule.py's docstring) as flags: 2160 steps, scheduled over 2120 ----
+
+RECORD_46 = ["--max-steps", "2160", "--scheduled-steps", "2120", "--cooldown-frac", "0.55",
+             "--lr-floor", "0.1", "--lr-levels", "1", "1.51", "1.93", "--lr-level-fracs", "0.33", "0.66",
+             "--momentum-cooldown-steps", "50", "--window-blocks", "3", "7", "11", "13",
+             "--tokens-per-step", "393216", "--tokens-schedule", "131072", "262144", "393216", "393216"]
+
+
+@pytest.fixture(scope="module")
+def record_46() -> Schedule:
+    return Schedule.of(recipe.parse_config(RECORD_46))
+
+
+def cooled(level: float, step: int) -> float:
+    """The cooldown from `level` at `step`: w level + (1 - w) 0.1, w = (1 - step/2120)/0.55."""
+    w = (1 - step / 2120) / 0.55
+    return level * w + (1 - w) * 0.1
+
+
+def test_record_46_lr_steps_up_at_700_and_1400_and_cools_down_from_954_to_0_1(record_46):
+    lr = {s: record_46.lr_factor(s) for s in (0, 699, 700, 953, 954, 1399, 1400, 2119, 2120, 2121, 2159)}
+    assert (lr[0], lr[699], lr[700], lr[953]) == (1.0, 1.0, 1.51, 1.51)  # x = 700/2120 > 0.33 > 699/2120
+    assert lr[954] == pytest.approx(1.51, rel=1e-15)  # x = 0.45 = 1 - 0.55: w = 1
+    assert lr[1399] == pytest.approx(cooled(1.51, 1399), rel=1e-15)  # 1.0049
+    assert lr[1400] == pytest.approx(cooled(1.93, 1400), rel=1e-15)  # 1.2300: the level steps up mid-cooldown
+    assert lr[2119] == pytest.approx(cooled(1.93, 2119), rel=1e-15)  # 0.1016
+    assert lr[2120] == lr[2121] == lr[2159] == pytest.approx(0.1, rel=1e-15)  # the extension: the floor
+
+
+def test_record_46_momentum_warms_up_then_cools_down_after_step_2110(record_46):
+    assert record_46.momentum_at(299) == pytest.approx(0.85 + 0.1 * 299 / 300, rel=1e-15)
+    assert record_46.momentum_at(300) == record_46.momentum_at(2110) == 0.95
+    assert record_46.momentum_at(2111) == pytest.approx(0.948, rel=1e-15)  # 0.95 - 0.1 (1/50)
+    assert record_46.momentum_at(2135) == pytest.approx(0.90, rel=1e-15)
+    assert record_46.momentum_at(2159) == pytest.approx(0.852, rel=1e-15)  # the last step trained
+    assert record_46.momentum_at(2160) == pytest.approx(0.85, rel=1e-15)
+
+
+def test_record_46_windows_and_tokens_switch_together_at_707_1414_2120(record_46):
+    # int(3 s/2120) reaches 1 at s = 707 (706.67) and 2 at s = 1414 (1413.33); the final entry from 2120.
+    steps = (0, 706, 707, 1413, 1414, 2119, 2120, 2160)
+    assert [record_46.window_at(s) // 128 for s in steps] == [3, 3, 7, 7, 11, 11, 13, 13]
+    assert [record_46.at(s).tokens for s in steps] == [131072, 131072, 262144, 262144, 393216, 393216,
+                                                        393216, 393216]
+    assert record_46.first_steps() == [0, 707, 1414, 2120]  # 4 shapes: what a warm-up must cover
+    assert record_46.windows() == [384, 896, 1408, 1664]
+
+
+def test_record_46_schedule_at_every_step_equals_its_formula(record_46):
+    # The record's rules in our own words: lr level 1.93 from step 1400, 1.51 from 700,
+    # cooldown from x = 0.45 and the floor 0.1 past step 2120; momentum 0.95 - 0.1 (s - 2110)/50 after
+    # 2110; the table entry int(3 s/2120) before step 2120, the last one after.
+    def lr(s: int) -> float:
+        level = 1.93 if s >= 1400 else 1.51 if s >= 700 else 1.0
+        return 0.1 if s > 2120 else cooled(level, s) if s / 2120 >= 0.45 else level
+
+    def entry(table: tuple, s: int):
+        return table[3] if s >= 2120 else table[int(3 * (s / 2120))]
+
+    for s in range(2161):
+        assert record_46.lr_factor(s) == lr(s), s
+        if s > 2110:
+            assert record_46.momentum_at(s) == 0.95 - (s - 2110) / 50 * (0.95 - 0.85), s
+        assert record_46.window_at(s) == 128 * entry((3, 7, 11, 13), s), s
+        assert record_46.at(s).tokens == entry((131072, 262144, 393216, 393216), s), s
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--lr-levels", "1", "2"], "--lr-levels has 2 values for the 0 of --lr-level-fracs; expected one more"),
+    (["--lr-levels", "1", "2", "3", "--lr-level-fracs", "0.6", "0.3"], "expected ascending fractions"),
+    (["--scheduled-steps", "200"], "--scheduled-steps 200 is past --max-steps 150"),
+    (["--preset", "speedrun", "--window-blocks", "3", "7"], "--window-blocks 3 7 replaces --window-end 1728"),
+])
+def test_schedule_flags_that_do_not_fit_together_are_one_line(capsys, flags, error):
+    with pytest.raises(SystemExit):
+        recipe.parse_config(flags)
+    message = capsys.readouterr().err
+    assert error in message and message.count("\n") == 1

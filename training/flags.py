@@ -110,9 +110,10 @@ def flag_spec(f: dataclasses.Field, presets: dict[str, dict] | None = None) -> d
         return {**spec, "action": argparse.BooleanOptionalAction}
     if f.metadata["choices"]:
         spec["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
-    if typing.get_origin(kind) is tuple:
+    if typing.get_origin(kind) is tuple:  # tuple[X, X] takes two values, tuple[X, ...] any number
         items = typing.get_args(kind)
-        return {**spec, "nargs": len(items), "type": parser_of(f, items[0]), "action": StoreTuple}
+        nargs = "*" if items[1:] == (Ellipsis,) else len(items)
+        return {**spec, "nargs": nargs, "type": parser_of(f, items[0]), "action": StoreTuple}
     return {**spec, "type": parser_of(f, kind)}
 
 
@@ -145,11 +146,18 @@ def check(f: dataclasses.Field, value, text: str | None = None) -> str | None:
     if choices is not None and value not in choices:
         return f"expected one of {', '.join(choices)}; {got}"
     if within is not None and any(v is None or v not in within for v in values):
-        what = "an integer" if f.type in (int, int | None) else "a number"
+        what = "an integer" if item_type(f.type) is int else "a number"
         return f"expected {what} {within}; {got}"
     if form is not None and value is not None and str(value) not in form:
         return f"expected {form}; {got}"
     return None
+
+
+def item_type(kind) -> type:
+    """The type of one value of a field of type `kind`: X for X, X | None and tuple[X, ...]."""
+    if isinstance(kind, types.UnionType):
+        kind = next(t for t in typing.get_args(kind) if t is not type(None))
+    return typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else kind
 
 
 def help_text(f: dataclasses.Field, presets: dict[str, dict]) -> str:

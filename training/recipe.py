@@ -73,6 +73,10 @@ class TrainConfig:
     # batch: tokens_per_step = processes x batch_size x seq_len x micro-batches (gradient accumulation)
     max_steps: int = option(150, "optimizer steps of the run", within=AT_LEAST_1)
     tokens_per_step: int = option(1024, "tokens per optimizer step, over all processes", within=AT_LEAST_1)
+    tokens_schedule: tuple[int, ...] = option((), "tokens per optimizer step by step, a table read as "
+                                              "--window-blocks (empty: --tokens-per-step throughout); the "
+                                              "schedule holds it, the training loop does not run it yet and "
+                                              "trains at --tokens-per-step", within=AT_LEAST_1)
     batch_size: int = option(8, "at most N sequences per micro-batch per process: a process's share of a "
                              "step is split into the fewest equal micro-batches of at most N (gradient "
                              "accumulation), validation likewise", within=AT_LEAST_1)
@@ -84,7 +88,8 @@ class TrainConfig:
     val_tokens: int = option(8192, "validate on the first N tokens of the val split", within=AT_LEAST_1)
     val_seq_len: int = option(128, "tokens per validation sequence", within=AT_LEAST_1)
     log_every: int = option(10, "log the train loss every N steps (and the last step)", within=AT_LEAST_1)
-    # learning rates: constant, then a linear cooldown over the last cooldown_frac to lr_floor * lr
+    # learning rates: constant (or stepping up through lr_levels), then a linear cooldown over the last
+    # cooldown_frac of the scheduled steps to lr_floor * lr (training/schedule.py)
     lr: float = option(0.05, "learning rate of the hidden matrices (Newton-Schulz)", within=AT_LEAST_0)
     embed_lr: float = option(0.05, "learning rate of the token and value embeddings", within=AT_LEAST_0)
     head_lr: float = option(0.008, "learning rate of the LM head (Adam)", within=AT_LEAST_0)
@@ -102,13 +107,25 @@ class TrainConfig:
                                 "the Adam paper's efficient form)", choices=EPS_FORMS)
     weight_decay: float = option(0.0, "decoupled weight decay (times the group's lr)", within=AT_LEAST_0)
     warmup_steps: int = option(0, "steps of linear lr warm-up", within=AT_LEAST_0)
-    cooldown_frac: float = option(0.4, "final fraction of the run over which the lr falls linearly to "
-                                  "lr-floor x lr", within=FRACTION)
+    cooldown_frac: float = option(0.4, "final fraction of the scheduled steps (the run's, by default) over "
+                                  "which the lr falls linearly to lr-floor x lr", within=FRACTION)
     lr_floor: float = option(0.1, "lr at the end of the cooldown, as a fraction of the lr", within=FRACTION)
+    scheduled_steps: int = option(0, "steps over which the lr cooldown and the window and batch tables run; "
+                                  "the steps after them, up to --max-steps, keep the final values (0: "
+                                  "--max-steps)", within=AT_LEAST_0)
+    lr_levels: tuple[float, ...] = option((1.0,), "lr factor before the cooldown, stepping up: the i-th "
+                                          "level once step / scheduled steps is past the i-th of "
+                                          "--lr-level-fracs; the cooldown starts from the level of its step",
+                                          within=AT_LEAST_0)
+    lr_level_fracs: tuple[float, ...] = option((), "where --lr-levels step up, as fractions of the "
+                                               "scheduled steps, ascending (one fewer than the levels)",
+                                               within=FRACTION)
     momentum: float = option(0.95, "Muon momentum after its warm-up", within=BELOW_1)
     momentum_start: float = option(0.85, "Muon momentum at step 0, raised linearly to --momentum",
                                    within=BELOW_1)
     momentum_warmup_steps: int = option(300, "steps of the momentum warm-up", within=AT_LEAST_0)
+    momentum_cooldown_steps: int = option(0, "last steps of the run over which Muon momentum falls "
+                                          "linearly back to --momentum-start (0: none)", within=AT_LEAST_0)
     ns_coefficients: str = option("muon", "Newton-Schulz coefficient set",
                                   choices=tuple(sorted(COEFFICIENTS)))
     ns_steps: int = option(5, "Newton-Schulz iterations", within=AT_LEAST_1)
@@ -119,11 +136,15 @@ class TrainConfig:
                               "accurate) or stepwise (after every operation, as the records compute it)",
                               choices=ROUNDINGS)
     # attention: the long window grows linearly from window_start to window_end, rounded up to a multiple
-    # of 128 tokens, at least 128 (window_end 0: full causal attention)
+    # of 128 tokens, at least 128 (window_end 0: full causal attention), or follows window_blocks
     window_start: int = option(0, "long attention window at step 0, in tokens, before rounding up to a "
                                "multiple of 128 (at least 128)", within=AT_LEAST_0)
     window_end: int = option(0, "long attention window at the last step, before rounding up to a multiple "
                              "of 128 (0: full causal attention)", within=AT_LEAST_0)
+    window_blocks: tuple[int, ...] = option((), "long attention windows by step, in 128-token blocks, in "
+                                            "place of --window-start/--window-end: with n + 1 entries, entry "
+                                            "int(n x) at x = step / scheduled steps, the last after them",
+                                            within=AT_LEAST_1)
     # end of run
     sample_tokens: int = option(64, "tokens sampled after the last step (0: no sample)", within=AT_LEAST_0)
     sample_prompt: str = option("The", "prompt of that sample")
@@ -160,7 +181,8 @@ PLAN_FIELDS = ("max_steps", "tokens_per_step", "seq_len", "align_to_bos", "data_
                "head_lr", "scalar_lr", "embed_map", "lr_scale", "adam_betas", "adam_eps", "adam_eps_form",
                "weight_decay", "warmup_steps", "cooldown_frac", "lr_floor", "momentum", "momentum_start",
                "momentum_warmup_steps", "ns_coefficients", "ns_steps", "ns_eps", "ns_rounding",
-               "window_start", "window_end")
+               "window_start", "window_end", "scheduled_steps", "lr_levels", "lr_level_fracs",
+               "momentum_cooldown_steps", "window_blocks", "tokens_schedule")
 
 
 def plan_changes(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -175,18 +197,28 @@ def plan_changes(saved: dict, cfg: TrainConfig) -> list[str]:
 
 def parse_config(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
     """Flags override the preset, which overrides TrainConfig's defaults; every value is checked
-    (training/flags.py), then the window flags together (window_problem)."""
-    return parse_flags(TrainConfig, PRESETS_TRAIN, argv, description, validate=window_problem)
+    (training/flags.py), then the schedule's flags together (schedule_problem)."""
+    return parse_flags(TrainConfig, PRESETS_TRAIN, argv, description, validate=schedule_problem)
 
 
-def window_problem(cfg: TrainConfig) -> str | None:
-    """Why --window-start and --window-end make no window that grows from start to end, or None."""
+def schedule_problem(cfg: TrainConfig) -> str | None:
+    """Why the schedule's flags, together, make no schedule (training/schedule.py), or None."""
     if cfg.window_start and not cfg.window_end:
         return (f"--window-start {cfg.window_start} without --window-end: the window grows from start to "
                 f"end, and --window-end 0 means full causal attention; pass --window-end too")
     if cfg.window_end and cfg.window_start > cfg.window_end:
         return (f"--window-start {cfg.window_start} is past --window-end {cfg.window_end}; the window "
                 f"grows from start to end")
+    if cfg.window_blocks and cfg.window_end:
+        return (f"--window-blocks {' '.join(map(str, cfg.window_blocks))} replaces --window-end "
+                f"{cfg.window_end}; pass --window-end 0 with it")
+    if cfg.scheduled_steps > cfg.max_steps:
+        return f"--scheduled-steps {cfg.scheduled_steps} is past --max-steps {cfg.max_steps}"
+    if len(cfg.lr_levels) != len(cfg.lr_level_fracs) + 1:
+        return (f"--lr-levels has {len(cfg.lr_levels)} values for the {len(cfg.lr_level_fracs)} of "
+                f"--lr-level-fracs; expected one more level than fracs")
+    if list(cfg.lr_level_fracs) != sorted(cfg.lr_level_fracs):
+        return f"--lr-level-fracs {' '.join(map(str, cfg.lr_level_fracs))}: expected ascending fractions"
     return None
 
 
