@@ -196,3 +196,26 @@ def test_schedule_flags_that_do_not_fit_together_are_one_line(capsys, flags, err
         recipe.parse_config(flags)
     message = capsys.readouterr().err
     assert error in message and message.count("\n") == 1
+
+
+def test_record_46_schedule_compiles_one_training_graph_per_batch_shape_and_none_per_window(record_46):
+    # Every shape of the whole schedule (its first steps: 4 pairs of window and tokens per step) through
+    # the compiled 124M architecture at width 32: a training step per batch shape, 1, 2 and 3 sequences
+    # for 131072, 262144 and 393216 tokens (scaled down 131072 : 64), and a validation, each at that
+    # step's window tensor. One graph per batch shape and mode; the 4 windows add none.
+    from training.compiling import compile_model
+
+    model = GPT(dataclasses.replace(PRESETS["124m"], dim=32, n_head=2, head_dim=16, max_seq_len=64,
+                                    attention="sdpa"))  # Flex compiles no backward on a CPU
+    schedule = Schedule.of(recipe.parse_config(RECORD_46), torch.device("cpu"))
+    torch._dynamo.reset()  # no graphs or recompile budget left over from other tests
+    forward, graphs = compile_model(model, "eager")
+    tokens = torch.randint(0, 50257, (3, 65), generator=torch.Generator().manual_seed(0))
+    for step in record_46.first_steps():
+        rows, window = schedule.at(step).tokens // 131072, schedule.window_tensor(step)
+        forward(tokens[:rows, :-1], tokens[:rows, 1:], window=window).backward()
+        model.eval()
+        with torch.no_grad():
+            forward(tokens[:1, :-1], tokens[:1, 1:], window=window)
+        model.train()
+    assert (graphs.training, graphs.validation) == (3, 1)
