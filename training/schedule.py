@@ -85,7 +85,8 @@ class Schedule:
 
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> StepSettings:
         """Set step's lr in every group (its initial_lr x the lr factor) and its momentum in every group
-        whose momentum is Muon's (a "momentum" key, kind not "adam", whose momentum is beta1)."""
+        whose momentum is Muon's: one with a "momentum" key and a kind other than "adam" (an adam
+        group's momentum is its beta1, which the schedule leaves)."""
         now = self.at(step)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * now.lr_factor
