@@ -6,9 +6,9 @@
 
 Every weight update goes through the duality map of its layer (optim/): Newton-Schulz
 orthogonalization for hidden matrices, the embedding map (or Adam) for embeddings, Adam for the
-LM head and scalars. The flags, presets, schedules and optimizer groups are training/recipe.py; the
-state a checkpoint holds is training/state.py. Reads top to bottom: set-up, data, model, optimizer,
-then the loop and its parts (a training step, a validation, a checkpoint).
+LM head and scalars. The flags, presets and optimizer groups are training/recipe.py, the schedule
+training/schedule.py; the state a checkpoint holds is training/state.py. Reads top to bottom: set-up,
+data, model, optimizer, then the loop and its parts (a training step, a validation, a checkpoint).
 """
 
 import copy
@@ -51,13 +51,10 @@ from training.fsdp import shard  # noqa: E402
 from training.recipe import (  # noqa: E402
     BatchLayout,
     TrainConfig,
-    WindowTensors,
     batch_layout,
     build_optimizer,
-    lr_factor,
     parse_config,
     plan_changes,
-    window_at,
 )
 from training.rundir import claim_out_dir  # noqa: E402
 from training.runlog import RunLog, WandbSink, code_listing, environment, peak_flops  # noqa: E402
@@ -77,6 +74,7 @@ from training.runtime import (  # noqa: E402
     world_size_from_env,
 )
 from training.sampling import Sampling, sample  # noqa: E402
+from training.schedule import Schedule  # noqa: E402
 from training.state import RunState  # noqa: E402
 from training.steps import evaluate, train_step  # noqa: E402
 
@@ -192,15 +190,15 @@ def run_training(cfg: TrainConfig, layout: BatchLayout, setup: Setup, rank: int,
         log.print(f"resumed from {setup.resume_from} at step {run.step}{changed}")
     elif cfg.resume == "auto":
         log.print(f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}; a new run starts at step 0")
-    windows = WindowTensors(cfg, device)
+    schedule = Schedule.of(cfg, device)
     precision = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=autocast is not None)
-    step = partial(train_step, forward=forward, windows=windows, cfg=cfg, grad_accum=layout.grad_accum,
+    step = partial(train_step, forward=forward, schedule=schedule, grad_accum=layout.grad_accum,
                    precision=precision)
-    validate = partial(evaluate, forward, model, setup.val_batches, windows=windows, precision=precision)
+    validate = partial(evaluate, forward, model, setup.val_batches, schedule=schedule, precision=precision)
     save = partial(save_checkpoint, run, out_dir / "checkpoints", model_config=setup.model_config,
                    config=dataclasses.asdict(cfg), data=setup.data)
-    throughput = Throughput(cfg.tokens_per_step, world_size, partial(flops_per_token, model, cfg),
-                            peak_flops(device))
+    throughput = Throughput(cfg.tokens_per_step, world_size,
+                            partial(flops_per_token, model, cfg.seq_len, schedule), peak_flops(device))
     val_loss, reached_target, timed_from = warm_up_and_loop(run, step, validate, save, cfg, log, throughput,
                                                             device)
     summary = run_summary(run, timed_from, throughput, graphs, device)
@@ -401,9 +399,9 @@ def stop_diverged(run: RunState, log: RunLog, what: str, error: str) -> None:
     raise SystemExit(f"error: {error} at step {run.step}")
 
 
-def flops_per_token(model: GPT, cfg: TrainConfig, step: int) -> float:
+def flops_per_token(model: GPT, seq_len: int, schedule: Schedule, step: int) -> float:
     """Training FLOPs per token of `step`, at its attention window."""
-    return model.flops_per_token(cfg.seq_len, window_at(step, cfg))
+    return model.flops_per_token(seq_len, schedule.at(step).window)
 
 
 @dataclass(frozen=True)
@@ -426,7 +424,7 @@ class Throughput:
 
 
 def log_step(run: RunState, cfg: TrainConfig, log: RunLog, train_loss: float, speed: dict) -> None:
-    factor = lr_factor(run.step - 1, cfg)
+    factor = Schedule.of(cfg).lr_factor(run.step - 1)
     mfu = f" MFU {100 * speed['mfu']:.1f}%" if speed["mfu"] else ""
     log.print(f"step {run.step}/{cfg.max_steps} train_loss {train_loss:.4f} lr {factor:.3f}x "
               f"step {speed['step_ms']:.0f}ms {speed['tokens_per_s']:,.0f} tok/s "

@@ -43,7 +43,8 @@ from bench.optim import machine
 from data.durable import write_text_atomic
 from data.shards import write_shard
 from data.tokenizer import EOT
-from training.recipe import TrainConfig, parse_config, windows_of
+from training.recipe import TrainConfig, parse_config
+from training.schedule import Schedule
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB_USED = 4096  # ids the synthetic documents use; the model's vocabulary stays 50304
@@ -115,7 +116,7 @@ def run(out_dir: Path, flags: tuple[str, ...], cfg: TrainConfig) -> tuple[list[d
 def summarize(records: list[dict], summary: dict, cfg: TrainConfig, smoke: bool) -> dict:
     """The run's figures and the checks on them."""
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    windows = windows_of(cfg)
+    windows = Schedule.of(cfg).windows()
     checks = {
         "one training graph": summary.get("graphs_training") == 1,
         "one validation graph": summary.get("graphs_validation") == 1,

@@ -37,7 +37,7 @@ model/fp8.py, whose custom ops the census opens).
   graphs         graphs the compiled model (training.compiling.compile_model, counted by mode) builds
                  over the whole schedule: a training forward and backward and training.steps.evaluate at
                  the first step of each of the 14 windows, each window the 0-dim tensor the loop
-                 passes (training.recipe.WindowTensors), the 124M architecture at width 32 and
+                 passes (training.schedule.Schedule), the 124M architecture at width 32 and
                  64-token sequences (a graph's count does not depend on the sizes).
 """
 
@@ -61,7 +61,8 @@ from model.attention import build_mask, document_ids, short_window
 from model.gpt import LMHead
 from optim import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, count_allocations, step_collectives
 from training.compiling import compile_model
-from training.recipe import WindowTensors, build_optimizer, parse_config, unused_parameters, window_at
+from training.recipe import build_optimizer, parse_config, unused_parameters
+from training.schedule import Schedule
 from training.steps import evaluate
 
 T = 48 * 1024  # tokens per GPU per step
@@ -350,7 +351,8 @@ def attention_tiles(preset: str = "124m") -> dict[str, int]:
     attending = [i for i, block in enumerate(gpt.blocks) if block.attn is not None]
     long = sum(i in gpt.long_window for i in attending)
     computed = partial = 0
-    for window, steps in Counter(window_at(s, cfg) for s in range(cfg.max_steps)).items():
+    schedule = Schedule.of(cfg)
+    for window, steps in Counter(schedule.at(s).window for s in range(cfg.max_steps)).items():
         w = torch.tensor(window)
         for layers, layer_window in ((long, w), (len(attending) - long, short_window(w, rule))):
             tiles = mask_tiles(build_mask("flex", T, layer_window, docs, idx.device, rule))
@@ -463,13 +465,10 @@ def compiled_graphs(preset: str = "124m") -> dict[str, int]:
     forward, graphs = compile_model(gpt, "eager")
     tokens = torch.from_numpy(synthetic_tokens(65, 16, LAYOUT_SEED).astype("int64"))[None]
     batch = (tokens[:, :-1], tokens[:, 1:])
-    windows = WindowTensors(cfg, torch.device("cpu"))
-    firsts = {}
-    for s in range(cfg.max_steps):
-        firsts.setdefault(window_at(s, cfg), s)
-    for first in firsts.values():
-        forward(*batch, window=windows(first)).backward()
-        evaluate(forward, gpt, lambda: [batch], first, windows, contextlib.nullcontext)
+    schedule = Schedule.of(cfg, torch.device("cpu"))
+    for first in schedule.first_steps():
+        forward(*batch, window=schedule.window_tensor(first)).backward()
+        evaluate(forward, gpt, lambda: [batch], first, schedule, contextlib.nullcontext)
     return dict(training=graphs.training, validation=graphs.validation)
 
 

@@ -104,7 +104,7 @@ def depth_optimizer(model: GPT, lr: float, modular: bool) -> Optimizers:
     if not modular:
         groups = [{**g, "lr": lr} for g in groups]
     muon = Muon(groups, lr_scale="spectral")
-    return Optimizers([muon], muon.param_groups)
+    return Optimizers([muon])
 
 
 def run_spec(spec: dict) -> dict:

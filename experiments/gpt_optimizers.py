@@ -104,10 +104,10 @@ SETTINGS = {
 
 
 def make_optimizers(name: str, model: GPT, lrs: dict[str, float]) -> Optimizers:
-    """The optimizers of contender `name` with group lrs `lrs`, and the groups with momentum warm-up."""
+    """The optimizers of contender `name` with group lrs `lrs`."""
     contender = CONTENDERS[name]
     if contender.family == "adamw":
-        return Optimizers([torch.optim.AdamW(model.parameters(), lr=lrs["all"], **ADAMW)], [])
+        return Optimizers([torch.optim.AdamW(model.parameters(), lr=lrs["all"], **ADAMW)])
     hidden = [p for p in model.blocks.parameters() if p.ndim >= 2]  # the merged q, k, v: (3, d_out, d_in)
     embed = [model.embed.weight, *(table.weight for table in model.value_embeds)]
     scalars = [p for p in model.parameters() if p.ndim < 2]
@@ -121,14 +121,14 @@ def make_optimizers(name: str, model: GPT, lrs: dict[str, float]) -> Optimizers:
                       lr_scale="muon", ns_dtype=torch.bfloat16, weight_decay=0.0)
         adam = torch.optim.AdamW([dict(params=embed, lr=lrs["embed"]), dict(params=head, lr=lrs["head"]),
                                   dict(params=scalars, lr=SCALAR_LR)], **SPEEDRUN_ADAM)
-        return Optimizers([muon, stacks, adam], muon.param_groups + stacks.param_groups)
+        return Optimizers([muon, stacks, adam])
     muon = Muon([dict(params=hidden, kind="hidden", lr=lrs["hidden"]),
                  dict(params=embed, kind=contender.embed, lr=lrs["embed"]),
                  dict(params=head, kind=contender.head, lr=lrs["head"]),
                  dict(params=scalars, kind="adam", lr=SCALAR_LR)],
                 lr_scale="muon", ns_coefficients=contender.ns_coefficients, weight_decay=0.0,
                 adam_betas=SPEEDRUN_ADAM["betas"], adam_eps=SPEEDRUN_ADAM["eps"])
-    return Optimizers([muon], [g for g in muon.param_groups if g["kind"] != "adam"])
+    return Optimizers([muon])
 
 
 def run_spec(spec: dict) -> dict:

@@ -16,9 +16,8 @@ from experiments.datasets import CIFAR_TEST, CIFAR_TRAIN, cifar10, teacher_task
 from experiments.gpt_train import (
     Runner,
     compact_corpus,
+    experiment_schedule,
     lane_batches,
-    lr_factor,
-    momentum_at,
     spread_batches,
     stdlib_corpus,
     steps_to_reach,
@@ -144,7 +143,12 @@ def test_gpt_optimizers_give_each_group_its_own_map_and_lr():
     torch_muon, stacks, _ = split.optimizers  # torch's Muon takes 2-D only: ours steps the q, k, v stacks
     assert isinstance(torch_muon, torch.optim.Muon)
     assert [p.ndim for g in stacks.param_groups for p in g["params"]] == [3] * model.config.n_layer
-    assert split.momentum_groups == torch_muon.param_groups + stacks.param_groups  # warm-up: the Muon parts
+    for optimizer in split.optimizers:  # the schedule's momentum warm-up reaches the Muon parts only
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        experiment_schedule(100, 128).apply(optimizer, 0)
+    assert [g["momentum"] for g in torch_muon.param_groups + stacks.param_groups] == [0.85, 0.85]
+    assert all("momentum" not in g for g in split.optimizers[2].param_groups)  # AdamW: betas untouched
     held = [p for opt in split.optimizers for g in opt.param_groups for p in g["params"]]
     assert sorted(map(id, held)) == sorted(map(id, model.parameters()))
 
@@ -234,10 +238,12 @@ def test_spread_batches_take_evenly_spaced_windows_over_the_whole_val_split():
 
 
 def test_the_schedule_holds_then_cools_down_and_warms_momentum_up():
-    assert [lr_factor(s, 100) for s in (0, 54)] == [1.0, 1.0] and lr_factor(55, 100) == pytest.approx(1.0)
-    assert lr_factor(100, 100) == pytest.approx(0.1) and lr_factor(78, 100) == pytest.approx(0.54)
-    assert momentum_at(0, 1750) == 0.85 and momentum_at(300, 1750) == pytest.approx(0.95)
-    assert momentum_at(150, 1750) == pytest.approx(0.90) and momentum_at(1000, 1750) == pytest.approx(0.95)
+    lr_factor = experiment_schedule(100, 128).lr_factor
+    momentum_at = experiment_schedule(1750, 128).momentum_at
+    assert [lr_factor(s) for s in (0, 54)] == [1.0, 1.0] and lr_factor(55) == pytest.approx(1.0)
+    assert lr_factor(100) == pytest.approx(0.1) and lr_factor(78) == pytest.approx(0.54)
+    assert momentum_at(0) == 0.85 and momentum_at(300) == pytest.approx(0.95)
+    assert momentum_at(150) == pytest.approx(0.90) and momentum_at(1000) == pytest.approx(0.95)
 
 
 def test_train_refuses_to_repeat_training_tokens():

@@ -20,6 +20,7 @@ from pydoc_data.topics import topics
 import pytest
 
 from training import recipe
+from training.flags import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -44,7 +45,7 @@ def listed_alternatives() -> dict[str, list[str]]:
 
 
 def test_the_flag_table_lists_every_flag_and_no_other():
-    parser = recipe.build_parser()
+    parser = build_parser(recipe.TrainConfig, recipe.PRESETS_TRAIN)
     flags = {option for action in parser._actions for option in action.option_strings}
     listed = set(re.findall(r"--[a-z][a-z0-9-]*", " ".join(flag_cells())))
     assert listed == flags - {"-h", "--help"}

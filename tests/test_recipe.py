@@ -1,5 +1,5 @@
-"""training/recipe.py: flags over presets, flags that explain and check themselves, the batch layout
-over processes, the schedules, the optimizer's groups."""
+"""training/recipe.py: its flags over presets (training/flags.py), flags that explain and check
+themselves, the batch layout over processes, the optimizer's groups."""
 
 import ast
 import dataclasses
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from model import PRESETS, GPTConfig
-from training import recipe
+from training import flags, recipe
 
 FIELDS = {f.name: f for f in dataclasses.fields(recipe.TrainConfig)}
 
@@ -32,24 +32,6 @@ def test_flags_override_the_preset():
     assert cfg.tokens_per_step == 393_216 and cfg.val_tokens == 10_485_760
 
 
-def test_lr_is_constant_then_cools_down_linearly_to_the_floor():
-    cfg = recipe.TrainConfig(max_steps=100, cooldown_frac=0.4, lr_floor=0.1)
-    assert recipe.lr_factor(0, cfg) == recipe.lr_factor(60, cfg) == 1.0
-    assert recipe.lr_factor(80, cfg) == pytest.approx(0.55)  # halfway down from 1 to 0.1
-    assert recipe.lr_factor(100, cfg) == pytest.approx(0.1)
-
-
-def test_momentum_warms_up_and_window_grows_in_blocks_of_128():
-    cfg = recipe.TrainConfig(max_steps=1000, momentum_start=0.85, momentum=0.95, momentum_warmup_steps=300,
-                                window_start=128, window_end=1792)
-    assert recipe.momentum_at(0, cfg) == 0.85 and recipe.momentum_at(150, cfg) == pytest.approx(0.90)
-    assert recipe.momentum_at(999, cfg) == 0.95
-    windows = [recipe.window_at(s, cfg) for s in range(0, 1001, 50)]
-    assert windows[0] == 128 and windows[-1] == 1792 and windows == sorted(windows)
-    assert all(w % 128 == 0 for w in windows)
-    assert recipe.window_at(5, recipe.TrainConfig()) is None  # demo: full causal attention
-
-
 def test_every_parameter_lands_in_exactly_one_optimizer_group():
     from model import GPT, PRESETS
 
@@ -59,11 +41,6 @@ def test_every_parameter_lands_in_exactly_one_optimizer_group():
     assert sorted(ids) == sorted(id(p) for p in model.parameters())
     kinds = {g["kind"] for g in optimizer.param_groups}
     assert kinds == {"hidden", "embed", "adam"}
-
-
-def test_lr_stays_constant_without_a_cooldown():
-    cfg = recipe.TrainConfig(max_steps=10, cooldown_frac=0.0)
-    assert [recipe.lr_factor(step, cfg) for step in (0, 9, 10)] == [1.0, 1.0, 1.0]
 
 
 def test_help_explains_every_flag(capsys):
@@ -83,8 +60,8 @@ def test_a_typo_in_a_choice_fails_at_parse_time_listing_the_choices(capsys, name
 
 
 # A value just outside each range, and NaN, which no range holds.
-OUTSIDE = {recipe.AT_LEAST_1: "0", recipe.AT_LEAST_0: "-1", recipe.FRACTION: "1.5", recipe.BELOW_1: "1",
-           recipe.POSITIVE: "0", recipe.SEED: str(2**64)}
+OUTSIDE = {flags.AT_LEAST_1: "0", flags.AT_LEAST_0: "-1", flags.FRACTION: "1.5", flags.BELOW_1: "1",
+           flags.POSITIVE: "0", flags.SEED: str(2**64)}
 
 
 @pytest.mark.parametrize("name", [n for n, f in FIELDS.items() if f.metadata["within"]])
@@ -118,9 +95,9 @@ def test_a_window_that_shrinks_is_refused(capsys):
 def test_any_tuple_field_becomes_a_flag_of_that_many_values():
     @dataclasses.dataclass
     class Spec:
-        triple: tuple[int, int, int] = recipe.option((1, 2, 3), "three numbers", within=recipe.AT_LEAST_0)
+        triple: tuple[int, int, int] = flags.option((1, 2, 3), "three numbers", within=flags.AT_LEAST_0)
 
-    spec = recipe.flag_spec(dataclasses.fields(Spec)[0])
+    spec = flags.flag_spec(dataclasses.fields(Spec)[0])
     assert spec["nargs"] == 3 and spec["type"]("7") == 7
 
 
@@ -128,7 +105,7 @@ def test_any_tuple_field_becomes_a_flag_of_that_many_values():
 def test_every_preset_passes_the_checks_a_flag_gets(preset):
     cfg = recipe.parse_config(["--preset", preset])
     for name, value in recipe.PRESETS_TRAIN[preset].items():
-        assert getattr(cfg, name) == value and recipe.check(FIELDS[name], value) is None
+        assert getattr(cfg, name) == value and flags.check(FIELDS[name], value) is None
 
 
 @pytest.mark.parametrize("processes, micro_batch", [(1, 8), (2, 4), (4, 2), (8, 1)])

@@ -23,6 +23,7 @@ from model import GPT, PRESETS
 from training import recipe
 from training.compiling import compile_model
 from training.runtime import autocast_dtype
+from training.schedule import Schedule
 from training.state import RunState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,9 +69,8 @@ def test_the_speedrun_window_schedule_compiles_one_graph_per_mode(shards):
     # graphs per mode, past Dynamo's limit of 8, after which the model runs eagerly.
     cfg = recipe.parse_config(["--preset", "speedrun", "--data-dir", str(shards), "--seq-len", "64",
                                "--val-seq-len", "64", "--tokens-per-step", "64", "--val-tokens", "64"])
-    firsts = {}
-    for s in range(cfg.max_steps + 1):
-        firsts.setdefault(recipe.window_at(s, cfg), s)
+    schedule = Schedule.of(cfg, torch.device("cpu"))
+    firsts = schedule.first_steps()
     assert len(firsts) == 14  # 128, 256, ..., 1792
     model = GPT(dataclasses.replace(PRESETS["124m"], dim=32, n_head=2, head_dim=16, max_seq_len=64,
                                     attention="sdpa"))  # Flex compiles no backward on a CPU
@@ -78,13 +78,13 @@ def test_the_speedrun_window_schedule_compiles_one_graph_per_mode(shards):
     forward, graphs = compile_model(model, "eager")
     loader = TokenLoader(list_shards(shards, "train"), 1, 64, align_to_bos=True)
     run = RunState(model, recipe.build_optimizer(model, cfg), loader)
-    windows = recipe.WindowTensors(cfg, torch.device("cpu"))
     precision = partial(torch.autocast, "cpu", enabled=False)
-    step = partial(train_gpt.train_step, forward=forward, windows=windows, cfg=cfg, grad_accum=1,
+    step = partial(train_gpt.train_step, forward=forward, schedule=schedule, grad_accum=1,
                    precision=precision)
     val_batches = partial(validation_batches, list_shards(shards, "val"), 1, 64, 64)
-    validate = partial(train_gpt.evaluate, forward, model, val_batches, windows=windows, precision=precision)
-    for first in firsts.values():
+    validate = partial(train_gpt.evaluate, forward, model, val_batches, schedule=schedule,
+                       precision=precision)
+    for first in firsts:
         run.step = first
         step(run)
         validate(first)
@@ -131,11 +131,12 @@ def test_autocast_only_for_a_float32_stream_on_cuda():
 
 def test_window_tensors_are_made_once_per_distinct_window():
     cfg = recipe.parse_config(["--preset", "speedrun"])
-    windows = recipe.WindowTensors(cfg, torch.device("cpu"))
-    assert sorted(windows.tensors) == [128 * k for k in range(1, 15)]
+    schedule = Schedule.of(cfg, torch.device("cpu"))
+    windows, tensors = schedule.window_tensor, schedule.window_tensors
+    assert sorted(tensors) == [128 * k for k in range(1, 15)]
     assert windows(0) is windows(1) and windows(0).dtype == torch.int32
-    assert windows(cfg.max_steps) is windows.tensors[1792] and int(windows(875)) == recipe.window_at(875, cfg)
-    assert recipe.WindowTensors(recipe.parse_config([]), torch.device("cpu"))(3) is None  # demo: full causal
+    assert windows(cfg.max_steps) is tensors[1792] and int(windows(875)) == schedule.window_at(875)
+    assert Schedule.of(recipe.parse_config([]), torch.device("cpu")).window_tensor(3) is None  # demo: causal
 
 
 @pytest.mark.parametrize("given, expected", [(None, "expandable_segments:True"), ("max_split_size_mb:64",

@@ -6,8 +6,8 @@
 The reference (a record's log, whose source precedes its first line of '=' characters, or that source
 as a .py) is loaded by tools/parity_record.py: definitions only, with the CPU substitutions listed
 there, by the adapter of its format. Ours is the speedrun preset built by training/recipe.py
-(parse_config, build_optimizer, schedule, window_at), at the same width (heads of 128) and the
-record's 12 layers, with the embedding tables in bf16 as on CUDA (GPT.cast_embeddings).
+(parse_config, build_optimizer) and its training/schedule.py Schedule, at the same width (heads of
+128) and the record's 12 layers, with the embedding tables in bf16 as on CUDA (GPT.cast_embeddings).
 
 Both start from identical weights: ours are initialized (--seed) and copied into the reference
 through the adapter's explicit name table; a parameter the table does not cover, either side, or a
@@ -59,7 +59,8 @@ from data.shards import ShardError, list_shards
 from model import GPT, PRESETS
 from optim import Muon
 from tools.parity_record import Entry, Reference, describe, load_reference, one_process_group
-from training.recipe import PRESETS_TRAIN, TrainConfig, build_optimizer, parse_config, schedule, window_at
+from training.recipe import PRESETS_TRAIN, build_optimizer, parse_config
+from training.schedule import Schedule
 
 KINDS = ("hidden", "embed", "value_embed", "head", "scalar")
 # Default one-step tolerances (relative update difference), measured against the 2025-07-12 record in
@@ -77,7 +78,7 @@ STEP_TOLERANCES = {"hidden": 0.0, "embed": 0.05, "value_embed": 0.05, "head": 1e
 class Ours:
     model: GPT
     optimizer: Muon
-    cfg: TrainConfig
+    schedule: Schedule
 
 
 def build_ours(width: int, seq_len: int, seed: int) -> Ours:
@@ -94,7 +95,7 @@ def build_ours(width: int, seq_len: int, seed: int) -> Ours:
     model = GPT(model_cfg).cast_embeddings(model_cfg.table_dtype("cuda"))
     optimizer = build_optimizer(model, cfg)
     set_ns_dtype(optimizer, torch.bfloat16)
-    return Ours(model, optimizer, cfg)
+    return Ours(model, optimizer, Schedule.of(cfg))
 
 
 def set_ns_dtype(optimizer: Muon, dtype: torch.dtype) -> None:
@@ -104,12 +105,12 @@ def set_ns_dtype(optimizer: Muon, dtype: torch.dtype) -> None:
 
 def our_loss(ours: Ours, inputs: Tensor, targets: Tensor, step: int) -> Tensor:
     """Mean cross-entropy at the schedule's window for `step`."""
-    window = torch.tensor(window_at(step, ours.cfg), dtype=torch.int32)
+    window = torch.tensor(ours.schedule.at(step).window, dtype=torch.int32)
     return ours.model(inputs, targets, window=window)
 
 
 def step_ours(ours: Ours, step: int) -> None:
-    schedule(ours.optimizer, step, ours.cfg)
+    ours.schedule.apply(ours.optimizer, step)
     ours.optimizer.step()
     ours.optimizer.zero_grad(set_to_none=True)
 
@@ -271,7 +272,7 @@ class Parity:
         (loss_ref, ref_update), *twin = (side.train_step(self.table, inputs, targets, step)
                                           for side in self.sides)
         loss_floor, floor_update = twin[0] if twin else (loss_ref, ref_update)  # --no-floor: floor 0
-        return StepRow(step, window_at(step, self.ours.cfg), loss_ref, loss.item(), loss_floor,
+        return StepRow(step, self.ours.schedule.at(step).window, loss_ref, loss.item(), loss_floor,
                        relative_differences(self.kinds, ref_update, ours_update),
                        relative_differences(self.kinds, ref_update, floor_update))
 

@@ -1,6 +1,8 @@
 """The training library behind train_gpt.py (it imports model/, optim/ and data/, never tools/, bench/,
 experiments/ or the entry script):
-  recipe.py      config (flags), presets, schedules, batch layout, optimizer groups, window tensors;
+  recipe.py      the config (its fields, the flags), presets, batch layout, optimizer groups;
+  flags.py       typed flags from a config dataclass over named presets, each value checked;
+  schedule.py    the run's schedule by step (lr, momentum, window, tokens), applied to the optimizer;
   runtime.py     the process: device, process group, signals, the clock, agreement across ranks;
   rundir.py      the run's folder: claiming it, the lock, refusing to overwrite an earlier run;
   state.py       the run's state (model, optimizer, loader, RNG, step, train time): RunState;

@@ -1,51 +1,33 @@
-"""The training recipe: the run's config and its flags, the named presets, the schedules, the batch
-layout over processes, the optimizer's groups.
+"""The training recipes: the run's config (TrainConfig, every field a flag with its help, choices and
+range), the named presets, the flags that set a run's plan, the batch layout over processes, and the
+optimizer's groups.
 
-train_gpt.py runs it; bench/ and experiments/ build the same optimizer and schedules from it. Every
-TrainConfig field is a flag (`adam_betas` -> `--adam-betas`) whose help, choices and range live with
-the field, so `--help` explains each one and a bad value fails at parse time with one line.
+train_gpt.py runs it; bench/ and tools/parity.py build the same config and optimizer from it. The flag
+machinery is training/flags.py (`--help` explains each field, a bad value fails at parse time with one
+line); the schedule a config sets (lr, momentum, window by step) is training/schedule.py.
 """
 
-import argparse
-import dataclasses
 import math
-import re
-import types
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-
 from model import GPT, PRESETS
 from optim import COEFFICIENTS, EPS_FORMS, LR_SCALES, ROUNDINGS, Muon, param_groups
+from training.flags import (
+    AT_LEAST_0,
+    AT_LEAST_1,
+    BELOW_1,
+    FRACTION,
+    PATH,
+    POSITIVE,
+    SEED,
+    Form,
+    option,
+    parse_flags,
+)
 
-
-@dataclass(frozen=True)
-class Interval:
-    """The numbers from low to high, each end included ("[", "]") or not ("(", ")"); never NaN or inf."""
-
-    low: float
-    high: float = math.inf
-    ends: str = "[]"
-
-    def __contains__(self, x: float) -> bool:
-        above = self.low < x if self.ends[0] == "(" else self.low <= x
-        below = x < self.high if self.ends[1] == ")" else x <= self.high
-        return math.isfinite(x) and above and below
-
-    def __str__(self) -> str:
-        if self.high == math.inf:
-            return f"{'>' if self.ends[0] == '(' else '>='} {self.low:g}"
-        high = self.high if isinstance(self.high, int) else f"{self.high:g}"  # an int bound in full
-        return f"in {self.ends[0]}{self.low:g}, {high}{self.ends[1]}"
-
-
-AT_LEAST_1, AT_LEAST_0 = Interval(1), Interval(0)
-SEED = Interval(0, 2**64 - 1)  # torch's generators take an unsigned 64-bit seed
-POSITIVE, FRACTION, BELOW_1 = Interval(0, ends="(]"), Interval(0, 1), Interval(0, 1, "[)")
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DEVICE = Form(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")
 
 
 PRESETS_TRAIN: dict[str, dict] = {
@@ -65,23 +47,18 @@ PRESETS_TRAIN: dict[str, dict] = {
 }
 
 
-def option(default, help: str, *, choices=None, within: Interval | None = None):
-    """A TrainConfig field: its default (the demo's), help text, and the choices or range a flag takes."""
-    return dataclasses.field(default=default, metadata=dict(help=help, choices=choices, within=within))
-
-
 @dataclass
 class TrainConfig:
     preset: str = option("demo", "a full recipe (model, data, batch, schedule, learning rates); the other "
                          "flags override it", choices=tuple(PRESETS_TRAIN))
     model: str = option("demo", "model shape (model/gpt.py PRESETS)", choices=tuple(PRESETS))
     data_dir: str | None = option(None, "folder of shards *_train_*.bin and *_val_*.bin (default: the "
-                                  "offline demo corpus, built on first use)")
+                                  "offline demo corpus, built on first use)", form=PATH)
     out_dir: str | None = option(None, "run folder: log.txt, metrics.jsonl, loss.png, checkpoints/ "
-                                 "(default: out/<preset>)")
+                                 "(default: out/<preset>)", form=PATH)
     seed: int = option(0, "seed of the weight init and the final sample; the same seed gives bit-identical "
                        "losses on CPU", within=SEED)
-    device: str = option("auto", "auto (CUDA if visible, else CPU), cpu, cuda, cuda:N or mps")
+    device: str = option("auto", "auto (CUDA if visible, else CPU), cpu, cuda, cuda:N or mps", form=DEVICE)
     compile: str = option("auto", "torch.compile the model (auto: on for CUDA)",
                           choices=("auto", "on", "off"))
     compile_backend: str = option("inductor", "torch.compile backend: inductor (generates kernels), or "
@@ -94,6 +71,10 @@ class TrainConfig:
     # batch: tokens_per_step = processes x batch_size x seq_len x micro-batches (gradient accumulation)
     max_steps: int = option(150, "optimizer steps of the run", within=AT_LEAST_1)
     tokens_per_step: int = option(1024, "tokens per optimizer step, over all processes", within=AT_LEAST_1)
+    tokens_schedule: tuple[int, ...] = option((), "tokens per optimizer step by step, a table read as "
+                                              "--window-blocks (empty: --tokens-per-step throughout); the "
+                                              "schedule holds it, the training loop does not run it yet and "
+                                              "trains at --tokens-per-step", within=AT_LEAST_1)
     batch_size: int = option(8, "at most N sequences per micro-batch per process: a process's share of a "
                              "step is split into the fewest equal micro-batches of at most N (gradient "
                              "accumulation), validation likewise", within=AT_LEAST_1)
@@ -105,7 +86,8 @@ class TrainConfig:
     val_tokens: int = option(8192, "validate on the first N tokens of the val split", within=AT_LEAST_1)
     val_seq_len: int = option(128, "tokens per validation sequence", within=AT_LEAST_1)
     log_every: int = option(10, "log the train loss every N steps (and the last step)", within=AT_LEAST_1)
-    # learning rates: constant, then a linear cooldown over the last cooldown_frac to lr_floor * lr
+    # learning rates: constant (or stepping up through lr_levels), then a linear cooldown over the last
+    # cooldown_frac of the scheduled steps to lr_floor * lr (training/schedule.py)
     lr: float = option(0.05, "learning rate of the hidden matrices (Newton-Schulz)", within=AT_LEAST_0)
     embed_lr: float = option(0.05, "learning rate of the token and value embeddings", within=AT_LEAST_0)
     head_lr: float = option(0.008, "learning rate of the LM head (Adam)", within=AT_LEAST_0)
@@ -123,13 +105,25 @@ class TrainConfig:
                                 "the Adam paper's efficient form)", choices=EPS_FORMS)
     weight_decay: float = option(0.0, "decoupled weight decay (times the group's lr)", within=AT_LEAST_0)
     warmup_steps: int = option(0, "steps of linear lr warm-up", within=AT_LEAST_0)
-    cooldown_frac: float = option(0.4, "final fraction of the run over which the lr falls linearly to "
-                                  "lr-floor x lr", within=FRACTION)
+    cooldown_frac: float = option(0.4, "final fraction of the scheduled steps (the run's, by default) over "
+                                  "which the lr falls linearly to lr-floor x lr", within=FRACTION)
     lr_floor: float = option(0.1, "lr at the end of the cooldown, as a fraction of the lr", within=FRACTION)
+    scheduled_steps: int = option(0, "steps over which the lr cooldown and the window and batch tables run; "
+                                  "the steps after them, up to --max-steps, keep the final values (0: "
+                                  "--max-steps)", within=AT_LEAST_0)
+    lr_levels: tuple[float, ...] = option((1.0,), "lr factor before the cooldown, stepping up: the i-th "
+                                          "level once step / scheduled steps is past the i-th of "
+                                          "--lr-level-fracs; the cooldown starts from the level of its step",
+                                          within=AT_LEAST_0)
+    lr_level_fracs: tuple[float, ...] = option((), "where --lr-levels step up, as fractions of the "
+                                               "scheduled steps, ascending (one fewer than the levels)",
+                                               within=FRACTION)
     momentum: float = option(0.95, "Muon momentum after its warm-up", within=BELOW_1)
     momentum_start: float = option(0.85, "Muon momentum at step 0, raised linearly to --momentum",
                                    within=BELOW_1)
     momentum_warmup_steps: int = option(300, "steps of the momentum warm-up", within=AT_LEAST_0)
+    momentum_cooldown_steps: int = option(0, "last steps of the run over which Muon momentum falls "
+                                          "linearly back to --momentum-start (0: none)", within=AT_LEAST_0)
     ns_coefficients: str = option("muon", "Newton-Schulz coefficient set",
                                   choices=tuple(sorted(COEFFICIENTS)))
     ns_steps: int = option(5, "Newton-Schulz iterations", within=AT_LEAST_1)
@@ -140,11 +134,15 @@ class TrainConfig:
                               "accurate) or stepwise (after every operation, as the records compute it)",
                               choices=ROUNDINGS)
     # attention: the long window grows linearly from window_start to window_end, rounded up to a multiple
-    # of 128 tokens, at least 128 (window_end 0: full causal attention)
+    # of 128 tokens, at least 128 (window_end 0: full causal attention), or follows window_blocks
     window_start: int = option(0, "long attention window at step 0, in tokens, before rounding up to a "
                                "multiple of 128 (at least 128)", within=AT_LEAST_0)
     window_end: int = option(0, "long attention window at the last step, before rounding up to a multiple "
                              "of 128 (0: full causal attention)", within=AT_LEAST_0)
+    window_blocks: tuple[int, ...] = option((), "long attention windows by step, in 128-token blocks, in "
+                                            "place of --window-start/--window-end: with n + 1 entries, entry "
+                                            "int(n x) at x = step / scheduled steps, the last after them",
+                                            within=AT_LEAST_1)
     # end of run
     sample_tokens: int = option(64, "tokens sampled after the last step (0: no sample)", within=AT_LEAST_0)
     sample_prompt: str = option("The", "prompt of that sample")
@@ -181,7 +179,8 @@ PLAN_FIELDS = ("max_steps", "tokens_per_step", "seq_len", "align_to_bos", "data_
                "head_lr", "scalar_lr", "embed_map", "lr_scale", "adam_betas", "adam_eps", "adam_eps_form",
                "weight_decay", "warmup_steps", "cooldown_frac", "lr_floor", "momentum", "momentum_start",
                "momentum_warmup_steps", "ns_coefficients", "ns_steps", "ns_eps", "ns_rounding",
-               "window_start", "window_end")
+               "window_start", "window_end", "scheduled_steps", "lr_levels", "lr_level_fracs",
+               "momentum_cooldown_steps", "window_blocks", "tokens_schedule")
 
 
 def plan_changes(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -194,108 +193,31 @@ def plan_changes(saved: dict, cfg: TrainConfig) -> list[str]:
             if name in saved and value(name, saved[name]) != value(name, getattr(cfg, name))]
 
 
-class FlagParser(argparse.ArgumentParser):
-    """argparse with one-line errors (`train_gpt.py: error: argument --x: ...`, exit 2), no abbreviations."""
-
-    def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, **kwargs)
-
-    def error(self, message: str) -> typing.NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def build_parser(description: str | None = None) -> FlagParser:
-    """One flag per TrainConfig field, every default None: a flag given overrides the preset."""
-    parser = FlagParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(TrainConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), **flag_spec(f))
-    return parser
-
-
 def parse_config(argv: list[str] | None = None, description: str | None = None) -> TrainConfig:
-    """Flags override the preset, which overrides TrainConfig's defaults; every value is checked."""
-    parser = build_parser(description)
-    args = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    preset = args.pop("preset", "demo")
-    for name, value in PRESETS_TRAIN[preset].items():  # ours, but held to the same rules as a flag
-        f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-        if name not in args and (problem := check(f, value)):
-            parser.error(f"--preset {preset} sets {name} = {value!r}: {problem}")
-    cfg = TrainConfig(preset=preset, **{**PRESETS_TRAIN[preset], **args})
+    """Flags override the preset, which overrides TrainConfig's defaults; every value is checked
+    (training/flags.py), then the schedule's flags together (schedule_problem)."""
+    return parse_flags(TrainConfig, PRESETS_TRAIN, argv, description, validate=schedule_problem)
+
+
+def schedule_problem(cfg: TrainConfig) -> str | None:
+    """Why the schedule's flags, together, make no schedule (training/schedule.py), or None."""
     if cfg.window_start and not cfg.window_end:
-        parser.error(f"--window-start {cfg.window_start} without --window-end: the window grows from start "
-                     f"to end, and --window-end 0 means full causal attention; pass --window-end too")
+        return (f"--window-start {cfg.window_start} without --window-end: the window grows from start to "
+                f"end, and --window-end 0 means full causal attention; pass --window-end too")
     if cfg.window_end and cfg.window_start > cfg.window_end:
-        parser.error(f"--window-start {cfg.window_start} is past --window-end {cfg.window_end}; the window "
-                     f"grows from start to end")
-    for name in ("out_dir", "data_dir"):  # "" (an unset shell variable) would mean the default folder
-        if name in args and not args[name].strip():
-            parser.error(f"argument --{name.replace('_', '-')}: expected a path; got {args[name]!r}")
-    return cfg
-
-
-def flag_spec(f: dataclasses.Field) -> dict:
-    """add_argument's keywords for a TrainConfig field, from its type and metadata alone."""
-    kind = f.type
-    if isinstance(kind, types.UnionType):  # X | None -> X
-        kind = next(t for t in typing.get_args(kind) if t is not type(None))
-    spec = dict(default=None, help=help_text(f))
-    if kind is bool:
-        return {**spec, "action": argparse.BooleanOptionalAction}
-    if f.metadata["choices"]:
-        spec["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
-    if typing.get_origin(kind) is tuple:
-        items = typing.get_args(kind)
-        return {**spec, "nargs": len(items), "type": parser_of(f, items[0]), "action": StoreTuple}
-    return {**spec, "type": parser_of(f, kind)}
-
-
-class StoreTuple(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        setattr(namespace, self.dest, tuple(values))
-
-
-def parser_of(f: dataclasses.Field, kind: type):
-    """Text -> value for one flag value, raising ArgumentTypeError (one line) where `check` objects."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            value = None
-        problem = check(f, value, text)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
-
-    return parse
-
-
-def check(f: dataclasses.Field, value, text: str | None = None) -> str | None:
-    """What is wrong with `value` for field f (its choices, range, or device syntax), or None."""
-    got = f"got {text if text is not None else value!r}"
-    choices, within = f.metadata["choices"], f.metadata["within"]
-    values = value if isinstance(value, tuple) else (value,)
-    if choices is not None and value not in choices:
-        return f"expected one of {', '.join(choices)}; {got}"
-    if within is not None and any(v is None or v not in within for v in values):
-        what = "an integer" if f.type in (int, int | None) else "a number"
-        return f"expected {what} {within}; {got}"
-    if f.name == "device" and not DEVICE.fullmatch(str(value)):
-        return f"expected auto, cpu, cuda, cuda:N or mps; {got}"
+        return (f"--window-start {cfg.window_start} is past --window-end {cfg.window_end}; the window "
+                f"grows from start to end")
+    if cfg.window_blocks and cfg.window_end:
+        return (f"--window-blocks {' '.join(map(str, cfg.window_blocks))} replaces --window-end "
+                f"{cfg.window_end}; pass --window-end 0 with it")
+    if cfg.scheduled_steps > cfg.max_steps:
+        return f"--scheduled-steps {cfg.scheduled_steps} is past --max-steps {cfg.max_steps}"
+    if len(cfg.lr_levels) != len(cfg.lr_level_fracs) + 1:
+        return (f"--lr-levels has {len(cfg.lr_levels)} values for the {len(cfg.lr_level_fracs)} of "
+                f"--lr-level-fracs; expected one more level than fracs")
+    if list(cfg.lr_level_fracs) != sorted(cfg.lr_level_fracs):
+        return f"--lr-level-fracs {' '.join(map(str, cfg.lr_level_fracs))}: expected ascending fractions"
     return None
-
-
-def help_text(f: dataclasses.Field) -> str:
-    """The field's help, with its range and its value in each preset (choices are its metavar)."""
-    parts = [f.metadata["help"]]
-    if f.metadata["within"] is not None:
-        parts.append(f"({f.metadata['within']})")
-    values = [f"default {f.default}"] if f.default not in (None, "") else []
-    values += [f"{name} {p[f.name]}" for name, p in PRESETS_TRAIN.items() if f.name in p]
-    if values and f.name != "preset":
-        parts.append(f"[{'; '.join(values)}]")
-    return " ".join(parts).replace("%", "%%")
 
 
 class BatchLayout(NamedTuple):
@@ -340,54 +262,6 @@ def largest_divisor(n: int, at_most: int) -> int:
     return best
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier on every group's base lr: linear warm-up, constant, linear cooldown to lr_floor."""
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = step / cfg.max_steps
-    if progress < 1 - cfg.cooldown_frac or not cfg.cooldown_frac:
-        return 1.0
-    w = (1 - progress) / cfg.cooldown_frac
-    return w + (1 - w) * cfg.lr_floor
-
-
-def momentum_at(step: int, cfg: TrainConfig) -> float:
-    frac = min(step / cfg.momentum_warmup_steps, 1.0) if cfg.momentum_warmup_steps else 1.0
-    return (1 - frac) * cfg.momentum_start + frac * cfg.momentum
-
-
-def window_at(step: int, cfg: TrainConfig) -> int | None:
-    """Long attention window of a step, in tokens (None: full causal attention).
-
-    128 * ceil(size / 128), at least 128, where size = start + (end - start) * (step / max_steps) grows
-    linearly from --window-start to --window-end. The speedrun's start 0 and end 1728 give the
-    record's 128 * ceil(1728 * (step / 1750) / 128): 128 at step 0, 1792 at the end, 14 values.
-    """
-    if not cfg.window_end:
-        return None
-    size = cfg.window_start + (cfg.window_end - cfg.window_start) * (step / cfg.max_steps)
-    return 128 * max(1, math.ceil(size / 128))
-
-
-def windows_of(cfg: TrainConfig) -> list[int]:
-    """The distinct long windows of steps 0..max_steps, ascending (none for full causal attention)."""
-    return sorted({window_at(step, cfg) for step in range(cfg.max_steps + 1)} - {None})
-
-
-class WindowTensors:
-    """window_at(step) as a 0-dim int32 tensor on the device: one tensor per distinct window of the run,
-    all made when this is built, before any timed step. The compiled model reads the window on the
-    device, so every value runs through one graph, and no step copies a window from the host."""
-
-    def __init__(self, cfg: TrainConfig, device: torch.device):
-        self.cfg = cfg
-        self.tensors = {w: torch.tensor(w, dtype=torch.int32, device=device) for w in windows_of(cfg)}
-
-    def __call__(self, step: int) -> torch.Tensor | None:
-        window = window_at(step, self.cfg)
-        return None if window is None else self.tensors[window]
-
-
 def optimizer_groups(model: GPT, cfg: TrainConfig) -> list[dict]:
     """Every parameter routed to the duality map of its layer kind, by its role (optim.param_groups),
     at cfg's lr for that role.
@@ -404,7 +278,7 @@ def build_optimizer(model: GPT, cfg: TrainConfig) -> Muon:
     only where the model has unused parameters (unused_parameters)."""
     groups = optimizer_groups(model, cfg)
     for group in groups:
-        group["initial_lr"] = group["lr"]  # the base that schedule() multiplies by lr_factor
+        group["initial_lr"] = group["lr"]  # the base lr that Schedule.apply scales by the lr factor
     return Muon(groups, **muon_options(cfg), unused_parameters=unused_parameters(model))
 
 
@@ -424,12 +298,3 @@ def unused_parameters(model: GPT) -> bool:
     blocks = zip(model.blocks, model.value_embedding_layers(), strict=True)
     return not model.config.value_lambda_all_layers and any(
         block.attn is not None and table is None for block, table in blocks)
-
-
-def schedule(optimizer: Muon, step: int, cfg: TrainConfig) -> None:
-    """Set this step's lr in every group (its initial_lr × lr_factor) and momentum in the Muon groups."""
-    factor = lr_factor(step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * factor
-        if group["kind"] != "adam":
-            group["momentum"] = momentum_at(step, cfg)

@@ -7,16 +7,17 @@ from collections.abc import Callable
 import torch
 
 from model import GPT
-from training.recipe import TrainConfig, WindowTensors, schedule
 from training.runtime import mean_over_ranks
+from training.schedule import Schedule
 from training.state import RunState
 
 
-def train_step(run: RunState, forward, windows: WindowTensors, cfg: TrainConfig, grad_accum: int,
+def train_step(run: RunState, forward, schedule: Schedule, grad_accum: int,
                precision: Callable[[], torch.autocast]) -> torch.Tensor:
-    """One optimizer step (all micro-batches) at run.step; this rank's loss, left on the device."""
-    schedule(run.optimizer, run.step, cfg)
-    window = windows(run.step)
+    """One optimizer step (all micro-batches) at run.step, at its scheduled lr, momentum and window;
+    this rank's loss, left on the device."""
+    schedule.apply(run.optimizer, run.step)
+    window = schedule.window_tensor(run.step)
     train_loss = None
     for micro_step in range(grad_accum):
         x, y = run.loader.next_batch()
@@ -32,11 +33,11 @@ def train_step(run: RunState, forward, windows: WindowTensors, cfg: TrainConfig,
     return train_loss
 
 
-def evaluate(forward, model: GPT, val_batches, step: int, windows: WindowTensors,
+def evaluate(forward, model: GPT, val_batches, step: int, schedule: Schedule,
              precision: Callable[[], torch.autocast]) -> float:
     """Mean loss over the fixed validation batches at `step`'s window (every rank its share, averaged)."""
     model.eval()
-    window, total, count = windows(step), None, 0
+    window, total, count = schedule.window_tensor(step), None, 0
     with torch.no_grad(), precision():
         for x, y in val_batches():
             loss = forward(x, y, window=window).float()
