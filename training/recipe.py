@@ -423,7 +423,7 @@ class WindowTensors:
 # layout (docs/MATH.md 4.7): the record picks the larger side of its stored shape, which is wide (d, 4d)
 # for attention (four (d, d) views) and the MLP (its c_fc transposed), so the attention's square
 # matrices take one second moment per column, and "auto" (the larger side) gives the MLP and gates its.
-NORMUON_AXES = {"attn": "column", "mlp": "auto", "gates": "auto"}
+NORMUON_FAMILIES = {"attn": "column", "mlp": "auto", "gates": "auto"}
 
 
 def hidden_family(name: str) -> str:
@@ -443,7 +443,7 @@ def optimizer_groups(model: GPT, cfg: TrainConfig) -> list[dict]:
     at cfg's lr for that role.
 
     hidden matrices (attention q/k/v/o, MLP fc/proj, gates) -> Newton-Schulz, with --normuon one group
-    per family (NORMUON_AXES: its axis, beta2 = --normuon-beta2); token and value embeddings -> the
+    per family (NORMUON_FAMILIES: its axis, beta2 = --normuon-beta2); token and value embeddings -> the
     embedding dual map (or Adam); LM head -> Adam; gains, lambdas, skip weights -> Adam. Adam groups
     step every --adam-step-every steps and decay by --adam-weight-decay.
     """
@@ -462,12 +462,12 @@ def optimizer_groups(model: GPT, cfg: TrainConfig) -> list[dict]:
 
 
 def normuon_groups(group: dict, beta2: float) -> list[dict]:
-    """The hidden group split by hidden_family, in NORMUON_AXES' order, each with its NorMuon axis."""
+    """The hidden group split by hidden_family, in NORMUON_FAMILIES' order, each with its NorMuon axis."""
     families: dict[str, list] = {}
     for name, p in group["params"]:
         families.setdefault(hidden_family(name), []).append((name, p))
     return [group | dict(params=families[family], normuon=axis, beta2=beta2)
-            for family, axis in NORMUON_AXES.items() if family in families]
+            for family, axis in NORMUON_FAMILIES.items() if family in families]
 
 
 def build_optimizer(model: GPT, cfg: TrainConfig) -> Muon:
