@@ -83,7 +83,7 @@ def recipe_case(recipe: str) -> StepCase:
 
 
 def full_plan() -> Plan:
-    cases = {"train_124m": recipe_case("speedrun"), "train_demo": recipe_case("demo")}
+    cases = {"train_124m": recipe_case("speedrun-2025-07-12"), "train_demo": recipe_case("demo")}
     return Plan(8192, 1024, 12, 768, repeats=20, train_steps=10, warmup=3, compile_backend="inductor",
                 cases=cases)
 
@@ -92,7 +92,8 @@ def smoke_plan() -> Plan:
     """The same sections at toy sizes: 2 layers of small matrices; the demo model (2 layers for the 124M
     stand-in) with a 1024-token vocabulary, whose 50304-wide tables would dominate a CPU's time."""
     demo = dataclasses.replace(PRESETS["demo"], vocab_size=1024, max_seq_len=64)
-    cases = {"train_124m": StepCase(dataclasses.replace(demo, n_layer=2), "speedrun", 1, 64, 32, 2),
+    stand_in = dataclasses.replace(demo, n_layer=2)
+    cases = {"train_124m": StepCase(stand_in, "speedrun-2025-07-12", 1, 64, 32, 2),
              "train_demo": StepCase(demo, "demo", 2, 32, None, 1)}
     return Plan(256, 8, 2, 64, repeats=2, train_steps=2, warmup=1, compile_backend="eager", cases=cases)
 

@@ -1,11 +1,12 @@
-"""The first GPU run in one command: the speedrun preset, compressed, with its compile, speed and memory.
+"""The first GPU run in one command: the 2025-07-12 speedrun preset, compressed, with its compile, speed
+and memory.
 
     python -m bench.gpu_check --out-dir DIR [--smoke]     (or: make gpu-check ARGS="--out-dir DIR")
 
 It needs no internet, no wandb and no data: it writes its own token shards under DIR/shards
 (synthetic documents, each a BOS then an arithmetic sequence of ids with 10% of them replaced by
 random ids, so the loss can fall well below ln(vocabulary)), then runs `train_gpt.py --preset
-speedrun` as a separate process on them, changing only the run's length and data:
+speedrun-2025-07-12` as a separate process on them, changing only the run's length and data:
   300 steps of one 48k-token sequence (the record's per-GPU micro-batch; no gradient accumulation),
   so the long window crosses all 14 of its values (128 ... 1792) within the run; validation every 50
   steps on 4 sequences of 256k tokens (the record's validation shape); the preset's 10 warm-up steps.
@@ -51,9 +52,11 @@ VOCAB_USED = 4096  # ids the synthetic documents use; the model's vocabulary sta
 STRIDE = 7  # each clean id is the previous one + STRIDE (mod VOCAB_USED)
 NOISE = 0.1  # share of ids replaced by uniform random ones
 WINDOWS = 14  # the speedrun's long windows: 128, 256, ..., 1792
+# The 2025-07-12 record's recipe: its 14 windows and 48k-token micro-batch are what this check crosses.
+PRESET = "speedrun-2025-07-12"
 TIMEOUT_S = 540  # under the 600 s a device session's command may run, so this one reports why
 
-# train_gpt.py flags over --preset speedrun; the data and output flags are added by `run`.
+# train_gpt.py flags over --preset speedrun-2025-07-12 (PRESET); the data and output flags are added by `run`.
 FULL = ("--max-steps", "300", "--tokens-per-step", str(48 * 1024), "--val-every", "50",
         "--val-tokens", str(4 * 256 * 1024), "--log-every", "25", "--device", "cuda")
 SMOKE = ("--model", "demo", "--max-steps", "14", "--seq-len", "64", "--val-seq-len", "64",
@@ -94,7 +97,7 @@ def run(out_dir: Path, flags: tuple[str, ...], cfg: TrainConfig) -> tuple[list[d
     it comes, so a run that fails or is stopped at TIMEOUT_S leaves what it printed; either ends this
     with the output's last lines. `cfg` is what the flags make of the preset."""
     shards = write_shards(out_dir / "shards", cfg)
-    command = [sys.executable, str(REPO / "train_gpt.py"), "--preset", "speedrun", *flags,
+    command = [sys.executable, str(REPO / "train_gpt.py"), "--preset", PRESET, *flags,
                "--data-dir", str(shards), "--out-dir", str(out_dir / "run"), "--sample-tokens", "0",
                "--no-plot", "--no-wandb"]
     console = out_dir / "train_gpt.out"
@@ -141,7 +144,7 @@ def markdown(report: dict) -> str:
     lines = [f"### GPU check: {report['machine']['device']}, torch {report['machine']['torch']}, "
              f"{report['date'][:10]}{' (smoke)' if report['smoke'] else ''}",
              "",
-             f"`train_gpt.py --preset speedrun {' '.join(report['flags'])}` on synthetic shards; "
+             f"`train_gpt.py --preset {PRESET} {' '.join(report['flags'])}` on synthetic shards; "
              f"{report['wall_s']:.0f} s wall in all, compilation included.",
              "",
              "| steps | step ms | tokens/s | MFU | peak GiB | graphs train / val / in timed run | val loss |",
@@ -164,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device is visible; --smoke runs the check on a CPU")
     flags = SMOKE if args.smoke else FULL
-    cfg = parse_config(["--preset", "speedrun", *flags])  # the run's config, as train_gpt.py will read it
+    cfg = parse_config(["--preset", PRESET, *flags])  # the run's config, as train_gpt.py will read it
     device = torch.device("cpu" if args.smoke else "cuda")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     records, summary, wall_s = run(args.out_dir, flags, cfg)

@@ -90,9 +90,9 @@ def meta_gpt(cfg: GPTConfig, fsdp: bool) -> GPT:
 
 
 def speedrun_groups(gpt: GPT, embed_map: str) -> list[dict]:
-    """The param groups train_gpt.py --preset speedrun --embed-map EMBED_MAP gives Muon
+    """The param groups train_gpt.py --preset speedrun-2025-07-12 --embed-map EMBED_MAP gives Muon
     (training.recipe.optimizer_groups); plain tensors, no names."""
-    cfg = parse_config(["--preset", "speedrun", "--embed-map", embed_map])
+    cfg = parse_config(["--preset", "speedrun-2025-07-12", "--embed-map", embed_map])
     return [{**group, "params": [p for _, p in group["params"]]} for group in optimizer_groups(gpt, cfg)]
 
 

@@ -344,7 +344,7 @@ def mask_tiles(mask: BlockMask) -> tuple[int, int]:
 def attention_tiles(preset: str = "124m") -> dict[str, int]:
     """Tiles computed and partial tiles over the speedrun's training steps, on attention_layout(): each
     attention layer's BlockMask as GPT.forward builds it (its window rule; long or short window)."""
-    cfg = parse_config(["--preset", "speedrun"])
+    cfg = parse_config(["--preset", "speedrun-2025-07-12"])
     gpt = meta_gpt(PRESETS[preset], fsdp=False)
     rule, idx = gpt.config.window_rule, attention_layout()
     docs = document_ids(idx, gpt.config.bos_token)
@@ -426,7 +426,7 @@ def allocations(preset: str = "124m", world_size: int = WORLD_SIZE, steps: int =
     """Tensors allocated by each of `steps` optimizer steps of rank 0 of world_size (optim.allocations),
     the speedrun's optimizer on the preset's meta model; what CUDA compiles (Newton–Schulz, Adam's
     update) runs opaque, as on an H100. The first step makes the state and buffers."""
-    cfg = parse_config(["--preset", "speedrun"])
+    cfg = parse_config(["--preset", "speedrun-2025-07-12"])
     gpt = meta_gpt(PRESETS[preset], fsdp=False)
     counts = []
     with contextlib.ExitStack() as patches, fake_world(world_size):
@@ -457,7 +457,7 @@ def compiled_graphs(preset: str = "124m") -> dict[str, int]:
     """Graphs of the compiled model over the speedrun's schedule, per mode: a training forward and
     backward (as training.steps.train_step runs them) and training.steps.evaluate, at the first step of each
     window, on the preset's architecture at width 32 with 64-token sequences."""
-    cfg = parse_config(["--preset", "speedrun"])
+    cfg = parse_config(["--preset", "speedrun-2025-07-12"])
     small = dataclasses.replace(PRESETS[preset], dim=32, n_head=2, head_dim=16, max_seq_len=64,
                                 attention="sdpa")  # FlexAttention has no backward on a CPU
     gpt = GPT(small)

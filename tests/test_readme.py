@@ -61,8 +61,8 @@ def test_each_choice_flag_lists_exactly_its_choices():
 
 def test_every_value_the_table_lists_is_accepted():
     alternatives = listed_alternatives()
-    assert len(alternatives) == 11  # preset model embed-map lr-scale adam-eps-form ns-coefficients
-    # ns-rounding device compile compile-backend resume
+    assert len(alternatives) == 12  # preset model embed-map lr-scale adam-eps-form wd-form
+    # ns-coefficients ns-rounding device compile compile-backend resume
     for name, values in alternatives.items():
         for value in values:
             if value.isupper():  # a placeholder such as PATH
@@ -118,10 +118,10 @@ NOT_ON_A_CPU = {
     "torchrun --standalone --nproc_per_node=8 train_gpt.py --preset speedrun": "8 GPUs and FineWeb",
     "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=run1 "
     "train_gpt.py --preset speedrun": "2 nodes of 8 GPUs",
-    "torchrun --standalone --nproc_per_node=8 train_gpt.py --preset speedrun --model 350m --fsdp":
+    "torchrun --standalone --nproc_per_node=8 train_gpt.py --preset speedrun-2025-07-12 --model 350m --fsdp":
         "8 GPUs and FineWeb",
     "torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 --rdzv_id=run2 "
-    "train_gpt.py --preset speedrun --model 1.5b --fsdp --seq-len 8192 --val-seq-len 65536":
+    "train_gpt.py --preset speedrun-2025-07-12 --model 1.5b --fsdp --seq-len 8192 --val-seq-len 65536":
         "2 nodes of 8 GPUs",
 }
 

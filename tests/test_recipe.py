@@ -27,7 +27,8 @@ def parse_error(capsys, *argv: str) -> str:
 
 
 def test_flags_override_the_preset():
-    cfg = recipe.parse_config(["--preset", "speedrun", "--max-steps", "7", "--adam-betas", "0.9", "0.99"])
+    cfg = recipe.parse_config(["--preset", "speedrun-2025-07-12", "--max-steps", "7", "--adam-betas", "0.9",
+                               "0.99"])
     assert (cfg.model, cfg.max_steps, cfg.adam_betas, cfg.lr) == ("124m", 7, (0.9, 0.99), 0.05)
     assert cfg.tokens_per_step == 393_216 and cfg.val_tokens == 10_485_760
 
@@ -129,17 +130,23 @@ def test_a_step_that_cannot_split_names_the_flags_and_values_that_fit():
 def test_batch_size_caps_the_micro_batch_and_accumulation_makes_up_the_step():
     cfg = recipe.parse_config(["--batch-size", "3"])  # 8 sequences a step: 4 micro-batches of 2
     assert recipe.batch_layout(cfg, 1) == recipe.BatchLayout(micro_batch=2, grad_accum=4, val_batch=2)
-    speedrun = recipe.parse_config(["--preset", "speedrun"])  # one 48k sequence per GPU per step
+    speedrun = recipe.parse_config(["--preset", "speedrun-2025-07-12"])  # one 48k sequence per GPU per step
     assert [recipe.batch_layout(speedrun, gpus).grad_accum for gpus in (1, 2, 4, 8)] == [8, 4, 2, 1]
 
 
 # ---------------------------------------------------------------------------------------------------
-# docs/RECIPE.md: the speedrun preset beside the record it follows
+# docs/RECIPE.md: each speedrun preset beside the record it follows
 
 RECIPE_MD = Path(__file__).resolve().parents[1] / "docs" / "RECIPE.md"
-# The TrainConfig fields the preset leaves at their defaults but the record also sets.
-RECORD_DEFAULTS = ("adam_betas", "weight_decay", "warmup_steps", "momentum", "momentum_start",
-                   "momentum_warmup_steps", "ns_coefficients", "ns_steps")
+# Each preset's table in docs/RECIPE.md: its heading, its cells, and the TrainConfig fields the preset
+# leaves at their defaults but the record also sets.
+TABLES = {
+    "speedrun": ("### Settings of `--preset speedrun` (record #46)", ("ours", "record", "since", "why"),
+                 ("warmup_steps", "momentum", "momentum_start", "momentum_warmup_steps", "ns_steps")),
+    "speedrun-2025-07-12": ("### Settings of `--preset speedrun-2025-07-12`", ("ours", "record", "why"),
+                            ("adam_betas", "weight_decay", "warmup_steps", "momentum", "momentum_start",
+                             "momentum_warmup_steps", "ns_coefficients", "ns_steps")),
+}
 
 
 def table_value(text: str):
@@ -165,43 +172,62 @@ def same(a, b) -> bool:
     return a == b
 
 
-def recipe_rows() -> dict[str, dict]:
-    """The settings table's rows that name a field: field -> {speedrun, record, why}."""
+def recipe_rows(preset: str) -> dict[str, dict]:
+    """The rows of the preset's settings table that name a field: field -> {ours, record, (since,) why}."""
+    heading, columns, _ = TABLES[preset]
+    section = RECIPE_MD.read_text().split(heading + "\n", 1)[1].split("\n#", 1)[0]
     rows = {}
-    section = RECIPE_MD.read_text().split("## Settings\n", 1)[1].split("\n## ", 1)[0]
     for line in section.splitlines():
         cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
-        if len(cells) == 5 and cells[1].startswith("`"):
-            rows[cells[1].strip("`")] = dict(speedrun=cells[2], record=cells[3], why=cells[4])
+        if len(cells) == 2 + len(columns) and cells[1].startswith("`"):
+            rows[cells[1].strip("`")] = dict(zip(columns, cells[2:], strict=True))
     return rows
 
 
-def preset_value(field: str):
-    cfg = recipe.parse_config(["--preset", "speedrun"])
+ROWS = [(preset, field) for preset in TABLES for field in sorted(recipe_rows(preset))]
+
+
+def preset_value(preset: str, field: str):
+    cfg = recipe.parse_config(["--preset", preset])
     if field.startswith("model."):
         return getattr(PRESETS[cfg.model], field.removeprefix("model."))
     return getattr(cfg, field)
 
 
-@pytest.mark.parametrize("field", sorted(recipe_rows()))
-def test_recipe_md_holds_the_speedrun_presets_value(field):
-    row = recipe_rows()[field]
-    assert same(table_value(row["speedrun"]), preset_value(field)), f"docs/RECIPE.md row {field}: {row}"
+@pytest.mark.parametrize("preset, field", ROWS)
+def test_recipe_md_holds_the_presets_value(preset, field):
+    row = recipe_rows(preset)[field]
+    assert same(table_value(row["ours"]), preset_value(preset, field)), f"RECIPE.md {preset} {field}: {row}"
 
 
-@pytest.mark.parametrize("field", sorted(recipe_rows()))
-def test_recipe_md_says_why_wherever_the_preset_differs_from_the_record(field):
+@pytest.mark.parametrize("preset, field", ROWS)
+def test_recipe_md_says_why_wherever_the_preset_differs_from_the_record(preset, field):
     # A reason where the values differ, none where they agree; a setting the record lacks (—) may have one.
-    row = recipe_rows()[field]
+    row = recipe_rows(preset)[field]
     if row["record"] != "—":
-        differs = not same(table_value(row["speedrun"]), table_value(row["record"]))
-        assert bool(row["why"]) == differs, f"docs/RECIPE.md row {field}: a reason iff the values differ"
+        differs = not same(table_value(row["ours"]), table_value(row["record"]))
+        assert bool(row["why"]) == differs, f"docs/RECIPE.md {preset} {field}: a reason iff the values differ"
 
 
-def test_recipe_md_has_a_row_for_every_setting_of_the_preset_and_its_model():
-    fields = {*recipe.PRESETS_TRAIN["speedrun"], *RECORD_DEFAULTS}
+@pytest.mark.parametrize("preset", sorted(TABLES))
+def test_recipe_md_has_a_row_for_every_setting_of_the_preset_and_its_model(preset):
+    fields = {*recipe.PRESETS_TRAIN[preset], *TABLES[preset][2]}
     fields |= {f"model.{f.name}" for f in dataclasses.fields(GPTConfig)}
-    assert fields - set(recipe_rows()) == set()
+    assert fields - set(recipe_rows(preset)) == set()
+
+
+def test_recipe_md_names_the_record_that_brought_each_46_setting():
+    # "since": #27-#46 (the records after 2025-07-12), ≤#26 (that record had it), or — with the record's —;
+    # and a record value that moved since 2025-07-12 must name one of #27-#46.
+    rows, old = recipe_rows("speedrun"), recipe_rows("speedrun-2025-07-12")
+    for field, row in rows.items():
+        since = row["since"]
+        numbers = [int(n) for n in re.findall(r"#(\d+)", since)]
+        assert since == "≤#26" or (numbers and all(27 <= n <= 46 for n in numbers)) or \
+            since == row["record"] == "—", f"docs/RECIPE.md speedrun {field}: since {since!r}"
+        if field in old and old[field]["record"] != "—" and since == "≤#26":
+            assert same(table_value(row["record"]), table_value(old[field]["record"])), \
+                f"docs/RECIPE.md speedrun {field}: the record's value moved since 2025-07-12; name the record"
 
 
 def test_the_speedrun_optimizer_computes_as_the_record_and_the_demo_as_the_library():
@@ -209,7 +235,9 @@ def test_the_speedrun_optimizer_computes_as_the_record_and_the_demo_as_the_libra
     from model import GPT
 
     model = GPT(PRESETS["demo"])
-    for preset, want in (("speedrun", dict(eps_form="raw", ns_eps=1e-7 / 49152, ns_rounding="stepwise")),
+    record = dict(eps_form="raw", ns_rounding="stepwise")
+    for preset, want in (("speedrun-2025-07-12", dict(record, ns_eps=1e-7 / 49152)),
+                         ("speedrun", dict(record, ns_eps=1e-6 / 16384)),
                          ("demo", dict(eps_form="corrected", ns_eps=None, ns_rounding="precise"))):
         optimizer = recipe.build_optimizer(model, recipe.parse_config(["--preset", preset]))
         for group in optimizer.param_groups:

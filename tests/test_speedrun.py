@@ -67,8 +67,9 @@ def test_the_speedrun_window_schedule_compiles_one_graph_per_mode(shards):
     # record's windows), the compiled 124M architecture shrunk to width 32: one step and one
     # validation at the first step of each window. A graph per window (an int window) would be 14
     # graphs per mode, past Dynamo's limit of 8, after which the model runs eagerly.
-    cfg = recipe.parse_config(["--preset", "speedrun", "--data-dir", str(shards), "--seq-len", "64",
-                               "--val-seq-len", "64", "--tokens-per-step", "64", "--val-tokens", "64"])
+    cfg = recipe.parse_config(["--preset", "speedrun-2025-07-12", "--data-dir", str(shards),
+                               "--seq-len", "64", "--val-seq-len", "64", "--tokens-per-step", "64",
+                               "--val-tokens", "64"])
     schedule = Schedule.of(cfg, torch.device("cpu"))
     firsts = schedule.first_steps()
     assert len(firsts) == 14  # 128, 256, ..., 1792
@@ -130,7 +131,7 @@ def test_autocast_only_for_a_float32_stream_on_cuda():
 
 
 def test_window_tensors_are_made_once_per_distinct_window():
-    cfg = recipe.parse_config(["--preset", "speedrun"])
+    cfg = recipe.parse_config(["--preset", "speedrun-2025-07-12"])
     schedule = Schedule.of(cfg, torch.device("cpu"))
     windows, tensors = schedule.window_tensor, schedule.window_tensors
     assert sorted(tensors) == [128 * k for k in range(1, 15)]

@@ -1,13 +1,14 @@
-"""Step parity: a record's own training script beside this repo's `--preset speedrun`, on CPU.
+"""Step parity: a record's own training script beside this repo's preset for it, on CPU.
 
     python -m tools.parity --reference RECORD_LOG_OR_PY [--steps 0-19 --steps 1000,1500]
                            [--check-steps 1,1500] [--width 256] [--seq-len 2048] [--data DIR]
 
 The reference (a record's log, whose source precedes its first line of '=' characters, or that source
 as a .py) is loaded by tools/parity_record.py: definitions only, with the CPU substitutions listed
-there, by the adapter of its format. Ours is the speedrun preset built by training/recipe.py
-(parse_config, build_optimizer) and its training/schedule.py Schedule, at the same width (heads of
-128) and the record's 12 layers, with the embedding tables in bf16 as on CUDA (GPT.cast_embeddings).
+there, by the adapter of its format. Ours is that record's preset (PRESET: the 2025-07-12 record's
+`--preset speedrun-2025-07-12`), built by training/recipe.py (parse_config, build_optimizer) and its
+training/schedule.py Schedule, at the same width (heads of 128) and the record's 12 layers, with the
+embedding tables in bf16 as on CUDA (GPT.cast_embeddings).
 
 Both start from identical weights: ours are initialized (--seed) and copied into the reference
 through the adapter's explicit name table; a parameter the table does not cover, either side, or a
@@ -62,6 +63,8 @@ from tools.parity_record import Entry, Reference, describe, load_reference, one_
 from training.recipe import PRESETS_TRAIN, build_optimizer, parse_config
 from training.schedule import Schedule
 
+# Our preset for the 2025-07-12 record, the record this adapter compares.
+PRESET = "speedrun-2025-07-12"
 KINDS = ("hidden", "embed", "value_embed", "head", "scalar")
 # Default one-step tolerances (relative update difference), measured against the 2025-07-12 record in
 # docs/RECIPE.md ("Step parity"): with the preset's ns_eps, ns_rounding and adam_eps_form the hidden,
@@ -82,12 +85,12 @@ class Ours:
 
 
 def build_ours(width: int, seq_len: int, seed: int) -> Ours:
-    """The speedrun preset at `width` (heads of 128) and one `seq_len` sequence a step, as on CUDA:
+    """The record's preset (PRESET) at `width` (heads of 128) and one `seq_len` sequence a step, as on CUDA:
     bf16 embedding tables, Newton–Schulz in bf16; Adam's and Newton–Schulz's ε the record's 1e-10 and
     1e-7 over seq_len tokens."""
-    preset = PRESETS_TRAIN["speedrun"]
+    preset = PRESETS_TRAIN[PRESET]
     per_token = {name: preset[name] * preset["seq_len"] / seq_len for name in ("adam_eps", "ns_eps")}
-    cfg = parse_config(["--preset", "speedrun", "--seq-len", str(seq_len), "--tokens-per-step", str(seq_len),
+    cfg = parse_config(["--preset", PRESET, "--seq-len", str(seq_len), "--tokens-per-step", str(seq_len),
                         *(f"--{name.replace('_', '-')}={value!r}" for name, value in per_token.items())])
     model_cfg = dataclasses.replace(PRESETS[cfg.model], dim=width, n_head=width // 128, max_seq_len=seq_len,
                                     attention="sdpa")

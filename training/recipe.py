@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from model import GPT, PRESETS
-from optim import COEFFICIENTS, EPS_FORMS, LR_SCALES, ROUNDINGS, Muon, param_groups
+from optim import COEFFICIENTS, EPS_FORMS, LR_SCALES, ROUNDINGS, WD_FORMS, Muon, param_groups
 from training.flags import (
     AT_LEAST_0,
     AT_LEAST_1,
@@ -33,10 +33,24 @@ DEVICE = Form(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")
 PRESETS_TRAIN: dict[str, dict] = {
     # ~3 minutes on 2 CPU cores; validation loss falls from ~10.8 to well under half of that.
     "demo": {},
-    # The 124M speedrun on FineWeb: the 2025-07-12 record's recipe, setting by setting in docs/RECIPE.md
-    # (tests/test_recipe.py checks this preset against that table). 1750 steps x 393,216 tokens; on 8
-    # GPUs one 48k-token sequence per rank per step, on fewer GPUs the same step by gradient accumulation.
+    # The 124M speedrun on FineWeb: record #46's recipe (2025-11-29, 2.203 min), setting by setting in
+    # docs/RECIPE.md (tests/test_recipe.py checks this preset against that table). 2160 steps; on 8 GPUs
+    # one packed stream per rank per step, on fewer GPUs the same step by gradient accumulation. The
+    # batch-size and window schedules are its first stage's until training/schedule.py has the record's.
     "speedrun": dict(
+        model="124m-46", data_dir="data/fineweb10B", max_steps=2160, tokens_per_step=8 * 2048 * 8,
+        batch_size=1, seq_len=2048 * 8, align_to_bos=True, val_every=250, val_tokens=10_485_760,
+        val_seq_len=4 * 64 * 1024, log_every=25, lr=0.023, embed_lr=0.008 * 75, head_lr=0.008,
+        scalar_lr=0.008 * 5, embed_map="adam", lr_scale="muon", adam_betas=(0.65, 0.95),
+        adam_eps=1e-8 / (2048 * 8), adam_eps_form="raw", adam_weight_decay=0.0, adam_step_every=2,
+        normuon=True, normuon_beta2=0.95, weight_decay=1.2, wd_form="in_update", cautious_wd=True,
+        ns_coefficients="polar_express_speedrun", ns_eps=1e-6 / (2048 * 8), ns_rounding="stepwise",
+        cooldown_frac=0.55, lr_floor=0.1, window_start=3 * 128, window_end=11 * 128, sample_tokens=0,
+        warmup_kernel_steps=10,
+    ),
+    # The 2025-07-12 record's recipe (#26), kept as it was; its own table and step parity in
+    # docs/RECIPE.md. 1750 steps x 393,216 tokens; on 8 GPUs one 48k-token sequence per rank per step.
+    "speedrun-2025-07-12": dict(
         model="124m", data_dir="data/fineweb10B", max_steps=1750, tokens_per_step=8 * 48 * 1024,
         batch_size=1, seq_len=48 * 1024, align_to_bos=True, val_every=125, val_tokens=10_485_760,
         val_seq_len=256 * 1024, log_every=25, lr=0.05, embed_lr=0.6, head_lr=0.22, scalar_lr=0.04,
@@ -103,7 +117,21 @@ class TrainConfig:
     adam_eps_form: str = option("corrected", "where Adam adds its epsilon: to the bias-corrected sqrt(v) "
                                 "(corrected, torch's AdamW) or to sqrt(v) before the bias correction (raw, "
                                 "the Adam paper's efficient form)", choices=EPS_FORMS)
-    weight_decay: float = option(0.0, "decoupled weight decay (times the group's lr)", within=AT_LEAST_0)
+    adam_step_every: int = option(1, "Adam groups step every N optimizer steps, on the sum of the N steps' "
+                                  "gradients (record #39: 2, on the odd steps)", within=AT_LEAST_1)
+    weight_decay: float = option(0.0, "weight decay, of the form --wd-form", within=AT_LEAST_0)
+    wd_form: str = option("decoupled", "decoupled: p <- p (1 - lr wd); in_update: the decay lr wd p joins "
+                          "the update before its step size, p <- p - step (u + lr wd p) (record #43: the "
+                          "decay follows the lr schedule twice)", choices=WD_FORMS)
+    cautious_wd: bool = option(False, "decay only the coordinates where the update u has the sign of p "
+                               "(u p >= 0) (record #43)")
+    adam_weight_decay: float | None = option(None, "the Adam groups' weight decay (default: --weight-decay)",
+                                             within=AT_LEAST_0)
+    normuon: bool = option(False, "NorMuon on the hidden matrices (records #41-#42): each orthogonalized "
+                           "update divided by the root of an EMA of its mean square per row or column, "
+                           "then rescaled to its Frobenius norm; attention, MLP and gates in groups of "
+                           "their own, each on the record's axis")
+    normuon_beta2: float = option(0.95, "NorMuon's EMA coefficient of the second moment", within=BELOW_1)
     warmup_steps: int = option(0, "steps of linear lr warm-up", within=AT_LEAST_0)
     cooldown_frac: float = option(0.4, "final fraction of the scheduled steps (the run's, by default) over "
                                   "which the lr falls linearly to lr-floor x lr", within=FRACTION)
@@ -177,7 +205,8 @@ class TrainConfig:
 # refused unless --resume-changed-ok. The model's shape is checked apart (training/state.py).
 PLAN_FIELDS = ("max_steps", "tokens_per_step", "seq_len", "align_to_bos", "data_dir", "lr", "embed_lr",
                "head_lr", "scalar_lr", "embed_map", "lr_scale", "adam_betas", "adam_eps", "adam_eps_form",
-               "weight_decay", "warmup_steps", "cooldown_frac", "lr_floor", "momentum", "momentum_start",
+               "adam_step_every", "weight_decay", "wd_form", "cautious_wd", "adam_weight_decay", "normuon",
+               "normuon_beta2", "warmup_steps", "cooldown_frac", "lr_floor", "momentum", "momentum_start",
                "momentum_warmup_steps", "ns_coefficients", "ns_steps", "ns_eps", "ns_rounding",
                "window_start", "window_end", "scheduled_steps", "lr_levels", "lr_level_fracs",
                "momentum_cooldown_steps", "window_blocks", "tokens_schedule")
@@ -262,15 +291,55 @@ def largest_divisor(n: int, at_most: int) -> int:
     return best
 
 
+# NorMuon's axis for each family of hidden matrices (optim.Muon normuon), record #46's on our (d_out, d_in)
+# layout (docs/MATH.md 4.7): the record picks the larger side of its stored shape, which is wide (d, 4d)
+# for attention (four (d, d) views) and the MLP (its c_fc transposed), so the attention's square
+# matrices take one second moment per column, and "auto" (the larger side) gives the MLP and gates its.
+NORMUON_FAMILIES = {"attn": "column", "mlp": "auto", "gates": "auto"}
+
+
+def hidden_family(name: str) -> str:
+    """A GPT hidden matrix's family by its parameter name: gates (smear and attention gates), attn
+    (q, k, v, o) or mlp (fc, proj); ValueError for any other."""
+    if name.endswith("gate.weight"):
+        return "gates"
+    for family in ("attn", "mlp"):
+        if f".{family}." in name:
+            return family
+    raise ValueError(f"--normuon: no NorMuon axis for the hidden matrix {name}; expected an attention, MLP "
+                     f"or gate weight of model/gpt.py")
+
+
 def optimizer_groups(model: GPT, cfg: TrainConfig) -> list[dict]:
     """Every parameter routed to the duality map of its layer kind, by its role (optim.param_groups),
     at cfg's lr for that role.
 
-    hidden matrices (attention q/k/v/o, MLP fc/proj) -> Newton-Schulz; token and value embeddings ->
-    the embedding dual map (or Adam); LM head -> Adam; gains, lambdas, skip weights -> Adam.
+    hidden matrices (attention q/k/v/o, MLP fc/proj, gates) -> Newton-Schulz, with --normuon one group
+    per family (NORMUON_FAMILIES: its axis, beta2 = --normuon-beta2); token and value embeddings -> the
+    embedding dual map (or Adam); LM head -> Adam; gains, lambdas, skip weights -> Adam. Adam groups
+    step every --adam-step-every steps and decay by --adam-weight-decay.
     """
-    return param_groups(model, embed="embed" if cfg.embed_map == "dual" else "adam", head="adam",
-                        lrs=dict(hidden=cfg.lr, embed=cfg.embed_lr, head=cfg.head_lr, scalar=cfg.scalar_lr))
+    groups = param_groups(model, embed="embed" if cfg.embed_map == "dual" else "adam", head="adam",
+                          lrs=dict(hidden=cfg.lr, embed=cfg.embed_lr, head=cfg.head_lr, scalar=cfg.scalar_lr))
+    adam_wd = cfg.weight_decay if cfg.adam_weight_decay is None else cfg.adam_weight_decay
+    routed = []
+    for group in groups:
+        if group["kind"] == "adam":
+            routed.append(group | dict(step_every=cfg.adam_step_every, weight_decay=adam_wd))
+        elif group["kind"] == "hidden" and cfg.normuon:
+            routed += normuon_groups(group, cfg.normuon_beta2)
+        else:
+            routed.append(group)
+    return routed
+
+
+def normuon_groups(group: dict, beta2: float) -> list[dict]:
+    """The hidden group split by hidden_family, in NORMUON_FAMILIES' order, each with its NorMuon axis."""
+    families: dict[str, list] = {}
+    for name, p in group["params"]:
+        families.setdefault(hidden_family(name), []).append((name, p))
+    return [group | dict(params=families[family], normuon=axis, beta2=beta2)
+            for family, axis in NORMUON_FAMILIES.items() if family in families]
 
 
 def build_optimizer(model: GPT, cfg: TrainConfig) -> Muon:
@@ -284,7 +353,8 @@ def build_optimizer(model: GPT, cfg: TrainConfig) -> Muon:
 
 def muon_options(cfg: TrainConfig) -> dict:
     """Muon's keyword arguments from cfg: lr, momentum, decay, Newton-Schulz and Adam settings."""
-    return dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, ns_steps=cfg.ns_steps,
+    return dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, wd_form=cfg.wd_form,
+                cautious_wd=cfg.cautious_wd, ns_steps=cfg.ns_steps,
                 ns_coefficients=cfg.ns_coefficients, ns_eps=cfg.ns_eps, ns_rounding=cfg.ns_rounding,
                 lr_scale=cfg.lr_scale, adam_betas=cfg.adam_betas, adam_eps=cfg.adam_eps,
                 adam_eps_form=cfg.adam_eps_form)
