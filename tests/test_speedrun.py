@@ -20,9 +20,10 @@ from data.loader import TokenLoader, validation_batches
 from data.shards import list_shards, write_shard
 from data.tokenizer import EOT
 from model import GPT, PRESETS
+from tools.runlog import RunLog
 from training import recipe
-from training.compiling import compile_model
-from training.runtime import autocast_dtype
+from training.run import Run, Setup
+from training.runtime import Process, autocast_dtype
 from training.state import RunState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +63,13 @@ def train(out_dir: Path, *flags: str) -> dict:
 
 
 def test_the_speedrun_window_schedule_compiles_one_graph_per_mode(shards):
-    # The loop's own step and validation functions, the speedrun preset's schedule (1750 steps, the
-    # record's windows), the compiled 124M architecture shrunk to width 32: one step and one
-    # validation at the first step of each window. A graph per window (an int window) would be 14
-    # graphs per mode, past Dynamo's limit of 8, after which the model runs eagerly.
+    # The Run's own step and validation, the speedrun preset's schedule (1750 steps, the record's
+    # windows), the compiled 124M architecture shrunk to width 32: one step and one validation at
+    # the first step of each window. A graph per window (an int window) would be 14 graphs per mode,
+    # past Dynamo's limit of 8, after which the model runs eagerly.
     cfg = recipe.parse_config(["--preset", "speedrun", "--data-dir", str(shards), "--seq-len", "64",
-                               "--val-seq-len", "64", "--tokens-per-step", "64", "--val-tokens", "64"])
+                               "--val-seq-len", "64", "--tokens-per-step", "64", "--val-tokens", "64",
+                               "--compile", "on", "--compile-backend", "eager"])
     firsts = {}
     for s in range(cfg.max_steps + 1):
         firsts.setdefault(recipe.window_at(s, cfg), s)
@@ -75,20 +77,16 @@ def test_the_speedrun_window_schedule_compiles_one_graph_per_mode(shards):
     model = GPT(dataclasses.replace(PRESETS["124m"], dim=32, n_head=2, head_dim=16, max_seq_len=64,
                                     attention="sdpa"))  # Flex compiles no backward on a CPU
     torch._dynamo.reset()  # no graphs or recompile budget left over from other tests
-    forward, graphs = compile_model(model, "eager")
     loader = TokenLoader(list_shards(shards, "train"), 1, 64, align_to_bos=True)
-    run = RunState(model, recipe.build_optimizer(model, cfg), loader)
-    windows = recipe.WindowTensors(cfg, torch.device("cpu"))
-    precision = partial(torch.autocast, "cpu", enabled=False)
-    step = partial(train_gpt.train_step, forward=forward, windows=windows, cfg=cfg, grad_accum=1,
-                   precision=precision)
+    state = RunState(model, recipe.build_optimizer(model, cfg), loader)
     val_batches = partial(validation_batches, list_shards(shards, "val"), 1, 64, 64)
-    validate = partial(train_gpt.evaluate, forward, model, val_batches, windows=windows, precision=precision)
+    setup = Setup(recipe.BatchLayout(1, 1, 1), state, val_batches, shards, {}, "", None, [])
+    run = Run(cfg, Process(0, 1, torch.device("cpu")), setup, RunLog(shards, enabled=False))
     for first in firsts.values():
-        run.step = first
-        step(run)
-        validate(first)
-    assert (graphs.training, graphs.validation) == (1, 1)
+        state.step = first
+        run.train_step()
+        run.validate()
+    assert (run.graphs.training, run.graphs.validation) == (1, 1)
 
 
 def test_warm_up_compiles_every_graph_so_the_timed_run_compiles_none(tmp_path, shards):
