@@ -75,7 +75,7 @@ def test_the_walker_sees_function_level_and_relative_imports():
     graph = import_graph()
     assert "training.runtime" in graph["tools.sample"]  # top level
     assert "optim.distributed" in graph["optim.muon"]  # relative: from .distributed import Sharding
-    assert "data.demo" in graph[SCRIPT]  # inside a function
+    assert "data.demo" in graph["training.run"]  # inside a function
 
 
 def test_the_import_graph_has_no_cycle():
