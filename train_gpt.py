@@ -6,24 +6,19 @@
 
 Every weight update goes through the duality map of its layer (optim/): Newton-Schulz
 orthogonalization for hidden matrices, the embedding map (or Adam) for embeddings, Adam for the
-LM head and scalars. The flags, presets and optimizer groups are training/recipe.py, the schedule
-training/schedule.py; the state a checkpoint holds is training/state.py. Reads top to bottom: set-up,
-data, model, optimizer, then the loop and its parts (a training step, a validation, a checkpoint).
+LM head and scalars. The flags, presets, schedules and optimizer groups are training/recipe.py; the
+run (its parts, its training step, validation and checkpoint) is training/run.py, and what it logs
+training/report.py. Reads top to bottom: parse the flags, build the run, warm up, loop, finish.
 """
 
 import copy
 import dataclasses
-import json
 import math
 import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import NamedTuple
 
 # Large CPU tensors (the 50304-wide logits) on transparent huge pages: the CPU demo otherwise spends
 # about half its time in the kernel zeroing freshly mapped 4 KiB pages. Read when torch allocates.
@@ -35,51 +30,39 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 import torch  # noqa: E402
 
-from data.durable import write_text_atomic  # noqa: E402
-from data.loader import TokenLoader, validation_batches  # noqa: E402
-from data.shards import ShardError, fingerprint, list_shards  # noqa: E402
-from data.tokenizer import TokenizerUnavailable, gpt2_encoding  # noqa: E402
-from model import GPT, PRESETS  # noqa: E402
-from training.checkpoint import (  # noqa: E402
-    CheckpointError,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
+from data.shards import ShardError  # noqa: E402
+from data.tokenizer import TokenizerUnavailable  # noqa: E402
+from training.checkpoint import CheckpointError  # noqa: E402
+from training.recipe import BatchLayout, TrainConfig, batch_layout, parse_config  # noqa: E402
+from training.report import (  # noqa: E402
+    Throughput,
+    TimedRun,
+    announce,
+    log_step,
+    log_summary,
+    log_validation,
+    open_log,
+    run_summary,
 )
-from training.compiling import GraphCount, compile_model, graphs_compiled  # noqa: E402
-from training.fsdp import shard  # noqa: E402
-from training.recipe import (  # noqa: E402
-    BatchLayout,
-    TrainConfig,
-    batch_layout,
-    build_optimizer,
-    parse_config,
-    plan_changes,
-)
+from training.run import Run, samples, set_up  # noqa: E402
 from training.rundir import claim_out_dir  # noqa: E402
-from training.runlog import RunLog, WandbSink, code_listing, environment, peak_flops  # noqa: E402
 from training.runtime import (  # noqa: E402
+    Process,
     StopRequest,
     Stopwatch,
     agree,
-    autocast_dtype,
     check_writable,
     close_distributed,
     init_distributed,
-    peak_memory,
-    peak_memory_gib,
     resolve_device,
     shorten_collective_timeout,
     wait_for_all_ranks,
     world_size_from_env,
 )
 from training.sampling import Sampling, sample  # noqa: E402
-from training.schedule import Schedule  # noqa: E402
-from training.state import RunState  # noqa: E402
-from training.steps import evaluate, train_step  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------
-# Set-up, data, model, optimizer
+# Build the run
 
 
 def main(cfg: TrainConfig) -> dict:
@@ -91,153 +74,31 @@ def main(cfg: TrainConfig) -> dict:
     cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or f"out/{cfg.preset}")
     check_writable(Path(cfg.out_dir), "--out-dir")
     check_writable(Path(cfg.out_dir) / "checkpoints", "the checkpoint folder of --out-dir")
-    device = resolve_device(cfg.device)
-    rank, world_size, device = init_distributed(device, group_of_one=cfg.fsdp)
+    process = init_distributed(resolve_device(cfg.device), group_of_one=cfg.fsdp)
     try:
-        return train(cfg, layout, rank, world_size, device)
+        return train(cfg, layout, process)
     finally:
         close_distributed()
 
 
-class Setup(NamedTuple):
-    """What a run builds and checks before it claims its --out-dir."""
-
-    run: RunState
-    resume_from: Path | None
-    data_dir: Path
-    val_batches: Callable
-    model_config: dict
-    data: str  # the shards' fingerprint (data.shards.fingerprint), saved with every checkpoint
-    plan_changes: list[str]  # what --resume-changed-ok let this run change from the checkpoint's plan
-
-
-def train(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, device: torch.device) -> dict:
-    setup = set_up(cfg, layout, rank, world_size, device)
+def train(cfg: TrainConfig, layout: BatchLayout, process: Process) -> dict:
+    """Set up (training/run.py: data, model, optimizer, --resume), claim --out-dir, build the Run in it,
+    then warm up, loop and finish."""
+    setup = set_up(cfg, layout, process)
     # Everything is checked and loaded: the run claims its folder (training/rundir.py), and only then
     # writes in it.
-    with claim_out_dir(Path(cfg.out_dir), rank, resuming=bool(cfg.resume)):
-        return run_training(cfg, layout, setup, rank, world_size, device)
-
-
-def set_up(cfg: TrainConfig, layout: BatchLayout, rank: int, world_size: int, device: torch.device) -> Setup:
-    """The data, the model and its optimizer, loaded from --resume if given; each failure one line."""
-    resume_from = resolve_checkpoint(cfg.resume, Path(cfg.out_dir) / "checkpoints") if cfg.resume else None
-    torch.manual_seed(cfg.seed)
-    if samples(rank, cfg) and cfg.sample_tokens:
-        gpt2_encoding()  # fail now, not after training, if the GPT-2 vocabulary cannot be loaded
-
-    data_dir = shard_dir(cfg, rank, world_size)
-    train_shards, val_shards = list_shards(data_dir, "train"), list_shards(data_dir, "val")
-    loader = TokenLoader(train_shards, layout.micro_batch, cfg.seq_len, rank=rank, world_size=world_size,
-                         device=device, align_to_bos=cfg.align_to_bos)
-    if world_size * layout.micro_batch * cfg.seq_len >= loader.num_tokens:  # one read, larger than the data
-        raise SystemExit(f"error: a micro-batch of {world_size} process(es) x {layout.micro_batch:,} "
-                         f"sequences x --seq-len {cfg.seq_len} tokens is more than the {loader.num_tokens:,} "
-                         f"train tokens in {data_dir}; lower --batch-size or --tokens-per-step")
-    val_batches = partial(validation_batches, val_shards, layout.val_batch, cfg.val_seq_len, cfg.val_tokens,
-                          rank=rank, world_size=world_size, device=device)
-    val_batches()  # refuses now, not at the first validation, if the val split is too short
-
-    model_cfg = dataclasses.replace(PRESETS[cfg.model], max_seq_len=max(cfg.seq_len, cfg.val_seq_len))
-    model = GPT(model_cfg)
-    if cfg.fsdp:  # training/fsdp.py: every rank keeps 1/W of each parameter's rows, float32
-        shard(model.to(device), device)
-    else:
-        model.to_device(device)  # on CUDA, the embedding tables in the preset's dtype
-    run, changes = RunState(model, build_optimizer(model, cfg), loader), []
-    data = fingerprint(train_shards + val_shards)
-    if resume_from is not None:
-        saved = load_checkpoint(run, resume_from, dataclasses.asdict(model_cfg))
-        if run.step > cfg.max_steps:
-            raise SystemExit(f"error: --max-steps {cfg.max_steps}: --resume {resume_from} is at step "
-                             f"{run.step}, past the end; pass --max-steps {run.step} or more")
-        changes = check_plan(cfg, saved, data, resume_from)
-    return Setup(run, resume_from, data_dir, val_batches, dataclasses.asdict(model_cfg), data, changes)
-
-
-def check_plan(cfg: TrainConfig, saved: dict, data: str, resume_from: Path) -> list[str]:
-    """The changes from the checkpoint's plan (recipe.plan_changes, and the shards' fingerprint): one
-    line naming each, unless --resume-changed-ok lets the run go on with them."""
-    changes = plan_changes(saved["config"], cfg)
-    if saved["data"] not in (None, data):
-        changes.append(f"the shards (fingerprint {saved['data']} -> {data})")
-    if changes and not cfg.resume_changed_ok:
-        raise SystemExit(f"error: --resume {resume_from}: this run changes the checkpoint's plan: "
-                         f"{'; '.join(changes)}; pass the checkpoint's values, or --resume-changed-ok to "
-                         f"continue with these")
-    return changes
-
-
-def run_training(cfg: TrainConfig, layout: BatchLayout, setup: Setup, rank: int, world_size: int,
-                 device: torch.device) -> dict:
-    """Warm up, train, finish: the run, in its claimed folder."""
-    out_dir, run, model = Path(cfg.out_dir), setup.run, setup.run.model
-    compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
-    forward, graphs = compile_model(model, cfg.compile_backend) if compiled else (model, None)
-    autocast = autocast_dtype(model, device)
-
-    log = open_log(cfg, out_dir, rank, resumed=setup.resume_from is not None)
-    n_params = sum(p.numel() for p in model.parameters())
-    log.print(f"preset {cfg.preset}: model {cfg.model} ({n_params / 1e6:.1f}M parameters), "
-              f"data {setup.data_dir}")
-    head = "fp8" if model.lm_head.matmul(device) == "fp8" else autocast or model.embed.weight.dtype
-    log.print(f"device {device}, compile {cfg.compile_backend if compiled else 'off'}, residual stream "
-              f"{model.embed.weight.dtype}, autocast {autocast or 'off'}, LM head matmul {head} in training")
-    log.print(f"{cfg.tokens_per_step:,} tokens/step = {world_size} process(es) x {layout.micro_batch} "
-              f"sequences x {cfg.seq_len} tokens x {layout.grad_accum} micro-batch(es)")
-    if setup.resume_from is not None:
-        changed = f", with --resume-changed-ok: {'; '.join(setup.plan_changes)}" if setup.plan_changes else ""
-        log.print(f"resumed from {setup.resume_from} at step {run.step}{changed}")
-    elif cfg.resume == "auto":
-        log.print(f"--resume auto: no checkpoint in {out_dir / 'checkpoints'}; a new run starts at step 0")
-    schedule = Schedule.of(cfg, device)
-    precision = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=autocast is not None)
-    step = partial(train_step, forward=forward, schedule=schedule, grad_accum=layout.grad_accum,
-                   precision=precision)
-    validate = partial(evaluate, forward, model, setup.val_batches, schedule=schedule, precision=precision)
-    save = partial(save_checkpoint, run, out_dir / "checkpoints", model_config=setup.model_config,
-                   config=dataclasses.asdict(cfg), data=setup.data)
-    throughput = Throughput(cfg.tokens_per_step, world_size,
-                            partial(flops_per_token, model, cfg.seq_len, schedule), peak_flops(device))
-    val_loss, reached_target, timed_from = warm_up_and_loop(run, step, validate, save, cfg, log, throughput,
-                                                            device)
-    summary = run_summary(run, timed_from, throughput, graphs, device)
-    return finish(run, cfg, log, out_dir, rank, val_loss, reached_target, summary, device)
-
-
-def shard_dir(cfg: TrainConfig, rank: int, world_size: int) -> Path:
-    """--data-dir, or the offline demo corpus (built once, by rank 0; the other ranks then find it)."""
-    if cfg.data_dir is not None:
-        return Path(cfg.data_dir)
-    from data.demo import demo_shards
-
-    if rank == 0:
-        demo_shards()
-    if world_size > 1:
-        torch.distributed.barrier()
-    return demo_shards()
-
-
-def open_log(cfg: TrainConfig, out_dir: Path, rank: int, resumed: bool) -> RunLog:
-    """Rank 0's log: a new run's starts with the source and the environment. Always appended to: a run
-    that does not resume has a folder without logs (claim_out_dir), and one that resumes keeps them."""
-    wandb = None
-    if rank == 0 and cfg.wandb:
-        wandb = WandbSink(cfg.wandb_project, cfg.run_name or None, dataclasses.asdict(cfg), out_dir)
-    log = RunLog(out_dir, enabled=rank == 0, append=True, wandb=wandb)
-    if not resumed:
-        log.print(code_listing(), console=False)
-        log.print(environment(), console=False)
-    log.print(f"config {dataclasses.asdict(cfg)}", console=False)
-    return log
+    with claim_out_dir(Path(cfg.out_dir), process.rank, resuming=bool(cfg.resume)):
+        run = Run(cfg, process, setup, open_log(cfg, process.rank, resumed=setup.resume_from is not None))
+        announce(run, setup)
+        val_loss, reached_target, timed_from = warm_up_and_loop(run)
+        return finish(run, val_loss, reached_target, timed_from)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training loop
+# Warm up, loop
 
 
-def warm_up_and_loop(run: RunState, step, validate, save, cfg: TrainConfig, log: RunLog,
-                     throughput: "Throughput", device: torch.device) -> tuple[float, bool, "TimedRun"]:
+def warm_up_and_loop(run: Run) -> tuple[float, bool, TimedRun]:
     """The warm-up, then the loop: (last val_loss, target reached, where the timed run began).
 
     One StopRequest covers both, so SIGTERM or Ctrl-C during the warm-up (minutes of compilation) saves
@@ -246,32 +107,50 @@ def warm_up_and_loop(run: RunState, step, validate, save, cfg: TrainConfig, log:
     the long one. A run that runs out of memory before its first step puts its log
     files back as they were (RunLog.discard): it never started.
     """
-    stop, first = StopRequest(), run.step
-    warming_up = bool(cfg.warmup_kernel_steps and run.step < cfg.max_steps)
+    cfg, stop, first = run.cfg, StopRequest(), run.state.step
+    warming_up = bool(cfg.warmup_kernel_steps and run.state.step < cfg.max_steps)
     try:
-        if warming_up and warm_up(run, step, validate, cfg, log, device, stop):
-            stop_on_signal(run, save, log, stop, " during the warm-up")
-            return float("nan"), False, TimedRun(run.step, run.train_time, graphs_compiled())
-        if warming_up or (device.type != "cuda" and cfg.compile != "on"):  # nothing left to compile
+        if warming_up and warm_up(run, stop):
+            stop_on_signal(run, stop, " during the warm-up")
+            return float("nan"), False, TimedRun.starting(run)
+        if warming_up or (run.process.device.type != "cuda" and cfg.compile != "on"):  # nothing to compile
             shorten_collective_timeout(cfg.collective_timeout_s)
-        timed_from = TimedRun(run.step, run.train_time, graphs_compiled())
-        return *loop(run, step, validate, save, cfg, log, throughput, device, stop), timed_from
+        timed_from = TimedRun.starting(run)
+        return *loop(run, stop), timed_from
     except torch.OutOfMemoryError:
-        if run.step == first:
-            log.discard()
+        if run.state.step == first:
+            run.log.discard()
         raise
     finally:
         stop.restore()
 
 
-def stop_on_signal(run: RunState, save, log: RunLog, stop: StopRequest, when: str = "") -> None:
-    log.print(f"{stop.signal_name or 'stop'} received{when}: saving and exiting at step {run.step}")
-    checkpoint(run, save, log, "on signal")
+def warm_up(run: Run, stop: StopRequest) -> bool:
+    """Compile and warm every graph the run uses, on real steps and a validation at the run's current
+    step, then put the whole state back: the timed run starts from exactly the state it would have
+    had without warm-up. With the window a tensor, that is one training and one validation graph.
+
+    Returns whether a rank was asked to stop: the ranks agree on it after each warm-up step (one
+    all-reduce and one host read each, outside the timed run), and then stop warming up.
+    """
+    saved = copy.deepcopy(run.state.state_dict())
+    t0, stopping = time.perf_counter(), False
+    for _ in range(run.cfg.warmup_kernel_steps):
+        _, stopping = agree(run.train_step(), stop.requested)
+        if stopping:
+            break
+    if not stopping:
+        run.validate()
+    run.state.load_state_dict(saved)
+    wait_for_all_ranks(run.process.device)  # the timed run starts together on every rank
+    if not stopping:
+        run.log.print(f"warm-up: {run.cfg.warmup_kernel_steps} steps + 1 validation in "
+                      f"{time.perf_counter() - t0:.1f}s (untimed, state restored)")
+    return stopping
 
 
-def loop(run: RunState, step, validate, save, cfg: TrainConfig, log: RunLog, throughput: "Throughput",
-         device: torch.device, stop: StopRequest) -> tuple[float, bool]:
-    """Train from run.step to cfg.max_steps, validating on schedule; (last val_loss, target reached).
+def loop(run: Run, stop: StopRequest) -> tuple[float, bool]:
+    """Train from run.state.step to --max-steps, validating on schedule; (last val_loss, target reached).
 
     Steps run in stretches, each ending at a logged step, a validation, a checkpoint or the end
     (`stretch_ends`). Inside a stretch nothing waits for the device; at its end the clock stops on a
@@ -279,42 +158,42 @@ def loop(run: RunState, step, validate, save, cfg: TrainConfig, log: RunLog, thr
     host read. The loss is checked there (Divergence): a NaN or inf loss leaves NaN in the weights, so
     the next check sees it too.
     """
-    clock, diverged = Stopwatch(device), Divergence(run.model.config.vocab_size)
-    start_step, val_loss = run.step, float("nan")
+    cfg, state = run.cfg, run.state
+    clock, throughput = Stopwatch(run.process.device), Throughput(run)
+    diverged = Divergence(state.model.config.vocab_size)
+    start_step, val_loss = state.step, float("nan")
     while True:
-        if validation_due(run.step, cfg):
-            val_loss = validate(run.step)
-            log.print(f"step {run.step}/{cfg.max_steps} val_loss {val_loss:.4f} "
-                      f"train_time {run.train_time:.1f}s")
-            log.metrics(step=run.step, val_loss=val_loss, train_time_s=run.train_time)
+        if validation_due(state.step, cfg):
+            val_loss = run.validate()
+            log_validation(run, val_loss)
             if cfg.target_val_loss and val_loss <= cfg.target_val_loss:
-                log.print(f"target val_loss {cfg.target_val_loss} reached at step {run.step} after "
-                          f"{run.train_time:.2f}s of training")
+                run.log.print(f"target val_loss {cfg.target_val_loss} reached at step {state.step} after "
+                              f"{state.train_time:.2f}s of training")
                 return val_loss, True
-        if run.step == cfg.max_steps:
+        if state.step == cfg.max_steps:
             return val_loss, False
 
-        first = run.step
+        first = state.step
         clock.start()
         while True:
-            loss = step(run)
-            run.step += 1
-            if stretch_ends(run.step, cfg, start_step):
+            loss = run.train_step()
+            state.step += 1
+            if stretch_ends(state.step, cfg, start_step):
                 break
         seconds = clock.stop()
-        run.train_time += seconds
+        state.train_time += seconds
         train_loss, stopping = agree(loss, stop.requested)
-        diverged(run, log, train_loss)
-        if logged(run.step, cfg):
-            log_step(run, cfg, log, train_loss, throughput.of(range(first, run.step), seconds))
+        diverged(run, train_loss)
+        if logged(state.step, cfg):
+            log_step(run, train_loss, throughput.of(range(first, state.step), seconds))
         if stopping:
-            stop_on_signal(run, save, log, stop)
+            stop_on_signal(run, stop)
             return val_loss, False
-        if cfg.save_every and run.step % cfg.save_every == 0:
-            checkpoint(run, save, log, "periodic")
-        if cfg.exit_after_steps and run.step - start_step == cfg.exit_after_steps:
-            checkpoint(run, save, log, f"--exit-after-steps {cfg.exit_after_steps}")
-            log.print(f"exiting after {cfg.exit_after_steps} steps; continue with --resume auto")
+        if cfg.save_every and state.step % cfg.save_every == 0:
+            run.checkpoint("periodic")
+        if cfg.exit_after_steps and state.step - start_step == cfg.exit_after_steps:
+            run.checkpoint(f"--exit-after-steps {cfg.exit_after_steps}")
+            run.log.print(f"exiting after {cfg.exit_after_steps} steps; continue with --resume auto")
             return val_loss, False
 
 
@@ -334,40 +213,9 @@ def stretch_ends(step: int, cfg: TrainConfig, start_step: int) -> bool:
     return logged(step, cfg) or validation_due(step, cfg) or saving or exiting
 
 
-def warm_up(run: RunState, step, validate, cfg: TrainConfig, log: RunLog, device: torch.device,
-            stop: StopRequest) -> bool:
-    """Compile and warm every graph the run uses, on real steps and a validation at the run's current
-    step, then put the whole state back: the timed run starts from exactly the state it would have
-    had without warm-up. With the window a tensor, that is one training and one validation graph.
-
-    Returns whether a rank was asked to stop: the ranks agree on it after each warm-up step (one
-    all-reduce and one host read each, outside the timed run), and then stop warming up.
-    """
-    saved = copy.deepcopy(run.state_dict())
-    t0, stopping = time.perf_counter(), False
-    for _ in range(cfg.warmup_kernel_steps):
-        _, stopping = agree(step(run), stop.requested)
-        if stopping:
-            break
-    if not stopping:
-        validate(run.step)
-    run.load_state_dict(saved)
-    wait_for_all_ranks(device)  # the timed run starts together on every rank
-    if not stopping:
-        log.print(f"warm-up: {cfg.warmup_kernel_steps} steps + 1 validation in "
-                  f"{time.perf_counter() - t0:.1f}s (untimed, state restored)")
-    return stopping
-
-
-def checkpoint(run: RunState, save, log: RunLog, tag: str) -> None:
-    """Save the run. training/checkpoint.py refuses a state holding NaN/inf on every rank, writing nothing:
-    the run stops there and the last good checkpoint stays the latest."""
-    try:
-        path = save()
-    except CheckpointError as error:
-        log.print(f"step {run.step}: {error}; stopping")
-        raise SystemExit(f"error: {error}") from None
-    log.print(f"checkpoint ({tag}): {path}")
+def stop_on_signal(run: Run, stop: StopRequest, when: str = "") -> None:
+    run.log.print(f"{stop.signal_name or 'stop'} received{when}: saving and exiting at step {run.state.step}")
+    run.checkpoint("on signal")
 
 
 class Divergence:
@@ -383,107 +231,44 @@ class Divergence:
         self.limit = self.FACTOR * math.log(vocab_size)
         self.above = 0  # reads in a row above the limit
 
-    def __call__(self, run: RunState, log: RunLog, loss: float) -> None:
+    def __call__(self, run: Run, loss: float) -> None:
         if not math.isfinite(loss):
-            stop_diverged(run, log, f"train loss is {loss}", f"non-finite train loss ({loss})")
+            stop_diverged(run, f"train loss is {loss}", f"non-finite train loss ({loss})")
         self.above = self.above + 1 if loss > self.limit else 0
         if self.above == self.CHECKS:
             what = (f"train loss {loss:.2f} above {self.limit:.2f} ({self.FACTOR} x ln(vocabulary), the loss "
                     f"of a uniform guess) at {self.CHECKS} reads in a row")
-            stop_diverged(run, log, what, f"the run diverged: {what}")
+            stop_diverged(run, what, f"the run diverged: {what}")
 
 
-def stop_diverged(run: RunState, log: RunLog, what: str, error: str) -> None:
-    log.print(f"step {run.step}: {what}; stopping. The last good checkpoint is kept in "
-              f"{log.out_dir / 'checkpoints'} (lower the learning rates, or resume with --resume auto)")
-    raise SystemExit(f"error: {error} at step {run.step}")
+def stop_diverged(run: Run, what: str, error: str) -> None:
+    run.log.print(f"step {run.state.step}: {what}; stopping. The last good checkpoint is kept in "
+                  f"{run.log.out_dir / 'checkpoints'} (lower the learning rates, or resume with --resume "
+                  f"auto)")
+    raise SystemExit(f"error: {error} at step {run.state.step}")
 
 
-def flops_per_token(model: GPT, seq_len: int, schedule: Schedule, step: int) -> float:
-    """Training FLOPs per token of `step`, at its attention window."""
-    return model.flops_per_token(seq_len, schedule.at(step).window)
+# ----------------------------------------------------------------------------------------------------
+# Finish
 
 
-@dataclass(frozen=True)
-class Throughput:
-    """Tokens/s and MFU (model FLOPs over the devices' dense bf16 peak, where known) of a stretch of steps."""
-
-    tokens_per_step: int
-    world_size: int
-    flops_per_token: Callable[[int], float]  # of a step
-    peak_flops: float | None
-
-    def of(self, steps: range, seconds: float) -> dict:
-        tokens_per_s = self.tokens_per_step * len(steps) / seconds
-        mfu = None
-        if self.peak_flops:
-            flops = self.tokens_per_step * sum(self.flops_per_token(s) for s in steps)
-            mfu = flops / seconds / (self.peak_flops * self.world_size)
-        return dict(step_ms=1000 * seconds / len(steps), tokens_per_s=tokens_per_s,
-                    tokens_per_s_per_device=tokens_per_s / self.world_size, mfu=mfu)
-
-
-def log_step(run: RunState, cfg: TrainConfig, log: RunLog, train_loss: float, speed: dict) -> None:
-    factor = Schedule.of(cfg).lr_factor(run.step - 1)
-    mfu = f" MFU {100 * speed['mfu']:.1f}%" if speed["mfu"] else ""
-    log.print(f"step {run.step}/{cfg.max_steps} train_loss {train_loss:.4f} lr {factor:.3f}x "
-              f"step {speed['step_ms']:.0f}ms {speed['tokens_per_s']:,.0f} tok/s "
-              f"({speed['tokens_per_s_per_device']:,.0f}/device){mfu}")
-    log.metrics(step=run.step, train_loss=train_loss, lr=factor * cfg.lr, **speed,
-                tokens=run.step * cfg.tokens_per_step, train_time_s=run.train_time)
-
-
-class TimedRun(NamedTuple):
-    """Where the timed run began: its first step, the train time then, the graphs compiled by then
-    (graphs_compiled: the model's and any other compiled function's)."""
-
-    step: int
-    train_time: float
-    graphs: int
-
-
-def run_summary(run: RunState, timed_from: TimedRun, throughput: Throughput, graphs: GraphCount | None,
-                device: torch.device) -> dict:
-    """The timed run's figures: speed over all its steps, peak memory, and the graphs compiled (if any)."""
-    summary = dict(step=run.step, train_time_s=run.train_time, peak_memory_gib=peak_memory_gib(device),
-                   graphs_in_timed_run=graphs_compiled() - timed_from.graphs)
-    if run.step > timed_from.step:
-        summary |= throughput.of(range(timed_from.step, run.step), run.train_time - timed_from.train_time)
-    if graphs is not None:
-        summary |= dict(graphs_training=graphs.training, graphs_validation=graphs.validation)
-    return summary
-
-
-def samples(rank: int, cfg: TrainConfig) -> bool:
-    """Whether this rank generates the final sample: rank 0, or every rank under --fsdp, whose forward
-    needs all of them (the same seed gives each the same text; rank 0 prints it)."""
-    return rank == 0 or cfg.fsdp
-
-
-def finish(run: RunState, cfg: TrainConfig, log: RunLog, out_dir: Path, rank: int, val_loss: float,
-           reached_target: bool, summary: dict, device: torch.device) -> dict:
-    """The summary (log lines and, on rank 0, summary.json), a sample and the loss plot (rank 0), and in
-    record mode the record log."""
-    log.print(f"done: step {run.step}/{cfg.max_steps}, val_loss {val_loss:.4f}, "
-              f"training time {run.train_time:.1f}s, peak memory {peak_memory(device)}")
-    if "graphs_training" in summary:
-        log.print(f"compiled model graphs: training {summary['graphs_training']}, validation "
-                  f"{summary['graphs_validation']}")
-    log.print(f"graphs compiled in the timed run: {summary['graphs_in_timed_run']}")
-    if rank == 0:
-        write_text_atomic(out_dir / "summary.json", json.dumps(summary, indent=2))
-    if samples(rank, cfg) and cfg.sample_tokens and run.step == cfg.max_steps:
-        text = sample(run.model.eval(), cfg.sample_prompt, cfg.sample_tokens, Sampling(seed=cfg.seed))
-        log.print("sample: " + text)
+def finish(run: Run, val_loss: float, reached_target: bool, timed_from: TimedRun) -> dict:
+    """The summary (training/report.py), a sample and the loss plot (rank 0), and in record mode the
+    record log."""
+    cfg, rank, out_dir = run.cfg, run.process.rank, Path(run.cfg.out_dir)
+    log_summary(run, val_loss, run_summary(run, timed_from))
+    if samples(rank, cfg) and cfg.sample_tokens and run.state.step == cfg.max_steps:
+        text = sample(run.state.model.eval(), cfg.sample_prompt, cfg.sample_tokens, Sampling(seed=cfg.seed))
+        run.log.print("sample: " + text)
     if rank == 0 and cfg.plot:
-        log.print(loss_plot(out_dir))
-    log.close()
+        run.log.print(loss_plot(out_dir))
+    run.log.close()
     if rank == 0 and cfg.target_val_loss:
         record = Path("records") / f"{time.strftime('%Y%m%d-%H%M%S')}-{cfg.preset}.txt"
         record.parent.mkdir(exist_ok=True)
         shutil.copyfile(out_dir / "log.txt", record)
         print(f"record log: {record} (target {'reached' if reached_target else 'NOT reached'})")
-    return {"val_loss": val_loss, "train_time_s": run.train_time, "step": run.step}
+    return {"val_loss": val_loss, "train_time_s": run.state.train_time, "step": run.state.step}
 
 
 def loss_plot(out_dir: Path) -> str:

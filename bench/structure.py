@@ -35,7 +35,7 @@ model/fp8.py, whose custom ops the census opens).
                  group of torch's "fake" backend (collectives do nothing), with what CUDA compiles
                  (Newton–Schulz, Adam's update) opaque, as inductor's code is to the dispatcher.
   graphs         graphs the compiled model (training.compiling.compile_model, counted by mode) builds
-                 over the whole schedule: a training forward and backward and training.steps.evaluate at
+                 over the whole schedule: a training forward and backward and training.run.validation_loss at
                  the first step of each of the 14 windows, each window the 0-dim tensor the loop
                  passes (training.schedule.Schedule), the 124M architecture at width 32 and
                  64-token sequences (a graph's count does not depend on the sizes).
@@ -62,8 +62,8 @@ from model.gpt import LMHead
 from optim import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, count_allocations, step_collectives
 from training.compiling import compile_model
 from training.recipe import build_optimizer, parse_config, unused_parameters
+from training.run import validation_loss
 from training.schedule import Schedule
-from training.steps import evaluate
 
 T = 48 * 1024  # tokens per GPU per step
 WORLD_SIZE = 8
@@ -455,8 +455,8 @@ def allocations(preset: str = "124m", world_size: int = WORLD_SIZE, steps: int =
 
 def compiled_graphs(preset: str = "124m") -> dict[str, int]:
     """Graphs of the compiled model over the speedrun's schedule, per mode: a training forward and
-    backward (as training.steps.train_step runs them) and training.steps.evaluate, at the first step of each
-    window, on the preset's architecture at width 32 with 64-token sequences."""
+    backward (as training.run.Run.train_step runs them) and training.run.validation_loss, at the first
+    step of each window, on the preset's architecture at width 32 with 64-token sequences."""
     cfg = parse_config(["--preset", "speedrun-2025-07-12"])
     small = dataclasses.replace(PRESETS[preset], dim=32, n_head=2, head_dim=16, max_seq_len=64,
                                 attention="sdpa")  # FlexAttention has no backward on a CPU
@@ -467,8 +467,9 @@ def compiled_graphs(preset: str = "124m") -> dict[str, int]:
     batch = (tokens[:, :-1], tokens[:, 1:])
     schedule = Schedule.of(cfg, torch.device("cpu"))
     for first in schedule.first_steps():
-        forward(*batch, window=schedule.window_tensor(first)).backward()
-        evaluate(forward, gpt, lambda: [batch], first, schedule, contextlib.nullcontext)
+        window = schedule.window_tensor(first)
+        forward(*batch, window=window).backward()
+        validation_loss(forward, [batch], window, contextlib.nullcontext)
     return dict(training=graphs.training, validation=graphs.validation)
 
 

@@ -24,7 +24,9 @@ import torch
 
 import train_gpt
 from data.shards import fingerprint, write_shard
+from model import GPT
 from training import plot
+from training.run import Run
 from training.rundir import LOCK, claim_out_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -297,7 +299,7 @@ def test_out_of_memory_at_the_first_step_is_one_line_and_leaves_the_logs_as_they
     def out_of_memory(self, *args, **kwargs):
         raise torch.OutOfMemoryError(CUDA_OOM)
 
-    monkeypatch.setattr(train_gpt.GPT, "forward", out_of_memory)
+    monkeypatch.setattr(GPT, "forward", out_of_memory)
     resumed, new = copy_of(trained, tmp_path / "resumed"), tmp_path / "new"
     before = snapshot(resumed)
     for args in (["--out-dir", str(resumed), "--resume", "auto", "--max-steps", "3"],
@@ -311,13 +313,13 @@ def test_out_of_memory_at_the_first_step_is_one_line_and_leaves_the_logs_as_they
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_during_the_warm_up_saves_and_exits_as_in_the_loop(tmp_path, monkeypatch, capsys, signum):
-    real_step = train_gpt.train_step
+    real_step = Run.train_step
 
-    def signalled_step(run, **kwargs):
+    def signalled_step(run):
         os.kill(os.getpid(), signum)  # as if sent while the first warm-up step compiles
-        return real_step(run, **kwargs)
+        return real_step(run)
 
-    monkeypatch.setattr(train_gpt, "train_step", signalled_step)
+    monkeypatch.setattr(Run, "train_step", signalled_step)
     code, out, err = run_cli(["--out-dir", str(tmp_path), "--warmup-kernel-steps", "3", *FAST], capsys)
     name = signal.Signals(signum).name
     assert (code, err) == (0, "")
@@ -391,7 +393,7 @@ def test_a_loss_far_above_the_start_for_three_reads_stops_the_run_but_a_shorter_
         tmp_path, monkeypatch, capsys):
     # Training forwards 1-2 and 4-8 return 3x the loss (~30, above 1.5 x ln(50304) = 16.24): the
     # spike at steps 1-2 is two reads, then step 3 is normal; steps 4, 5, 6 are three reads in a row.
-    forward, calls = train_gpt.GPT.forward, []
+    forward, calls = GPT.forward, []
 
     def spiking(self, idx, targets=None, window=None):
         loss = forward(self, idx, targets, window)
@@ -400,7 +402,7 @@ def test_a_loss_far_above_the_start_for_three_reads_stops_the_run_but_a_shorter_
             return loss * 3 if len(calls) != 3 else loss
         return loss
 
-    monkeypatch.setattr(train_gpt.GPT, "forward", spiking)
+    monkeypatch.setattr(GPT, "forward", spiking)
     flags = ["--out-dir", str(tmp_path), *FAST, "--max-steps", "8", "--log-every", "1"]
     code, out, err = run_cli(flags, capsys)
     assert code == 1 and len(calls) == 6
@@ -431,19 +433,20 @@ FAULTY_RANK = """
 import os, signal, sys
 sys.path.insert(0, {root!r})
 import train_gpt
+from training.run import Run
 
-real_step = train_gpt.train_step
+real_step = Run.train_step
 
 
-def faulty_step(run, **kwargs):
-    if os.environ["RANK"] == "1" and run.step == 3:
+def faulty_step(run):
+    if os.environ["RANK"] == "1" and run.state.step == 3:
         if {fault!r} == "stop":
             os.kill(os.getpid(), signal.SIGSTOP)
         os._exit(9)
-    return real_step(run, **kwargs)
+    return real_step(run)
 
 
-train_gpt.train_step = faulty_step
+Run.train_step = faulty_step
 train_gpt.cli(sys.argv[1:])
 """
 

@@ -92,7 +92,7 @@ def test_the_walker_sees_function_level_and_relative_imports():
     graph = import_graph()
     assert "training.runtime" in graph["tools.sample"]  # top level
     assert "optim.distributed" in graph["optim.muon"]  # relative: from .distributed import Sharding
-    assert "data.demo" in graph[SCRIPT]  # inside a function
+    assert "data.demo" in graph["training.run"]  # inside a function
 
 
 def test_every_module_of_the_repo_is_in_a_layer():

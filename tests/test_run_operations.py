@@ -15,6 +15,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import train_gpt
+from model import GPT
 from optim import Muon
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     # The architecture is hard to blow up (norms everywhere, soft-capped logits), so the loss is
     # poisoned directly: the 4th training forward returns NaN.
-    forward = train_gpt.GPT.forward
+    forward = GPT.forward
     calls = {"train": 0}
 
     def poisoned(self, idx, targets=None, window=None):
@@ -105,7 +106,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_gpt.GPT, "forward", poisoned)
+    monkeypatch.setattr(GPT, "forward", poisoned)
     with pytest.raises(SystemExit, match="non-finite train loss"):
         train(tmp_path, "--max-steps", "8", "--save-every", "1")
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000003"  # the last good step

@@ -21,8 +21,9 @@ from data.shards import list_shards, write_shard
 from data.tokenizer import EOT
 from model import GPT, PRESETS
 from training import recipe
-from training.compiling import compile_model
-from training.runtime import autocast_dtype
+from training.run import Run, Setup
+from training.runlog import RunLog
+from training.runtime import Process, autocast_dtype
 from training.schedule import Schedule
 from training.state import RunState
 
@@ -63,33 +64,28 @@ def train(out_dir: Path, *flags: str) -> dict:
 
 
 def test_the_speedrun_window_schedule_compiles_one_graph_per_mode(shards):
-    # The loop's own step and validation functions, the speedrun preset's schedule (1750 steps, the
-    # record's windows), the compiled 124M architecture shrunk to width 32: one step and one
-    # validation at the first step of each window. A graph per window (an int window) would be 14
-    # graphs per mode, past Dynamo's limit of 8, after which the model runs eagerly.
+    # The Run's own step and validation, the 2025-07-12 preset's schedule (1750 steps, the record's
+    # windows), the compiled 124M architecture shrunk to width 32: one step and one validation at
+    # the first step of each window. A graph per window (an int window) would be 14 graphs per mode,
+    # past Dynamo's limit of 8, after which the model runs eagerly.
     cfg = recipe.parse_config(["--preset", "speedrun-2025-07-12", "--data-dir", str(shards),
                                "--seq-len", "64", "--val-seq-len", "64", "--tokens-per-step", "64",
-                               "--val-tokens", "64"])
-    schedule = Schedule.of(cfg, torch.device("cpu"))
-    firsts = schedule.first_steps()
+                               "--val-tokens", "64", "--compile", "on", "--compile-backend", "eager"])
+    firsts = Schedule.of(cfg).first_steps()
     assert len(firsts) == 14  # 128, 256, ..., 1792
     model = GPT(dataclasses.replace(PRESETS["124m"], dim=32, n_head=2, head_dim=16, max_seq_len=64,
                                     attention="sdpa"))  # Flex compiles no backward on a CPU
     torch._dynamo.reset()  # no graphs or recompile budget left over from other tests
-    forward, graphs = compile_model(model, "eager")
     loader = TokenLoader(list_shards(shards, "train"), 1, 64, align_to_bos=True)
-    run = RunState(model, recipe.build_optimizer(model, cfg), loader)
-    precision = partial(torch.autocast, "cpu", enabled=False)
-    step = partial(train_gpt.train_step, forward=forward, schedule=schedule, grad_accum=1,
-                   precision=precision)
+    state = RunState(model, recipe.build_optimizer(model, cfg), loader)
     val_batches = partial(validation_batches, list_shards(shards, "val"), 1, 64, 64)
-    validate = partial(train_gpt.evaluate, forward, model, val_batches, schedule=schedule,
-                       precision=precision)
+    setup = Setup(recipe.BatchLayout(1, 1, 1), state, val_batches, shards, {}, "", None, [])
+    run = Run(cfg, Process(0, 1, torch.device("cpu")), setup, RunLog(shards, enabled=False))
     for first in firsts:
-        run.step = first
-        step(run)
-        validate(first)
-    assert (graphs.training, graphs.validation) == (1, 1)
+        state.step = first
+        run.train_step()
+        run.validate()
+    assert (run.graphs.training, run.graphs.validation) == (1, 1)
 
 
 def test_warm_up_compiles_every_graph_so_the_timed_run_compiles_none(tmp_path, shards):

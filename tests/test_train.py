@@ -11,6 +11,7 @@ import pytest
 
 import train_gpt
 from data.shards import write_shard
+from optim import Muon
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["--val-tokens", "2048", "--sample-tokens", "0", "--no-plot"]
@@ -91,3 +92,53 @@ def test_no_function_in_train_gpt_is_longer_than_a_screen():
     lengths = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
                if isinstance(node, ast.FunctionDef)}
     assert lengths and {name: n for name, n in lengths.items() if n > 60} == {}
+
+
+# A **kwargs passes keywords on (FlagParser to argparse) or names the fields of a record (RunLog.metrics,
+# the metadata save_run writes beside a checkpoint); no other function takes one, so none hides its
+# parameters there.
+TAKES_KEYWORDS = {"FlagParser.__init__", "RunLog.metrics", "save_run"}
+
+
+def signatures(tree: ast.AST, outer: str = ""):
+    """(qualified name, ast.arguments) of every function and lambda in `tree`, methods as Class.name."""
+    for node in ast.iter_child_nodes(tree):
+        name = f"{outer}{getattr(node, 'name', '<lambda>')}"
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            yield name, node.args
+        yield from signatures(node, f"{name}." if isinstance(node, ast.ClassDef) else outer)
+
+
+def test_no_function_in_train_gpt_or_training_takes_more_than_five_parameters():
+    # Every parameter counts: self, positional, keyword-only, *args and **kwargs (one each).
+    counts, keywords = {}, set()
+    for path in [ROOT / "train_gpt.py", *sorted((ROOT / "training").glob("*.py"))]:
+        for name, args in signatures(ast.parse(path.read_text())):
+            starred = (args.vararg is not None) + (args.kwarg is not None)
+            counts[f"{path.relative_to(ROOT)}:{name}"] = (len(args.posonlyargs) + len(args.args)
+                                                         + len(args.kwonlyargs) + starred)
+            if args.kwarg is not None:
+                keywords.add(name)
+    assert len(counts) > 100  # every module read
+    assert {name: n for name, n in counts.items() if n > 5} == {}
+    assert keywords <= TAKES_KEYWORDS
+
+
+def test_the_step_log_reads_the_lr_the_optimizer_used(tmp_path, monkeypatch):
+    # A schedule of the test's own, set on every group just before each optimizer step: the logged lr
+    # (the hidden matrices' group) and factor must be what that step used, not the recipe's recomputed.
+    factors, used, muon_step = [0.9, 0.5, 0.25], [], Muon.step
+
+    def scheduled_step(self, *args, **kwargs):
+        for group in self.param_groups:
+            group["lr"] = group["initial_lr"] * factors[len(used)]
+        used.append(next(g["lr"] for g in self.param_groups if g["role"] == "hidden"))
+        return muon_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Muon, "step", scheduled_step)
+    flags = ["--max-steps", "3", "--log-every", "1", "--val-every", "0", "--tokens-per-step", "256"]
+    _, records = run(tmp_path, *flags, *SHORT)
+    assert [r["lr"] for r in records if "train_loss" in r] == used == [0.05 * f for f in factors]
+    lines = [line for line in (tmp_path / "log.txt").read_text().splitlines()
+             if line.startswith("step ") and " train_loss " in line]
+    assert [line.split(" lr ")[1].split()[0] for line in lines] == ["0.900x", "0.500x", "0.250x"]

@@ -9,6 +9,7 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -59,8 +60,16 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_distributed(device: torch.device, group_of_one: bool = False) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device) from torchrun's environment; one process if not under torchrun.
+class Process(NamedTuple):
+    """This process of a run: its rank among world_size processes, and its device."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_distributed(device: torch.device, group_of_one: bool = False) -> Process:
+    """This Process from torchrun's environment: rank 0 of 1 on `device` if not under torchrun.
 
     NCCL on GPUs, gloo on CPU processes: the same code either way, one node or many (torchrun's c10d
     rendezvous flags). The optimizer then owns gradient synchronization (optim/distributed.py).
@@ -69,7 +78,7 @@ def init_distributed(device: torch.device, group_of_one: bool = False) -> tuple[
     """
     world_size = world_size_from_env()
     if world_size == 1 and not group_of_one:
-        return 0, 1, device
+        return Process(0, 1, device)
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -81,7 +90,7 @@ def init_distributed(device: torch.device, group_of_one: bool = False) -> tuple[
     alone = dict(store=dist.HashStore(), rank=0, world_size=1) if world_size == 1 else {}
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT,
                             device_id=device if device.type == "cuda" else None, **alone)
-    return rank, world_size, device
+    return Process(rank, world_size, device)
 
 
 def shorten_collective_timeout(seconds: float) -> None:

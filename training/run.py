@@ -1,0 +1,203 @@
+"""The run as one object: its config, batch layout, process (device and ranks), state, compiled
+forward, schedule, precision and log, and the three things a run does with them: a training
+step, a validation, a checkpoint.
+
+    setup = set_up(cfg, layout, process)    # data, model, optimizer, --resume; nothing written yet
+    run = Run(cfg, process, setup, log)     # in the claimed --out-dir (training/rundir.py)
+    loss = run.train_step()                 # one optimizer step at run.state.step
+    val_loss = run.validate()               # the validation loss at run.state.step
+    run.checkpoint("periodic")              # save the state (training/checkpoint.py)
+
+train_gpt.py's loop calls these; the schedule (training/schedule.py: lr, momentum, window by step)
+is built with the Run and applied to the optimizer in its training step.
+"""
+
+import dataclasses
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from data.loader import TokenLoader, validation_batches
+from data.shards import fingerprint, list_shards
+from data.tokenizer import gpt2_encoding
+from model import GPT, PRESETS
+from training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from training.compiling import compile_model
+from training.fsdp import shard
+from training.recipe import BatchLayout, TrainConfig, build_optimizer, plan_changes
+from training.runlog import RunLog
+from training.runtime import Process, autocast_dtype, mean_over_ranks
+from training.schedule import Schedule
+from training.state import RunState
+
+# ----------------------------------------------------------------------------------------------------
+# Set-up: everything checked and loaded before the run writes a file
+
+
+class Setup(NamedTuple):
+    """What a run builds and checks before it claims its --out-dir."""
+
+    layout: BatchLayout
+    state: RunState
+    val_batches: Callable[[], Iterable]  # this rank's share of the fixed validation batches
+    data_dir: Path
+    model_config: dict
+    data: str  # the shards' fingerprint (data.shards.fingerprint), saved with every checkpoint
+    resume_from: Path | None
+    plan_changes: list[str]  # what --resume-changed-ok let this run change from the checkpoint's plan
+
+
+def set_up(cfg: TrainConfig, layout: BatchLayout, process: Process) -> Setup:
+    """The data, the model and its optimizer, loaded from --resume if given; each failure one line."""
+    rank, world_size, device = process
+    resume_from = resolve_checkpoint(cfg.resume, Path(cfg.out_dir) / "checkpoints") if cfg.resume else None
+    torch.manual_seed(cfg.seed)
+    if samples(rank, cfg) and cfg.sample_tokens:
+        gpt2_encoding()  # fail now, not after training, if the GPT-2 vocabulary cannot be loaded
+
+    data_dir = shard_dir(cfg, process)
+    train_shards, val_shards = list_shards(data_dir, "train"), list_shards(data_dir, "val")
+    loader = TokenLoader(train_shards, layout.micro_batch, cfg.seq_len, rank=rank, world_size=world_size,
+                         device=device, align_to_bos=cfg.align_to_bos)
+    if world_size * layout.micro_batch * cfg.seq_len >= loader.num_tokens:  # one read, larger than the data
+        raise SystemExit(f"error: a micro-batch of {world_size} process(es) x {layout.micro_batch:,} "
+                         f"sequences x --seq-len {cfg.seq_len} tokens is more than the {loader.num_tokens:,} "
+                         f"train tokens in {data_dir}; lower --batch-size or --tokens-per-step")
+    val_batches = partial(validation_batches, val_shards, layout.val_batch, cfg.val_seq_len, cfg.val_tokens,
+                          rank=rank, world_size=world_size, device=device)
+    val_batches()  # refuses now, not at the first validation, if the val split is too short
+
+    model_cfg = dataclasses.replace(PRESETS[cfg.model], max_seq_len=max(cfg.seq_len, cfg.val_seq_len))
+    model = GPT(model_cfg)
+    if cfg.fsdp:  # training/fsdp.py: every rank keeps 1/W of each parameter's rows, float32
+        shard(model.to(device), device)
+    else:
+        model.to_device(device)  # on CUDA, the embedding tables in the preset's dtype
+    state, changes = RunState(model, build_optimizer(model, cfg), loader), []
+    data = fingerprint(train_shards + val_shards)
+    if resume_from is not None:
+        saved = load_checkpoint(state, resume_from, dataclasses.asdict(model_cfg))
+        if state.step > cfg.max_steps:
+            raise SystemExit(f"error: --max-steps {cfg.max_steps}: --resume {resume_from} is at step "
+                             f"{state.step}, past the end; pass --max-steps {state.step} or more")
+        changes = check_plan(cfg, saved, data, resume_from)
+    return Setup(layout, state, val_batches, data_dir, dataclasses.asdict(model_cfg), data, resume_from,
+                 changes)
+
+
+def shard_dir(cfg: TrainConfig, process: Process) -> Path:
+    """--data-dir, or the offline demo corpus (built once, by rank 0; the other ranks then find it)."""
+    if cfg.data_dir is not None:
+        return Path(cfg.data_dir)
+    from data.demo import demo_shards
+
+    if process.rank == 0:
+        demo_shards()
+    if process.world_size > 1:
+        torch.distributed.barrier()
+    return demo_shards()
+
+
+def check_plan(cfg: TrainConfig, saved: dict, data: str, resume_from: Path) -> list[str]:
+    """The changes from the checkpoint's plan (recipe.plan_changes, and the shards' fingerprint): one
+    line naming each, unless --resume-changed-ok lets the run go on with them."""
+    changes = plan_changes(saved["config"], cfg)
+    if saved["data"] not in (None, data):
+        changes.append(f"the shards (fingerprint {saved['data']} -> {data})")
+    if changes and not cfg.resume_changed_ok:
+        raise SystemExit(f"error: --resume {resume_from}: this run changes the checkpoint's plan: "
+                         f"{'; '.join(changes)}; pass the checkpoint's values, or --resume-changed-ok to "
+                         f"continue with these")
+    return changes
+
+
+def samples(rank: int, cfg: TrainConfig) -> bool:
+    """Whether this rank generates the final sample: rank 0, or every rank under --fsdp, whose forward
+    needs all of them (the same seed gives each the same text; rank 0 prints it)."""
+    return rank == 0 or cfg.fsdp
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run
+
+
+class Run:
+    """A training run's parts (the module docstring) and its step, validation and checkpoint.
+
+    The model runs through `forward`: torch.compile'd (graphs counted by mode in `graphs`) with
+    --compile on, or auto on CUDA; else the model itself and `graphs` None. `precision()` is bf16
+    autocast where autocast_dtype asks for it (a float32 residual stream on CUDA), else disabled.
+    """
+
+    def __init__(self, cfg: TrainConfig, process: Process, setup: Setup, log: RunLog):
+        self.cfg, self.process, self.log = cfg, process, log
+        self.layout, self.state, self.val_batches = setup.layout, setup.state, setup.val_batches
+        # saved beside every checkpoint: a resume refuses another model, and names plan changes
+        self.checkpoint_meta = dict(model_config=setup.model_config, config=dataclasses.asdict(cfg),
+                                    data=setup.data)
+        model, device = self.state.model, process.device
+        compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
+        self.forward, self.graphs = compile_model(model, cfg.compile_backend) if compiled else (model, None)
+        self.autocast = autocast_dtype(model, device)
+        self.schedule = Schedule.of(cfg, device)  # lr, momentum, window by step; window tensors made now
+
+    def precision(self) -> torch.autocast:
+        enabled = self.autocast is not None
+        return torch.autocast(self.process.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step (all micro-batches) at state.step, at its scheduled lr, momentum and
+        window; this rank's loss, left on the device. The loop advances state.step."""
+        state, grad_accum = self.state, self.layout.grad_accum
+        self.schedule.apply(state.optimizer, state.step)
+        window = self.schedule.window_tensor(state.step)
+        train_loss = None
+        for micro_step in range(grad_accum):
+            x, y = state.loader.next_batch()
+            with self.precision():
+                loss = self.forward(x, y, window=window) / grad_accum
+            # Under torchrun the optimizer averages gradients over ranks itself, sending each bucket
+            # during the last backward as soon as it is complete (optim/distributed.py).
+            with state.optimizer.sync_gradients(enabled=micro_step == grad_accum - 1):
+                loss.backward()
+            train_loss = loss.detach() if train_loss is None else train_loss + loss.detach()
+        state.optimizer.step()
+        state.optimizer.zero_grad(set_to_none=True)
+        return train_loss
+
+    def validate(self) -> float:
+        """The mean validation loss at state.step's window, over every rank's share."""
+        window = self.schedule.window_tensor(self.state.step)
+        return validation_loss(self.forward, self.val_batches(), window, self.precision)
+
+    def checkpoint(self, tag: str) -> None:
+        """Save the run (collective). training/checkpoint.py refuses a state holding NaN/inf on every rank,
+        writing nothing: the run stops there and the last good checkpoint stays the latest."""
+        try:
+            path = save_checkpoint(self.state, Path(self.cfg.out_dir) / "checkpoints", **self.checkpoint_meta)
+        except CheckpointError as error:
+            self.log.print(f"step {self.state.step}: {error}; stopping")
+            raise SystemExit(f"error: {error}") from None
+        self.log.print(f"checkpoint ({tag}): {path}")
+
+    def flops_per_token(self, step: int) -> float:
+        """Training FLOPs per token of `step`, at its attention window."""
+        return self.state.model.flops_per_token(self.cfg.seq_len, self.schedule.at(step).window)
+
+
+def validation_loss(forward: torch.nn.Module, batches: Iterable, window: torch.Tensor | None,
+                    precision: Callable[[], torch.autocast]) -> float:
+    """Mean loss of `forward` (in eval mode) over `batches` at `window`, averaged over ranks: every rank
+    passes its share of the same number of batches. The compiled model's validation graph."""
+    forward.eval()
+    total, count = None, 0
+    with torch.no_grad(), precision():
+        for x, y in batches:
+            loss = forward(x, y, window=window).float()
+            total = loss if total is None else total + loss
+            count += 1
+    forward.train()
+    return mean_over_ranks(total).item() / count
