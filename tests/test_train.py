@@ -95,9 +95,9 @@ def test_no_function_in_train_gpt_is_longer_than_a_screen():
 
 
 # A **kwargs passes keywords on (FlagParser to argparse) or names the fields of a record (RunLog.metrics,
-# the metadata save_run writes beside a checkpoint); no other function takes one, so none hides its
+# the metadata save_checkpoint writes beside a checkpoint); no other function takes one, so none hides its
 # parameters there.
-TAKES_KEYWORDS = {"FlagParser.__init__", "RunLog.metrics", "save_run"}
+TAKES_KEYWORDS = {"FlagParser.__init__", "RunLog.metrics", "save_checkpoint"}
 
 
 def signatures(tree: ast.AST, outer: str = ""):
