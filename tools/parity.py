@@ -58,9 +58,14 @@ from data.loader import TokenLoader
 from data.shards import ShardError, list_shards
 from model import GPT, PRESETS
 from optim import Muon
-from tools.parity_record import Entry, Reference, describe, load_reference, one_process_group
+from tools.parity_record import load_reference, recognise
+from tools.parity_record46 import Record20251129
+from tools.parity_source import one_process_group
+from tools.parity_table import Entry, Reference, describe
 from training.recipe import PRESETS_TRAIN, TrainConfig, build_optimizer, parse_config, schedule, window_at
 
+MAX_STEP = 2160  # the longest schedule of a known format: record #46's 2160 steps (2025-07-12: 1750)
+DEFAULT_STEPS = [*range(20), 1000, 1500]
 KINDS = ("hidden", "embed", "value_embed", "head", "scalar")
 # Default one-step tolerances (relative update difference), measured against the 2025-07-12 record in
 # docs/RECIPE.md ("Step parity"): with the preset's ns_eps, ns_rounding and adam_eps_form the hidden,
@@ -121,9 +126,7 @@ def reference_tensor(ref: Reference, entry: Entry, grad: bool = False) -> Tensor
     """The reference's tensor (or its gradient) behind a table entry."""
     param = dict(ref.model.named_parameters())[entry.reference]
     tensor = param.grad if grad else param
-    if tensor is None:
-        return None
-    return tensor if entry.part is None else tensor[entry.part]
+    return None if tensor is None else entry.view(tensor)
 
 
 @torch.no_grad()
@@ -245,12 +248,12 @@ class Parity:
     def __init__(self, reference: str | Path, width: int, seq_len: int, data: list[Path], seed: int,
                  floor: bool = True):
         self.ours = build_ours(width, seq_len, seed)
-        ref, self.substitutions = load_reference(reference, width, seq_len)
+        ref, self.substitutions = load_reference(reference, width, seq_len=seq_len)
         self.table = ref.table(self.ours.model)
         self.kinds = kind_of(self.table)
         self.sides = [Side(ref, None)]
         if floor:
-            self.sides.append(Side(load_reference(reference, width, seq_len)[0], [SDPBackend.MATH]))
+            self.sides.append(Side(load_reference(reference, width, seq_len=seq_len)[0], [SDPBackend.MATH]))
         self.loader = TokenLoader(data, 1, seq_len, align_to_bos=True)
 
     def start_segment(self) -> None:
@@ -332,6 +335,16 @@ def run(args: argparse.Namespace, out=None) -> Report:
     """The comparison, printed as it goes (to `out`, default stdout); the report carries every figure and
     the failed checks."""
     out = out or sys.stdout
+    adapter, _ = recognise(args.reference)
+    if adapter is Record20251129:
+        from tools import parity46  # it builds on this module
+
+        return parity46.run(args, out)
+    args.steps = args.steps or DEFAULT_STEPS
+    args.check_steps = [1, 1500] if args.check_steps is None else args.check_steps
+    if max(args.steps + args.check_steps) > 1750:
+        raise SystemExit(f"error: --steps, --check-steps: the 2025-07-12 schedule has steps 0..1750, got "
+                         f"{max(args.steps + args.check_steps)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     with warnings.catch_warnings(), one_process_group():
@@ -412,8 +425,9 @@ def step_list(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"expected steps like 0-19 or 1000,1500; got {text!r}")
         low, high = int(found.group(1)), int(found.group(2) or found.group(1))
         steps.extend(range(low, high + 1))
-    if any(s > 1750 for s in steps):
-        raise argparse.ArgumentTypeError(f"steps must lie in the 1750-step schedule, 0..1750; got {text!r}")
+    if any(s > MAX_STEP for s in steps):
+        raise argparse.ArgumentTypeError(f"steps must lie in a record's schedule, 0..{MAX_STEP}; "
+                                         f"got {text!r}")
     return steps
 
 
@@ -449,9 +463,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "first line of '=') or that source as a .py")
     parser.add_argument("--steps", type=step_list, action="append",
                         help="schedule steps to train, e.g. 0-19 or 1000,1500, or none; repeatable "
-                             "[default: 0-19 and 1000,1500]")
-    parser.add_argument("--check-steps", type=step_list, default=[1, 1500],
-                        help="schedule steps of the one-optimizer-step check, or none [default: 1,1500]")
+                             "[default: 0-19 and 1000,1500; record #46: 0-19, 706-709, 1800-1801]")
+    parser.add_argument("--check-steps", type=step_list,
+                        help="schedule steps of the one-optimizer-step check, or none [default: 1,1500; "
+                             "record #46: 1801]")
     parser.add_argument("--width", type=int, default=256, help="residual width, a multiple of 128 [256]")
     parser.add_argument("--seq-len", type=int, default=2048,
                         help="tokens per batch, a multiple of 128 [2048]")
@@ -466,8 +481,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train the reference's noise-floor twin (--no-floor: a third less work; "
                              "the floor is then 0)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--batch-divisor", type=int, default=1,
+                        help="record #46: its batch sizes over this (a smaller step for the CPU) [1]")
+    parser.add_argument("--reference-only", action="store_true",
+                        help="record #46: run the record and its noise-floor twin without our side")
     args = parser.parse_args(argv)
-    args.steps = sorted({s for part in (args.steps or [list(range(20)), [1000, 1500]]) for s in part})
+    args.steps = sorted({s for part in args.steps for s in part}) if args.steps else None
     args.step_tol = {**STEP_TOLERANCES, **dict(args.step_tol)}
     for flag, value in (("--width", args.width), ("--seq-len", args.seq_len)):
         if value < 128 or value % 128:
