@@ -5,6 +5,7 @@ micro-batches of 256 tokens), on a synthetic shard of random documents (ids 0-49
 
 import io
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -86,7 +87,8 @@ def stepped(shard_dir):
     training loss) per token and every parameter's change."""
     rows = []
     torch.manual_seed(0)
-    with one_process_group():
+    with one_process_group(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.distributed\..*` is deprecated", FutureWarning)
         ref, substitutions = load_reference(FIXTURE, 128)
         ref.open_data(str(shard_dir / "*_train_*.bin"), 0)
         for step in range(4):
@@ -187,13 +189,14 @@ def test_the_reference_only_run_reproduces_the_adapters_losses_beside_its_twin(s
     _, _, rows = stepped
     out = io.StringIO()
     args = parity.parse_args(["--reference", str(FIXTURE), "--data", str(shard_dir), "--width", "128",
-                              "--threads", "2", "--reference-only", "--steps", "0-2", "--check-steps", "3"])
+                              "--threads", "2", "--reference-only", "--steps", "0-1", "--check-steps", "2"])
     report = parity.run(args, out=out)
-    assert [r.loss for r in report.rows] == [row[0] for row in rows[:3]]  # same seed, data: same numbers
-    assert [r.batch for r in report.rows] == [2048] * 3 and report.rows[0].windows == (128, 384)
+    assert [r.loss for r in report.rows] == [row[0] for row in rows[:2]]  # same seed, data: same numbers
+    assert [r.batch for r in report.rows] == [2048] * 2 and report.rows[0].windows == (128, 384)
     assert all(abs(r.floor) < 1e-3 for r in report.rows)  # the twin: SDPA's math kernel
     assert report.table_entries == 87
-    floor = report.checks[3]  # Polar Express in float32 against float64: rounding, on the hidden kind only
+    floor = report.checks[2]  # Polar Express in float32 against float64: rounding, on the hidden kind only
+    # (an even step: DistAdam does not step)
     assert 0 < floor["hidden"] < 1e-3 and [floor[k] for k in parity.KINDS[1:]] == [0.0] * 4
     assert "GPU kernel dropped x1" in out.getvalue() and "no verdict without our side" in out.getvalue()
 

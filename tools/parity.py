@@ -5,7 +5,9 @@
 
 The reference (a record's log, whose source precedes its first line of '=' characters, or that source
 as a .py) is loaded by tools/parity_record.py: definitions only, with the CPU substitutions listed
-there, by the adapter of its format. Ours is the speedrun preset built by training/recipe.py
+there, by the adapter of its format. This module runs the 2025-07-12 format; a record #46 (2025-11-29)
+reference is run by tools/parity46.py, with its own defaults and flags (--batch-divisor,
+--reference-only). Ours is the speedrun preset built by training/recipe.py
 (parse_config, build_optimizer, schedule, window_at), at the same width (heads of 128) and the
 record's 12 layers, with the embedding tables in bf16 as on CUDA (GPT.cast_embeddings).
 
