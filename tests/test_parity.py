@@ -206,5 +206,7 @@ def test_steps_flags_parse_ranges_and_lists():
     assert parity.step_list("0-3,1000") == [0, 1, 2, 3, 1000]
     assert parity.step_list("none") == []
     assert list(parity.segments([0, 1, 2, 1000, 1500])) == [[0, 1, 2], [1000], [1500]]
-    with pytest.raises(argparse.ArgumentTypeError, match="0..1750"):
-        parity.step_list("1751")
+    with pytest.raises(argparse.ArgumentTypeError, match="0..2160"):  # record #46's schedule, the longest
+        parity.step_list("2161")
+    with pytest.raises(SystemExit, match="the 2025-07-12 schedule has steps 0..1750, got 1751"):
+        parity.run(parity.parse_args(["--reference", str(FIXTURE), "--steps", "1751"]))

@@ -206,3 +206,9 @@ def test_without_our_side_the_run_stops_with_one_line_naming_what_is_missing(sha
                                          r"branch lacks: .*helper preset46.*--reference-only") as stopped:
         parity.main(["--reference", str(FIXTURE), "--data", str(shard_dir), "--steps", "0"])
     assert "\n" not in str(stopped.value)
+
+
+def test_a_run_of_steps_from_an_odd_step_is_refused(shard_dir):
+    with pytest.raises(SystemExit, match=r"--steps: a run of steps must start on an even step .* from 707"):
+        parity.main(["--reference", str(FIXTURE), "--data", str(shard_dir), "--reference-only",
+                     "--steps", "0-3", "--steps", "707-708"])

@@ -342,9 +342,9 @@ def run(args: argparse.Namespace, out=None) -> Report:
         from tools import parity46  # it builds on this module
 
         return parity46.run(args, out)
-    args.steps = args.steps or DEFAULT_STEPS
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     args.check_steps = [1, 1500] if args.check_steps is None else args.check_steps
-    if max(args.steps + args.check_steps) > 1750:
+    if max([0, *args.steps, *args.check_steps]) > 1750:
         raise SystemExit(f"error: --steps, --check-steps: the 2025-07-12 schedule has steps 0..1750, got "
                          f"{max(args.steps + args.check_steps)}")
     if args.threads:
@@ -488,7 +488,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference-only", action="store_true",
                         help="record #46: run the record and its noise-floor twin without our side")
     args = parser.parse_args(argv)
-    args.steps = sorted({s for part in args.steps for s in part}) if args.steps else None
+    args.steps = None if args.steps is None else sorted({s for part in args.steps for s in part})
     args.step_tol = {**STEP_TOLERANCES, **dict(args.step_tol)}
     for flag, value in (("--width", args.width), ("--seq-len", args.seq_len)):
         if value < 128 or value % 128:

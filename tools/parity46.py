@@ -153,7 +153,7 @@ class RecordParity:
         if args.floor:
             self.sides.append(Side(load_reference(args.reference, args.width,
                                                   batch_divisor=args.batch_divisor)[0], [SDPBackend.MATH]))
-        ref.open_data(str(shards(args.data)[0].parent / "*_train_*.bin"), args.steps[0])
+        ref.open_data(str(shards(args.data)[0].parent / "*_train_*.bin"), [*args.steps, *args.check_steps][0])
 
     def start_segment(self) -> None:
         """Every twin at the record's current weights; every optimizer fresh."""
@@ -214,8 +214,12 @@ def reference_kinds(table: list[Entry]) -> dict[str, str]:
 def run(args: argparse.Namespace, out=None) -> Report46:
     """The record's side, printed as it goes (module docstring)."""
     out = out or sys.stdout
-    args.steps = args.steps or DEFAULT_STEPS
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     args.check_steps = [1801] if args.check_steps is None else args.check_steps
+    odd = [segment[0] for segment in segments(args.steps) if segment[0] % 2]
+    if odd:
+        raise SystemExit(f"error: --steps: a run of steps must start on an even step (DistAdam steps on the "
+                         f"gradients of an even and the following odd step), got one from {odd[0]}")
     if not args.reference_only:
         check_ours_buildable()
     if args.threads:
