@@ -44,11 +44,9 @@ kind's one-step difference exceeds max(its floor, --step-tol KIND=REL); 0 otherw
 import argparse
 import contextlib
 import dataclasses
-import math
 import re
 import sys
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,18 +55,31 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.loader import TokenLoader
-from data.shards import ShardError, list_shards
 from model import GPT, PRESETS
 from optim import Muon
+from tools import parity46
 from tools.parity_record import load_reference, recognise
 from tools.parity_record46 import Record20251129
 from tools.parity_source import one_process_group
-from tools.parity_table import Entry, Reference, describe
+from tools.parity_table import (
+    KINDS,
+    Entry,
+    Reference,
+    change,
+    check_unread,
+    copy_weights,
+    kind_of,
+    our_weights,
+    reference_tensor,
+    reference_weights,
+    relative_differences,
+    segments,
+    shards,
+)
 from training.recipe import PRESETS_TRAIN, TrainConfig, build_optimizer, parse_config, schedule, window_at
 
 MAX_STEP = 2160  # the longest schedule of a known format: record #46's 2160 steps (2025-07-12: 1750)
 DEFAULT_STEPS = [*range(20), 1000, 1500]
-KINDS = ("hidden", "embed", "value_embed", "head", "scalar")
 # Default one-step tolerances (relative update difference), measured against the 2025-07-12 record in
 # docs/RECIPE.md ("Step parity"): with the preset's ns_eps, ns_rounding and adam_eps_form the hidden,
 # head and scalar updates are bit-identical (0), so hidden is held to its own float32-vs-float64
@@ -119,63 +130,6 @@ def step_ours(ours: Ours, step: int) -> None:
     schedule(ours.optimizer, step, ours.cfg)
     ours.optimizer.step()
     ours.optimizer.zero_grad(set_to_none=True)
-
-
-# ---- the two sides in our names ------------------------------------------------------------------------
-
-
-def reference_tensor(ref: Reference, entry: Entry, grad: bool = False) -> Tensor | None:
-    """The reference's tensor (or its gradient) behind a table entry."""
-    param = dict(ref.model.named_parameters())[entry.reference]
-    tensor = param.grad if grad else param
-    return None if tensor is None else entry.view(tensor)
-
-
-@torch.no_grad()
-def copy_weights(table: list[Entry], ours: GPT, ref: Reference) -> None:
-    """Our weights into the reference, entry by entry (its unread elements are left as they are)."""
-    params = dict(ours.named_parameters())
-    for entry in table:
-        if entry.ours is not None:
-            reference_tensor(ref, entry).copy_(params[entry.ours])
-
-
-@torch.no_grad()
-def reference_weights(table: list[Entry], ref: Reference) -> dict[str, Tensor]:
-    """The reference's weights under our names, as float32 copies."""
-    return {e.ours: reference_tensor(ref, e).float().clone() for e in table if e.ours is not None}
-
-
-@torch.no_grad()
-def our_weights(ours: GPT) -> dict[str, Tensor]:
-    return {name: p.float().clone() for name, p in ours.named_parameters()}
-
-
-def check_unread(table: list[Entry], ref: Reference) -> None:
-    """The elements the table calls unread must get no gradient from the reference's loss."""
-    for entry in table:
-        grad = reference_tensor(ref, entry, grad=True) if entry.ours is None else None
-        if grad is not None and grad.any():
-            raise SystemExit(f"error: tools.parity: the name table calls {describe(entry)} unread, but the "
-                             f"reference's loss has a gradient there; map it to one of our parameters")
-
-
-def kind_of(table: list[Entry]) -> dict[str, str]:
-    return {e.ours: e.kind for e in table if e.ours is not None}
-
-
-def relative_differences(kinds: dict[str, str], a: dict[str, Tensor],
-                         b: dict[str, Tensor]) -> dict[str, float]:
-    """Per kind, ‖a − b‖/‖a‖ over all of that kind's tensors together (0/0 counts as 0)."""
-    num, den = dict.fromkeys(KINDS, 0.0), dict.fromkeys(KINDS, 0.0)
-    for name, kind in kinds.items():
-        num[kind] += torch.linalg.vector_norm(a[name] - b[name]).item() ** 2
-        den[kind] += torch.linalg.vector_norm(a[name]).item() ** 2
-    return {k: math.sqrt(num[k] / den[k]) if den[k] else math.sqrt(num[k]) for k in KINDS}
-
-
-def change(after: dict[str, Tensor], before: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {name: after[name] - before[name] for name in after}
 
 
 # ---- a side of the comparison: the reference, possibly under another attention kernel --------------------
@@ -321,26 +275,12 @@ class Parity:
         return change(reference_weights(self.table, ref), before)
 
 
-def segments(steps: list[int]) -> Iterator[list[int]]:
-    """Runs of consecutive steps: [0, 1, 2, 1000, 1500] -> [0, 1, 2], [1000], [1500]."""
-    run: list[int] = []
-    for step in steps:
-        if run and step != run[-1] + 1:
-            yield run
-            run = []
-        run.append(step)
-    if run:
-        yield run
-
-
 def run(args: argparse.Namespace, out=None) -> Report:
     """The comparison, printed as it goes (to `out`, default stdout); the report carries every figure and
     the failed checks."""
     out = out or sys.stdout
     adapter, _ = recognise(args.reference)
     if adapter is Record20251129:
-        from tools import parity46  # it builds on this module
-
         return parity46.run(args, out)
     args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     args.check_steps = [1, 1500] if args.check_steps is None else args.check_steps
@@ -444,18 +384,6 @@ def tolerance(text: str) -> tuple[str, float]:
                                          f"REL >= 0; "
                                          f"got {text!r}")
     return kind, number
-
-
-def shards(data: str | None) -> list[Path]:
-    """The training shards of --data, or of the demo corpus (built on first use)."""
-    if data is None:
-        from data.demo import demo_shards
-
-        data = demo_shards()
-    try:
-        return list_shards(data, "train")
-    except ShardError as error:
-        raise SystemExit(f"error: --data: {error}") from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -42,11 +42,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from data.loader import TokenLoader
 from model import GPT, PRESETS, GPTConfig
 from model.attention import dense_mask
-from tools.parity import KINDS, change, check_unread, relative_differences, segments, shards
 from tools.parity_record import load_reference
 from tools.parity_record46 import Record20251129
 from tools.parity_source import one_process_group
-from tools.parity_table import Entry
+from tools.parity_table import KINDS, Entry, change, check_unread, relative_differences, segments, shards
 from training.recipe import PRESETS_TRAIN
 
 DEFAULT_STEPS = [*range(20), *range(706, 710), 1800, 1801]

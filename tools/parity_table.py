@@ -1,11 +1,19 @@
-"""The name table of tools.parity: which tensor of a record's model is which parameter of ours, and what
-every record-format adapter provides (`Reference`)."""
+"""What every tools.parity run shares, whatever the record's format: the name table (which tensor of a
+record's model is which parameter of ours), what every adapter provides (`Reference`), the weights and
+updates of both sides in our names, the runs of consecutive steps, and the training shards."""
 
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from data.shards import ShardError, list_shards
+
+KINDS = ("hidden", "embed", "value_embed", "head", "scalar")  # how the differences are reported
 
 
 @dataclass(frozen=True)
@@ -120,3 +128,87 @@ class Reference:
 
     name = ""
     defines: frozenset[str] = frozenset()  # top-level names its script defines: how it is recognised
+
+
+# ---- the two sides in our names ---------------------------------------------------------------------
+
+
+def reference_tensor(ref: Reference, entry: Entry, grad: bool = False) -> Tensor | None:
+    """The reference's tensor (or its gradient) behind a table entry."""
+    param = dict(ref.model.named_parameters())[entry.reference]
+    tensor = param.grad if grad else param
+    return None if tensor is None else entry.view(tensor)
+
+
+@torch.no_grad()
+def copy_weights(table: list[Entry], ours: nn.Module, ref: Reference) -> None:
+    """Our weights into the reference, entry by entry (its unread elements are left as they are)."""
+    params = dict(ours.named_parameters())
+    for entry in table:
+        if entry.ours is not None:
+            reference_tensor(ref, entry).copy_(params[entry.ours])
+
+
+@torch.no_grad()
+def reference_weights(table: list[Entry], ref: Reference) -> dict[str, Tensor]:
+    """The reference's weights under our names, as float32 copies."""
+    return {e.ours: reference_tensor(ref, e).float().clone() for e in table if e.ours is not None}
+
+
+@torch.no_grad()
+def our_weights(ours: nn.Module) -> dict[str, Tensor]:
+    return {name: p.float().clone() for name, p in ours.named_parameters()}
+
+
+def check_unread(table: list[Entry], ref: Reference) -> None:
+    """The elements the table calls unread must get no gradient from the reference's loss."""
+    for entry in table:
+        grad = reference_tensor(ref, entry, grad=True) if entry.ours is None else None
+        if grad is not None and grad.any():
+            raise SystemExit(f"error: tools.parity: the name table calls {describe(entry)} unread, but the "
+                             f"reference's loss has a gradient there; map it to one of our parameters")
+
+
+def kind_of(table: list[Entry]) -> dict[str, str]:
+    return {e.ours: e.kind for e in table if e.ours is not None}
+
+
+def relative_differences(kinds: dict[str, str], a: dict[str, Tensor],
+                         b: dict[str, Tensor]) -> dict[str, float]:
+    """Per kind, ‖a − b‖/‖a‖ over all of that kind's tensors together (0/0 counts as 0)."""
+    num, den = dict.fromkeys(KINDS, 0.0), dict.fromkeys(KINDS, 0.0)
+    for name, kind in kinds.items():
+        num[kind] += torch.linalg.vector_norm(a[name] - b[name]).item() ** 2
+        den[kind] += torch.linalg.vector_norm(a[name]).item() ** 2
+    return {k: math.sqrt(num[k] / den[k]) if den[k] else math.sqrt(num[k]) for k in KINDS}
+
+
+def change(after: dict[str, Tensor], before: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {name: after[name] - before[name] for name in after}
+
+
+# ---- runs of steps and the data -------------------------------------------------------------------
+
+
+def segments(steps: list[int]) -> Iterator[list[int]]:
+    """Runs of consecutive steps: [0, 1, 2, 1000, 1500] -> [0, 1, 2], [1000], [1500]."""
+    run: list[int] = []
+    for step in steps:
+        if run and step != run[-1] + 1:
+            yield run
+            run = []
+        run.append(step)
+    if run:
+        yield run
+
+
+def shards(data: str | None) -> list[Path]:
+    """The training shards of --data, or of the demo corpus (built on first use)."""
+    if data is None:
+        from data.demo import demo_shards
+
+        data = demo_shards()
+    try:
+        return list_shards(data, "train")
+    except ShardError as error:
+        raise SystemExit(f"error: --data: {error}") from None
