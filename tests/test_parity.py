@@ -18,16 +18,9 @@ from data.shards import write_shard
 from model import PRESETS
 from model.attention import dense_mask, flex_block_mask
 from tools import parity
-from tools.parity_record import (
-    Entry,
-    NameTableError,
-    dense_block_mask,
-    listed_blocks,
-    load_definitions,
-    load_reference,
-    read_source,
-    resolve_table,
-)
+from tools.parity_record import dense_block_mask, listed_blocks, load_reference
+from tools.parity_source import StandIns, load_definitions, read_source
+from tools.parity_table import Entry, NameTableError, resolve_table
 
 FIXTURE = Path(__file__).parent / "fixtures" / "parity_reference.py"
 SMALL = ["--width", "128", "--seq-len", "256", "--threads", "2"]
@@ -123,7 +116,7 @@ def test_a_reference_parameter_missing_from_the_name_table_stops_the_run_naming_
 
 def test_our_parameter_missing_from_the_name_table_stops_the_run_naming_it():
     ours = parity.build_ours(128, 256, seed=0)
-    ref, _ = load_reference(FIXTURE, 128, 256)
+    ref, _ = load_reference(FIXTURE, 128, seq_len=256)
     rules = [r for r in ref.rules if r[0] != "lm_head.weight"] + [("lm_head.weight", "embed.weight", "head")]
     with pytest.raises(NameTableError, match=r"our parameter embed.weight is mapped twice"):
         resolve_table(rules, ref.scalar_entries(), ref.model, ours.model)
@@ -174,7 +167,7 @@ raise SystemExit("the main body ran")
 
 
 def test_the_loader_keeps_definitions_only_and_moves_them_to_the_cpu():
-    loaded = load_definitions(SCRIPT, "zeropower")
+    loaded = load_definitions(SCRIPT, StandIns("zeropower"))
     ns = loaded.namespace
     assert loaded.substitutions == {"custom operator dropped (the FP8 head)": 2, "torch.compile removed": 1,
                                     "pin_memory=True -> False": 1, ".cuda() -> .cpu()": 1,
@@ -213,5 +206,7 @@ def test_steps_flags_parse_ranges_and_lists():
     assert parity.step_list("0-3,1000") == [0, 1, 2, 3, 1000]
     assert parity.step_list("none") == []
     assert list(parity.segments([0, 1, 2, 1000, 1500])) == [[0, 1, 2], [1000], [1500]]
-    with pytest.raises(argparse.ArgumentTypeError, match="0..1750"):
-        parity.step_list("1751")
+    with pytest.raises(argparse.ArgumentTypeError, match="0..2160"):  # record #46's schedule, the longest
+        parity.step_list("2161")
+    with pytest.raises(SystemExit, match="the 2025-07-12 schedule has steps 0..1750, got 1751"):
+        parity.run(parity.parse_args(["--reference", str(FIXTURE), "--steps", "1751"]))

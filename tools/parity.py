@@ -5,7 +5,9 @@
 
 The reference (a record's log, whose source precedes its first line of '=' characters, or that source
 as a .py) is loaded by tools/parity_record.py: definitions only, with the CPU substitutions listed
-there, by the adapter of its format. Ours is that record's preset (PRESET: the 2025-07-12 record's
+there, by the adapter of its format. This module runs the 2025-07-12 format; a record #46 (2025-11-29)
+reference is run by tools/parity46.py, with its own defaults and flags (--batch-divisor,
+--reference-only). Ours is that record's preset (PRESET: the 2025-07-12 record's
 `--preset speedrun-2025-07-12`), built by training/recipe.py (parse_config, build_optimizer) and its
 training/schedule.py Schedule, at the same width (heads of 128) and the record's 12 layers, with the
 embedding tables in bf16 as on CUDA (GPT.cast_embeddings).
@@ -43,11 +45,9 @@ kind's one-step difference exceeds max(its floor, --step-tol KIND=REL); 0 otherw
 import argparse
 import contextlib
 import dataclasses
-import math
 import re
 import sys
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,16 +56,35 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data.loader import TokenLoader
-from data.shards import ShardError, list_shards
 from model import GPT, PRESETS
 from optim import Muon
-from tools.parity_record import Entry, Reference, describe, load_reference, one_process_group
+from tools import parity46
+from tools.parity_record import load_reference, recognise
+from tools.parity_record46 import Record20251129
+from tools.parity_source import one_process_group
+from tools.parity_table import (
+    KINDS,
+    Entry,
+    Reference,
+    change,
+    check_unread,
+    copy_weights,
+    kind_of,
+    our_weights,
+    reference_tensor,
+    reference_weights,
+    relative_differences,
+    segments,
+    shards,
+)
 from training.recipe import PRESETS_TRAIN, build_optimizer, parse_config
 from training.schedule import Schedule
 
 # Our preset for the 2025-07-12 record, the record this adapter compares.
 PRESET = "speedrun-2025-07-12"
-KINDS = ("hidden", "embed", "value_embed", "head", "scalar")
+
+MAX_STEP = 2160  # the longest schedule of a known format: record #46's 2160 steps (2025-07-12: 1750)
+DEFAULT_STEPS = [*range(20), 1000, 1500]
 # Default one-step tolerances (relative update difference), measured against the 2025-07-12 record in
 # docs/RECIPE.md ("Step parity"): with the preset's ns_eps, ns_rounding and adam_eps_form the hidden,
 # head and scalar updates are bit-identical (0), so hidden is held to its own float32-vs-float64
@@ -116,65 +135,6 @@ def step_ours(ours: Ours, step: int) -> None:
     ours.schedule.apply(ours.optimizer, step)
     ours.optimizer.step()
     ours.optimizer.zero_grad(set_to_none=True)
-
-
-# ---- the two sides in our names ------------------------------------------------------------------------
-
-
-def reference_tensor(ref: Reference, entry: Entry, grad: bool = False) -> Tensor | None:
-    """The reference's tensor (or its gradient) behind a table entry."""
-    param = dict(ref.model.named_parameters())[entry.reference]
-    tensor = param.grad if grad else param
-    if tensor is None:
-        return None
-    return tensor if entry.part is None else tensor[entry.part]
-
-
-@torch.no_grad()
-def copy_weights(table: list[Entry], ours: GPT, ref: Reference) -> None:
-    """Our weights into the reference, entry by entry (its unread elements are left as they are)."""
-    params = dict(ours.named_parameters())
-    for entry in table:
-        if entry.ours is not None:
-            reference_tensor(ref, entry).copy_(params[entry.ours])
-
-
-@torch.no_grad()
-def reference_weights(table: list[Entry], ref: Reference) -> dict[str, Tensor]:
-    """The reference's weights under our names, as float32 copies."""
-    return {e.ours: reference_tensor(ref, e).float().clone() for e in table if e.ours is not None}
-
-
-@torch.no_grad()
-def our_weights(ours: GPT) -> dict[str, Tensor]:
-    return {name: p.float().clone() for name, p in ours.named_parameters()}
-
-
-def check_unread(table: list[Entry], ref: Reference) -> None:
-    """The elements the table calls unread must get no gradient from the reference's loss."""
-    for entry in table:
-        grad = reference_tensor(ref, entry, grad=True) if entry.ours is None else None
-        if grad is not None and grad.any():
-            raise SystemExit(f"error: tools.parity: the name table calls {describe(entry)} unread, but the "
-                             f"reference's loss has a gradient there; map it to one of our parameters")
-
-
-def kind_of(table: list[Entry]) -> dict[str, str]:
-    return {e.ours: e.kind for e in table if e.ours is not None}
-
-
-def relative_differences(kinds: dict[str, str], a: dict[str, Tensor],
-                         b: dict[str, Tensor]) -> dict[str, float]:
-    """Per kind, ‖a − b‖/‖a‖ over all of that kind's tensors together (0/0 counts as 0)."""
-    num, den = dict.fromkeys(KINDS, 0.0), dict.fromkeys(KINDS, 0.0)
-    for name, kind in kinds.items():
-        num[kind] += torch.linalg.vector_norm(a[name] - b[name]).item() ** 2
-        den[kind] += torch.linalg.vector_norm(a[name]).item() ** 2
-    return {k: math.sqrt(num[k] / den[k]) if den[k] else math.sqrt(num[k]) for k in KINDS}
-
-
-def change(after: dict[str, Tensor], before: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {name: after[name] - before[name] for name in after}
 
 
 # ---- a side of the comparison: the reference, possibly under another attention kernel --------------------
@@ -249,12 +209,12 @@ class Parity:
     def __init__(self, reference: str | Path, width: int, seq_len: int, data: list[Path], seed: int,
                  floor: bool = True):
         self.ours = build_ours(width, seq_len, seed)
-        ref, self.substitutions = load_reference(reference, width, seq_len)
+        ref, self.substitutions = load_reference(reference, width, seq_len=seq_len)
         self.table = ref.table(self.ours.model)
         self.kinds = kind_of(self.table)
         self.sides = [Side(ref, None)]
         if floor:
-            self.sides.append(Side(load_reference(reference, width, seq_len)[0], [SDPBackend.MATH]))
+            self.sides.append(Side(load_reference(reference, width, seq_len=seq_len)[0], [SDPBackend.MATH]))
         self.loader = TokenLoader(data, 1, seq_len, align_to_bos=True)
 
     def start_segment(self) -> None:
@@ -320,22 +280,18 @@ class Parity:
         return change(reference_weights(self.table, ref), before)
 
 
-def segments(steps: list[int]) -> Iterator[list[int]]:
-    """Runs of consecutive steps: [0, 1, 2, 1000, 1500] -> [0, 1, 2], [1000], [1500]."""
-    run: list[int] = []
-    for step in steps:
-        if run and step != run[-1] + 1:
-            yield run
-            run = []
-        run.append(step)
-    if run:
-        yield run
-
-
 def run(args: argparse.Namespace, out=None) -> Report:
     """The comparison, printed as it goes (to `out`, default stdout); the report carries every figure and
     the failed checks."""
     out = out or sys.stdout
+    adapter, _ = recognise(args.reference)
+    if adapter is Record20251129:
+        return parity46.run(args, out)
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+    args.check_steps = [1, 1500] if args.check_steps is None else args.check_steps
+    if max([0, *args.steps, *args.check_steps]) > 1750:
+        raise SystemExit(f"error: --steps, --check-steps: the 2025-07-12 schedule has steps 0..1750, got "
+                         f"{max(args.steps + args.check_steps)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     with warnings.catch_warnings(), one_process_group():
@@ -416,8 +372,9 @@ def step_list(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"expected steps like 0-19 or 1000,1500; got {text!r}")
         low, high = int(found.group(1)), int(found.group(2) or found.group(1))
         steps.extend(range(low, high + 1))
-    if any(s > 1750 for s in steps):
-        raise argparse.ArgumentTypeError(f"steps must lie in the 1750-step schedule, 0..1750; got {text!r}")
+    if any(s > MAX_STEP for s in steps):
+        raise argparse.ArgumentTypeError(f"steps must lie in a record's schedule, 0..{MAX_STEP}; "
+                                         f"got {text!r}")
     return steps
 
 
@@ -434,18 +391,6 @@ def tolerance(text: str) -> tuple[str, float]:
     return kind, number
 
 
-def shards(data: str | None) -> list[Path]:
-    """The training shards of --data, or of the demo corpus (built on first use)."""
-    if data is None:
-        from data.demo import demo_shards
-
-        data = demo_shards()
-    try:
-        return list_shards(data, "train")
-    except ShardError as error:
-        raise SystemExit(f"error: --data: {error}") from None
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tools.parity", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
@@ -453,9 +398,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "first line of '=') or that source as a .py")
     parser.add_argument("--steps", type=step_list, action="append",
                         help="schedule steps to train, e.g. 0-19 or 1000,1500, or none; repeatable "
-                             "[default: 0-19 and 1000,1500]")
-    parser.add_argument("--check-steps", type=step_list, default=[1, 1500],
-                        help="schedule steps of the one-optimizer-step check, or none [default: 1,1500]")
+                             "[default: 0-19 and 1000,1500; record #46: 0-19, 706-709, 1800-1801]")
+    parser.add_argument("--check-steps", type=step_list,
+                        help="schedule steps of the one-optimizer-step check, or none [default: 1,1500; "
+                             "record #46: 1801]")
     parser.add_argument("--width", type=int, default=256, help="residual width, a multiple of 128 [256]")
     parser.add_argument("--seq-len", type=int, default=2048,
                         help="tokens per batch, a multiple of 128 [2048]")
@@ -470,8 +416,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="train the reference's noise-floor twin (--no-floor: a third less work; "
                              "the floor is then 0)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--batch-divisor", type=int, default=1,
+                        help="record #46: its batch sizes over this (a smaller step for the CPU) [1]")
+    parser.add_argument("--reference-only", action="store_true",
+                        help="record #46: run the record and its noise-floor twin without our side")
     args = parser.parse_args(argv)
-    args.steps = sorted({s for part in (args.steps or [list(range(20)), [1000, 1500]]) for s in part})
+    args.steps = None if args.steps is None else sorted({s for part in args.steps for s in part})
     args.step_tol = {**STEP_TOLERANCES, **dict(args.step_tol)}
     for flag, value in (("--width", args.width), ("--seq-len", args.seq_len)):
         if value < 128 or value % 128:

@@ -1,0 +1,214 @@
+"""tools.parity against record #46's format: the CPU stand-ins for its kernels and FlashAttention-3, the
+loader's substitutions and the Record20251129 adapter on a reference written with our own code
+(tests/fixtures/parity_reference46.py: width 128, the record's 12 layers and 50304-row tables, 8
+micro-batches of 256 tokens), on a synthetic shard of random documents (ids 0-499) after BOS tokens."""
+
+import io
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.shards import write_shard
+from tools import parity, parity46
+from tools.parity_record import load_reference
+from tools.parity_record46 import ba_plus_caa, flash_attn_varlen_sdpa, xxt
+from tools.parity_source import NS_CAST, Unavailable, one_process_group
+from tools.parity_table import NameTableError, resolve_table
+
+FIXTURE = Path(__file__).parent / "fixtures" / "parity_reference46.py"
+ZERO_HEAD_LOSS = math.log(50304)  # uniform logits over the padded vocabulary
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("parity46_data")
+    rng = np.random.default_rng(0)
+    # tokens from 500 ids: a unigram signal the head learns from its first step (uniform ids have none)
+    documents = [np.concatenate([[50256], rng.integers(0, 500, rng.integers(40, 300))]) for _ in range(300)]
+    write_shard(directory / "synthetic_train_000000.bin", np.concatenate(documents))
+    return directory
+
+
+# ---- the stand-ins ------------------------------------------------------------------------------------
+
+
+def test_the_symmetric_products_are_the_kernels_math_and_exactly_symmetric():
+    A = torch.randn(3, 40, 70, generator=torch.Generator().manual_seed(0)).bfloat16()
+    out = xxt(A, torch.empty(3, 40, 40, dtype=torch.bfloat16))
+    exact = (A.double() @ A.double().mT).bfloat16()  # float32 sums of exact products, one rounding
+    assert torch.equal(out, out.mT)
+    assert (out.float() - exact.float()).abs().max() <= 2 ** -7 * exact.float().abs().max()
+    assert torch.equal(out.tril(), (A.float() @ A.float().mT).bfloat16().tril())
+    B = ba_plus_caa(out, alpha=2.0, beta=-3.0, out=torch.empty_like(out))
+    expected = 2.0 * (out.float() @ out.float().mT) - 3.0 * out.float()
+    assert torch.equal(B, B.mT) and torch.equal(B.tril(), expected.bfloat16().tril())
+
+
+def dense_varlen_mask(cu_seqlens: torch.Tensor, T: int, window: int) -> torch.Tensor:
+    """(T, T): same segment of cu_seqlens and 0 <= i - j <= window, from the definition."""
+    segment = torch.searchsorted(cu_seqlens, torch.arange(T), right=True)
+    gap = torch.arange(T)[:, None] - torch.arange(T)[None, :]
+    return (segment[:, None] == segment[None, :]) & (gap >= 0) & (gap <= window)
+
+
+@pytest.mark.parametrize("window", [0, 5, 40, 1000])
+def test_the_varlen_stand_in_is_sdpa_under_the_dense_segment_and_window_mask(window):
+    T, H, D = 96, 2, 16
+    q, k, v = torch.randn(3, T, H, D, generator=torch.Generator().manual_seed(window)).unbind(0)
+    cu = torch.tensor([0, 10, 11, 50, 96, 96, 96], dtype=torch.int32)  # padded with T, as the record's
+    y = flash_attn_varlen_sdpa(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=64, max_seqlen_k=64,
+                               causal=True, softmax_scale=0.3, window_size=(window, 0))
+    mask = dense_varlen_mask(cu, T, window)
+    dense = F.scaled_dot_product_attention(*(t.transpose(0, 1) for t in (q, k, v)), attn_mask=mask, scale=0.3)
+    torch.testing.assert_close(y, dense.transpose(0, 1), rtol=1e-5, atol=1e-6)
+    assert int(mask[70].sum()) == min(window + 1, 70 - 50 + 1)  # W + 1 keys, cut at its segment's start
+
+
+def test_the_varlen_stand_in_refuses_what_it_does_not_reproduce():
+    q = torch.zeros(32, 1, 8)
+    cu = torch.tensor([0, 32], dtype=torch.int32)
+    with pytest.raises(NotImplementedError, match="non-causal"):
+        flash_attn_varlen_sdpa(q, q, q, cu, cu, 32, 32, causal=False, softmax_scale=1.0, window_size=(4, 0))
+    with pytest.raises(ValueError, match="exceeds max_seqlen"):
+        flash_attn_varlen_sdpa(q, q, q, cu, cu, 16, 16, causal=True, softmax_scale=1.0, window_size=(4, 0))
+
+
+# ---- the loader and the adapter -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stepped(shard_dir):
+    """The fixture built by the adapter and trained 4 steps from step 0: per step (float32 loss, its
+    training loss) per token and every parameter's change."""
+    rows = []
+    torch.manual_seed(0)
+    with one_process_group(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.distributed\..*` is deprecated", FutureWarning)
+        ref, substitutions = load_reference(FIXTURE, 128)
+        ref.open_data(str(shard_dir / "*_train_*.bin"), 0)
+        for step in range(4):
+            before = {n: p.detach().float().clone() for n, p in ref.model.named_parameters()}
+            batch = ref.batches(step)
+            tokens = sum(t.numel() for _, t, _ in batch)
+            loss = ref.float_loss(batch, step) / tokens
+            trained = ref.forward_backward(batch, step) / tokens
+            ref.step(step)
+            moved = {n: not torch.equal(p.detach().float(), before[n])
+                     for n, p in ref.model.named_parameters()}
+            rows.append((loss, trained, moved, tokens))
+    return ref, substitutions, rows
+
+
+def test_the_loader_strips_the_gpu_parts_and_counts_each_substitution(stepped):
+    ref, substitutions, _ = stepped
+    assert substitutions == {
+        "import triton dropped (GPU-only)": 1, "import triton.language dropped (GPU-only)": 1,
+        "import kernels dropped (GPU-only)": 1, "GPU kernel dropped": 1,
+        "XXT -> PyTorch X Xᵀ (tools.parity_record46.xxt)": 1,
+        "ba_plus_cAA -> PyTorch b A + c A² (tools.parity_record46.ba_plus_caa)": 1, NS_CAST: 1,
+        "FA3 flash_attn_varlen_func -> SDPA with the dense segment and window mask, per segment": 1,
+        'device = "cpu" (line 1261)': 1}
+    ns = ref.ns
+    assert ns["XXT"] is xxt and ns["flash_attn_interface"].flash_attn_varlen_func is flash_attn_varlen_sdpa
+    assert isinstance(ns["triton"], Unavailable) and "scale_kernel" not in ns
+    with pytest.raises(RuntimeError, match="tl.arange is GPU-only"):
+        ns["tl"].arange(4)
+    G = torch.randn(8, 24, generator=torch.Generator().manual_seed(1))
+    ns["NS_DTYPE"] = torch.float32
+    assert ns["polar_express"](G).dtype == torch.float32  # the bf16 cast is switchable
+    ns["NS_DTYPE"] = torch.bfloat16
+    assert ns["polar_express"](G).dtype == torch.bfloat16
+
+
+def test_the_adapter_builds_as_the_main_body_does(stepped):
+    ref, _, _ = stepped
+    model = ref.model
+    bf16 = (model.embed.weight, model.lm_head.weight, model.smear_gate.weight,
+            model.blocks[1].attn.attn_gate.weight)
+    assert all(p.dtype == torch.bfloat16 for p in bf16)
+    assert model.blocks[1].attn.qkvo_w.dtype == torch.float32 and not model.lm_head.use_fp8  # DISABLE_FP8
+    adam, muon = ref.optimizers
+    assert {id(p) for g in adam.param_groups for p in g["params"]} == {
+        id(p) for n, p in model.named_parameters() if n in ("scalars", "lm_head.weight") or "embed" in n}
+    assert sum(len(g["params"]) for g in muon.param_groups) == 10 + 10 + 22 + 1  # qkvo, gates, mlp, smear
+    assert [g["initial_lr"] for g in adam.param_groups] == [0.008]
+
+
+def test_the_first_losses_are_the_zero_heads_and_adam_moves_only_on_odd_steps(stepped):
+    _, _, rows = stepped
+    (loss0, trained0, moved0, tokens0), (loss1, _, moved1, _), (loss2, *_), (_, _, moved3, tokens3) = rows
+    assert tokens0 == tokens3 == 8 * 256
+    assert loss0 == pytest.approx(ZERO_HEAD_LOSS, abs=1e-5) and trained0 == pytest.approx(loss0, rel=1e-6)
+    assert loss1 == pytest.approx(ZERO_HEAD_LOSS, abs=1e-5)  # Adam (the head) waits for the odd step
+    assert loss2 < loss1 - 0.02  # measured 10.826 -> 10.785 (the first head step)
+    adam_params = ("lm_head.weight", "embed.weight", "scalars")
+    assert not any(moved0[n] for n in adam_params) and moved1["lm_head.weight"] and moved3["embed.weight"]
+    assert moved1["blocks.1.attn.qkvo_w"] is False  # zero head: no gradient below it on steps 0-1
+    assert moved3["blocks.1.attn.qkvo_w"] and moved3["blocks.1.mlp.c_fc"]
+
+
+def test_yarn_follows_the_long_windows_the_record_has_passed(stepped):
+    ref, _, _ = stepped
+    rotary = ref.model.ours[0].blocks[1].attn.rotary
+    for step, path in ((706, [3]), (707, [3, 7]), (2000, [3, 7, 11]), (2120, [3, 7, 11, 13]), (0, [3])):
+        ref.follow_yarn(step)
+        assert ref.yarn_windows == path
+    assert float(rotary.attn_scale) == pytest.approx(0.1)  # back at step 0: reset
+
+
+def test_the_name_table_covers_both_models_with_the_records_layouts(stepped):
+    ref, _, _ = stepped
+    ours = parity46.our_model(128)
+    table = ref.table(ours)
+    assert len(table) == 38 + 2 * 10 + 29  # rules 1 + 3 + 1 + 10 + 11 + 11 + 1, qkvo halves, scalars
+    fc = next(e for e in table if e.reference == "blocks.1.mlp.c_fc")
+    assert fc.view(ref.model.blocks[1].mlp.c_fc).shape == (512, 128) == ours.blocks[1].mlp.fc.weight.shape
+    rules = [r[:3] if r[0] == "blocks.{i}.mlp.c_fc" else r for r in ref.rules]  # forget the transpose
+    with pytest.raises(NameTableError, match=r"blocks.1.mlp.c_fc \(128, 512\) and our blocks.1.mlp.fc.weight "
+                                             r"\(512, 128\) differ in shape"):
+        resolve_table(rules, ref.entries(), ref.model, ours)
+
+
+def test_the_batch_divisor_divides_the_schedule_or_stops_naming_itself():
+    with one_process_group():
+        ref, _ = load_reference(FIXTURE, 128, batch_divisor=2)
+        assert [ref.ns["get_bs"](s) for s in (0, 707, 1414, 2120)] == [1024, 2048, 3072, 3072]
+        with pytest.raises(SystemExit, match="--batch-divisor 3: the record's batch sizes"):
+            load_reference(FIXTURE, 128, batch_divisor=3)
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+
+
+def test_the_reference_only_run_reproduces_the_adapters_losses_beside_its_twin(stepped, shard_dir):
+    _, _, rows = stepped
+    out = io.StringIO()
+    args = parity.parse_args(["--reference", str(FIXTURE), "--data", str(shard_dir), "--width", "128",
+                              "--threads", "2", "--reference-only", "--steps", "0-1", "--check-steps", "2"])
+    report = parity.run(args, out=out)
+    assert [r.loss for r in report.rows] == [row[0] for row in rows[:2]]  # same seed, data: same numbers
+    assert [r.batch for r in report.rows] == [2048] * 2 and report.rows[0].windows == (128, 384)
+    assert all(abs(r.floor) < 1e-3 for r in report.rows)  # the twin: SDPA's math kernel
+    assert report.table_entries == 87
+    floor = report.checks[2]  # Polar Express in float32 against float64: rounding, on the hidden kind only
+    # (an even step: DistAdam does not step)
+    assert 0 < floor["hidden"] < 1e-3 and [floor[k] for k in parity.KINDS[1:]] == [0.0] * 4
+    assert "GPU kernel dropped x1" in out.getvalue() and "no verdict without our side" in out.getvalue()
+
+
+def test_without_our_side_the_run_stops_with_one_line_naming_what_is_missing(shard_dir):
+    with pytest.raises(SystemExit, match=r"^error: tools.parity: our side of record #46 needs what this "
+                                         r"branch lacks: .*helper preset46.*--reference-only") as stopped:
+        parity.main(["--reference", str(FIXTURE), "--data", str(shard_dir), "--steps", "0"])
+    assert "\n" not in str(stopped.value)
+
+
+def test_a_run_of_steps_from_an_odd_step_is_refused(shard_dir):
+    with pytest.raises(SystemExit, match=r"--steps: a run of steps must start on an even step .* from 707"):
+        parity.main(["--reference", str(FIXTURE), "--data", str(shard_dir), "--reference-only",
+                     "--steps", "0-3", "--steps", "707-708"])

@@ -1,0 +1,288 @@
+"""Step parity with record #46 (the 2025-11-29 format, tools/parity_record46.py): `python -m tools.parity
+--reference RECORD_46_LOG` comes here.
+
+    python -m tools.parity --reference RECORD_46_LOG --reference-only [--steps 0-19 --steps 706-709
+        --steps 1800-1801] [--width 256] [--batch-divisor 16] [--data DIR]
+
+The record is built at --width (heads of 128, its 12 layers) as its main body builds it and trained
+at the --steps of its 2160-step schedule with its own get_lr, get_muon_momentum, get_ws (and YaRN at
+each long-window change), get_bs (over --batch-divisor: a smaller step for the CPU, as a smaller
+width), step_optimizers (NorMuon every step, DistAdam on odd steps on the gradients of the even and
+the odd step), fed by its own data generator on --data (the demo corpus by default), 8 micro-batches
+a step as on its 8 ranks. Each run of consecutive steps starts from the weights reached so far with
+fresh optimizer state; start runs on even steps, as the record's Adam sums an even and an odd step.
+
+The noise floor: a twin of the record, identical but for SDPA's math kernel in place of its default
+(a reordering of the same sums at rounding level), fed the same micro-batches from the same weights.
+Printed per step: the record's loss per token, summed in float32 (its forward in eval mode, before the
+step) and as it trains (a bf16 sum, resolving 2^-8 of the loss); the twin's float32 loss difference;
+per kind the update difference ‖u_ref − u_twin‖/‖u_ref‖.
+
+One-optimizer-step floor (--check-steps): from the record's current weights, fresh optimizer state and
+one step's gradients, its step with Polar Express in float32 against float64, per kind.
+
+Our side (`--preset speedrun` as record #46's recipe) needs pieces not on this branch yet: without
+--reference-only, the run stops with one line naming them (`missing_for_ours`). Either way the name
+table from the record's parameters to our GPT with record #46's options (model/gpt.py) is resolved
+and checked: every parameter of both covered once, shapes equal.
+"""
+
+import argparse
+import contextlib
+import inspect
+import sys
+import threading
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from data.loader import TokenLoader
+from model import GPT, PRESETS, GPTConfig
+from model.attention import dense_mask
+from tools.parity_record import load_reference
+from tools.parity_record46 import Record20251129
+from tools.parity_source import one_process_group
+from tools.parity_table import KINDS, Entry, change, check_unread, relative_differences, segments, shards
+from training.recipe import PRESETS_TRAIN
+
+DEFAULT_STEPS = [*range(20), *range(706, 710), 1800, 1801]
+# Record #46's architecture as GPTConfig options (tests/test_model_46.py holds them to its tensors).
+RECORD_46 = dict(attention_free_layers=(0, 7), mlp_free_layers=(0,), long_window_layers=(4, 11), smear=True,
+                 attn_gate=True, backout_layer=8, skips=((4, 7),), skip_gate="sigmoid", block_lambda_init=1.1,
+                 yarn=True, attn_scale=0.1, head_softcap="sigmoid_unscaled", value_lambda_all_layers=True)
+
+
+# ---- our side ------------------------------------------------------------------------------------------
+
+
+def our_model(width: int) -> GPT:
+    """Our GPT with record #46's options at `width` (heads of 128): the name table's other side."""
+    return GPT(GPTConfig(n_head=width // 128, dim=width, max_seq_len=2048, attention="sdpa", **RECORD_46))
+
+
+def missing_for_ours() -> list[str]:
+    """What our side of the comparison needs and this code base lacks, one phrase each."""
+    missing = []
+    model = PRESETS[PRESETS_TRAIN["speedrun"]["model"]]
+    if any(getattr(model, name) != value for name, value in RECORD_46.items()):
+        missing.append("--preset speedrun as record #46's model, optimizer groups (training/recipe.py, "
+                       "helper preset46) and schedules (lr tied to the batch size, windows 3/7/11 blocks, "
+                       "batches 131072/262144/393216 tokens, momentum cooldown; helper schedule)")
+    if not sees_window_plus_one(model.window_rule):
+        missing.append(f"a window rule where query i sees key j iff 0 <= i - j <= W, W + 1 keys (the "
+                       f"preset's {model.window_rule!r} does not; model/attention.py, helper varlen)")
+    if "max_doc_len" not in inspect.signature(TokenLoader).parameters:
+        missing.append("documents cut to max_doc_len 2048 in data/loader.py TokenLoader (helper varlen)")
+    missing.append("our side's step in tools/parity46.py (8 micro-batches into our GPT, our optimizer at the "
+                   "record's steps), to be written on those")
+    return missing
+
+
+def sees_window_plus_one(rule: str) -> bool:
+    """Whether `rule` lets a query see W + 1 keys for a window of W = 384 tokens, as FA3's (W, 0)."""
+    mask = dense_mask(1024, torch.tensor(384), None, "cpu", rule)
+    return int(mask[..., -1, :].sum()) == 385
+
+
+def check_ours_buildable() -> None:
+    missing = missing_for_ours()
+    if missing:
+        raise SystemExit(f"error: tools.parity: our side of record #46 needs what this branch lacks: "
+                         f"{'; '.join(missing)}. Pass --reference-only to run the record and its noise floor")
+
+
+# ---- the record and its twin ------------------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    ref: Record20251129
+    backend: list[SDPBackend] | None  # None: SDPA's default choice
+
+    def kernel(self):
+        return sdpa_kernel(self.backend) if self.backend else contextlib.nullcontext()
+
+    def weights(self) -> dict[str, Tensor]:
+        return {name: p.detach().float().clone() for name, p in self.ref.model.named_parameters()}
+
+    def train_step(self, table: list[Entry], micro_batches: list, step: int) -> tuple[float, float, dict]:
+        """(float32 loss, bf16 training loss) per token before the step, and the step's weight change."""
+        tokens = sum(targets.numel() for _, targets, _ in micro_batches)
+        before = self.weights()
+        with self.kernel():
+            loss = self.ref.float_loss(micro_batches, step)
+            trained = self.ref.forward_backward(micro_batches, step)
+        check_unread(table, self.ref)
+        self.ref.step(step)
+        return loss / tokens, trained / tokens, change(self.weights(), before)
+
+
+@dataclass
+class Row:
+    step: int
+    batch: int  # tokens in the step
+    windows: tuple[int, int]  # short, long, in tokens
+    loss: float  # float32, per token
+    trained: float  # its training loss (bf16 sum), per token
+    floor: float  # the twin's float32 loss minus the record's
+    update_floor: dict[str, float]
+
+
+@dataclass
+class Report46:
+    substitutions: dict[str, int]
+    table_entries: int
+    rows: list[Row] = field(default_factory=list)
+    checks: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> the one-step floor per kind
+    failures: list[str] = field(default_factory=list)  # none without our side: nothing to hold to a floor
+
+
+class RecordParity:
+    """The record and its noise-floor twin, from identical weights, fed identical micro-batches."""
+
+    def __init__(self, args: argparse.Namespace):
+        torch.manual_seed(args.seed)
+        ref, self.substitutions = load_reference(args.reference, args.width, batch_divisor=args.batch_divisor)
+        self.table = ref.table(our_model(args.width))
+        self.kinds = reference_kinds(self.table)
+        self.sides = [Side(ref, None)]
+        if args.floor:
+            self.sides.append(Side(load_reference(args.reference, args.width,
+                                                  batch_divisor=args.batch_divisor)[0], [SDPBackend.MATH]))
+        ref.open_data(str(shards(args.data)[0].parent / "*_train_*.bin"), [*args.steps, *args.check_steps][0])
+
+    def start_segment(self) -> None:
+        """Every twin at the record's current weights; every optimizer fresh."""
+        record = self.sides[0].ref
+        for side in self.sides:
+            if side.ref is not record:
+                side.ref.model.load_state_dict(record.model.state_dict())
+            side.ref.fresh_state()
+
+    def train_step(self, step: int) -> Row:
+        record = self.sides[0].ref
+        micro_batches = record.batches(step)
+        results = [side.train_step(self.table, micro_batches, step) for side in self.sides]
+        (loss, trained, update), (twin_loss, _, twin_update) = results[0], results[-1]  # no twin: floor 0
+        windows = tuple(w * record.args.block_size for w in record.ns["get_ws"](step))
+        tokens = sum(t.numel() for _, t, _ in micro_batches)
+        return Row(step, tokens, windows, loss, trained, twin_loss - loss,
+                   relative_differences(self.kinds, update, twin_update))
+
+
+    def check_step(self, step: int) -> dict[str, float]:
+        """The record's own one-step floor: from its current weights, fresh optimizer state and step's
+        gradients, its optimizer step with Polar Express in float32 against float64, per kind (only
+        the hidden matrices take Polar Express). The weights are left as they were."""
+        record, side = self.sides[0].ref, self.sides[0]
+        record.fresh_state()
+        record.forward_backward(record.batches(step), step)
+        weights = {n: p.detach().clone() for n, p in record.model.named_parameters()}
+        grads = {n: p.grad for n, p in record.model.named_parameters()}
+        synced = dict(record.adam._reduce_scatter_futures)  # DistAdam's gradients, sent by its hooks
+        updates = {}
+        for dtype in (torch.float32, torch.float64):
+            self.restore(weights, grads)
+            record.adam._reduce_scatter_futures.update(synced)
+            record.set_ns_dtype(dtype)
+            before = side.weights()
+            record.step(step)
+            updates[dtype] = change(side.weights(), before)
+        record.set_ns_dtype(torch.bfloat16)
+        self.restore(weights, {})
+        return relative_differences(self.kinds, updates[torch.float32], updates[torch.float64])
+
+    def restore(self, weights: dict[str, Tensor], grads: dict[str, Tensor | None]) -> None:
+        """The record at `weights` with `grads` (none where absent), its optimizers fresh."""
+        record = self.sides[0].ref
+        record.fresh_state()
+        with torch.no_grad():
+            for name, p in record.model.named_parameters():
+                p.copy_(weights[name])
+                p.grad = grads.get(name)
+
+
+def reference_kinds(table: list[Entry]) -> dict[str, str]:
+    """Each reference parameter's kind (the kind of its entries; the scalars' are all 'scalar')."""
+    return {e.reference: e.kind for e in table}
+
+
+def run(args: argparse.Namespace, out=None) -> Report46:
+    """The record's side, printed as it goes (module docstring)."""
+    out = out or sys.stdout
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
+    args.check_steps = [1801] if args.check_steps is None else args.check_steps
+    odd = [segment[0] for segment in segments(args.steps) if segment[0] % 2]
+    if odd:
+        raise SystemExit(f"error: --steps: a run of steps must start on an even step (DistAdam steps on the "
+                         f"gradients of an even and the following odd step), got one from {odd[0]}")
+    if not args.reference_only:
+        check_ours_buildable()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with warnings.catch_warnings(), one_process_group(), last_shard_quiet():
+        warnings.filterwarnings("ignore", r"`torch\.distributed\..*` is deprecated", FutureWarning)
+        parity = RecordParity(args)
+        report = Report46(parity.substitutions, len(parity.table))
+        print(header(args, report), file=out)
+        for segment in segments(args.steps):
+            parity.start_segment()
+            for step in segment:
+                report.rows.append(parity.train_step(step))
+                print(format_row(report.rows[-1]), file=out)
+        for step in args.check_steps:
+            report.checks[step] = parity.check_step(step)
+            print(format_check(step, report.checks[step]), file=out)
+    print(summary(report), file=out)
+    return report
+
+
+@contextlib.contextmanager
+def last_shard_quiet():
+    """The record's data generator starts a thread that reads the next shard at once (line 1134); on
+    the last shard it ends in StopIteration, which the generator meets only once the data run out
+    (`Record20251129.batches` then stops the run): that thread's traceback is not printed."""
+    hook = threading.excepthook
+    threading.excepthook = lambda failed: None if failed.exc_type is StopIteration else hook(failed)
+    try:
+        yield
+    finally:
+        threading.excepthook = hook
+
+
+def header(args: argparse.Namespace, report: Report46) -> str:
+    made = ", ".join(f"{what} x{n}" for what, n in report.substitutions.items())
+    names = " ".join(f"{k:>11}" for k in KINDS)
+    return (f"reference {args.reference} ({Record20251129.name}); CPU substitutions: {made}\n"
+            f"name table: {report.table_entries} entries, every parameter of the record and of our GPT "
+            f"with its options (width {args.width}) covered once, shapes equal\n"
+            f"width {args.width}, 12 layers, batch sizes / {args.batch_divisor}, 8 micro-batches a step; "
+            f"loss per token (fp32: eval-mode forward before the step; bf16: its training sum); "
+            f"twin: SDPA math kernel, update |u_ref - u_twin|/|u_ref|\n"
+            f"{'step':>5} {'tokens':>7} {'windows':>10} {'loss fp32':>10} {'loss bf16':>10} "
+            f"{'twin diff':>10} {names}")
+
+
+def format_row(row: Row) -> str:
+    updates = " ".join(f"{row.update_floor[k]:11.1e}" for k in KINDS)
+    windows = f"{row.windows[0]}/{row.windows[1]}"
+    return (f"{row.step:5d} {row.batch:7d} {windows:>10} {row.loss:10.5f} {row.trained:10.5f} "
+            f"{row.floor:+10.1e} {updates}")
+
+
+def format_check(step: int, floor: dict[str, float]) -> str:
+    parts = ", ".join(f"{k} {floor[k]:.1e}" for k in KINDS)
+    return (f"one optimizer step at step {step} (its weights, fresh state, its gradients), Polar Express "
+            f"float32 against float64: {parts}")
+
+
+def summary(report: Report46) -> str:
+    if not report.rows:
+        return "no steps run"
+    floors = [abs(r.floor) for r in report.rows]
+    return (f"reference only: noise floor of the float32 loss over {len(floors)} steps: mean "
+            f"{sum(floors) / len(floors):.1e}, max {max(floors):.1e}; no verdict without our side")
+
