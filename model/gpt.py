@@ -235,12 +235,14 @@ PRESETS: dict[str, GPTConfig] = {
                       **RECORD),
     # GPT-2 small shape as record #46 (2025-11-29, docs/RECIPE.md): block 0 empty, block 7 MLP only, long
     # windows on blocks 4 and 11, smear and attention gates on the first 12 dims, one gated skip 4 -> 7,
-    # backout of block 8, lambdas from 1.1, YaRN from attention scale 0.1, head 30 sigmoid(z / 7.5).
-    # window_rule "token" until model/attention.py has the record's token-exact W + 1 keys (docs/RECIPE.md).
+    # backout of block 8, lambdas from 1.1, YaRN from attention scale 0.1, head 30 sigmoid(z / 7.5),
+    # FA3 varlen's token-exact windows of W + 1 keys, the FP8 head's weight scale 2^-9 and the bf16
+    # training loss summed over each GPU's tokens (docs/MATH.md 4.8).
     "124m-46": GPTConfig(max_seq_len=262144, long_window_layers=(4, 11), attention_free_layers=(0, 7),
                          mlp_free_layers=(0,), smear=True, attn_gate=True, backout_layer=8, skips=((4, 7),),
                          skip_gate="sigmoid", block_lambda_init=1.1, yarn=True, attn_scale=0.1,
-                         **RECORD | dict(head_softcap="sigmoid_unscaled", window_rule="token")),
+                         fp8_weight_scale=WEIGHT_SCALES["2025-11-29"], train_loss="sum_bf16",
+                         **RECORD | dict(head_softcap="sigmoid_unscaled", window_rule="varlen")),
     # Deeper shapes take the record's head, value scaling and dtypes, which do not depend on depth.
     # They keep attention in every block: the record drops layer 7's at 12 layers, and no measurement
     # says which blocks could go at 24 or 48. Long windows follow the default mirrored rule.

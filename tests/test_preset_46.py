@@ -48,9 +48,9 @@ def test_the_46_model_preset_has_the_records_tensors():
 # The factor is the record's lr_mul * sqrt(max(1, rows / cols)) of its stored shape: qkvo_w and c_proj
 # (768, 3072): 1; c_fc (768, 3072) with lr_mul 2: 2; the gates (1, 12), (6, 12): 1.
 NORMUON = dict(beta2=0.95, weight_decay=1.2, wd_form="in_update", cautious_wd=True, step_every=1,
-               momentum=0.95, ns_coefficients="polar_express_speedrun", ns_eps=1e-6 / 16384,
+               momentum=0.95, ns_coefficients="polar_express_speedrun", ns_eps=1e-6,
                ns_rounding="stepwise", lr_mul=1.0)
-ADAM = dict(momentum=0.65, beta2=0.95, eps=1e-8 / 16384, eps_form="raw", weight_decay=0.0, step_every=2,
+ADAM = dict(momentum=0.65, beta2=0.95, eps=1e-8, eps_form="raw", weight_decay=0.0, step_every=2,
             lr_mul=1.0)
 STEPS = {
     "qkv": ("hidden", 0.023, 1.0, NORMUON | dict(normuon="column")),
@@ -141,3 +141,29 @@ def test_the_speedrun_moves_adam_parameters_on_odd_steps_only():
         moved.append({name for name, p in model.named_parameters() if id(p) in adam
                       and not torch.equal(p, before[name])})
     assert moved[0] == set() and "lm_head.weight" in moved[1]
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4, 8])
+def test_each_stage_sums_the_records_tokens_per_gpu_on_8_gpus_and_validates_one_row(gpus):
+    # The summed loss's gradient is c times the mean's, c = the tokens of a micro-batch (rows x 16384);
+    # the record's c is its tokens per GPU, tokens / 8, in every stage (docs/MATH.md 4.8). On 8 GPUs each
+    # stage is one micro-batch of 1, 2, 3 rows: c = 16384, 32768, 49152, so eps 1e-8 and 1e-6 are the
+    # record's. Validation: one 262144-token row per micro-batch on any number of GPUs, as the record's.
+    cfg = recipe.parse_config(["--preset", "speedrun"])
+    for tokens in cfg.tokens_schedule:
+        layout = recipe.batch_layout(dataclasses.replace(cfg, tokens_per_step=tokens), gpus)
+        c = layout.micro_batch * cfg.seq_len
+        if gpus == 8 or tokens > 131072:  # fewer GPUs, first stage: 2 rows of 8 a micro-batch, c twice
+            assert c == tokens // 8, (gpus, tokens, layout)
+        else:
+            assert c == 2 * tokens // 8, (gpus, tokens, layout)
+        assert layout.val_batch == 1
+
+
+def test_documents_cut_to_2048_exclude_bos_aligned_sequences(capsys):
+    cfg = recipe.parse_config(["--preset", "speedrun"])
+    assert (cfg.max_doc_len, cfg.align_to_bos) == (2048, False)
+    with pytest.raises(SystemExit):
+        recipe.parse_config(["--preset", "speedrun", "--align-to-bos"])
+    error = capsys.readouterr().err
+    assert "--max-doc-len 2048 packs rows from whole documents" in error and error.count("\n") == 1

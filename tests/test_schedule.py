@@ -10,7 +10,7 @@ from model import GPT, PRESETS
 from training import recipe
 from training.schedule import Schedule, StepSettings
 
-SPEEDRUN = recipe.parse_config(["--preset", "speedrun"])
+SPEEDRUN = recipe.parse_config(["--preset", "speedrun-2025-07-12"])  # the schedule without tables
 
 
 def test_lr_is_constant_then_cools_down_linearly_to_the_floor():
@@ -189,7 +189,8 @@ def test_record_46_schedule_at_every_step_equals_its_formula(record_46):
     (["--lr-levels", "1", "2"], "--lr-levels has 2 values for the 0 of --lr-level-fracs; expected one more"),
     (["--lr-levels", "1", "2", "3", "--lr-level-fracs", "0.6", "0.3"], "expected ascending fractions"),
     (["--scheduled-steps", "200"], "--scheduled-steps 200 is past --max-steps 150"),
-    (["--preset", "speedrun", "--window-blocks", "3", "7"], "--window-blocks 3 7 replaces --window-end 1728"),
+    (["--preset", "speedrun-2025-07-12", "--window-blocks", "3", "7"],
+     "--window-blocks 3 7 replaces --window-end 1728"),
 ])
 def test_schedule_flags_that_do_not_fit_together_are_one_line(capsys, flags, error):
     with pytest.raises(SystemExit):

@@ -34,18 +34,22 @@ PRESETS_TRAIN: dict[str, dict] = {
     # ~3 minutes on 2 CPU cores; validation loss falls from ~10.8 to well under half of that.
     "demo": {},
     # The 124M speedrun on FineWeb: record #46's recipe (2025-11-29, 2.203 min), setting by setting in
-    # docs/RECIPE.md (tests/test_recipe.py checks this preset against that table). 2160 steps; on 8 GPUs
-    # one packed stream per rank per step, on fewer GPUs the same step by gradient accumulation. The
-    # batch-size and window schedules are its first stage's until training/schedule.py has the record's.
+    # docs/RECIPE.md (tests/test_recipe.py checks this preset against that table). 2160 steps, the last 40
+    # past the 2120 scheduled ones; 131072, 262144 then 393216 tokens a step, on 8 GPUs 1, 2 then 3
+    # packed rows of 16384 per rank in one micro-batch, so the bf16 summed loss sums the record's
+    # tokens per GPU in every stage and Adam's and Newton-Schulz's eps are the record's (docs/MATH.md
+    # 4.8); on fewer GPUs the same step by gradient accumulation.
     "speedrun": dict(
-        model="124m-46", data_dir="data/fineweb10B", max_steps=2160, tokens_per_step=8 * 2048 * 8,
-        batch_size=1, seq_len=2048 * 8, align_to_bos=True, val_every=250, val_tokens=10_485_760,
-        val_seq_len=4 * 64 * 1024, log_every=25, lr=0.023, embed_lr=0.008 * 75, head_lr=0.008,
-        scalar_lr=0.008 * 5, embed_map="adam", lr_scale="muon", adam_betas=(0.65, 0.95),
-        adam_eps=1e-8 / (2048 * 8), adam_eps_form="raw", adam_weight_decay=0.0, adam_step_every=2,
+        model="124m-46", data_dir="data/fineweb10B", max_steps=2160, scheduled_steps=2120,
+        tokens_per_step=3 * 8 * 2048 * 8, tokens_schedule=(131072, 262144, 393216, 393216), batch_size=3,
+        seq_len=2048 * 8, max_doc_len=2048, align_to_bos=False, val_every=250, val_tokens=10_485_760,
+        val_seq_len=4 * 64 * 1024, val_batch_size=1, log_every=25, lr=0.023, embed_lr=0.008 * 75,
+        head_lr=0.008, scalar_lr=0.008 * 5, embed_map="adam", lr_scale="muon", adam_betas=(0.65, 0.95),
+        adam_eps=1e-8, adam_eps_form="raw", adam_weight_decay=0.0, adam_step_every=2,
         normuon=True, normuon_beta2=0.95, weight_decay=1.2, wd_form="in_update", cautious_wd=True,
-        ns_coefficients="polar_express_speedrun", ns_eps=1e-6 / (2048 * 8), ns_rounding="stepwise",
-        cooldown_frac=0.55, lr_floor=0.1, window_start=3 * 128, window_end=11 * 128, sample_tokens=0,
+        ns_coefficients="polar_express_speedrun", ns_eps=1e-6, ns_rounding="stepwise",
+        cooldown_frac=0.55, lr_floor=0.1, lr_levels=(1.0, 1.51, 1.93), lr_level_fracs=(0.33, 0.66),
+        momentum_cooldown_steps=50, window_end=0, window_blocks=(3, 7, 11, 13), sample_tokens=0,
         warmup_kernel_steps=10,
     ),
     # The 2025-07-12 record's recipe (#26), kept as it was; its own table and step parity in
@@ -89,10 +93,16 @@ class TrainConfig:
                                               "--window-blocks (empty: --tokens-per-step throughout); the "
                                               "schedule holds it, the training loop does not run it yet and "
                                               "trains at --tokens-per-step", within=AT_LEAST_1)
+    max_doc_len: int = option(0, "cut every training document to at most N tokens before packing it into "
+                              "rows (record #46: 2048, as its FA3 varlen's max_seq_len); the last one in a "
+                              "row ends at the row's end, tails are dropped (0: documents whole)",
+                              within=AT_LEAST_0)
     batch_size: int = option(8, "at most N sequences per micro-batch per process: a process's share of a "
                              "step is split into the fewest equal micro-batches of at most N (gradient "
                              "accumulation), validation likewise", within=AT_LEAST_1)
     seq_len: int = option(128, "tokens per training sequence", within=AT_LEAST_1)
+    val_batch_size: int = option(0, "at most N sequences per validation micro-batch per process (0: "
+                                 "--batch-size)", within=AT_LEAST_0)
     align_to_bos: bool = option(False, "start every training sequence at a document's first token (BOS), "
                                 "the next one at least --seq-len after the previous start; validation is "
                                 "never aligned")
@@ -203,13 +213,13 @@ class TrainConfig:
 # The flags that set a run's trajectory: a resume that changes one of them continues another run than
 # the checkpoint's (a longer --max-steps moves the cooldown, new shards another data order), so it is
 # refused unless --resume-changed-ok. The model's shape is checked apart (training/state.py).
-PLAN_FIELDS = ("max_steps", "tokens_per_step", "seq_len", "align_to_bos", "data_dir", "lr", "embed_lr",
-               "head_lr", "scalar_lr", "embed_map", "lr_scale", "adam_betas", "adam_eps", "adam_eps_form",
-               "adam_step_every", "weight_decay", "wd_form", "cautious_wd", "adam_weight_decay", "normuon",
-               "normuon_beta2", "warmup_steps", "cooldown_frac", "lr_floor", "momentum", "momentum_start",
-               "momentum_warmup_steps", "ns_coefficients", "ns_steps", "ns_eps", "ns_rounding",
-               "window_start", "window_end", "scheduled_steps", "lr_levels", "lr_level_fracs",
-               "momentum_cooldown_steps", "window_blocks", "tokens_schedule")
+PLAN_FIELDS = ("max_steps", "tokens_per_step", "seq_len", "max_doc_len", "align_to_bos", "data_dir", "lr",
+               "embed_lr", "head_lr", "scalar_lr", "embed_map", "lr_scale", "adam_betas", "adam_eps",
+               "adam_eps_form", "adam_step_every", "weight_decay", "wd_form", "cautious_wd",
+               "adam_weight_decay", "normuon", "normuon_beta2", "warmup_steps", "cooldown_frac", "lr_floor",
+               "momentum", "momentum_start", "momentum_warmup_steps", "ns_coefficients", "ns_steps",
+               "ns_eps", "ns_rounding", "window_start", "window_end", "scheduled_steps", "lr_levels",
+               "lr_level_fracs", "momentum_cooldown_steps", "window_blocks", "tokens_schedule")
 
 
 def plan_changes(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -229,7 +239,8 @@ def parse_config(argv: list[str] | None = None, description: str | None = None) 
 
 
 def schedule_problem(cfg: TrainConfig) -> str | None:
-    """Why the schedule's flags, together, make no schedule (training/schedule.py), or None."""
+    """Why flags that go together do not: the schedule's (training/schedule.py), or the two ways of
+    packing training rows (--max-doc-len, --align-to-bos); or None."""
     if cfg.window_start and not cfg.window_end:
         return (f"--window-start {cfg.window_start} without --window-end: the window grows from start to "
                 f"end, and --window-end 0 means full causal attention; pass --window-end too")
@@ -239,6 +250,9 @@ def schedule_problem(cfg: TrainConfig) -> str | None:
     if cfg.window_blocks and cfg.window_end:
         return (f"--window-blocks {' '.join(map(str, cfg.window_blocks))} replaces --window-end "
                 f"{cfg.window_end}; pass --window-end 0 with it")
+    if cfg.max_doc_len and cfg.align_to_bos:
+        return (f"--max-doc-len {cfg.max_doc_len} packs rows from whole documents, each from its BOS; "
+                f"--align-to-bos is the other packing; pass --no-align-to-bos with it")
     if cfg.scheduled_steps > cfg.max_steps:
         return f"--scheduled-steps {cfg.scheduled_steps} is past --max-steps {cfg.max_steps}"
     if len(cfg.lr_levels) != len(cfg.lr_level_fracs) + 1:
@@ -259,7 +273,8 @@ class BatchLayout(NamedTuple):
 
 def batch_layout(cfg: TrainConfig, world_size: int) -> BatchLayout:
     """Each process takes tokens_per_step / (world_size x seq_len) sequences a step, in the fewest equal
-    micro-batches of at most --batch-size sequences; validation likewise, with val_tokens and val_seq_len.
+    micro-batches of at most --batch-size sequences; validation likewise, with val_tokens, val_seq_len
+    and at most --val-batch-size (or --batch-size) sequences.
 
     Where the token counts do not split over the processes, a one-line SystemExit names each flag that
     does not fit and the nearest values that do.
@@ -277,7 +292,8 @@ def batch_layout(cfg: TrainConfig, world_size: int) -> BatchLayout:
         raise SystemExit(f"error: {'; '.join(problems)}; try {' '.join(fixes)}")
     rows = cfg.tokens_per_step // (world_size * cfg.seq_len)
     micro_batch = largest_divisor(rows, at_most=cfg.batch_size)
-    val_batch = largest_divisor(cfg.val_tokens // (world_size * cfg.val_seq_len), at_most=cfg.batch_size)
+    val_rows = cfg.val_tokens // (world_size * cfg.val_seq_len)
+    val_batch = largest_divisor(val_rows, at_most=cfg.val_batch_size or cfg.batch_size)
     return BatchLayout(micro_batch, rows // micro_batch, val_batch)
 
 
