@@ -19,7 +19,7 @@ help:
 	@echo "make speedrun  make data, then the speedrun preset (record #46) on every visible GPU (torchrun)"
 	@echo "make bench     CPU benchmarks (optimizer, tokenization, distributed sharding, the step's structure)"
 	@echo "make bench-gpu the whole GPU benchmark in one command (ARGS=--smoke: toy sizes, runs on a CPU too)"
-	@echo "make gpu-check the 2025-07-12 speedrun preset compressed to 300 steps on one GPU (ARGS=\"--out-dir DIR [--smoke]\")"
+	@echo "make gpu-check record #46's speedrun schedule (or --preset speedrun-2025-07-12) compressed on one GPU (ARGS=\"--out-dir DIR [--preset P] [--smoke]\")"
 	@echo "make lint      ruff check"
 	@echo "make bundle    dist/train_gpt.py: train_gpt.py with its repo modules inlined (record submissions)"
 

@@ -1,31 +1,37 @@
-"""The first GPU run in one command: the 2025-07-12 speedrun preset, compressed, with its compile, speed
-and memory.
+"""The first GPU run in one command: a speedrun preset, compressed, with its compile, speed and memory.
 
-    python -m bench.gpu_check --out-dir DIR [--smoke]     (or: make gpu-check ARGS="--out-dir DIR")
+    python -m bench.gpu_check --out-dir DIR [--preset P] [--smoke]   (or: make gpu-check ARGS="...")
 
 It needs no internet, no wandb and no data: it writes its own token shards under DIR/shards
 (synthetic documents, each a BOS then an arithmetic sequence of ids with 10% of them replaced by
-random ids, so the loss can fall well below ln(vocabulary)), then runs `train_gpt.py --preset
-speedrun-2025-07-12` as a separate process on them, changing only the run's length and data:
-  300 steps of one 48k-token sequence (the record's per-GPU micro-batch; no gradient accumulation),
-  so the long window crosses all 14 of its values (128 ... 1792) within the run; validation every 50
-  steps on 4 sequences of 256k tokens (the record's validation shape); the preset's 10 warm-up steps.
-Everything else is the preset's: the 124M record architecture, bf16 tables, compiled model with the
-window as a tensor, BOS-aligned batches, the optimizer and its schedules (over 300 steps).
+random ids, so the loss can fall well below ln(vocabulary)), then runs `train_gpt.py --preset P` as a
+separate process on them, changing only the run's length, its per-GPU batch and its data (CHECKS):
+  speedrun (record #46, the default): 240 steps scheduled over 212, so its whole schedule in
+  miniature: one GPU's share of each stage, 1, 2, then 3 rows of 16,384 tokens (16,384, 32,768,
+  49,152 tokens a step, one micro-batch each, as the record's per-GPU batch), each stage at its long
+  window (3, 7, 11 blocks; short half), then the final stage's 13 (short 6) from step 212; momentum
+  warm-up 30 steps, so its 50-step cooldown runs too; validation every 60 steps on 4 rows of 256k.
+  speedrun-2025-07-12 (the proven one): 300 steps of one 48k-token sequence (the record's per-GPU
+  micro-batch; no gradient accumulation), so the long window crosses all 14 of its values
+  (128 ... 1792); validation every 50 steps on 4 sequences of 256k tokens.
+Everything else is the preset's: its 124M architecture, bf16 tables, compiled model with the window
+as a tensor, its batches, the optimizer and its schedules (over the compressed run), 10 warm-up steps.
 
-Planned from the FLOP count (model.flops_per_token: about 0.8 GFLOP per training token at T = 49,152):
-300 steps x 49,152 tokens is ~12 PFLOP, about 30 s at 400 TFLOP/s (40% of an H100/H200's dense
-bf16 peak); 7 validations of 1,048,576 tokens (forward only, a third of that per token) about 2 PFLOP
-more. Compilation (the training and validation graphs, and Newton-Schulz per matrix shape) comes on
-top and is not timed; the whole check should finish well within 8 minutes.
+Planned from the FLOP count (planned_compute_s: model.flops_per_token at each step's tokens and window,
+x3 for training, x1 for validation, at 400 TFLOP/s, 40% of an H100/H200's dense bf16 peak): #46's
+8.4M training tokens and 5 validations of 1M take about 20 s; 2025-07-12's 14.7M and 7 validations
+about 35 s. Compilation (one training graph per batch shape, one validation graph, Newton-Schulz per
+matrix shape) comes on top and is not timed; the whole check should finish well within 8 minutes.
 
 Writes DIR/gpu_check.json and DIR/gpu_check.md (the run's own log and metrics are in DIR/run/):
 graphs compiled for training and validation and inside the timed run, ms/step, tokens/s, MFU, peak
-memory, the validation losses and whether they fell. Exits 1 if a check fails: not exactly one graph
-per mode, any graph compiled inside the timed run, fewer than 14 windows crossed, a validation loss
-that did not fall by half. --smoke runs the same on a CPU (the demo model, 64-token sequences, 14
-steps, the "eager" compile backend: Dynamo traces and counts graphs, no code is generated), where
-the loss is only checked to be finite.
+memory, the validation losses and whether they fell. Exits 1 if a check fails: not one training graph
+per batch shape of the schedule or not one validation graph, any graph compiled inside the timed run,
+fewer windows in the schedule than the preset's (4 or 14), a validation loss that did not fall by
+half. Record #46's final validation windows (short 768, long 2560 tokens) and its YaRN steps are the
+training loop's to run; this check sees only what the run's summary reports. --smoke runs the same
+on a CPU (the demo model, 64-token rows, 14 steps, the "eager" compile backend: Dynamo traces and
+counts graphs, no code is generated), where the loss is only checked to be finite.
 """
 
 import argparse
@@ -44,6 +50,7 @@ from bench.optim import machine
 from data.durable import write_text_atomic
 from data.shards import write_shard
 from data.tokenizer import EOT
+from model import GPT, PRESETS
 from training.recipe import TrainConfig, parse_config
 from training.schedule import Schedule
 
@@ -51,17 +58,34 @@ REPO = Path(__file__).resolve().parents[1]
 VOCAB_USED = 4096  # ids the synthetic documents use; the model's vocabulary stays 50304
 STRIDE = 7  # each clean id is the previous one + STRIDE (mod VOCAB_USED)
 NOISE = 0.1  # share of ids replaced by uniform random ones
-WINDOWS = 14  # the speedrun's long windows: 128, 256, ..., 1792
-# The 2025-07-12 record's recipe: its 14 windows and 48k-token micro-batch are what this check crosses.
-PRESET = "speedrun-2025-07-12"
 TIMEOUT_S = 540  # under the 600 s a device session's command may run, so this one reports why
+PEAK_USED = 400e12  # FLOP/s the plan assumes: 40% of an H100's dense bf16 peak
 
-# train_gpt.py flags over --preset speedrun-2025-07-12 (PRESET); the data and output flags are added by `run`.
-FULL = ("--max-steps", "300", "--tokens-per-step", str(48 * 1024), "--val-every", "50",
-        "--val-tokens", str(4 * 256 * 1024), "--log-every", "25", "--device", "cuda")
-SMOKE = ("--model", "demo", "--max-steps", "14", "--seq-len", "64", "--val-seq-len", "64",
-         "--tokens-per-step", "64", "--val-every", "7", "--val-tokens", "128", "--log-every", "5",
-         "--warmup-kernel-steps", "1", "--device", "cpu", "--compile", "on", "--compile-backend", "eager")
+# Per preset: train_gpt.py flags over --preset P for one GPU (full) and a CPU (smoke), and the number
+# of distinct long windows its compressed schedule must cross. The data and output flags are added by
+# `run`.
+CHECKS = {
+    "speedrun": dict(
+        windows=4,
+        full=("--max-steps", "240", "--scheduled-steps", "212", "--tokens-per-step", "49152",
+              "--tokens-schedule", "16384", "32768", "49152", "49152", "--momentum-warmup-steps", "30",
+              "--val-every", "60", "--val-tokens", str(4 * 256 * 1024), "--log-every", "20",
+              "--device", "cuda"),
+        smoke=("--model", "demo", "--max-steps", "14", "--scheduled-steps", "12", "--seq-len", "64",
+               "--max-doc-len", "32", "--tokens-per-step", "192", "--tokens-schedule", "64", "128", "192",
+               "192", "--momentum-warmup-steps", "2", "--momentum-cooldown-steps", "4", "--val-seq-len",
+               "64", "--val-every", "7", "--val-tokens", "128", "--log-every", "5",
+               "--warmup-kernel-steps", "1", "--device", "cpu", "--compile", "on", "--compile-backend",
+               "eager")),
+    "speedrun-2025-07-12": dict(
+        windows=14,
+        full=("--max-steps", "300", "--tokens-per-step", str(48 * 1024), "--val-every", "50",
+              "--val-tokens", str(4 * 256 * 1024), "--log-every", "25", "--device", "cuda"),
+        smoke=("--model", "demo", "--max-steps", "14", "--seq-len", "64", "--val-seq-len", "64",
+               "--tokens-per-step", "64", "--val-every", "7", "--val-tokens", "128", "--log-every", "5",
+               "--warmup-kernel-steps", "1", "--device", "cpu", "--compile", "on", "--compile-backend",
+               "eager")),
+}
 
 
 def synthetic_tokens(n: int, mean_document: int, seed: int) -> np.ndarray:
@@ -92,12 +116,12 @@ def write_shards(folder: Path, cfg: TrainConfig) -> Path:
 
 
 def run(out_dir: Path, flags: tuple[str, ...], cfg: TrainConfig) -> tuple[list[dict], dict, float]:
-    """train_gpt.py --preset speedrun on the synthetic shards in a separate process; (its metrics
+    """train_gpt.py --preset cfg.preset on the synthetic shards in a separate process; (its metrics
     records, its summary.json, wall seconds). Its console output is written to out_dir/train_gpt.out as
     it comes, so a run that fails or is stopped at TIMEOUT_S leaves what it printed; either ends this
     with the output's last lines. `cfg` is what the flags make of the preset."""
     shards = write_shards(out_dir / "shards", cfg)
-    command = [sys.executable, str(REPO / "train_gpt.py"), "--preset", PRESET, *flags,
+    command = [sys.executable, str(REPO / "train_gpt.py"), "--preset", cfg.preset, *flags,
                "--data-dir", str(shards), "--out-dir", str(out_dir / "run"), "--sample-tokens", "0",
                "--no-plot", "--no-wandb"]
     console = out_dir / "train_gpt.out"
@@ -116,15 +140,40 @@ def run(out_dir: Path, flags: tuple[str, ...], cfg: TrainConfig) -> tuple[list[d
     return records, json.loads((out_dir / "run" / "summary.json").read_text()), wall_s
 
 
+def batch_shapes(schedule: Schedule) -> int:
+    """The distinct tokens per step of the schedule: one training graph each."""
+    return len({schedule.at(step).tokens for step in schedule.first_steps()})
+
+
+def validations(cfg: TrainConfig) -> int:
+    """How many validations the run makes: every val_every steps from step 0, and at the last step."""
+    steps = set(range(0, cfg.max_steps + 1, cfg.val_every)) if cfg.val_every else set()
+    return len(steps | {cfg.max_steps})
+
+
+def planned_compute_s(cfg: TrainConfig) -> float:
+    """Seconds of model FLOPs at PEAK_USED: the sum over steps of tokens x flops_per_token(seq_len,
+    window) (forward and backward), plus each validation's val_tokens x a third of flops_per_token
+    (forward only) at the last window. Compilation comes on top."""
+    with torch.device("meta"):
+        model = GPT(PRESETS[cfg.model])
+    schedule = Schedule.of(cfg)
+    train = sum(schedule.at(step).tokens * model.flops_per_token(cfg.seq_len, schedule.window_at(step))
+                for step in range(cfg.max_steps))
+    per_val = cfg.val_tokens * model.flops_per_token(cfg.val_seq_len, schedule.window_at(cfg.max_steps)) / 3
+    return (train + validations(cfg) * per_val) / PEAK_USED
+
+
 def summarize(records: list[dict], summary: dict, cfg: TrainConfig, smoke: bool) -> dict:
     """The run's figures and the checks on them."""
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    windows = Schedule.of(cfg).windows()
+    schedule = Schedule.of(cfg)
+    windows, shapes, expected = schedule.windows(), batch_shapes(schedule), CHECKS[cfg.preset]["windows"]
     checks = {
-        "one training graph": summary.get("graphs_training") == 1,
+        f"one training graph per batch shape ({shapes})": summary.get("graphs_training") == shapes,
         "one validation graph": summary.get("graphs_validation") == 1,
         "nothing compiled in the timed run": summary["graphs_in_timed_run"] == 0,
-        f"all {WINDOWS} windows crossed": len(windows) == WINDOWS,
+        f"all {expected} windows crossed": len(windows) == expected,
     }
     if smoke:  # 14 steps of the demo model at the 124M's learning rates: the loss need not fall yet
         checks["validation loss finite"] = all(math.isfinite(loss) for _, loss in val)
@@ -134,8 +183,8 @@ def summarize(records: list[dict], summary: dict, cfg: TrainConfig, smoke: bool)
                                              "peak_memory_gib", "graphs_training", "graphs_validation",
                                              "graphs_in_timed_run")}
     train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-    return dict(figures=figures, windows=windows, val_loss=val, train_loss=train, checks=checks,
-                passed=all(checks.values()))
+    return dict(preset=cfg.preset, planned_compute_s=planned_compute_s(cfg), figures=figures,
+                windows=windows, val_loss=val, train_loss=train, checks=checks, passed=all(checks.values()))
 
 
 def markdown(report: dict) -> str:
@@ -144,8 +193,9 @@ def markdown(report: dict) -> str:
     lines = [f"### GPU check: {report['machine']['device']}, torch {report['machine']['torch']}, "
              f"{report['date'][:10]}{' (smoke)' if report['smoke'] else ''}",
              "",
-             f"`train_gpt.py --preset {PRESET} {' '.join(report['flags'])}` on synthetic shards; "
-             f"{report['wall_s']:.0f} s wall in all, compilation included.",
+             f"`train_gpt.py --preset {report['preset']} {' '.join(report['flags'])}` on synthetic shards; "
+             f"{report['wall_s']:.0f} s wall in all, compilation included (planned: "
+             f"{report['planned_compute_s']:.0f} s of model FLOPs at {PEAK_USED / 1e12:.0f} TFLOP/s).",
              "",
              "| steps | step ms | tokens/s | MFU | peak GiB | graphs train / val / in timed run | val loss |",
              "|---|---|---|---|---|---|---|",
@@ -162,12 +212,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--out-dir", type=Path, required=True, help="folder for the shards, the run, and "
                         "gpu_check.json / gpu_check.md")
+    parser.add_argument("--preset", choices=tuple(CHECKS), default="speedrun", help="the preset to check: "
+                        "speedrun (record #46, every stage of its schedule) or speedrun-2025-07-12 (the "
+                        "proven one, its 14 windows)")
     parser.add_argument("--smoke", action="store_true", help="the demo model at toy sizes on a CPU (seconds)")
     args = parser.parse_args(argv)
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device is visible; --smoke runs the check on a CPU")
-    flags = SMOKE if args.smoke else FULL
-    cfg = parse_config(["--preset", PRESET, *flags])  # the run's config, as train_gpt.py will read it
+    flags = CHECKS[args.preset]["smoke" if args.smoke else "full"]
+    cfg = parse_config(["--preset", args.preset, *flags])  # the run's config, as train_gpt.py will read it
     device = torch.device("cpu" if args.smoke else "cuda")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     records, summary, wall_s = run(args.out_dir, flags, cfg)
