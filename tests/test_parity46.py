@@ -3,6 +3,7 @@ loader's substitutions and the Record20251129 adapter on a reference written wit
 (tests/fixtures/parity_reference46.py: width 128, the record's 12 layers and 50304-row tables, 8
 micro-batches of 256 tokens), on a synthetic shard of random documents (ids 0-499) after BOS tokens."""
 
+import dataclasses
 import io
 import math
 import warnings
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 
 from data.shards import write_shard
 from tools import parity, parity46
+from tools.parity_ours46 import ROUNDING, compare_schedules, our_config, schedule_report
 from tools.parity_record import load_reference
 from tools.parity_record46 import ba_plus_caa, flash_attn_varlen_sdpa, xxt
 from tools.parity_source import NS_CAST, Unavailable, one_process_group
@@ -182,6 +184,31 @@ def test_the_batch_divisor_divides_the_schedule_or_stops_naming_itself():
             load_reference(FIXTURE, 128, batch_divisor=3)
 
 
+# ---- our side -------------------------------------------------------------------------------------------
+
+
+def test_our_schedules_are_the_records_functions_at_every_step(stepped):
+    """The fixture's get_lr, get_muon_momentum, get_ws, get_bs are record #46's schedules, its batch
+    sizes over 64 (tests/fixtures/parity_reference46.py)."""
+    ref, _, _ = stepped
+    found = {a.name: a for a in compare_schedules(ref.ns, our_config(), 64)}
+    assert [found[n].differ for n in ("lr", "windows", "batch")] == [[], [], []]
+    # the fixture's warm-up 0.85 + 0.1 s/300 against our (1 - f) 0.85 + f 0.95: rounding alone
+    assert found["momentum"].differ[0] == 2 and 0 < found["momentum"].worst <= ROUNDING
+    line, error = schedule_report(ref.ns, our_config(), 64)
+    assert error is None and line.endswith("windows equal; batch equal")
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (dict(cooldown_frac=0.5), "lr differs at 1165 steps (first 955)"),
+    (dict(window_blocks=(3, 7, 11, 15)), "windows differs at 41 steps (first 2120)"),
+    (dict(tokens_schedule=(131072, 262144, 393216, 524288)), "batch differs at 41 steps (first 2120)")])
+def test_a_schedule_that_is_not_the_records_stops_the_run_naming_it(stepped, change, named):
+    ref, _, _ = stepped
+    _, error = schedule_report(ref.ns, dataclasses.replace(our_config(), **change), 64)
+    assert error.startswith("error: tools.parity: --preset speedrun's ") and named in error
+
+
 # ---- the run --------------------------------------------------------------------------------------------
 
 
@@ -198,14 +225,21 @@ def test_the_reference_only_run_reproduces_the_adapters_losses_beside_its_twin(s
     floor = report.checks[2]  # Polar Express in float32 against float64: rounding, on the hidden kind only
     # (an even step: DistAdam does not step)
     assert 0 < floor["hidden"] < 1e-3 and [floor[k] for k in parity.KINDS[1:]] == [0.0] * 4
+    assert "momentum differs at 102 steps (first 2)" in out.getvalue()  # printed before training
     assert "GPU kernel dropped x1" in out.getvalue() and "no verdict without our side" in out.getvalue()
 
 
 def test_without_our_side_the_run_stops_with_one_line_naming_what_is_missing(shard_dir):
     with pytest.raises(SystemExit, match=r"^error: tools.parity: our side of record #46 needs what this "
-                                         r"branch lacks: .*helper preset46.*--reference-only") as stopped:
+                                         r"branch lacks: our side's step in .*--reference-only") as stopped:
         parity.main(["--reference", str(FIXTURE), "--data", str(shard_dir), "--steps", "0"])
     assert "\n" not in str(stopped.value)
+
+
+def test_the_preset_window_rule_and_loader_are_record_46s_and_a_difference_is_named(monkeypatch):
+    assert [m.split(" ")[0] for m in parity46.missing_for_ours()] == ["our"]  # only our step is missing
+    monkeypatch.setitem(parity46.RECORD_46, "backout_layer", 7)
+    assert parity46.missing_for_ours()[0].startswith("--preset speedrun as record #46's model")
 
 
 def test_a_run_of_steps_from_an_odd_step_is_refused(shard_dir):

@@ -21,10 +21,14 @@ per kind the update difference ‖u_ref − u_twin‖/‖u_ref‖.
 One-optimizer-step floor (--check-steps): from the record's current weights, fresh optimizer state and
 one step's gradients, its step with Polar Express in float32 against float64, per kind.
 
-Our side (`--preset speedrun` as record #46's recipe) needs pieces not on this branch yet: without
---reference-only, the run stops with one line naming them (`missing_for_ours`). Either way the name
-table from the record's parameters to our GPT with record #46's options (model/gpt.py) is resolved
-and checked: every parameter of both covered once, shapes equal.
+Our side is `--preset speedrun`, record #46's recipe. Before any training its four schedules (lr,
+momentum, windows, batch size) are compared with the record's own functions at every step 0..2160
+(tools/parity_ours46.py) and the result printed; without --reference-only a difference beyond
+rounding stops the run. `missing_for_ours` checks the preset's model against RECORD_46, its window
+rule (W + 1 keys) and the loader's max_doc_len; our step itself is not written yet, so without
+--reference-only the run stops with one line naming what is missing. Either way the name table from
+the record's parameters to our GPT with record #46's options (model/gpt.py) is resolved and checked:
+every parameter of both covered once, shapes equal.
 """
 
 import argparse
@@ -42,6 +46,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from data.loader import TokenLoader
 from model import GPT, PRESETS, GPTConfig
 from model.attention import dense_mask
+from tools.parity_ours46 import our_config, schedule_report
 from tools.parity_record import load_reference
 from tools.parity_record46 import Record20251129
 from tools.parity_source import one_process_group
@@ -77,7 +82,7 @@ def missing_for_ours() -> list[str]:
     if "max_doc_len" not in inspect.signature(TokenLoader).parameters:
         missing.append("documents cut to max_doc_len 2048 in data/loader.py TokenLoader (helper varlen)")
     missing.append("our side's step in tools/parity46.py (8 micro-batches into our GPT, our optimizer at the "
-                   "record's steps), to be written on those")
+                   "record's steps; docs/RECIPE.md, step parity with record #46, steps 3-6), not written yet")
     return missing
 
 
@@ -227,7 +232,10 @@ def run(args: argparse.Namespace, out=None) -> Report46:
         warnings.filterwarnings("ignore", r"`torch\.distributed\..*` is deprecated", FutureWarning)
         parity = RecordParity(args)
         report = Report46(parity.substitutions, len(parity.table))
-        print(header(args, report), file=out)
+        schedules, error = schedule_report(parity.sides[0].ref.ns, our_config(), args.batch_divisor)
+        if error and not args.reference_only:
+            raise SystemExit(error)
+        print(header(args, report), schedules, sep="\n", file=out)
         for segment in segments(args.steps):
             parity.start_segment()
             for step in segment:
