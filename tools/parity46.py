@@ -274,7 +274,7 @@ def run(args: argparse.Namespace, out=None) -> Report46:
         schedules, error = schedule_report(parity.sides[0].ref.ns, our_config(), args.batch_divisor)
         if error and not args.reference_only:
             raise SystemExit(error)
-        print(header(args, report), schedules, sep="\n", file=out)
+        print(schedules, header(args, report), sep="\n", file=out)
         for segment in segments(args.steps):
             parity.start_segment()
             for step in segment:
