@@ -59,6 +59,8 @@ from tools.parity_table import (
     check_unread,
     copy_weights,
     kind_of,
+    our_weights,
+    reference_tensor,
     reference_weights,
     relative_differences,
     segments,
@@ -168,6 +170,7 @@ class Report46:
     table_entries: int
     rows: list[Row] = field(default_factory=list)
     checks: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> the one-step floor per kind
+    our_checks: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> ours vs the record
     failures: list[str] = field(default_factory=list)  # none without our side: nothing to hold to a floor
     ours: bool = False  # our side ran
 
@@ -239,6 +242,39 @@ class RecordParity:
         self.restore(weights, {})
         return relative_differences(self.kinds, updates[torch.float32], updates[torch.float64])
 
+    def check_ours(self, step: int) -> dict[str, float]:
+        """Ours against the record, one optimizer step each from our weights, fresh state and our
+        gradients of step's micro-batches (the same scale: both losses are sums / 8), Polar Express in
+        float32 on both: per kind ‖u_ref − u_ours‖/‖u_ref‖. Ours is left at its weights."""
+        self.start_segment()
+        weights = our_weights(self.ours.model)
+        grads = self.ours.gradients(self.sides[0].ref.batches(step), step)
+        record_update = self.record_step_from(grads, step)
+        ours_update = self.ours.one_step(step, torch.float32)
+        self.ours.restore(weights)
+        return relative_differences(self.our_kinds, record_update, ours_update)
+
+    def record_step_from(self, grads: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """The record's step_optimizers on `grads` (our names) through the name table: NorMuon reads
+        p.grad; DistAdam what its backward hook `_sync_gradient` sends, run per parameter on an odd
+        step as on the last micro-batch; Polar Express in float32. The change by our names."""
+        record = self.sides[0].ref
+        with torch.no_grad():
+            for p in record.model.parameters():
+                p.grad = torch.zeros_like(p)
+            for entry in self.table:
+                if entry.ours is not None:
+                    reference_tensor(record, entry, grad=True).copy_(grads[entry.ours])
+        if step % 2:
+            record.adam.should_sync = True
+            for p in (p for group in record.adam.param_groups for p in group["params"]):
+                record.adam._sync_gradient(p)
+        record.set_ns_dtype(torch.float32)
+        before = reference_weights(self.table, record)
+        record.step(step)
+        record.set_ns_dtype(torch.bfloat16)
+        return change(reference_weights(self.table, record), before)
+
     def restore(self, weights: dict[str, Tensor], grads: dict[str, Tensor | None]) -> None:
         """The record at `weights` with `grads` (none where absent), its optimizers fresh."""
         record = self.sides[0].ref
@@ -283,6 +319,9 @@ def run(args: argparse.Namespace, out=None) -> Report46:
         for step in args.check_steps:
             report.checks[step] = parity.check_step(step)
             print(format_check(step, report.checks[step]), file=out)
+            if parity.ours:
+                report.our_checks[step] = parity.check_ours(step)
+                print(format_our_check(step, report.our_checks[step]), file=out)
     report.failures = verdict(report, args.loss_tol)
     print(summary(report), file=out)
     return report
@@ -341,6 +380,12 @@ def verdict(report: Report46, loss_tol: float) -> list[str]:
         return []
     return [f"loss: ours - record {worst.diff:+.1e} at step {worst.step} exceeds the floor {floor:.1e} "
             f"+ --loss-tol {loss_tol:g}"]
+
+
+def format_our_check(step: int, update: dict[str, float]) -> str:
+    parts = ", ".join(f"{k} {update[k]:.1e}" for k in KINDS)
+    return (f"one optimizer step at step {step}, ours against the record (our weights, fresh state, our "
+            f"gradients), Polar Express float32: {parts}")
 
 
 def summary(report: Report46) -> str:

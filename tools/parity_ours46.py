@@ -170,6 +170,38 @@ class Ours46:
         self.optimizer.zero_grad(set_to_none=True)
         return loss, trained, change(our_weights(self.model), before)
 
+    def gradients(self, micro_batches: list[tuple[Tensor, Tensor, Tensor]], step: int) -> dict[str, Tensor]:
+        """Our gradients of step's training loss (each micro-batch's bf16 sum / 8, as train_step), left
+        in p.grad and returned by our names; the weights do not move."""
+        window = self.schedule.window_at(step)
+        self.follow_yarn(step)
+        for inputs, targets, _ in micro_batches:
+            (self.model(inputs[None].long(), targets[None], window=window) / GRAD_ACCUM_STEPS).backward()
+        return {name: p.grad.detach().clone() for name, p in self.model.named_parameters()
+                if p.grad is not None}
+
+    def one_step(self, step: int, ns_dtype: torch.dtype) -> dict[str, Tensor]:
+        """One optimizer step on the gradients in p.grad from fresh state, each group's step_every
+        counter as after `step` steps from 0 (Adam, every other step, steps on an odd one), Newton–Schulz
+        in ns_dtype; the weights' change by our names."""
+        self.optimizer.state.clear()
+        for group in self.optimizer.param_groups:
+            group["pending_steps"] = step % group["step_every"]
+        before = our_weights(self.model)
+        set_ns_dtype(self.optimizer, ns_dtype)
+        self.schedule.apply(self.optimizer, step)
+        self.optimizer.step()
+        set_ns_dtype(self.optimizer, torch.bfloat16)
+        self.optimizer.zero_grad(set_to_none=True)
+        return change(our_weights(self.model), before)
+
+    @torch.no_grad()
+    def restore(self, weights: dict[str, Tensor]) -> None:
+        """Our weights back to `weights` (our names), the optimizer fresh."""
+        for name, p in self.model.named_parameters():
+            p.copy_(weights[name])
+        self.fresh_state()
+
     @torch.no_grad()
     def float_loss(self, micro_batches: list[tuple[Tensor, Tensor, Tensor]], window: int) -> float:
         """Σ over micro-batches of the eval-mode mean (float32 logits) × its tokens."""
