@@ -29,8 +29,11 @@ W + 1 keys, the loader's max_doc_len). Ours is initialized (--seed) and each run
 record and its twin from our current weights through the name table (every parameter of both covered
 once, shapes equal), every optimizer fresh; ours takes the record's 8 micro-batches. Printed under each
 step: our float32 loss, ours − record, and per kind ‖u_ref − u_ours‖/‖u_ref‖. Exit status 1 when the
-largest |ours − record| exceeds the largest |floor| plus --loss-tol. Not yet: our side of the
-one-step check (--check-steps runs the record's float32-vs-float64 floor alone).
+largest |ours − record| exceeds the largest |floor| plus --loss-tol. With --check-steps, beside the
+record's floor: one optimizer step of ours and of the record from our weights, fresh state and our
+gradients of that step's micro-batches (through the name table; DistAdam's on an odd step sent by its
+own `_sync_gradient`), Polar Express in float32 on both, per kind ‖u_ref − u_ours‖/‖u_ref‖ (printed,
+not held to a tolerance yet).
 """
 
 import argparse
