@@ -3,6 +3,7 @@ loader's substitutions and the Record20251129 adapter on a reference written wit
 (tests/fixtures/parity_reference46.py: width 128, the record's 12 layers and 50304-row tables, 8
 micro-batches of 256 tokens), on a synthetic shard of random documents (ids 0-499) after BOS tokens."""
 
+import dataclasses
 import io
 import math
 import warnings
@@ -15,6 +16,14 @@ import torch.nn.functional as F
 
 from data.shards import write_shard
 from tools import parity, parity46
+from tools.parity_ours46 import (
+    ROUNDING,
+    build_ours46,
+    check_segments_start_at_bos,
+    compare_schedules,
+    our_config,
+    schedule_report,
+)
 from tools.parity_record import load_reference
 from tools.parity_record46 import ba_plus_caa, flash_attn_varlen_sdpa, xxt
 from tools.parity_source import NS_CAST, Unavailable, one_process_group
@@ -89,7 +98,7 @@ def stepped(shard_dir):
     torch.manual_seed(0)
     with one_process_group(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", r"`torch\.distributed\..*` is deprecated", FutureWarning)
-        ref, substitutions = load_reference(FIXTURE, 128)
+        ref, substitutions = load_reference(FIXTURE, 128, batch_divisor=64)
         ref.open_data(str(shard_dir / "*_train_*.bin"), 0)
         for step in range(4):
             before = {n: p.detach().float().clone() for n, p in ref.model.named_parameters()}
@@ -177,34 +186,106 @@ def test_the_name_table_covers_both_models_with_the_records_layouts(stepped):
 def test_the_batch_divisor_divides_the_schedule_or_stops_naming_itself():
     with one_process_group():
         ref, _ = load_reference(FIXTURE, 128, batch_divisor=2)
-        assert [ref.ns["get_bs"](s) for s in (0, 707, 1414, 2120)] == [1024, 2048, 3072, 3072]
+        assert [ref.ns["get_bs"](s) for s in (0, 707, 1414, 2120)] == [65536, 131072, 196608, 196608]
         with pytest.raises(SystemExit, match="--batch-divisor 3: the record's batch sizes"):
             load_reference(FIXTURE, 128, batch_divisor=3)
+
+
+# ---- our side -------------------------------------------------------------------------------------------
+
+
+def test_our_schedules_are_the_records_functions_at_every_step(stepped):
+    """The fixture's get_lr, get_muon_momentum, get_ws, get_bs are record #46's schedules, its batch
+    sizes over 64 (tests/fixtures/parity_reference46.py)."""
+    ref, _, _ = stepped
+    found = {a.name: a for a in compare_schedules(ref.ns, our_config(), 64)}
+    assert [found[n].differ for n in ("lr", "windows", "batch")] == [[], [], []]
+    # the fixture's warm-up 0.85 + 0.1 s/300 against our (1 - f) 0.85 + f 0.95: rounding alone
+    assert found["momentum"].differ[0] == 2 and 0 < found["momentum"].worst <= ROUNDING
+    line, error = schedule_report(ref.ns, our_config(), 64)
+    assert error is None and line.endswith("windows equal; batch equal")
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (dict(cooldown_frac=0.5), "lr differs at 1165 steps (first 955)"),
+    (dict(window_blocks=(3, 7, 11, 15)), "windows differs at 41 steps (first 2120)"),
+    (dict(tokens_schedule=(131072, 262144, 393216, 524288)), "batch differs at 41 steps (first 2120)")])
+def test_a_schedule_that_is_not_the_records_stops_the_run_naming_it(stepped, change, named):
+    ref, _, _ = stepped
+    _, error = schedule_report(ref.ns, dataclasses.replace(our_config(), **change), 64)
+    assert error.startswith("error: tools.parity: --preset speedrun's ") and named in error
 
 
 # ---- the run --------------------------------------------------------------------------------------------
 
 
-def test_the_reference_only_run_reproduces_the_adapters_losses_beside_its_twin(stepped, shard_dir):
+def run_args(shard_dir: Path, *flags: str) -> list[str]:
+    return ["--reference", str(FIXTURE), "--data", str(shard_dir), "--width", "128", "--threads", "2",
+            "--batch-divisor", "64", *flags]
+
+
+def test_ours_beside_the_record_and_its_twin_from_our_weights(monkeypatch, shard_dir):
+    """The fixture's forward is our GPT on its tensors: from our weights (a head made nonzero, exact in
+    bf16, so the record's own init, a zero head, cannot pass for them), copied through the name table,
+    fed the record's micro-batches as one sequence each, ours' step-0 loss is the record's to rounding."""
+
+    def build_with_a_head(width, seed):
+        ours = build_ours46(width, seed)
+        with torch.no_grad():
+            head = ours.model.lm_head.weight
+            noise = torch.randn(head.shape, generator=torch.Generator().manual_seed(1))
+            head.copy_((0.05 * noise).bfloat16())
+        return ours
+
+    monkeypatch.setattr(parity46, "build_ours46", build_with_a_head)
+    out = io.StringIO()
+    args = parity.parse_args(run_args(shard_dir, "--steps", "0-1", "--check-steps", "3", "--loss-tol", "1"))
+    report = parity.run(args, out=out)
+    assert [r.batch for r in report.rows] == [2048] * 2 and report.rows[0].windows == (128, 384)
+    assert report.rows[0].loss > ZERO_HEAD_LOSS + 0.1  # our head, not the record's zero one
+    assert abs(report.rows[0].diff) < 1e-4  # measured 0.0e+00 (bf16 head on both sides)
+    assert all(abs(r.floor) < 1e-3 for r in report.rows)  # the twin: SDPA's math kernel
+    assert report.rows[1].update["head"] > 0  # the fixture's Adam is not ours: they differ
+    assert report.table_entries == 87
+    floor = report.checks[3]  # Polar Express in float32 against float64: rounding, on the hidden kind only
+    assert 0 < floor["hidden"] < 1e-3 and [floor[k] for k in parity.KINDS[1:]] == [0.0] * 4
+    one_step = report.our_checks[3]  # an odd step: DistAdam steps on what _sync_gradient sent
+    assert one_step["hidden"] > 0.1  # the fixture's NorMuon is a plain Muon: not ours (measured 0.68)
+    # its Adam is ours but for its bf16 weights (measured 0.7%, 1.9%, 1.2%; scalars float32: 7.9e-7)
+    assert max(one_step[k] for k in ("embed", "value_embed", "head")) < 0.05 and one_step["scalar"] < 1e-5
+    assert "momentum differs at 102 steps (first 2)" in out.getvalue()  # printed before training
+    assert "GPU kernel dropped x1" in out.getvalue() and "ours - record, float32 loss" in out.getvalue()
+    assert "one optimizer step at step 3, ours against the record" in out.getvalue()
+    assert report.failures == []  # within the floor + --loss-tol 1
+
+
+def test_the_reference_only_run_has_no_verdict(stepped, shard_dir):
     _, _, rows = stepped
     out = io.StringIO()
-    args = parity.parse_args(["--reference", str(FIXTURE), "--data", str(shard_dir), "--width", "128",
-                              "--threads", "2", "--reference-only", "--steps", "0-1", "--check-steps", "2"])
+    args = parity.parse_args(run_args(shard_dir, "--reference-only", "--no-floor", "--steps", "0",
+                                      "--check-steps", "none"))
     report = parity.run(args, out=out)
-    assert [r.loss for r in report.rows] == [row[0] for row in rows[:2]]  # same seed, data: same numbers
-    assert [r.batch for r in report.rows] == [2048] * 2 and report.rows[0].windows == (128, 384)
-    assert all(abs(r.floor) < 1e-3 for r in report.rows)  # the twin: SDPA's math kernel
-    assert report.table_entries == 87
-    floor = report.checks[2]  # Polar Express in float32 against float64: rounding, on the hidden kind only
-    # (an even step: DistAdam does not step)
-    assert 0 < floor["hidden"] < 1e-3 and [floor[k] for k in parity.KINDS[1:]] == [0.0] * 4
-    assert "GPU kernel dropped x1" in out.getvalue() and "no verdict without our side" in out.getvalue()
+    assert report.rows[0].loss == rows[0][0] and report.rows[0].ours is None and report.failures == []
+    assert "no verdict without our side" in out.getvalue()
 
 
-def test_without_our_side_the_run_stops_with_one_line_naming_what_is_missing(shard_dir):
-    with pytest.raises(SystemExit, match=r"^error: tools.parity: our side of record #46 needs what this "
-                                         r"branch lacks: .*helper preset46.*--reference-only") as stopped:
-        parity.main(["--reference", str(FIXTURE), "--data", str(shard_dir), "--steps", "0"])
+def test_a_segment_not_starting_at_bos_stops_the_run_naming_it():
+    inputs = torch.tensor([50256, 5, 6, 50256, 7, 8, 9, 10], dtype=torch.int32)
+    good = (inputs, inputs.long(), torch.tensor([0, 3, 8, 8], dtype=torch.int32))
+    check_segments_start_at_bos([good], 50256, 4)
+    bad = (inputs, inputs.long(), torch.tensor([0, 3, 5, 8], dtype=torch.int32))
+    with pytest.raises(SystemExit, match=r"step 4, micro-batch 1: the record's segment at token 5 does not "
+                                         r"start at BOS 50256"):
+        check_segments_start_at_bos([good, bad], 50256, 4)
+
+
+def test_a_preset_that_is_not_record_46s_stops_the_run_naming_what_differs(monkeypatch, shard_dir):
+    assert parity46.missing_for_ours() == []  # the preset, window rule and loader are record #46's
+    monkeypatch.setitem(parity46.RECORD_46, "backout_layer", 7)
+    expected = (r"^error: tools.parity: our side of record #46 lacks: --preset speedrun as record #46's "
+                r"model \(model/gpt.py PRESETS\['124m-46'\]: backout_layer differ.*--reference-only")
+    with pytest.raises(SystemExit, match=expected) as stopped:
+        parity.main(run_args(shard_dir, "--steps", "0"))
     assert "\n" not in str(stopped.value)
 
 

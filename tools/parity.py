@@ -59,6 +59,7 @@ from data.loader import TokenLoader
 from model import GPT, PRESETS
 from optim import Muon
 from tools import parity46
+from tools.parity_ours46 import set_ns_dtype
 from tools.parity_record import load_reference, recognise
 from tools.parity_record46 import Record20251129
 from tools.parity_source import one_process_group
@@ -118,11 +119,6 @@ def build_ours(width: int, seq_len: int, seed: int) -> Ours:
     optimizer = build_optimizer(model, cfg)
     set_ns_dtype(optimizer, torch.bfloat16)
     return Ours(model, optimizer, Schedule.of(cfg))
-
-
-def set_ns_dtype(optimizer: Muon, dtype: torch.dtype) -> None:
-    for group in optimizer.param_groups:
-        group["ns_dtype"] = dtype
 
 
 def our_loss(ours: Ours, inputs: Tensor, targets: Tensor, step: int) -> Tensor:

@@ -21,10 +21,19 @@ per kind the update difference ‖u_ref − u_twin‖/‖u_ref‖.
 One-optimizer-step floor (--check-steps): from the record's current weights, fresh optimizer state and
 one step's gradients, its step with Polar Express in float32 against float64, per kind.
 
-Our side (`--preset speedrun` as record #46's recipe) needs pieces not on this branch yet: without
---reference-only, the run stops with one line naming them (`missing_for_ours`). Either way the name
-table from the record's parameters to our GPT with record #46's options (model/gpt.py) is resolved
-and checked: every parameter of both covered once, shapes equal.
+Our side is `--preset speedrun`, record #46's recipe (tools/parity_ours46.py). Before any training
+its four schedules (lr, momentum, windows, batch size) are compared with the record's own functions at
+every step 0..2160 and the result printed; without --reference-only a difference beyond rounding
+stops the run, as does `missing_for_ours` (the preset's model against RECORD_46, its window rule of
+W + 1 keys, the loader's max_doc_len). Ours is initialized (--seed) and each run of steps starts the
+record and its twin from our current weights through the name table (every parameter of both covered
+once, shapes equal), every optimizer fresh; ours takes the record's 8 micro-batches. Printed under each
+step: our float32 loss, ours − record, and per kind ‖u_ref − u_ours‖/‖u_ref‖. Exit status 1 when the
+largest |ours − record| exceeds the largest |floor| plus --loss-tol. With --check-steps, beside the
+record's floor: one optimizer step of ours and of the record from our weights, fresh state and our
+gradients of that step's micro-batches (through the name table; DistAdam's on an odd step sent by its
+own `_sync_gradient`), Polar Express in float32 on both, per kind ‖u_ref − u_ours‖/‖u_ref‖ (printed,
+not held to a tolerance yet).
 """
 
 import argparse
@@ -42,10 +51,24 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from data.loader import TokenLoader
 from model import GPT, PRESETS, GPTConfig
 from model.attention import dense_mask
+from tools.parity_ours46 import PRESET, build_ours46, our_config, schedule_report
 from tools.parity_record import load_reference
 from tools.parity_record46 import Record20251129
 from tools.parity_source import one_process_group
-from tools.parity_table import KINDS, Entry, change, check_unread, relative_differences, segments, shards
+from tools.parity_table import (
+    KINDS,
+    Entry,
+    change,
+    check_unread,
+    copy_weights,
+    kind_of,
+    our_weights,
+    reference_tensor,
+    reference_weights,
+    relative_differences,
+    segments,
+    shards,
+)
 from training.recipe import PRESETS_TRAIN
 
 DEFAULT_STEPS = [*range(20), *range(706, 710), 1800, 1801]
@@ -64,21 +87,24 @@ def our_model(width: int) -> GPT:
 
 
 def missing_for_ours() -> list[str]:
-    """What our side of the comparison needs and this code base lacks, one phrase each."""
+    """What our side of the comparison needs and this code base lacks, one phrase each: the preset's
+    model options against RECORD_46, its window rule (W + 1 keys), the loader's max_doc_len."""
     missing = []
-    model = PRESETS[PRESETS_TRAIN["speedrun"]["model"]]
-    if any(getattr(model, name) != value for name, value in RECORD_46.items()):
-        missing.append("--preset speedrun as record #46's model, optimizer groups (training/recipe.py, "
-                       "helper preset46) and schedules (lr tied to the batch size, windows 3/7/11 blocks, "
-                       "batches 131072/262144/393216 tokens, momentum cooldown; helper schedule)")
+    model = PRESETS[model_name()]
+    differ = [name for name, value in RECORD_46.items() if getattr(model, name) != value]
+    if differ:
+        missing.append(f"--preset {PRESET} as record #46's model (model/gpt.py PRESETS[{model_name()!r}]: "
+                       f"{', '.join(differ)} differ from RECORD_46)")
     if not sees_window_plus_one(model.window_rule):
         missing.append(f"a window rule where query i sees key j iff 0 <= i - j <= W, W + 1 keys (the "
-                       f"preset's {model.window_rule!r} does not; model/attention.py, helper varlen)")
+                       f"preset's {model.window_rule!r} does not; model/attention.py)")
     if "max_doc_len" not in inspect.signature(TokenLoader).parameters:
-        missing.append("documents cut to max_doc_len 2048 in data/loader.py TokenLoader (helper varlen)")
-    missing.append("our side's step in tools/parity46.py (8 micro-batches into our GPT, our optimizer at the "
-                   "record's steps), to be written on those")
+        missing.append("documents cut to max_doc_len 2048 in data/loader.py TokenLoader")
     return missing
+
+
+def model_name() -> str:
+    return PRESETS_TRAIN[PRESET]["model"]
 
 
 def sees_window_plus_one(rule: str) -> bool:
@@ -90,7 +116,7 @@ def sees_window_plus_one(rule: str) -> bool:
 def check_ours_buildable() -> None:
     missing = missing_for_ours()
     if missing:
-        raise SystemExit(f"error: tools.parity: our side of record #46 needs what this branch lacks: "
+        raise SystemExit(f"error: tools.parity: our side of record #46 lacks: "
                          f"{'; '.join(missing)}. Pass --reference-only to run the record and its noise floor")
 
 
@@ -108,16 +134,19 @@ class Side:
     def weights(self) -> dict[str, Tensor]:
         return {name: p.detach().float().clone() for name, p in self.ref.model.named_parameters()}
 
-    def train_step(self, table: list[Entry], micro_batches: list, step: int) -> tuple[float, float, dict]:
-        """(float32 loss, bf16 training loss) per token before the step, and the step's weight change."""
+    def train_step(self, table: list[Entry], micro_batches: list,
+                   step: int) -> tuple[float, float, dict, dict]:
+        """(float32 loss, bf16 training loss) per token before the step, and the step's weight change
+        by the record's names and by ours (through `table`)."""
         tokens = sum(targets.numel() for _, targets, _ in micro_batches)
-        before = self.weights()
+        before, ours_before = self.weights(), reference_weights(table, self.ref)
         with self.kernel():
             loss = self.ref.float_loss(micro_batches, step)
             trained = self.ref.forward_backward(micro_batches, step)
         check_unread(table, self.ref)
         self.ref.step(step)
-        return loss / tokens, trained / tokens, change(self.weights(), before)
+        return (loss / tokens, trained / tokens, change(self.weights(), before),
+                change(reference_weights(table, self.ref), ours_before))
 
 
 @dataclass
@@ -129,6 +158,13 @@ class Row:
     trained: float  # its training loss (bf16 sum), per token
     floor: float  # the twin's float32 loss minus the record's
     update_floor: dict[str, float]
+    ours: float | None = None  # our float32 loss per token (None: --reference-only)
+    update: dict[str, float] | None = None  # per kind ‖u_ref − u_ours‖/‖u_ref‖
+
+    @property
+    def diff(self) -> float:
+        """Our float32 loss minus the record's."""
+        return self.ours - self.loss
 
 
 @dataclass
@@ -137,17 +173,21 @@ class Report46:
     table_entries: int
     rows: list[Row] = field(default_factory=list)
     checks: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> the one-step floor per kind
+    our_checks: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> ours vs the record
     failures: list[str] = field(default_factory=list)  # none without our side: nothing to hold to a floor
+    ours: bool = False  # our side ran
 
 
 class RecordParity:
     """The record and its noise-floor twin, from identical weights, fed identical micro-batches."""
 
     def __init__(self, args: argparse.Namespace):
+        self.ours = None if args.reference_only else build_ours46(args.width, args.seed)
         torch.manual_seed(args.seed)
         ref, self.substitutions = load_reference(args.reference, args.width, batch_divisor=args.batch_divisor)
-        self.table = ref.table(our_model(args.width))
+        self.table = ref.table(self.ours.model if self.ours else our_model(args.width))
         self.kinds = reference_kinds(self.table)
+        self.our_kinds = kind_of(self.table)
         self.sides = [Side(ref, None)]
         if args.floor:
             self.sides.append(Side(load_reference(args.reference, args.width,
@@ -155,22 +195,32 @@ class RecordParity:
         ref.open_data(str(shards(args.data)[0].parent / "*_train_*.bin"), [*args.steps, *args.check_steps][0])
 
     def start_segment(self) -> None:
-        """Every twin at the record's current weights; every optimizer fresh."""
+        """The record and its twin at our current weights through the name table (--reference-only:
+        the twin at the record's); every optimizer fresh."""
         record = self.sides[0].ref
         for side in self.sides:
-            if side.ref is not record:
+            if self.ours:
+                copy_weights(self.table, self.ours.model, side.ref)
+            elif side.ref is not record:
                 side.ref.model.load_state_dict(record.model.state_dict())
             side.ref.fresh_state()
+        if self.ours:
+            self.ours.fresh_state()
 
     def train_step(self, step: int) -> Row:
         record = self.sides[0].ref
         micro_batches = record.batches(step)
-        results = [side.train_step(self.table, micro_batches, step) for side in self.sides]
-        (loss, trained, update), (twin_loss, _, twin_update) = results[0], results[-1]  # no twin: floor 0
-        windows = tuple(w * record.args.block_size for w in record.ns["get_ws"](step))
         tokens = sum(t.numel() for _, t, _ in micro_batches)
-        return Row(step, tokens, windows, loss, trained, twin_loss - loss,
-                   relative_differences(self.kinds, update, twin_update))
+        ours = self.ours.train_step(micro_batches, step) if self.ours else None
+        results = [side.train_step(self.table, micro_batches, step) for side in self.sides]
+        (loss, trained, update, by_our_names), (twin_loss, _, twin_update, _) = results[0], results[-1]
+        windows = tuple(w * record.args.block_size for w in record.ns["get_ws"](step))
+        row = Row(step, tokens, windows, loss, trained, twin_loss - loss,  # no twin: floor 0
+                  relative_differences(self.kinds, update, twin_update))
+        if ours:
+            row.ours = ours[0] / tokens
+            row.update = relative_differences(self.our_kinds, by_our_names, ours[2])
+        return row
 
 
     def check_step(self, step: int) -> dict[str, float]:
@@ -194,6 +244,39 @@ class RecordParity:
         record.set_ns_dtype(torch.bfloat16)
         self.restore(weights, {})
         return relative_differences(self.kinds, updates[torch.float32], updates[torch.float64])
+
+    def check_ours(self, step: int) -> dict[str, float]:
+        """Ours against the record, one optimizer step each from our weights, fresh state and our
+        gradients of step's micro-batches (the same scale: both losses are sums / 8), Polar Express in
+        float32 on both: per kind ‖u_ref − u_ours‖/‖u_ref‖. Ours is left at its weights."""
+        self.start_segment()
+        weights = our_weights(self.ours.model)
+        grads = self.ours.gradients(self.sides[0].ref.batches(step), step)
+        record_update = self.record_step_from(grads, step)
+        ours_update = self.ours.one_step(step, torch.float32)
+        self.ours.restore(weights)
+        return relative_differences(self.our_kinds, record_update, ours_update)
+
+    def record_step_from(self, grads: dict[str, Tensor], step: int) -> dict[str, Tensor]:
+        """The record's step_optimizers on `grads` (our names) through the name table: NorMuon reads
+        p.grad; DistAdam what its backward hook `_sync_gradient` sends, run per parameter on an odd
+        step as on the last micro-batch; Polar Express in float32. The change by our names."""
+        record = self.sides[0].ref
+        with torch.no_grad():
+            for p in record.model.parameters():
+                p.grad = torch.zeros_like(p)
+            for entry in self.table:
+                if entry.ours is not None:
+                    reference_tensor(record, entry, grad=True).copy_(grads[entry.ours])
+        if step % 2:
+            record.adam.should_sync = True
+            for p in (p for group in record.adam.param_groups for p in group["params"]):
+                record.adam._sync_gradient(p)
+        record.set_ns_dtype(torch.float32)
+        before = reference_weights(self.table, record)
+        record.step(step)
+        record.set_ns_dtype(torch.bfloat16)
+        return change(reference_weights(self.table, record), before)
 
     def restore(self, weights: dict[str, Tensor], grads: dict[str, Tensor | None]) -> None:
         """The record at `weights` with `grads` (none where absent), its optimizers fresh."""
@@ -226,8 +309,11 @@ def run(args: argparse.Namespace, out=None) -> Report46:
     with warnings.catch_warnings(), one_process_group(), last_shard_quiet():
         warnings.filterwarnings("ignore", r"`torch\.distributed\..*` is deprecated", FutureWarning)
         parity = RecordParity(args)
-        report = Report46(parity.substitutions, len(parity.table))
-        print(header(args, report), file=out)
+        report = Report46(parity.substitutions, len(parity.table), ours=parity.ours is not None)
+        schedules, error = schedule_report(parity.sides[0].ref.ns, our_config(), args.batch_divisor)
+        if error and not args.reference_only:
+            raise SystemExit(error)
+        print(schedules, header(args, report), sep="\n", file=out)
         for segment in segments(args.steps):
             parity.start_segment()
             for step in segment:
@@ -236,6 +322,10 @@ def run(args: argparse.Namespace, out=None) -> Report46:
         for step in args.check_steps:
             report.checks[step] = parity.check_step(step)
             print(format_check(step, report.checks[step]), file=out)
+            if parity.ours:
+                report.our_checks[step] = parity.check_ours(step)
+                print(format_our_check(step, report.our_checks[step]), file=out)
+    report.failures = verdict(report, args.loss_tol)
     print(summary(report), file=out)
     return report
 
@@ -269,8 +359,12 @@ def header(args: argparse.Namespace, report: Report46) -> str:
 def format_row(row: Row) -> str:
     updates = " ".join(f"{row.update_floor[k]:11.1e}" for k in KINDS)
     windows = f"{row.windows[0]}/{row.windows[1]}"
-    return (f"{row.step:5d} {row.batch:7d} {windows:>10} {row.loss:10.5f} {row.trained:10.5f} "
+    line = (f"{row.step:5d} {row.batch:7d} {windows:>10} {row.loss:10.5f} {row.trained:10.5f} "
             f"{row.floor:+10.1e} {updates}")
+    if row.ours is None:
+        return line
+    ours = " ".join(f"{row.update[k]:11.1e}" for k in KINDS)
+    return f"{line}\n{'ours':>34} {row.ours:10.5f} {'':10} {row.diff:+10.1e} {ours}"
 
 
 def format_check(step: int, floor: dict[str, float]) -> str:
@@ -279,10 +373,34 @@ def format_check(step: int, floor: dict[str, float]) -> str:
             f"float32 against float64: {parts}")
 
 
+def verdict(report: Report46, loss_tol: float) -> list[str]:
+    """Our float32 loss held to the record's within the largest floor plus loss_tol."""
+    if not report.ours or not report.rows:
+        return []
+    worst = max(report.rows, key=lambda r: abs(r.diff))
+    floor = max(abs(r.floor) for r in report.rows)
+    if abs(worst.diff) <= floor + loss_tol:
+        return []
+    return [f"loss: ours - record {worst.diff:+.1e} at step {worst.step} exceeds the floor {floor:.1e} "
+            f"+ --loss-tol {loss_tol:g}"]
+
+
+def format_our_check(step: int, update: dict[str, float]) -> str:
+    parts = ", ".join(f"{k} {update[k]:.1e}" for k in KINDS)
+    return (f"one optimizer step at step {step}, ours against the record (our weights, fresh state, our "
+            f"gradients), Polar Express float32: {parts}")
+
+
 def summary(report: Report46) -> str:
     if not report.rows:
         return "no steps run"
     floors = [abs(r.floor) for r in report.rows]
-    return (f"reference only: noise floor of the float32 loss over {len(floors)} steps: mean "
-            f"{sum(floors) / len(floors):.1e}, max {max(floors):.1e}; no verdict without our side")
+    floor = (f"noise floor of the float32 loss over {len(floors)} steps: mean "
+             f"{sum(floors) / len(floors):.1e}, max {max(floors):.1e}")
+    if not report.ours:
+        return f"reference only: {floor}; no verdict without our side"
+    diffs = [abs(r.diff) for r in report.rows]
+    verdict_line = "; ".join(report.failures) or "ours within the floor"
+    return (f"ours - record, float32 loss: mean {sum(diffs) / len(diffs):.1e}, max {max(diffs):.1e}; "
+            f"{floor}; {verdict_line}")
 
