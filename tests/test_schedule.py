@@ -98,13 +98,13 @@ def test_window_tensors_only_on_a_device():
     assert [int(t) for t in on_cpu.window_tensors.values()] == on_cpu.windows()
 
 
-def test_train_gpt_parity_bench_and_the_experiments_use_the_one_schedule():
+def test_the_run_parity_bench_and_the_experiments_use_the_one_schedule():
     import bench.structure
     import experiments.gpt_train
     import tools.parity
-    import train_gpt
+    import training.run
 
-    assert train_gpt.Schedule is tools.parity.Schedule is bench.structure.Schedule is Schedule
+    assert training.run.Schedule is tools.parity.Schedule is bench.structure.Schedule is Schedule
     assert isinstance(experiments.gpt_train.experiment_schedule(1750, 128), Schedule)
 
 

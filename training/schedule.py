@@ -112,6 +112,19 @@ class Schedule:
             firsts.setdefault((now.window, now.tokens), step)
         return list(firsts.values())
 
+    def window_path(self, step: int) -> list[int | None]:
+        """The long windows of steps 0..step in order, each repeat of the one before dropped: the
+        changes YaRN follows (record #46: 384, 896, 1408, 1664 tokens)."""
+        path = [self.window_at(0)]
+        for s in range(1, step + 1):
+            if self.window_at(s) != path[-1]:
+                path.append(self.window_at(s))
+        return path
+
+    def tokens_before(self, step: int) -> int:
+        """Tokens trained on over all processes in steps 0..step-1."""
+        return sum(self.tokens_at(s) for s in range(step))
+
     def lr_factor(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
