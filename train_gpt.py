@@ -44,7 +44,7 @@ from training.report import (  # noqa: E402
     open_log,
     run_summary,
 )
-from training.run import Run, samples, set_up  # noqa: E402
+from training.run import Run, samples, set_up, step_shapes  # noqa: E402
 from training.rundir import claim_out_dir  # noqa: E402
 from training.runtime import (  # noqa: E402
     Process,
@@ -71,6 +71,7 @@ def main(cfg: TrainConfig) -> dict:
     What can be checked before any process group or file exists is checked first, each failure one line.
     """
     layout = batch_layout(cfg, world_size_from_env())
+    step_shapes(cfg, layout, world_size_from_env())  # every --tokens-schedule value splits, or one line
     cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or f"out/{cfg.preset}")
     check_writable(Path(cfg.out_dir), "--out-dir")
     check_writable(Path(cfg.out_dir) / "checkpoints", "the checkpoint folder of --out-dir")
@@ -126,26 +127,42 @@ def warm_up_and_loop(run: Run) -> tuple[float, bool, TimedRun]:
 
 
 def warm_up(run: Run, stop: StopRequest) -> bool:
-    """Compile and warm every graph the run uses, on real steps and a validation at the run's current
-    step, then put the whole state back: the timed run starts from exactly the state it would have
-    had without warm-up. With the window a tensor, that is one training and one validation graph.
+    """Compile and warm every graph the run uses, then put the whole state back: the timed run starts
+    from exactly the state it would have had without warm-up (YaRN's rotary tables, which no state
+    dict holds, are replayed by Run.follow_yarn at the next step).
+
+    At the run's step and at the first step of each later stage of the schedule (a distinct window and
+    tokens per step: Schedule.first_steps, every batch shape, window and YaRN state the run meets, as
+    record #46 warms up at each of its 4 stages), --warmup-kernel-steps real steps; a validation at the
+    run's step and one at --max-steps (its --final-val-windows). With the windows tensors that is one
+    training graph per batch shape and one validation graph.
 
     Returns whether a rank was asked to stop: the ranks agree on it after each warm-up step (one
     all-reduce and one host read each, outside the timed run), and then stop warming up.
     """
-    saved = copy.deepcopy(run.state.state_dict())
+    state, cfg = run.state, run.cfg
+    saved, start = copy.deepcopy(state.state_dict()), state.step
+    stages = [start] + [s for s in run.schedule.first_steps() if start < s < cfg.max_steps]
     t0, stopping = time.perf_counter(), False
-    for _ in range(run.cfg.warmup_kernel_steps):
-        _, stopping = agree(run.train_step(), stop.requested)
+    for stage in stages:
+        for _ in range(cfg.warmup_kernel_steps):
+            state.step = stage
+            _, stopping = agree(run.train_step(), stop.requested)
+            if stopping:
+                break
         if stopping:
             break
+        if stage == start:
+            run.validate()
     if not stopping:
+        state.step = cfg.max_steps
         run.validate()
-    run.state.load_state_dict(saved)
+    state.load_state_dict(saved)
     wait_for_all_ranks(run.process.device)  # the timed run starts together on every rank
     if not stopping:
-        run.log.print(f"warm-up: {run.cfg.warmup_kernel_steps} steps + 1 validation in "
-                      f"{time.perf_counter() - t0:.1f}s (untimed, state restored)")
+        at = ", ".join(map(str, stages))
+        run.log.print(f"warm-up: {cfg.warmup_kernel_steps} steps at each of steps {at} + 2 validations"
+                      f" in {time.perf_counter() - t0:.1f}s (untimed, state restored)")
     return stopping
 
 

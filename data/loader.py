@@ -172,6 +172,14 @@ class TokenLoader:
         tokens = self._to_device(tokens)
         return tokens[:-1].view(self.batch_size, self.seq_len), tokens[1:].view(self.batch_size, self.seq_len)
 
+    def reshape(self, batch_size: int, seq_len: int) -> None:
+        """Read the following batches as batch_size rows of seq_len (+ 1) tokens each, from the same
+        stream position: a batch-size schedule changes a run's rows without skipping or repeating data
+        (the position is where the next row starts, a document start when rows are aligned or packed)."""
+        if batch_size < 1 or seq_len < 1:
+            raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size} and {seq_len}")
+        self.batch_size, self.seq_len = batch_size, seq_len
+
     @property
     def num_tokens(self) -> int:
         """Tokens in one pass over the shards (one epoch of the stream)."""

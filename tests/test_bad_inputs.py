@@ -395,8 +395,8 @@ def test_a_loss_far_above_the_start_for_three_reads_stops_the_run_but_a_shorter_
     # spike at steps 1-2 is two reads, then step 3 is normal; steps 4, 5, 6 are three reads in a row.
     forward, calls = GPT.forward, []
 
-    def spiking(self, idx, targets=None, window=None):
-        loss = forward(self, idx, targets, window)
+    def spiking(self, idx, targets=None, window=None, short=None):
+        loss = forward(self, idx, targets, window, short)
         if self.training:
             calls.append(None)
             return loss * 3 if len(calls) != 3 else loss

@@ -98,8 +98,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
     forward = GPT.forward
     calls = {"train": 0}
 
-    def poisoned(self, idx, targets=None, window=None):
-        loss = forward(self, idx, targets, window)
+    def poisoned(self, idx, targets=None, window=None, short=None):
+        loss = forward(self, idx, targets, window, short)
         if self.training:
             calls["train"] += 1
             if calls["train"] == 4:

@@ -146,3 +146,94 @@ def test_cuda_allocator_grows_segments_unless_the_user_says_otherwise(given, exp
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120, check=True)
     assert done.stdout.strip() == expected
+
+
+# ---- record #46's whole schedule through the Run: batch sizes, windows, YaRN, the final validation ----
+
+# The speedrun preset's 124m-46 at width 32; 8 steps, the tables over the first 6 (stages at steps 0, 2,
+# 4, 6): 128, 256, 384, 384 tokens a step in A = 2 micro-batches (384 = 6 rows of 64, 3 per micro-batch)
+# of one packed row of 64, 128, 192 tokens; windows 384, 896, 1408, 1664 (YaRN at each change); the
+# last validation at 320 and 128 tokens.
+RECORD_46_TINY = ["--preset", "speedrun", "--max-steps", "8", "--scheduled-steps", "6", "--tokens-per-step",
+                  "384", "--tokens-schedule", "128", "256", "384", "384", "--seq-len", "64", "--max-doc-len",
+                  "48", "--val-seq-len", "64", "--val-tokens", "128", "--val-every", "3", "--log-every", "1",
+                  "--final-val-windows", "320", "128", "--warmup-kernel-steps", "0", "--no-plot"]
+TINY_46 = dataclasses.replace(PRESETS["124m-46"], dim=32, n_head=2, head_dim=16,
+                              attention="sdpa")  # Flex compiles no backward on a CPU
+
+
+def train_46(out_dir: Path, shards: Path, *flags: str) -> dict:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(PRESETS, "124m-46", TINY_46)
+        argv = ["--out-dir", str(out_dir), "--data-dir", str(shards), *RECORD_46_TINY, *flags]
+        return train_gpt.main(train_gpt.parse_config(argv))
+
+
+@pytest.fixture(scope="module")
+def straight_46(shards, tmp_path_factory) -> Path:
+    """The tiny #46 schedule, uncompiled, without warm-up or interruption."""
+    out_dir = tmp_path_factory.mktemp("straight46")
+    train_46(out_dir, shards, "--compile", "off")
+    return out_dir
+
+
+def test_the_46_schedule_runs_each_stages_batch_and_counts_its_tokens(straight_46):
+    log = (straight_46 / "log.txt").read_text()
+    for tokens, row in ((128, 64), (256, 128), (384, 192)):
+        shape = f"1 process(es) x 1 sequences x {row} tokens x 2 micro-batch(es)"
+        assert f"{tokens:,} tokens/step = {shape}" in log
+    tokens = {r["step"]: r["tokens"] for r in metrics(straight_46) if "tokens" in r}
+    assert tokens[1] == 128 and tokens[3] == 2 * 128 + 256 and tokens[8] == 2 * (128 + 256) + 4 * 384
+
+
+def test_warm_up_compiles_every_graph_of_the_46_schedule_so_the_timed_run_compiles_none(tmp_path, shards,
+                                                                                        straight_46):
+    # The warm-up steps at 0, 2, 4, 6 (Schedule.first_steps: 3 batch shapes, 4 windows and YaRN states)
+    # and validates at 0 and 8 (the final windows): one graph per batch shape in training, one
+    # validation graph, none in the timed run; and it restores everything, YaRN's tables included.
+    torch._dynamo.reset()
+    train_46(tmp_path, shards, "--compile", "on", "--compile-backend", "eager", "--warmup-kernel-steps", "1")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    graphs = summary["graphs_training"], summary["graphs_validation"], summary["graphs_in_timed_run"]
+    assert graphs == (3, 1, 0)
+    assert losses(tmp_path) == losses(straight_46)
+
+
+def test_a_checkpoint_mid_46_schedule_resumes_bitwise(tmp_path, shards, straight_46):
+    # Saved after 4 steps (at 128 and 256 tokens, windows 384 and 896), resumed at step 4 (384 tokens,
+    # window 1408: two YaRN extensions to replay): the loader keeps its position across the batch
+    # changes. An even step: a checkpoint after an odd one loses the gradient Adam accumulates between
+    # its steps (--adam-step-every 2), which no checkpoint holds yet.
+    train_46(tmp_path, shards, "--compile", "off", "--exit-after-steps", "4")
+    train_46(tmp_path, shards, "--compile", "off", "--resume", "auto")
+    assert losses(tmp_path) == losses(straight_46)
+
+
+def first_step(cfg: recipe.TrainConfig, shards: Path, train_loss: str) -> tuple[float, torch.Tensor]:
+    """Run.train_step's loss at step 0 of the tiny 124m-46 with `train_loss`, and the LM head's gradient
+    its optimizer step received."""
+    torch.manual_seed(0)
+    model = GPT(dataclasses.replace(TINY_46, train_loss=train_loss, max_seq_len=64))
+    loader = TokenLoader(list_shards(shards, "train"), 1, 64, max_doc_len=2048)
+    state = RunState(model, recipe.build_optimizer(model, cfg), loader)
+    val_batches = partial(validation_batches, list_shards(shards, "val"), 1, 64, 64)
+    setup = Setup(recipe.batch_layout(cfg, 1), state, val_batches, shards, {}, "", None, [])
+    run = Run(cfg, Process(0, 1, torch.device("cpu")), setup, RunLog(shards, enabled=False))
+    grads, step = [], state.optimizer.step
+    state.optimizer.step = lambda: (grads.append(model.lm_head.weight.grad.clone()), step())
+    return run.train_step().item(), grads[0]
+
+
+def test_the_summed_bf16_loss_gives_the_records_gradient_and_logs_the_mean_per_token(shards):
+    # Record #46: (loss / A).backward() per micro-batch, loss the bf16 sum over its tokens; so the
+    # gradient is the micro-batch's token count (64) times that of the fp32 mean loss, and the step's
+    # logged loss is the mean per token (~10.8 here, not its sum ~693), as the mean loss's. A = 2
+    # micro-batches of one 64-token row.
+    cfg = recipe.parse_config(["--preset", "speedrun", "--data-dir", str(shards), "--seq-len", "64",
+                               "--tokens-per-step", "128", "--tokens-schedule", "128", "--batch-size", "1",
+                               "--val-seq-len", "64", "--val-tokens", "64", "--compile", "off"])
+    assert recipe.batch_layout(cfg, 1).grad_accum == 2
+    summed_loss, summed_grad = first_step(cfg, shards, "sum_bf16")
+    mean_loss, mean_grad = first_step(cfg, shards, "mean_fp32")
+    assert summed_loss == pytest.approx(mean_loss, rel=2e-2)  # bf16 logits and sums: ~1%
+    assert torch.linalg.norm(summed_grad - 64 * mean_grad) < 2e-2 * torch.linalg.norm(64 * mean_grad)

@@ -49,8 +49,8 @@ PRESETS_TRAIN: dict[str, dict] = {
         normuon=True, normuon_beta2=0.95, weight_decay=1.2, wd_form="in_update", cautious_wd=True,
         ns_coefficients="polar_express_speedrun", ns_eps=1e-6, ns_rounding="stepwise",
         cooldown_frac=0.55, lr_floor=0.1, lr_levels=(1.0, 1.51, 1.93), lr_level_fracs=(0.33, 0.66),
-        momentum_cooldown_steps=50, window_end=0, window_blocks=(3, 7, 11, 13), sample_tokens=0,
-        warmup_kernel_steps=10,
+        momentum_cooldown_steps=50, window_end=0, window_blocks=(3, 7, 11, 13), final_val_windows=(2560, 768),
+        sample_tokens=0, warmup_kernel_steps=10,
     ),
     # The 2025-07-12 record's recipe (#26), kept as it was; its own table and step parity in
     # docs/RECIPE.md. 1750 steps x 393,216 tokens; on 8 GPUs one 48k-token sequence per rank per step.
@@ -90,9 +90,10 @@ class TrainConfig:
     max_steps: int = option(150, "optimizer steps of the run", within=AT_LEAST_1)
     tokens_per_step: int = option(1024, "tokens per optimizer step, over all processes", within=AT_LEAST_1)
     tokens_schedule: tuple[int, ...] = option((), "tokens per optimizer step by step, a table read as "
-                                              "--window-blocks (empty: --tokens-per-step throughout); the "
-                                              "schedule holds it, the training loop does not run it yet and "
-                                              "trains at --tokens-per-step", within=AT_LEAST_1)
+                                              "--window-blocks (empty: --tokens-per-step throughout); each "
+                                              "value's batch shape as --tokens-per-step's (with "
+                                              "--max-doc-len: one packed row per micro-batch), from the same "
+                                              "data position", within=AT_LEAST_1)
     max_doc_len: int = option(0, "cut every training document to at most N tokens before packing it into "
                               "rows (record #46: 2048, as its FA3 varlen's max_seq_len); the last one in a "
                               "row ends at the row's end, tails are dropped (0: documents whole)",
@@ -181,6 +182,9 @@ class TrainConfig:
                                             "place of --window-start/--window-end: with n + 1 entries, entry "
                                             "int(n x) at x = step / scheduled steps, the last after them",
                                             within=AT_LEAST_1)
+    final_val_windows: tuple[int, ...] = option((), "the last validation's long and short windows in tokens "
+                                                "(record #46: 2560 768, with YaRN as at the last step; "
+                                                "empty: the last step's windows)", within=AT_LEAST_1)
     # end of run
     sample_tokens: int = option(64, "tokens sampled after the last step (0: no sample)", within=AT_LEAST_0)
     sample_prompt: str = option("The", "prompt of that sample")
@@ -219,7 +223,8 @@ PLAN_FIELDS = ("max_steps", "tokens_per_step", "seq_len", "max_doc_len", "align_
                "adam_weight_decay", "normuon", "normuon_beta2", "warmup_steps", "cooldown_frac", "lr_floor",
                "momentum", "momentum_start", "momentum_warmup_steps", "ns_coefficients", "ns_steps",
                "ns_eps", "ns_rounding", "window_start", "window_end", "scheduled_steps", "lr_levels",
-               "lr_level_fracs", "momentum_cooldown_steps", "window_blocks", "tokens_schedule")
+               "lr_level_fracs", "momentum_cooldown_steps", "window_blocks", "tokens_schedule",
+               "final_val_windows")
 
 
 def plan_changes(saved: dict, cfg: TrainConfig) -> list[str]:
@@ -253,6 +258,9 @@ def schedule_problem(cfg: TrainConfig) -> str | None:
     if cfg.max_doc_len and cfg.align_to_bos:
         return (f"--max-doc-len {cfg.max_doc_len} packs rows from whole documents, each from its BOS; "
                 f"--align-to-bos is the other packing; pass --no-align-to-bos with it")
+    if len(cfg.final_val_windows) not in (0, 2):
+        return (f"--final-val-windows has {len(cfg.final_val_windows)} values; expected two, the long and "
+                f"the short window in tokens")
     if cfg.scheduled_steps > cfg.max_steps:
         return f"--scheduled-steps {cfg.scheduled_steps} is past --max-steps {cfg.max_steps}"
     if len(cfg.lr_levels) != len(cfg.lr_level_fracs) + 1:

@@ -51,8 +51,9 @@ def announce(run: Run, setup: Setup) -> None:
     compiled = cfg.compile_backend if run.graphs is not None else "off"
     log.print(f"device {device}, compile {compiled}, residual stream {model.embed.weight.dtype}, autocast "
               f"{run.autocast or 'off'}, LM head matmul {head} in training")
-    log.print(f"{cfg.tokens_per_step:,} tokens/step = {world_size} process(es) x {run.layout.micro_batch} "
-              f"sequences x {cfg.seq_len} tokens x {run.layout.grad_accum} micro-batch(es)")
+    for tokens, shape in run.shapes.items():
+        log.print(f"{tokens:,} tokens/step = {world_size} process(es) x {shape.rows} sequences x "
+                  f"{shape.seq_len} tokens x {shape.grad_accum} micro-batch(es)")
     if setup.resume_from is not None:
         changed = f", with --resume-changed-ok: {'; '.join(setup.plan_changes)}" if setup.plan_changes else ""
         log.print(f"resumed from {setup.resume_from} at step {run.state.step}{changed}")
@@ -66,15 +67,16 @@ class Throughput:
     run's steps."""
 
     def __init__(self, run: Run):
-        self.tokens_per_step, self.world_size = run.cfg.tokens_per_step, run.process.world_size
+        self.tokens_at, self.world_size = run.schedule.tokens_at, run.process.world_size
         self.flops_per_token = run.flops_per_token  # of a step
         self.peak_flops = peak_flops(run.process.device)
 
     def of(self, steps: range, seconds: float) -> dict:
-        tokens_per_s = self.tokens_per_step * len(steps) / seconds
+        """Over `steps`, each at its own tokens per step (the schedule's)."""
+        tokens_per_s = sum(self.tokens_at(s) for s in steps) / seconds
         mfu = None
         if self.peak_flops:
-            flops = self.tokens_per_step * sum(self.flops_per_token(s) for s in steps)
+            flops = sum(self.tokens_at(s) * self.flops_per_token(s) for s in steps)
             mfu = flops / seconds / (self.peak_flops * self.world_size)
         return dict(step_ms=1000 * seconds / len(steps), tokens_per_s=tokens_per_s,
                     tokens_per_s_per_device=tokens_per_s / self.world_size, mfu=mfu)
@@ -94,7 +96,7 @@ def log_step(run: Run, train_loss: float, speed: dict) -> None:
     run.log.print(f"step {step}/{cfg.max_steps} train_loss {train_loss:.4f} lr {factor:.3f}x "
                   f"step {speed['step_ms']:.0f}ms {speed['tokens_per_s']:,.0f} tok/s "
                   f"({speed['tokens_per_s_per_device']:,.0f}/device){mfu}")
-    run.log.metrics(step=step, train_loss=train_loss, lr=lr, **speed, tokens=step * cfg.tokens_per_step,
+    run.log.metrics(step=step, train_loss=train_loss, lr=lr, **speed, tokens=run.schedule.tokens_before(step),
                     train_time_s=run.state.train_time)
 
 

@@ -17,9 +17,11 @@ S = scheduled_steps (0: all T; the steps after S keep the final values), with x 
               window_blocks.
 
 Schedule.at(step) answers all four as one StepSettings; Schedule.apply(optimizer, step) writes the lr
-and the momentum into the optimizer's groups. On a device, the schedule also holds one 0-dim int32
-tensor per distinct window, all made when it is built: the compiled model reads the window from the
-device, so every window runs through one graph and no step copies a window from the host.
+and the momentum into the optimizer's groups; window_path(step) lists the window changes YaRN follows
+up to a step, tokens_before(step) the tokens trained on before it. On a device, the schedule also
+holds one 0-dim int32 tensor per distinct window, all made when it is built: the compiled model reads
+the window from the device, so every window runs through one graph and no step copies a window from
+the host.
 
 The 2025-07-12 record's schedule (the speedrun preset) has no tables, levels or momentum cooldown. Record
 #46's (2025-11-29): S = 2120 of T = 2160, levels (1, 1.51, 1.93) above x = 0.33 and 0.66 (steps 700 and
@@ -111,6 +113,19 @@ class Schedule:
             now = self.at(step)
             firsts.setdefault((now.window, now.tokens), step)
         return list(firsts.values())
+
+    def window_path(self, step: int) -> list[int | None]:
+        """The long windows of steps 0..step in order, each repeat of the one before dropped: the
+        changes YaRN follows (record #46: 384, 896, 1408, 1664 tokens)."""
+        path = [self.window_at(0)]
+        for s in range(1, step + 1):
+            if self.window_at(s) != path[-1]:
+                path.append(self.window_at(s))
+        return path
+
+    def tokens_before(self, step: int) -> int:
+        """Tokens trained on over all processes in steps 0..step-1."""
+        return sum(self.tokens_at(s) for s in range(step))
 
     def lr_factor(self, step: int) -> float:
         if step < self.warmup_steps:
