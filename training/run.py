@@ -105,7 +105,8 @@ def set_up(cfg: TrainConfig, layout: BatchLayout, process: Process) -> Setup:
                          device=device, align_to_bos=cfg.align_to_bos, max_doc_len=cfg.max_doc_len or None)
     if world_size * largest.micro_tokens >= loader.num_tokens:  # one read, larger than the data
         raise SystemExit(f"error: a micro-batch of {world_size} process(es) x {largest.rows:,} "
-                         f"sequences x {largest.seq_len} tokens (--seq-len, or --max-doc-len's packed rows) is more than the {loader.num_tokens:,} "
+                         f"sequences x {largest.seq_len} tokens (--seq-len, or --max-doc-len's packed rows) "
+                         f"is more than the {loader.num_tokens:,} "
                          f"train tokens in {data_dir}; lower --batch-size or --tokens-per-step")
     val_batches = partial(validation_batches, val_shards, layout.val_batch, cfg.val_seq_len, cfg.val_tokens,
                           rank=rank, world_size=world_size, device=device)
