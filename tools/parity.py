@@ -43,26 +43,23 @@ kind's one-step difference exceeds max(its floor, --step-tol KIND=REL); 0 otherw
 """
 
 import argparse
-import contextlib
-import dataclasses
 import re
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 from data.loader import TokenLoader
-from model import GPT, PRESETS
+from model import GPT
 from optim import Muon
 from tools import parity46
-from tools.parity_ours46 import set_ns_dtype
+from tools.parity_ours46 import model_and_optimizer, set_ns_dtype
 from tools.parity_record import load_reference, recognise
 from tools.parity_record46 import Record20251129
-from tools.parity_source import one_process_group
+from tools.parity_source import record_session, sdpa_choice
 from tools.parity_table import (
     KINDS,
     Entry,
@@ -78,7 +75,7 @@ from tools.parity_table import (
     segments,
     shards,
 )
-from training.recipe import PRESETS_TRAIN, build_optimizer, parse_config
+from training.recipe import PRESETS_TRAIN, parse_config
 from training.schedule import Schedule
 
 # Our preset for the 2025-07-12 record, the record this adapter compares.
@@ -112,13 +109,7 @@ def build_ours(width: int, seq_len: int, seed: int) -> Ours:
     per_token = {name: preset[name] * preset["seq_len"] / seq_len for name in ("adam_eps", "ns_eps")}
     cfg = parse_config(["--preset", PRESET, "--seq-len", str(seq_len), "--tokens-per-step", str(seq_len),
                         *(f"--{name.replace('_', '-')}={value!r}" for name, value in per_token.items())])
-    model_cfg = dataclasses.replace(PRESETS[cfg.model], dim=width, n_head=width // 128, max_seq_len=seq_len,
-                                    attention="sdpa")
-    torch.manual_seed(seed)
-    model = GPT(model_cfg).cast_embeddings(model_cfg.table_dtype("cuda"))
-    optimizer = build_optimizer(model, cfg)
-    set_ns_dtype(optimizer, torch.bfloat16)
-    return Ours(model, optimizer, Schedule.of(cfg))
+    return Ours(*model_and_optimizer(cfg, width, seq_len, seed), Schedule.of(cfg))
 
 
 def our_loss(ours: Ours, inputs: Tensor, targets: Tensor, step: int) -> Tensor:
@@ -142,7 +133,7 @@ class Side:
     backend: list[SDPBackend] | None  # None: SDPA's default choice
 
     def kernel(self):
-        return sdpa_kernel(self.backend) if self.backend else contextlib.nullcontext()
+        return sdpa_choice(self.backend)
 
     def train_step(self, table: list[Entry], inputs: Tensor, targets: Tensor,
                    step: int) -> tuple[float, dict]:
@@ -288,11 +279,7 @@ def run(args: argparse.Namespace, out=None) -> Report:
     if max([0, *args.steps, *args.check_steps]) > 1750:
         raise SystemExit(f"error: --steps, --check-steps: the 2025-07-12 schedule has steps 0..1750, got "
                          f"{max(args.steps + args.check_steps)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with warnings.catch_warnings(), one_process_group():
-        # the record calls reduce_scatter_tensor and all_gather_into_tensor: deprecated, still working
-        warnings.filterwarnings("ignore", r"`torch\.distributed\..*` is deprecated", FutureWarning)
+    with record_session(args.threads):
         parity = Parity(args.reference, args.width, args.seq_len, shards(args.data), args.seed, args.floor)
         report = Report(parity.substitutions)
         print(header(args, parity), file=out)

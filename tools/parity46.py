@@ -41,12 +41,11 @@ import contextlib
 import inspect
 import sys
 import threading
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
 from data.loader import TokenLoader
 from model import GPT, PRESETS, GPTConfig
@@ -54,7 +53,7 @@ from model.attention import dense_mask
 from tools.parity_ours46 import PRESET, build_ours46, our_config, schedule_report
 from tools.parity_record import load_reference
 from tools.parity_record46 import Record20251129
-from tools.parity_source import one_process_group
+from tools.parity_source import record_session, sdpa_choice
 from tools.parity_table import (
     KINDS,
     Entry,
@@ -129,7 +128,7 @@ class Side:
     backend: list[SDPBackend] | None  # None: SDPA's default choice
 
     def kernel(self):
-        return sdpa_kernel(self.backend) if self.backend else contextlib.nullcontext()
+        return sdpa_choice(self.backend)
 
     def weights(self) -> dict[str, Tensor]:
         return {name: p.detach().float().clone() for name, p in self.ref.model.named_parameters()}
@@ -304,10 +303,7 @@ def run(args: argparse.Namespace, out=None) -> Report46:
                          f"gradients of an even and the following odd step), got one from {odd[0]}")
     if not args.reference_only:
         check_ours_buildable()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    with warnings.catch_warnings(), one_process_group(), last_shard_quiet():
-        warnings.filterwarnings("ignore", r"`torch\.distributed\..*` is deprecated", FutureWarning)
+    with record_session(args.threads), last_shard_quiet():
         parity = RecordParity(args)
         report = Report46(parity.substitutions, len(parity.table), ours=parity.ours is not None)
         schedules, error = schedule_report(parity.sides[0].ref.ns, our_config(), args.batch_divisor)

@@ -124,6 +124,18 @@ def set_ns_dtype(optimizer: Muon, dtype: torch.dtype) -> None:
         group["ns_dtype"] = dtype
 
 
+def model_and_optimizer(cfg: TrainConfig, width: int, max_seq_len: int, seed: int) -> tuple[GPT, Muon]:
+    """cfg's model at `width` (heads of 128) on SDPA, initialized from `seed`, with its embedding tables
+    in their CUDA dtype, and cfg's optimizer with Newton–Schulz in bf16: both as the run has them on CUDA."""
+    model_cfg = dataclasses.replace(PRESETS[cfg.model], dim=width, n_head=width // 128,
+                                    max_seq_len=max_seq_len, attention="sdpa")
+    torch.manual_seed(seed)
+    model = GPT(model_cfg).cast_embeddings(model_cfg.table_dtype("cuda"))
+    optimizer = build_optimizer(model, cfg)
+    set_ns_dtype(optimizer, torch.bfloat16)
+    return model, optimizer
+
+
 @dataclass
 class Ours46:
     model: GPT
@@ -216,13 +228,7 @@ class Ours46:
 def build_ours46(width: int, seed: int) -> Ours46:
     """--preset speedrun at `width` (heads of 128), initialized from `seed` (module docstring)."""
     cfg = our_config()
-    model_cfg = dataclasses.replace(PRESETS[cfg.model], dim=width, n_head=width // 128, max_seq_len=2048,
-                                    attention="sdpa")
-    torch.manual_seed(seed)
-    model = GPT(model_cfg).cast_embeddings(model_cfg.table_dtype("cuda"))
-    optimizer = build_optimizer(model, cfg)
-    set_ns_dtype(optimizer, torch.bfloat16)
-    return Ours46(model, optimizer, Schedule.of(cfg))
+    return Ours46(*model_and_optimizer(cfg, width, 2048, seed), Schedule.of(cfg))
 
 
 def check_segments_start_at_bos(micro_batches: list[tuple[Tensor, Tensor, Tensor]], bos: int,

@@ -27,12 +27,14 @@ import ast
 import contextlib
 import functools
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import sdpa_kernel
 
 SEPARATOR = re.compile(r"^={20,}\s*$", re.MULTILINE)  # a record log: the source, then a line of '='
 CUSTOM_OP = "custom operator dropped (the FP8 head)"
@@ -311,3 +313,19 @@ def one_process_group() -> Iterator[None]:
         yield
     finally:
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def record_session(threads: int) -> Iterator[None]:
+    """Where a record's code runs: `threads` CPU threads (0: torch's choice), one_process_group, and
+    the records' deprecated-but-working reduce_scatter_tensor / all_gather_into_tensor not warned of."""
+    if threads:
+        torch.set_num_threads(threads)
+    with warnings.catch_warnings(), one_process_group():
+        warnings.filterwarnings("ignore", r"`torch\.distributed\..*` is deprecated", FutureWarning)
+        yield
+
+
+def sdpa_choice(backends: list | None):
+    """SDPA restricted to `backends` (a noise floor's other kernel), or its default choice for None."""
+    return sdpa_kernel(backends) if backends else contextlib.nullcontext()
