@@ -11,6 +11,7 @@ row's end) or as its unaligned validation stream cuts them (a leading piece with
 
 import pytest
 import torch
+from test_attention_masks import assert_same_block_mask, keys_per_query
 from torch.nn.attention.flex_attention import create_block_mask
 
 from model import gpt as gpt_module
@@ -26,8 +27,6 @@ from model.attention import (
 from model.gpt import GPT, GPTConfig, mean_context
 
 BOS = 0
-BLOCK_MASK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
-                     "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
 
 
 def packed_lengths(length: int, max_doc_len: int, g: torch.Generator) -> list[int]:
@@ -116,11 +115,6 @@ def from_dense(dense: torch.Tensor):
     return mask_mod
 
 
-def assert_same_block_mask(got, expected, context: str):
-    for field in BLOCK_MASK_FIELDS:
-        assert torch.equal(getattr(got, field), getattr(expected, field)), f"{field} differs for {context}"
-
-
 def test_varlen_block_mask_and_dense_mask_equal_the_fa3_varlen_rule():
     # create_block_mask evaluates the reference on every pair and derives full/partial blocks from
     # it; our block-level build must give the same lists, and the dense (SDPA) mask the same pairs.
@@ -145,11 +139,11 @@ def test_a_query_sees_w_plus_one_keys_where_its_document_allows():
     since = torch.where(i < 3000, i, i - 3000)
     for window in (0, 1, 128, 384, 768, 2560):
         w = torch.tensor(window)
-        keys = dense_mask(3500, w, docs, "cpu", "varlen").sum(dim=-1).flatten()
+        keys = keys_per_query(dense_mask(3500, w, docs, "cpu", "varlen"))
         assert torch.equal(keys, torch.clamp_max(since + 1, window + 1)), f"window {window}"
         if window:
-            token = dense_mask(3500, w, docs, "cpu", "token").sum(dim=-1).flatten()
-            block = dense_mask(3500, w, docs, "cpu", "block").sum(dim=-1).flatten()
+            token = keys_per_query(dense_mask(3500, w, docs, "cpu", "token"))
+            block = keys_per_query(dense_mask(3500, w, docs, "cpu", "block"))
             assert int(keys.max()) == window + 1 and int(token.max()) == window
             assert not torch.equal(keys, block)
     assert mean_context(3500, 768, "varlen") == pytest.approx(
