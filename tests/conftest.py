@@ -1,9 +1,14 @@
 """Shared fixtures: a tiny GPT saved as a checkpoint directory (training/checkpoint.py's format)."""
 
 import dataclasses
+import os
 
-import pytest
-import torch
+# As train_gpt.py sets it, before torch loads MKL: CPU GEMMs bitwise reproducible from process to process
+# (the bitwise resume, distributed and bundle tests compare processes), inherited by every subprocess.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from model import GPT, GPTConfig
 from training.checkpoint import write_step
