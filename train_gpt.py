@@ -47,10 +47,9 @@ from training.report import (  # noqa: E402
     log_step,
     log_summary,
     log_validation,
-    open_log,
     run_summary,
 )
-from training.run import Run, samples, set_up, step_shapes  # noqa: E402
+from training.run import Run, open_log, samples, set_up, step_shapes  # noqa: E402
 from training.rundir import claim_out_dir  # noqa: E402
 from training.runtime import (  # noqa: E402
     Process,

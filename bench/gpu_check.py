@@ -51,7 +51,7 @@ from data.durable import write_text_atomic
 from data.shards import write_shard
 from data.tokenizer import EOT
 from model import GPT, PRESETS
-from training.recipe import TrainConfig, parse_config
+from training.recipe import TrainConfig, parse_config, schedule_of
 from training.schedule import Schedule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def planned_compute_s(cfg: TrainConfig) -> float:
     (forward only) at the last window. Compilation comes on top."""
     with torch.device("meta"):
         model = GPT(PRESETS[cfg.model])
-    schedule = Schedule.of(cfg)
+    schedule = schedule_of(cfg)
     train = sum(schedule.at(step).tokens * model.flops_per_token(cfg.seq_len, schedule.window_at(step))
                 for step in range(cfg.max_steps))
     per_val = cfg.val_tokens * model.flops_per_token(cfg.val_seq_len, schedule.window_at(cfg.max_steps)) / 3
@@ -167,7 +167,7 @@ def planned_compute_s(cfg: TrainConfig) -> float:
 def summarize(records: list[dict], summary: dict, cfg: TrainConfig, smoke: bool) -> dict:
     """The run's figures and the checks on them."""
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    schedule = Schedule.of(cfg)
+    schedule = schedule_of(cfg)
     windows, shapes, expected = schedule.windows(), batch_shapes(schedule), CHECKS[cfg.preset]["windows"]
     checks = {
         f"one training graph per batch shape ({shapes})": summary.get("graphs_training") == shapes,

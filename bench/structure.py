@@ -61,9 +61,8 @@ from model.attention import build_mask, document_ids, short_window
 from model.gpt import LMHead
 from optim import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, count_allocations, step_collectives
 from training.compiling import compile_model
-from training.recipe import build_optimizer, parse_config, unused_parameters
+from training.recipe import build_optimizer, parse_config, schedule_of, unused_parameters
 from training.run import validation_loss
-from training.schedule import Schedule
 
 T = 48 * 1024  # tokens per GPU per step
 WORLD_SIZE = 8
@@ -351,7 +350,7 @@ def attention_tiles(preset: str = "124m") -> dict[str, int]:
     attending = [i for i, block in enumerate(gpt.blocks) if block.attn is not None]
     long = sum(i in gpt.long_window for i in attending)
     computed = partial = 0
-    schedule = Schedule.of(cfg)
+    schedule = schedule_of(cfg)
     for window, steps in Counter(schedule.at(s).window for s in range(cfg.max_steps)).items():
         w = torch.tensor(window)
         for layers, layer_window in ((long, w), (len(attending) - long, short_window(w, rule))):
@@ -465,7 +464,7 @@ def compiled_graphs(preset: str = "124m") -> dict[str, int]:
     forward, graphs = compile_model(gpt, "eager")
     tokens = torch.from_numpy(synthetic_tokens(65, 16, LAYOUT_SEED).astype("int64"))[None]
     batch = (tokens[:, :-1], tokens[:, 1:])
-    schedule = Schedule.of(cfg, torch.device("cpu"))
+    schedule = schedule_of(cfg, torch.device("cpu"))
     for first in schedule.first_steps():
         window = schedule.window_tensor(first)
         forward(*batch, window=window).backward()

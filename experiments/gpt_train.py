@@ -131,8 +131,6 @@ def train(model: GPT, optimizers: Optimizers, corpus: Corpus, settings: dict) ->
     batches = lane_batches(corpus.train, rows, seq_len, steps)
     val = spread_batches(corpus.val, rows, seq_len, settings["val_tokens"])
     schedule = experiment_schedule(steps, rows * seq_len)
-    for group in (g for opt in optimizers.optimizers for g in opt.param_groups):
-        group["initial_lr"] = group["lr"]  # the base lr the schedule scales
     curve = [(0, evaluate(model, val))]
     start = time.perf_counter()
     for step, (x, y) in enumerate(batches):

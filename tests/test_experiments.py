@@ -144,8 +144,6 @@ def test_gpt_optimizers_give_each_group_its_own_map_and_lr():
     assert isinstance(torch_muon, torch.optim.Muon)
     assert [p.ndim for g in stacks.param_groups for p in g["params"]] == [3] * model.config.n_layer
     for optimizer in split.optimizers:  # the schedule's momentum warm-up reaches the Muon parts only
-        for group in optimizer.param_groups:
-            group["initial_lr"] = group["lr"]
         experiment_schedule(100, 128).apply(optimizer, 0)
     assert [g["momentum"] for g in torch_muon.param_groups + stacks.param_groups] == [0.85, 0.85]
     assert all("momentum" not in g for g in split.optimizers[2].param_groups)  # AdamW: betas untouched

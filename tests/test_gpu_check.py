@@ -78,7 +78,7 @@ def test_the_full_check_crosses_every_shape_and_window_in_well_under_8_minutes(p
     # its window, then the final 13 blocks from step 212; the plan is seconds of model FLOPs at 400 TFLOP/s,
     # leaving over 7 of the 8 minutes to compilation.
     cfg = gpu_check.parse_config(["--preset", preset, *gpu_check.CHECKS[preset]["full"]])
-    schedule = gpu_check.Schedule.of(cfg)
+    schedule = gpu_check.schedule_of(cfg)
     assert gpu_check.batch_shapes(schedule) == shapes and schedule.windows() == windows
     assert first_steps is None or schedule.first_steps() == first_steps
     assert [schedule.at(s).tokens for s in schedule.first_steps()][:4] == \

@@ -24,7 +24,6 @@ from training import recipe
 from training.run import Run, Setup
 from training.runlog import RunLog
 from training.runtime import Process, autocast_dtype
-from training.schedule import Schedule
 from training.state import RunState
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +70,7 @@ def test_the_speedrun_window_schedule_compiles_one_graph_per_mode(shards):
     cfg = recipe.parse_config(["--preset", "speedrun-2025-07-12", "--data-dir", str(shards),
                                "--seq-len", "64", "--val-seq-len", "64", "--tokens-per-step", "64",
                                "--val-tokens", "64", "--compile", "on", "--compile-backend", "eager"])
-    firsts = Schedule.of(cfg).first_steps()
+    firsts = recipe.schedule_of(cfg).first_steps()
     assert len(firsts) == 14  # 128, 256, ..., 1792
     model = GPT(dataclasses.replace(PRESETS["124m"], dim=32, n_head=2, head_dim=16, max_seq_len=64,
                                     attention="sdpa"))  # Flex compiles no backward on a CPU
@@ -128,12 +127,13 @@ def test_autocast_only_for_a_float32_stream_on_cuda():
 
 def test_window_tensors_are_made_once_per_distinct_window():
     cfg = recipe.parse_config(["--preset", "speedrun-2025-07-12"])
-    schedule = Schedule.of(cfg, torch.device("cpu"))
+    schedule = recipe.schedule_of(cfg, torch.device("cpu"))
     windows, tensors = schedule.window_tensor, schedule.window_tensors
     assert sorted(tensors) == [128 * k for k in range(1, 15)]
     assert windows(0) is windows(1) and windows(0).dtype == torch.int32
     assert windows(cfg.max_steps) is tensors[1792] and int(windows(875)) == schedule.window_at(875)
-    assert Schedule.of(recipe.parse_config([]), torch.device("cpu")).window_tensor(3) is None  # demo: causal
+    demo = recipe.schedule_of(recipe.parse_config([]), torch.device("cpu"))
+    assert demo.window_tensor(3) is None  # the demo: full causal attention
 
 
 @pytest.mark.parametrize("given, expected", [(None, "expandable_segments:True"), ("max_split_size_mb:64",

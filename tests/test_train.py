@@ -1,6 +1,7 @@
 """train_gpt.py end to end on the CPU demo: metrics, logs, plot, sample, determinism, schedules, errors."""
 
 import ast
+import contextlib
 import json
 import math
 import subprocess
@@ -124,7 +125,40 @@ def test_no_function_in_train_gpt_or_training_takes_more_than_five_parameters():
     assert keywords <= TAKES_KEYWORDS
 
 
-def test_the_step_log_reads_the_lr_the_optimizer_used(tmp_path, monkeypatch):
+def carries_config(value, depth: int = 0) -> bool:
+    """A TrainConfig, its dict form (dataclasses.asdict), or a dict holding one (a checkpoint's meta)."""
+    if isinstance(value, train_gpt.TrainConfig):
+        return True
+    if isinstance(value, dict) and depth < 2:
+        return {"preset", "max_steps", "lr"} <= value.keys() or any(
+            carries_config(v, depth + 1) for v in list(value.values())[:50])
+    return False
+
+
+@contextlib.contextmanager
+def modules_the_config_enters():
+    """The repo files of every function called, inside the block, with the config among its arguments
+    (or as self.cfg)."""
+    root, entered = str(ROOT) + "/", set()
+
+    def tracer(frame, event, arg):
+        code = frame.f_code
+        if event == "call" and code.co_filename.startswith(root) and "/.venv/" not in code.co_filename:
+            n = code.co_argcount + code.co_kwonlyargcount + bool(code.co_flags & 4) + bool(code.co_flags & 8)
+            for name in code.co_varnames[:n]:
+                value = frame.f_locals.get(name)
+                if carries_config(value) or (name == "self" and carries_config(getattr(value, "cfg", None))):
+                    entered.add(Path(code.co_filename).relative_to(ROOT).as_posix())
+        return None
+
+    sys.settrace(tracer)
+    try:
+        yield entered
+    finally:
+        sys.settrace(None)
+
+
+def test_the_step_log_reads_the_optimizers_lr_and_the_config_enters_four_modules(tmp_path, monkeypatch):
     # A schedule of the test's own, set on every group just before each optimizer step: the logged lr
     # (the hidden matrices' group) and factor must be what that step used, not the recipe's recomputed.
     factors, used, muon_step = [0.9, 0.5, 0.25], [], Muon.step
@@ -136,8 +170,14 @@ def test_the_step_log_reads_the_lr_the_optimizer_used(tmp_path, monkeypatch):
         return muon_step(self, *args, **kwargs)
 
     monkeypatch.setattr(Muon, "step", scheduled_step)
-    flags = ["--max-steps", "3", "--log-every", "1", "--val-every", "0", "--tokens-per-step", "256"]
-    _, records = run(tmp_path, *flags, *SHORT)
+    flags = ["--max-steps", "3", "--log-every", "1", "--val-every", "0", "--save-every", "3",
+             "--tokens-per-step", "256"]
+    with modules_the_config_enters() as entered:
+        _, records = run(tmp_path, *flags, *SHORT)
+    # The same run, which trains, validates and saves, shows the config's path (issue 22: 5 modules
+    # before, 6 at one point): the schedule, the report, the optimizer and the model get numbers and
+    # objects built from the config, never the config itself.
+    assert entered == {"train_gpt.py", "training/recipe.py", "training/run.py", "training/checkpoint.py"}
     assert [r["lr"] for r in records if "train_loss" in r] == used == [0.05 * f for f in factors]
     lines = [line for line in (tmp_path / "log.txt").read_text().splitlines()
              if line.startswith("step ") and " train_loss " in line]

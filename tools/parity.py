@@ -75,7 +75,7 @@ from tools.parity_table import (
     segments,
     shards,
 )
-from training.recipe import PRESETS_TRAIN, parse_config
+from training.recipe import PRESETS_TRAIN, parse_config, schedule_of
 from training.schedule import Schedule
 
 # Our preset for the 2025-07-12 record, the record this adapter compares.
@@ -109,7 +109,7 @@ def build_ours(width: int, seq_len: int, seed: int) -> Ours:
     per_token = {name: preset[name] * preset["seq_len"] / seq_len for name in ("adam_eps", "ns_eps")}
     cfg = parse_config(["--preset", PRESET, "--seq-len", str(seq_len), "--tokens-per-step", str(seq_len),
                         *(f"--{name.replace('_', '-')}={value!r}" for name, value in per_token.items())])
-    return Ours(*model_and_optimizer(cfg, width, seq_len, seed), Schedule.of(cfg))
+    return Ours(*model_and_optimizer(cfg, width, seq_len, seed), schedule_of(cfg))
 
 
 def our_loss(ours: Ours, inputs: Tensor, targets: Tensor, step: int) -> Tensor:

@@ -35,7 +35,7 @@ from model import GPT, PRESETS
 from model.attention import short_window
 from optim import Muon
 from tools.parity_table import change, our_weights
-from training.recipe import TrainConfig, build_optimizer, parse_config
+from training.recipe import TrainConfig, build_optimizer, parse_config, schedule_of
 from training.schedule import Schedule
 
 PRESET = "speedrun"  # record #46's recipe
@@ -91,7 +91,7 @@ def record_values(ns: dict, step: int) -> dict:
 def compare_schedules(ns: dict, cfg: TrainConfig, batch_divisor: int) -> list[Agreement]:
     """Our schedule of `cfg` against the record's functions at every step 0..cfg.max_steps (module
     docstring); `batch_divisor` divides our tokens per step as the adapter divided the record's."""
-    schedule, rule = Schedule.of(cfg), PRESETS[cfg.model].window_rule
+    schedule, rule = schedule_of(cfg), PRESETS[cfg.model].window_rule
     found = {name: Agreement(name, name in ("windows", "batch"), [], 0.0)
              for name in ("lr", "momentum", "windows", "batch")}
     for step in range(cfg.max_steps + 1):
@@ -228,7 +228,7 @@ class Ours46:
 def build_ours46(width: int, seed: int) -> Ours46:
     """--preset speedrun at `width` (heads of 128), initialized from `seed` (module docstring)."""
     cfg = our_config()
-    return Ours46(*model_and_optimizer(cfg, width, 2048, seed), Schedule.of(cfg))
+    return Ours46(*model_and_optimizer(cfg, width, 2048, seed), schedule_of(cfg))
 
 
 def check_segments_start_at_bos(micro_batches: list[tuple[Tensor, Tensor, Tensor]], bos: int,

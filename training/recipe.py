@@ -1,16 +1,20 @@
 """The training recipes: the run's config (TrainConfig, every field a flag with its help, choices and
-range), the named presets, the flags that set a run's plan, the batch layout over processes, and the
-optimizer's groups.
+range), the named presets, the flags that set a run's plan, the batch layout over processes, the
+optimizer's groups, and the schedule a config sets.
 
 train_gpt.py runs it; bench/ and tools/parity.py build the same config and optimizer from it. The flag
 machinery is training/flags.py (`--help` explains each field, a bad value fails at parse time with one
-line); the schedule a config sets (lr, momentum, window by step) is training/schedule.py.
+line); the schedule (lr, momentum, window and tokens by step) is training/schedule.py, which knows
+numbers only: schedule_of reads them from a config.
 """
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
+
+import torch
 
 from model import GPT, PRESETS
 from optim import COEFFICIENTS, EPS_FORMS, LR_SCALES, ROUNDINGS, WD_FORMS, Muon, param_groups
@@ -26,6 +30,7 @@ from training.flags import (
     option,
     parse_flags,
 )
+from training.schedule import Schedule
 
 DEVICE = Form(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")
 
@@ -271,6 +276,12 @@ def schedule_problem(cfg: TrainConfig) -> str | None:
     return None
 
 
+def schedule_of(cfg: TrainConfig, device: torch.device | None = None) -> Schedule:
+    """The run's Schedule from cfg's fields of the same names; on `device`, with its window tensors."""
+    names = [f.name for f in dataclasses.fields(Schedule) if f.init and f.name != "device"]
+    return Schedule(**{name: getattr(cfg, name) for name in names}, device=device)
+
+
 class BatchLayout(NamedTuple):
     """How a step's tokens split over processes and micro-batches (gradient accumulation)."""
 
@@ -369,10 +380,7 @@ def normuon_groups(group: dict, beta2: float) -> list[dict]:
 def build_optimizer(model: GPT, cfg: TrainConfig) -> Muon:
     """Muon over optimizer_groups(model, cfg), with muon_options(cfg); has-a-gradient flags across ranks
     only where the model has unused parameters (unused_parameters)."""
-    groups = optimizer_groups(model, cfg)
-    for group in groups:
-        group["initial_lr"] = group["lr"]  # the base lr that Schedule.apply scales by the lr factor
-    return Muon(groups, **muon_options(cfg), unused_parameters=unused_parameters(model))
+    return Muon(optimizer_groups(model, cfg), **muon_options(cfg), unused_parameters=unused_parameters(model))
 
 
 def muon_options(cfg: TrainConfig) -> dict:

@@ -1,43 +1,23 @@
-"""What a run says, beside its log (tools/runlog.py: log.txt, metrics.jsonl, wandb): the opening lines,
+"""What a run says, beside its log (training/runlog.py: log.txt, metrics.jsonl, wandb): the opening lines,
 a line and a metrics record per logged step and per validation, and the summary at the end.
 
     step 20/150 train_loss 6.1234 lr 1.000x step 412ms 2,485 tok/s (2,485/device)
     step 150/150 val_loss 5.3210 train_time 61.8s
     done: step 150/150, val_loss 5.3210, training time 61.8s, peak memory 1.23 GiB resident (process)
 
-A step's lr is read from the optimizer: the hidden matrices' group lr as its last step applied it,
-and its factor lr / initial_lr (the schedule's multiplier on the group's base lr).
+A step's lr is read from the optimizer (Schedule.applied_lr): the hidden matrices' group lr as its last
+step applied it, and its factor lr / initial_lr (the schedule's multiplier on the group's base lr).
 """
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import NamedTuple
 
-import torch
-
 from data.durable import write_text_atomic
 from training.compiling import graphs_compiled
-from training.recipe import TrainConfig
 from training.run import Run, Setup
-from training.runlog import RunLog, WandbSink, code_listing, environment, peak_flops
+from training.runlog import peak_flops
 from training.runtime import peak_memory, peak_memory_gib
-
-
-def open_log(cfg: TrainConfig, rank: int, resumed: bool) -> RunLog:
-    """Rank 0's log in --out-dir: a new run's starts with the source and the environment. Always
-    appended to: a run that does not resume has a folder without logs (claim_out_dir), and one that
-    resumes keeps them."""
-    out_dir = Path(cfg.out_dir)
-    wandb = None
-    if rank == 0 and cfg.wandb:
-        wandb = WandbSink(cfg.wandb_project, cfg.run_name or None, dataclasses.asdict(cfg), out_dir)
-    log = RunLog(out_dir, enabled=rank == 0, append=True, wandb=wandb)
-    if not resumed:
-        log.print(code_listing(), console=False)
-        log.print(environment(), console=False)
-    log.print(f"config {dataclasses.asdict(cfg)}", console=False)
-    return log
 
 
 def announce(run: Run, setup: Setup) -> None:
@@ -82,16 +62,10 @@ class Throughput:
                     tokens_per_s_per_device=tokens_per_s / self.world_size, mfu=mfu)
 
 
-def applied_lr(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
-    """(lr, lr / initial_lr) of the hidden matrices' group: what the optimizer's last step used."""
-    group = next(g for g in optimizer.param_groups if g["role"] == "hidden")
-    return group["lr"], group["lr"] / group["initial_lr"]
-
-
 def log_step(run: Run, train_loss: float, speed: dict) -> None:
     """The line and metrics record of the step just done (run.state.step steps done)."""
     cfg, step = run.cfg, run.state.step
-    lr, factor = applied_lr(run.state.optimizer)
+    lr, factor = run.schedule.applied_lr(run.state.optimizer)
     mfu = f" MFU {100 * speed['mfu']:.1f}%" if speed["mfu"] else ""
     run.log.print(f"step {step}/{cfg.max_steps} train_loss {train_loss:.4f} lr {factor:.3f}x "
                   f"step {speed['step_ms']:.0f}ms {speed['tokens_per_s']:,.0f} tok/s "

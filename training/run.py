@@ -3,14 +3,15 @@ forward, schedule, precision and log, and the three things a run does with them:
 step, a validation, a checkpoint.
 
     setup = set_up(cfg, layout, process)    # data, model, optimizer, --resume; nothing written yet
-    run = Run(cfg, process, setup, log)     # in the claimed --out-dir (training/rundir.py)
+    log = open_log(cfg, rank, resumed)      # in the claimed --out-dir (training/rundir.py)
+    run = Run(cfg, process, setup, log)
     loss = run.train_step()                 # one optimizer step at run.state.step
     val_loss = run.validate()               # the validation loss at run.state.step
     run.checkpoint("periodic")              # save the state (training/checkpoint.py)
 
 train_gpt.py's loop calls these; the schedule (training/schedule.py: lr, momentum, window and tokens
-by step) is built with the Run and applied in its training step: the step's batch shape (`step_shapes`),
-its lr and momentum, and YaRN (`follow_yarn`: the model's rotary extended at each long-window change,
+by step, from the config by training/recipe.py's schedule_of) is built with the Run and applied in its
+training step: the step's batch shape (`step_shapes`), its lr and momentum, and YaRN (`follow_yarn`: the model's rotary extended at each long-window change,
 as record #46 does, before training and validation alike).
 """
 
@@ -30,10 +31,16 @@ from model.attention import short_window
 from training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
 from training.compiling import compile_model
 from training.fsdp import shard
-from training.recipe import BatchLayout, TrainConfig, build_optimizer, largest_divisor, plan_changes
-from training.runlog import RunLog
+from training.recipe import (
+    BatchLayout,
+    TrainConfig,
+    build_optimizer,
+    largest_divisor,
+    plan_changes,
+    schedule_of,
+)
+from training.runlog import RunLog, WandbSink, code_listing, environment
 from training.runtime import Process, autocast_dtype, mean_over_ranks
-from training.schedule import Schedule
 from training.state import RunState
 
 # ----------------------------------------------------------------------------------------------------
@@ -156,6 +163,22 @@ def check_plan(cfg: TrainConfig, saved: dict, data: str, resume_from: Path) -> l
     return changes
 
 
+def open_log(cfg: TrainConfig, rank: int, resumed: bool) -> RunLog:
+    """Rank 0's log in --out-dir: a new run's starts with the source and the environment. Always
+    appended to: a run that does not resume has a folder without logs (claim_out_dir), and one that
+    resumes keeps them."""
+    out_dir = Path(cfg.out_dir)
+    wandb = None
+    if rank == 0 and cfg.wandb:
+        wandb = WandbSink(cfg.wandb_project, cfg.run_name or None, dataclasses.asdict(cfg), out_dir)
+    log = RunLog(out_dir, enabled=rank == 0, append=True, wandb=wandb)
+    if not resumed:
+        log.print(code_listing(), console=False)
+        log.print(environment(), console=False)
+    log.print(f"config {dataclasses.asdict(cfg)}", console=False)
+    return log
+
+
 def samples(rank: int, cfg: TrainConfig) -> bool:
     """Whether this rank generates the final sample: rank 0, or every rank under --fsdp, whose forward
     needs all of them (the same seed gives each the same text; rank 0 prints it)."""
@@ -188,7 +211,7 @@ class Run:
         compiled = cfg.compile == "on" or (cfg.compile == "auto" and device.type == "cuda")
         self.forward, self.graphs = compile_model(model, cfg.compile_backend) if compiled else (model, None)
         self.autocast = autocast_dtype(model, device)
-        self.schedule = Schedule.of(cfg, device)  # lr, momentum, window by step; window tensors made now
+        self.schedule = schedule_of(cfg, device)  # lr, momentum, window by step; window tensors made now
         self.shapes = step_shapes(cfg, self.layout, process.world_size)  # by tokens per step
         self.val_windows = {w: (t, short_window(t, model.config.window_rule))
                             for w, t in self.schedule.window_tensors.items()}

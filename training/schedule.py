@@ -17,11 +17,11 @@ S = scheduled_steps (0: all T; the steps after S keep the final values), with x 
               window_blocks.
 
 Schedule.at(step) answers all four as one StepSettings; Schedule.apply(optimizer, step) writes the lr
-and the momentum into the optimizer's groups; window_path(step) lists the window changes YaRN follows
-up to a step, tokens_before(step) the tokens trained on before it. On a device, the schedule also
-holds one 0-dim int32 tensor per distinct window, all made when it is built: the compiled model reads
-the window from the device, so every window runs through one graph and no step copies a window from
-the host.
+and the momentum into the optimizer's groups, and applied_lr(optimizer) reads back the lr a step used;
+window_path(step) lists the window changes YaRN follows up to a step, tokens_before(step) the tokens
+trained on before it. On a device, the schedule also holds one 0-dim int32 tensor per distinct window,
+all made when it is built: the compiled model reads the window from the device, so every window runs
+through one graph and no step copies a window from the host.
 
 The 2025-07-12 record's schedule (the speedrun preset) has no tables, levels or momentum cooldown. Record
 #46's (2025-11-29): S = 2120 of T = 2160, levels (1, 1.51, 1.93) above x = 0.33 and 0.66 (steps 700 and
@@ -29,7 +29,6 @@ The 2025-07-12 record's schedule (the speedrun preset) has no tables, levels or 
 (3, 7, 11, 13) and tokens_schedule (131072, 262144, 393216, 393216), switching at steps 707, 1414, 2120.
 """
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -49,7 +48,8 @@ class StepSettings(NamedTuple):
 
 @dataclass
 class Schedule:
-    """The schedule of one run of max_steps steps (module docstring); built from a config by `of`."""
+    """The schedule of one run of max_steps steps (module docstring); built from the numbers alone
+    (training/recipe.py's schedule_of reads them from a config)."""
 
     max_steps: int
     tokens_per_step: int
@@ -75,12 +75,6 @@ class Schedule:
         self.window_tensors = {w: torch.tensor(w, dtype=torch.int32, device=self.device)
                                for w in (self.windows() if on else ())}
 
-    @classmethod
-    def of(cls, config, device: torch.device | None = None) -> "Schedule":
-        """The schedule of a config holding a field of each name above (training/recipe.py TrainConfig)."""
-        names = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "device"]
-        return cls(**{name: getattr(config, name) for name in names}, device=device)
-
     def at(self, step: int) -> StepSettings:
         return StepSettings(self.lr_factor(step), self.momentum_at(step), self.window_at(step),
                             self.tokens_at(step))
@@ -88,13 +82,21 @@ class Schedule:
     def apply(self, optimizer: torch.optim.Optimizer, step: int) -> StepSettings:
         """Set step's lr in every group (its initial_lr x the lr factor) and its momentum in every group
         whose momentum is Muon's: one with a "momentum" key and a kind other than "adam" (an adam
-        group's momentum is its beta1, which the schedule leaves)."""
+        group's momentum is its beta1, which the schedule leaves). A group's base lr, initial_lr (the
+        key torch's schedulers use, saved with the optimizer's state), is its lr when first applied."""
         now = self.at(step)
         for group in optimizer.param_groups:
-            group["lr"] = group["initial_lr"] * now.lr_factor
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * now.lr_factor
             if "momentum" in group and group.get("kind") != "adam":
                 group["momentum"] = now.momentum
         return now
+
+    @staticmethod
+    def applied_lr(optimizer: torch.optim.Optimizer) -> tuple[float, float]:
+        """(lr, lr / initial_lr) of the hidden matrices' group: the lr the optimizer's last step used, and
+        the factor the schedule applied to its base lr."""
+        group = next(g for g in optimizer.param_groups if g["role"] == "hidden")
+        return group["lr"], group["lr"] / group["initial_lr"]
 
     def window_tensor(self, step: int) -> Tensor | None:
         """The step's window as the 0-dim int32 device tensor made for it (None: full causal)."""
