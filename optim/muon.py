@@ -88,7 +88,8 @@ class Muon(torch.optim.Optimizer):
     parameter's device), "exp_avg", "exp_avg_sq". state_dict() adds "distribution" (this rank, the
     world size) and, while a group rests (step_every), "pending_grad" to each of its parameters' entries:
     p.grad, the gradients summed since its last update (this rank's own and whole, distributed), which
-    load_state_dict() puts back into p.grad, so that a resumed run steps on the same sums. It holds
+    load_state_dict() puts back into p.grad (None where none was saved, in every group with step_every > 1),
+    so that a resumed run steps on the same sums. It holds
     only tensors, numbers, strings and tuples, for torch.load(weights_only=True);
     load_state_dict() refuses, at load, a state dict that is not this optimizer's kind of state, or
     another rank's or world size's. One process also loads a state dict without "distribution", as
@@ -353,16 +354,17 @@ class Muon(torch.optim.Optimizer):
 
 
 def _restore_pending(saved_groups: list[dict], groups: list[dict], pending: dict) -> None:
-    """p.grad of each parameter of a resting group ← its saved pending gradient (a copy), or None where none
-    was saved; a group saved resting with none saved at all is warned about: its update will use only
-    the gradients accumulated from now on (a state dict from before optim.Muon saved them)."""
+    """p.grad of each parameter of a group with step_every > 1 ← its saved pending gradient (a copy), or None
+    where none was saved: what such a group accumulates between updates is state, so gradients made
+    since the save (e.g. by warm-up steps) go. A group saved resting with none saved at all is warned
+    about: its update will use only the gradients from now on (a state dict from before they were saved)."""
     for index, (saved, group) in enumerate(zip(saved_groups, groups, strict=True)):
-        if not group["pending_steps"]:
+        if group["step_every"] == 1:
             continue
         grads = [pending.get(i) for i in saved["params"]]
         for p, grad in zip(group["params"], grads, strict=True):
             p.grad = None if grad is None else grad.to(device=p.device, copy=True)
-        if all(grad is None for grad in grads):
+        if group["pending_steps"] and all(grad is None for grad in grads):
             warnings.warn(f"Muon.load_state_dict: param group {index} ({group['kind']}) was saved resting "
                           f"(pending_steps {group['pending_steps']} of step_every {group['step_every']}) "
                           "without its accumulated gradients (saved before optim.Muon kept them, or after "

@@ -5,7 +5,8 @@ the optimizer's groups and hyper-parameter names, and its distribution's stamp a
 
 Besides each kind's state (muon_state_layout), a parameter's entry holds PENDING_GRAD while its group
 rests (step_every > 1, pending_steps > 0): p.grad, the sum of its gradients since the group's last update,
-which zero_grad() keeps and the group's next update uses. Under DataParallel it is this rank's own,
+which zero_grad() keeps and the group's next update uses; loaded, it replaces p.grad (None where none
+was saved, in every group with step_every > 1). Under DataParallel it is this rank's own,
 whole (each rank sends its sum at the update), so a rank holds it for every parameter of a resting
 group, its state only for its share; fully_shard refuses step_every, so its state dicts hold none.
 """

@@ -10,6 +10,7 @@ tensor (optim.update.adam_math), so its bias corrections 1 − βᵗ carry float
 options is checked against the one-process step in tests/test_distributed.py.
 """
 
+import copy
 import io
 import math
 
@@ -272,6 +273,18 @@ def test_a_pending_gradient_is_checked_at_load_and_a_state_dict_without_one_warn
                                          r"step_every 3\) without its accumulated gradients"):
         fresh_opt.load_state_dict(old)
     assert fresh[1].grad is None and fresh_opt.param_groups[1]["pending_steps"] == 1
+
+
+def test_loading_drops_what_a_step_every_group_accumulated_since_the_save():
+    """A warm-up's steps, then the state saved before them put back (train_gpt.py's warm-up): the Adam
+    group's gradient from those steps goes with them; a step_every = 1 group's p.grad is not state."""
+    params, opt = resting_run(30)
+    saved = copy.deepcopy(opt.state_dict())  # nothing pending yet
+    accumulating_steps(params, opt, [[torch.ones_like(p) for p in params]])
+    assert params[1].grad is not None and opt.param_groups[1]["pending_steps"] == 1
+    params[0].grad = torch.ones_like(params[0])
+    opt.load_state_dict(saved)
+    assert params[1].grad is None and params[2].grad is None and params[0].grad is not None
 
 
 def test_discarding_drops_a_resting_groups_gradients_too():
