@@ -12,7 +12,7 @@ Modules, one job each:
   zero           DataParallel's shards, buckets and collectives (ZeRO-1)
   fsdp           FullyShardedParallel: Muon on fully_shard's row-sharded DTensors
   fsdp_layout    fully_shard's rows and the owner exchange's slots, from shapes alone
-  state          the checks a state dict passes before it is loaded
+  state          the checks a state dict passes before it is loaded; a resting group's gradients in it
   allocations    counting the tensors a step allocates
 
 Code outside optim/ imports from `optim` only (tests/test_optim_distribution.py checks it); the

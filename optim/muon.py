@@ -2,6 +2,7 @@
 
 import contextlib
 import math
+import warnings
 
 import torch
 
@@ -9,7 +10,7 @@ from .distributed import WORLD, is_dtensor
 from .distribution import OneProcess, make_distribution
 from .kinds import KINDS, LR_SCALES
 from .newton_schulz import COEFFICIENTS, ROUNDINGS, Coefficients, resolve_coefficients
-from .state import check_muon_state_dict
+from .state import check_muon_state_dict, with_pending_gradients, without_pending_gradients
 from .update import kind_update, resting
 
 
@@ -47,7 +48,7 @@ class Muon(torch.optim.Optimizer):
       without cautious_wd.
     - lr_mul: the step size is lr·lr_mul (the record's per-parameter lr_mul; "in_update" decays by lr).
     - step_every: k > 1 steps the group at every k-th step() on the sum of the gradients since
-      (record #39's Adam); zero_grad() keeps a resting group's gradients.
+      (record #39's Adam); zero_grad() keeps a resting group's gradients, and its state dict holds them.
     - matrix_shape: (m, n) maps each hidden parameter as the stack of (m, n) matrices its memory holds.
 
     `momentum` is every kind's first-moment coefficient: μ below, and β₁ for adam, whose groups
@@ -85,7 +86,11 @@ class Muon(torch.optim.Optimizer):
 
     State per parameter: "momentum_buffer", or for adam "step" (a 0-dim float32 tensor on the
     parameter's device), "exp_avg", "exp_avg_sq". state_dict() adds "distribution" (this rank, the
-    world size) and holds only tensors, numbers, strings and tuples, for torch.load(weights_only=True);
+    world size) and, while a group rests (step_every), "pending_grad" to each of its parameters' entries:
+    p.grad, the gradients summed since its last update (this rank's own and whole, distributed), which
+    load_state_dict() puts back into p.grad (None where none was saved, in every group with step_every > 1),
+    so that a resumed run steps on the same sums. It holds
+    only tensors, numbers, strings and tuples, for torch.load(weights_only=True);
     load_state_dict() refuses, at load, a state dict that is not this optimizer's kind of state, or
     another rank's or world size's. One process also loads a state dict without "distribution", as
     torch.distributed.checkpoint.state_dict's get/set_optimizer_state_dict pass it. A one-process
@@ -309,7 +314,7 @@ class Muon(torch.optim.Optimizer):
         fully_shard parameters it holds every parameter's state, zeros where none was made yet, as
         DTensors sharded like the parameter, which torch.distributed.checkpoint saves and loads on any
         number of ranks."""
-        state = super().state_dict()
+        state = with_pending_gradients(super().state_dict(), self.param_groups)
         state["distribution"] = self._distribution.stamp()
         return self._distribution.saved(state, self.param_groups)
 
@@ -326,8 +331,9 @@ class Muon(torch.optim.Optimizer):
         saved_groups = state_dict["param_groups"]
         params = {i: p for saved, group in zip(saved_groups, self.param_groups, strict=True)
                   for i, p in zip(saved["params"], group["params"], strict=True)}
+        kinds, pending = without_pending_gradients(state_dict["state"])
         state = {params[i]: {k: v.to(device=params[i].device, copy=True) for k, v in entry.items()}
-                 for i, entry in state_dict["state"].items()}
+                 for i, entry in kinds.items()}
         groups = [{**group, **{k: v for k, v in saved.items() if k != "params"}}
                   for saved, group in zip(saved_groups, self.param_groups, strict=True)]
         self.state.clear()
@@ -335,6 +341,7 @@ class Muon(torch.optim.Optimizer):
         for group, new in zip(self.param_groups, groups, strict=True):
             group.clear()
             group.update(new)
+        _restore_pending(saved_groups, self.param_groups, pending)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -344,6 +351,25 @@ class Muon(torch.optim.Optimizer):
         if tensors:
             states = [self.state[k] for k in keys]
             kind_update(KINDS[group["kind"]], group, states, tensors, grads, flags, dualize)
+
+
+def _restore_pending(saved_groups: list[dict], groups: list[dict], pending: dict) -> None:
+    """p.grad of each parameter of a group with step_every > 1 ← its saved pending gradient (a copy), or None
+    where none was saved: what such a group accumulates between updates is state, so gradients made
+    since the save (e.g. by warm-up steps) go. A group saved resting with none saved at all is warned
+    about: its update will use only the gradients from now on (a state dict from before they were saved)."""
+    for index, (saved, group) in enumerate(zip(saved_groups, groups, strict=True)):
+        if group["step_every"] == 1:
+            continue
+        grads = [pending.get(i) for i in saved["params"]]
+        for p, grad in zip(group["params"], grads, strict=True):
+            p.grad = None if grad is None else grad.to(device=p.device, copy=True)
+        if group["pending_steps"] and all(grad is None for grad in grads):
+            warnings.warn(f"Muon.load_state_dict: param group {index} ({group['kind']}) was saved resting "
+                          f"(pending_steps {group['pending_steps']} of step_every {group['step_every']}) "
+                          "without its accumulated gradients (saved before optim.Muon kept them, or after "
+                          "discard_gradients): its next update uses only the gradients from here on",
+                          stacklevel=3)
 
 
 def _kind_by_dims(params: list[torch.Tensor], index: int) -> str:

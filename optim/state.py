@@ -1,7 +1,15 @@
-"""What a Muon state dict must hold, checked before anything is loaded: one clear ValueError, naming what
-the state dict has and what this optimizer expected. The checks read only their arguments: the
-optimizer's groups and hyper-parameter names, and its distribution's stamp and state shapes
-(optim/distribution.py)."""
+"""What a Muon state dict holds and must hold, checked before anything is loaded: one clear ValueError,
+naming what the state dict has and what this optimizer expected. The checks read only their arguments:
+the optimizer's groups and hyper-parameter names, and its distribution's stamp and state shapes
+(optim/distribution.py).
+
+Besides each kind's state (muon_state_layout), a parameter's entry holds PENDING_GRAD while its group
+rests (step_every > 1, pending_steps > 0): p.grad, the sum of its gradients since the group's last update,
+which zero_grad() keeps and the group's next update uses; loaded, it replaces p.grad (None where none
+was saved, in every group with step_every > 1). Under DataParallel it is this rank's own,
+whole (each rank sends its sum at the update), so a rank holds it for every parameter of a resting
+group, its state only for its share; fully_shard refuses step_every, so its state dicts hold none.
+"""
 
 from collections.abc import Callable, Iterable
 
@@ -21,6 +29,29 @@ def muon_state_layout(p: torch.Tensor, kind: str, shape: tuple,
     if group is not None and group["normuon"] is not None:
         layout["second_moment"] = (normuon_shape(group, shape), state_dtype(p))
     return layout
+
+
+PENDING_GRAD = "pending_grad"
+
+
+def with_pending_gradients(state_dict: dict, groups: list[dict]) -> dict:
+    """torch's `state_dict` of these `groups` with PENDING_GRAD = p.grad (a reference, as the rest) in the
+    entry of each parameter of a resting group that has a gradient; the optimizer's own entries untouched."""
+    state = dict(state_dict["state"])
+    for saved, group in zip(state_dict["param_groups"], groups, strict=True):
+        if group["pending_steps"]:
+            for i, p in zip(saved["params"], group["params"], strict=True):
+                if p.grad is not None:
+                    state[i] = {**state.get(i, {}), PENDING_GRAD: p.grad}
+    return {**state_dict, "state": state}
+
+
+def without_pending_gradients(state: dict) -> tuple[dict, dict]:
+    """A state dict's "state" split into (the kinds' state, index → pending gradient); an entry that held
+    only a pending gradient is left out of the first."""
+    kinds = {i: {k: v for k, v in entry.items() if k != PENDING_GRAD} for i, entry in state.items()}
+    pending = {i: entry[PENDING_GRAD] for i, entry in state.items() if PENDING_GRAD in entry}
+    return {i: entry for i, entry in kinds.items() if entry or i not in pending}, pending
 
 
 StateShape = Callable[[torch.Tensor], "tuple | None"]  # p → its state's shape on this rank, None: not kept
@@ -61,12 +92,15 @@ def check_muon_state_dict(state_dict, groups: list[dict], hyperparameters: Itera
 
 
 def _check_entries(state: dict, saved: list[dict], groups: list[dict], state_shape: StateShape) -> None:
+    state, pending = without_pending_gradients(state)
     for saved_group, group in zip(saved, groups, strict=True):
         names = group.get("param_names") or [None] * len(group["params"])
         for i, p, name in zip(saved_group["params"], group["params"], names, strict=True):
+            label = f"parameter {name or i} of shape {tuple(p.shape)}"
+            if i in pending:
+                _check_pending(pending[i], p, label, saved_group)
             if i not in state:
                 continue
-            label = f"parameter {name or i} of shape {tuple(p.shape)}"
             shape = state_shape(p)
             if shape is None:
                 raise ValueError(f"Muon.load_state_dict: the state dict holds state for {label}, which this "
@@ -77,6 +111,17 @@ def _check_entries(state: dict, saved: list[dict], groups: list[dict], state_sha
             if got != layout:
                 raise ValueError(f"Muon.load_state_dict: state of {label} is {got}; this optimizer keeps "
                                  f"{layout} (kind {group['kind']!r})")
+
+
+def _check_pending(grad, p: torch.Tensor, label: str, saved_group: dict) -> None:
+    """A pending gradient is p.grad as it was: p's shape and dtype, in a group saved resting."""
+    if not saved_group.get("pending_steps"):
+        raise ValueError(f"Muon.load_state_dict: the state dict holds a pending gradient for {label}, whose "
+                         "group was saved with pending_steps 0 (not resting); it was not saved by optim.Muon")
+    got = (tuple(grad.shape), grad.dtype) if isinstance(grad, torch.Tensor) else type(grad).__name__
+    if got != (tuple(p.shape), p.dtype):
+        raise ValueError(f"Muon.load_state_dict: the pending gradient of {label} is {got}; expected its "
+                         f"p.grad's {(tuple(p.shape), p.dtype)}")
 
 
 def _describe(stamp) -> str:

@@ -10,6 +10,8 @@ tensor (optim.update.adam_math), so its bias corrections 1 − βᵗ carry float
 options is checked against the one-process step in tests/test_distributed.py.
 """
 
+import copy
+import io
 import math
 
 import pytest
@@ -205,6 +207,84 @@ def test_a_group_stepped_every_other_step_steps_on_the_sum_of_two_steps_gradient
             torch_adam.step()
             torch.testing.assert_close(vector.detach(), reference.detach(), **ADAM_TOL)
             assert vector.grad is None and opt.state[vector]["step"].item() == (step + 1) // 2
+
+
+def resting_run(seed: int) -> tuple[list[torch.Tensor], Muon]:
+    """A hidden matrix stepped every step and two Adam tensors every 3rd, on float64 parameters."""
+    params = [torch.randn(s, generator=seeded(seed + i), dtype=F64, requires_grad=True)
+              for i, s in enumerate([(6, 4), (5,), (2, 3)])]
+    opt = Muon([dict(params=params[:1], kind="hidden"), dict(params=params[1:], kind="adam", step_every=3)],
+               lr=0.01, ns_dtype=F64)
+    return params, opt
+
+
+def accumulating_steps(params: list[torch.Tensor], opt: Muon, grads: list[list[torch.Tensor]]) -> None:
+    """backward (adding to the gradients zero_grad kept), step(), zero_grad(), once per entry of grads."""
+    for g in grads:
+        sum((p * q).sum() for p, q in zip(params, g, strict=True)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("saved_at", [2, 5])
+def test_a_state_dict_saved_while_a_group_rests_holds_its_gradient_sum_and_resumes_bitwise(saved_at):
+    """Saved after 2 steps the Adam group has rested twice and has no state yet; after 5 it has stepped
+    once (at the 3rd) and rested twice since. Either way its entries hold p.grad = the last two steps'
+    gradient sum, which a fresh optimizer takes back into p.grad: its next steps are the straight run's."""
+    shapes = [(6, 4), (5,), (2, 3)]
+    grads = [[g[i] for g in (gradients(s, 7, seed=40 + k) for k, s in enumerate(shapes))] for i in range(7)]
+    straight, straight_opt = resting_run(30)
+    accumulating_steps(straight, straight_opt, grads)
+    params, opt = resting_run(30)
+    accumulating_steps(params, opt, grads[:saved_at])
+    saved = io.BytesIO()
+    torch.save(opt.state_dict(), saved)
+    state = torch.load(io.BytesIO(saved.getvalue()), weights_only=True)
+    for i in (1, 2):
+        assert torch.equal(state["state"][i]["pending_grad"], grads[saved_at - 2][i] + grads[saved_at - 1][i])
+        assert sorted(state["state"][i]) == ["pending_grad"] if saved_at == 2 else [
+            "exp_avg", "exp_avg_sq", "pending_grad", "step"]
+    assert "pending_grad" not in state["state"][0] and "pending_grad" not in opt.state[params[1]]
+
+    resumed, resumed_opt = resting_run(30)
+    with torch.no_grad():
+        for p, q in zip(resumed, params, strict=True):
+            p.copy_(q)
+    resumed_opt.load_state_dict(state)
+    assert resumed[0].grad is None and torch.equal(resumed[1].grad, params[1].grad)
+    accumulating_steps(resumed, resumed_opt, grads[saved_at:])
+    for p, q in zip(resumed, straight, strict=True):
+        assert torch.equal(p, q)  # bitwise: the same sums, stepped the same way
+
+
+def test_a_pending_gradient_is_checked_at_load_and_a_state_dict_without_one_warns():
+    params, opt = resting_run(30)
+    accumulating_steps(params, opt, [[torch.ones_like(p) for p in params]])
+    saved = opt.state_dict()
+    wrong = {**saved, "state": {**saved["state"], 1: {"pending_grad": torch.zeros(4, dtype=F64)}}}
+    with pytest.raises(ValueError, match=r"pending gradient of parameter 1 of shape \(5,\) is \(\(4,\), "):
+        resting_run(30)[1].load_state_dict(wrong)
+    stepped = {**saved, "param_groups": [{**g, "pending_steps": 0} for g in saved["param_groups"]]}
+    with pytest.raises(ValueError, match="pending gradient for parameter 1 .* saved with pending_steps 0"):
+        resting_run(30)[1].load_state_dict(stepped)
+    old = {**saved, "state": {i: e for i, e in saved["state"].items() if i not in (1, 2)}}  # before this
+    fresh, fresh_opt = resting_run(30)
+    with pytest.warns(UserWarning, match=r"param group 1 \(adam\) was saved resting \(pending_steps 1 of "
+                                         r"step_every 3\) without its accumulated gradients"):
+        fresh_opt.load_state_dict(old)
+    assert fresh[1].grad is None and fresh_opt.param_groups[1]["pending_steps"] == 1
+
+
+def test_loading_drops_what_a_step_every_group_accumulated_since_the_save():
+    """A warm-up's steps, then the state saved before them put back (train_gpt.py's warm-up): the Adam
+    group's gradient from those steps goes with them; a step_every = 1 group's p.grad is not state."""
+    params, opt = resting_run(30)
+    saved = copy.deepcopy(opt.state_dict())  # nothing pending yet
+    accumulating_steps(params, opt, [[torch.ones_like(p) for p in params]])
+    assert params[1].grad is not None and opt.param_groups[1]["pending_steps"] == 1
+    params[0].grad = torch.ones_like(params[0])
+    opt.load_state_dict(saved)
+    assert params[1].grad is None and params[2].grad is None and params[0].grad is not None
 
 
 def test_discarding_drops_a_resting_groups_gradients_too():

@@ -11,6 +11,7 @@ cautious decay and lr_mul, stepped on odd steps. Two gates of one shape share a 
 tensors do too, so 2 and 3 ranks split the stacks unevenly.
 """
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from optim import Muon
 F64 = torch.float64
 D, G, HEADS = 8, 4, 3  # width, gate inputs, heads
 STEPS = 5  # the step_every = 2 groups step at the 2nd and 4th call and rest on the 5th
+RESUMED_AT = 3  # the distributed run saves and loads its state here, while those groups rest
 DECAY = dict(wd_form="in_update", cautious_wd=True)
 GROUPS = [  # (shapes, options) per param group
     ([(D, 4 * D)] * 3, dict(kind="hidden", matrix_shape=(D, D), normuon="column", **DECAY)),
@@ -64,10 +66,18 @@ def backward(params: list[torch.Tensor], gradients: list[torch.Tensor]) -> None:
     sum((p * g).sum() for p, g in zip(params, gradients, strict=True)).backward()
 
 
-def steps(params: list[torch.Tensor], opt: Muon, gradients_at, sync) -> list[list[torch.Tensor]]:
-    """STEPS steps: backward (inside sync()), step(), zero_grad(); the parameters after each."""
+def steps(params: list[torch.Tensor], opt: Muon, gradients_at, sync,
+          resumed: bool = False) -> list[list[torch.Tensor]]:
+    """STEPS steps: backward (inside sync()), step(), zero_grad(); the parameters after each. `resumed`:
+    before step RESUMED_AT, a resume's round trip: the state dict saved, every p.grad lost, the state
+    loaded back."""
     history = []
     for step in range(STEPS):
+        if resumed and step == RESUMED_AT:
+            saved = copy.deepcopy(opt.state_dict())
+            for p in params:
+                p.grad = None
+            opt.load_state_dict(saved)
         with sync():
             backward(params, gradients_at(step))
         opt.step()
@@ -81,7 +91,7 @@ def worker(rank: int, world_size: int, tmp: Path) -> None:
     params, groups = problem()
     opt = Muon(groups, **HYPER)
     own = [(lambda s, i=i, p=p: gradient(s, rank, i, p.shape)) for i, p in enumerate(params)]
-    history = steps(params, opt, lambda s: [g(s) for g in own], opt.sync_gradients)
+    history = steps(params, opt, lambda s: [g(s) for g in own], opt.sync_gradients, resumed=True)
     opt.close()
     torch.distributed.destroy_process_group()
     torch.save(history, tmp / f"rank{rank}.pt")

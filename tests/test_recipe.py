@@ -93,6 +93,14 @@ def test_a_window_that_shrinks_is_refused(capsys):
     assert "--window-start 512 is past --window-end 256" in error
 
 
+def test_fsdp_with_an_option_fully_shard_refuses_is_one_line_naming_each(capsys):
+    error = parse_error(capsys, "--preset", "speedrun", "--fsdp")
+    assert error.count("\n") == 1 and ("--fsdp with --adam-step-every 2, --normuon, --wd-form in_update: "
+                                        "fully_shard averages each gradient at every backward") in error
+    assert "pass --adam-step-every 1, --no-normuon, --wd-form decoupled, or leave out --fsdp" in error
+    assert recipe.parse_config(["--fsdp", "--adam-step-every", "1"]).fsdp
+
+
 def test_any_tuple_field_becomes_a_flag_of_that_many_values():
     @dataclasses.dataclass
     class Spec:

@@ -53,11 +53,14 @@ def test_resume_across_two_gloo_processes_is_bitwise(tmp_path):
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
 
-    torchrun(tmp_path / "straight")
-    torchrun(tmp_path / "split", "--exit-after-steps", "2")
-    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints" / "step_000002").iterdir()) == [
+    # Adam every other step: saved after 3 steps, the last of which its groups rested at (step 2), each
+    # rank's checkpoint holds its own gradient accumulated there, which the update at step 3 adds to and
+    # averages over the ranks.
+    torchrun(tmp_path / "straight", "--adam-step-every", "2")
+    torchrun(tmp_path / "split", "--adam-step-every", "2", "--exit-after-steps", "3")
+    assert sorted(p.name for p in (tmp_path / "split" / "checkpoints" / "step_000003").iterdir()) == [
         "rank0.pt", "rank1.pt", "shared.pt"]
-    torchrun(tmp_path / "split", "--resume", "auto")
+    torchrun(tmp_path / "split", "--adam-step-every", "2", "--resume", "auto")
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
 
 

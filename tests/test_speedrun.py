@@ -200,11 +200,15 @@ def test_warm_up_compiles_every_graph_of_the_46_schedule_so_the_timed_run_compil
 
 
 def test_a_checkpoint_mid_46_schedule_resumes_bitwise(tmp_path, shards, straight_46):
-    # Saved after 4 steps (at 128 and 256 tokens, windows 384 and 896), resumed at step 4 (384 tokens,
-    # window 1408: two YaRN extensions to replay): the loader keeps its position across the batch
-    # changes. An even step: a checkpoint after an odd one loses the gradient Adam accumulates between
-    # its steps (--adam-step-every 2), which no checkpoint holds yet.
-    train_46(tmp_path, shards, "--compile", "off", "--exit-after-steps", "4")
+    # Saved after 2 steps, resumed with a warm-up step at steps 2, 4 and 6: an odd number, after which
+    # the Adam groups (--adam-step-every 2) rest holding the warm-up's gradient, which putting the state
+    # back must drop. Saved again after 5 steps (at 128, 256 and 384 tokens, windows 384, 896 and 1408),
+    # resumed at step 5 (384 tokens, window 1408: two YaRN extensions to replay): the loader keeps its
+    # position across the batch changes, and the Adam groups rest at step 4: the checkpoint holds the
+    # gradient they accumulated there, which their update at step 5 adds to.
+    train_46(tmp_path, shards, "--compile", "off", "--exit-after-steps", "2")
+    train_46(tmp_path, shards, "--compile", "off", "--resume", "auto", "--warmup-kernel-steps", "1",
+             "--exit-after-steps", "3")
     train_46(tmp_path, shards, "--compile", "off", "--resume", "auto")
     assert losses(tmp_path) == losses(straight_46)
 

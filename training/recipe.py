@@ -249,8 +249,8 @@ def parse_config(argv: list[str] | None = None, description: str | None = None) 
 
 
 def schedule_problem(cfg: TrainConfig) -> str | None:
-    """Why flags that go together do not: the schedule's (training/schedule.py), or the two ways of
-    packing training rows (--max-doc-len, --align-to-bos); or None."""
+    """Why flags that go together do not: the schedule's (training/schedule.py), the two ways of
+    packing training rows (--max-doc-len, --align-to-bos), or --fsdp's (sharding_problem); or None."""
     if cfg.window_start and not cfg.window_end:
         return (f"--window-start {cfg.window_start} without --window-end: the window grows from start to "
                 f"end, and --window-end 0 means full causal attention; pass --window-end too")
@@ -273,6 +273,20 @@ def schedule_problem(cfg: TrainConfig) -> str | None:
                 f"--lr-level-fracs; expected one more level than fracs")
     if list(cfg.lr_level_fracs) != sorted(cfg.lr_level_fracs):
         return f"--lr-level-fracs {' '.join(map(str, cfg.lr_level_fracs))}: expected ascending fractions"
+    return sharding_problem(cfg)
+
+
+def sharding_problem(cfg: TrainConfig) -> str | None:
+    """--fsdp with an optimizer option fully_shard's optimizer refuses (optim.Muon: each needs whole
+    matrices, or gradients kept across steps, where fully_shard leaves rows averaged at every backward)."""
+    refused = [(f"--adam-step-every {cfg.adam_step_every}", "--adam-step-every 1", cfg.adam_step_every > 1),
+               ("--normuon", "--no-normuon", cfg.normuon),
+               (f"--wd-form {cfg.wd_form}", "--wd-form decoupled", cfg.wd_form != "decoupled")]
+    given = [(flag, fix) for flag, fix, on in refused if on]
+    if cfg.fsdp and given:
+        return (f"--fsdp with {', '.join(flag for flag, _ in given)}: fully_shard averages each gradient at "
+                f"every backward and steps each process's rows apart, which these need whole (docs/MATH.md "
+                f"section 4.7); pass {', '.join(fix for _, fix in given)}, or leave out --fsdp")
     return None
 
 

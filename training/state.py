@@ -3,7 +3,8 @@ warm-up puts back.
 
     model        weights (the same on every rank; with --fsdp each rank's rows, as DTensors)
     optimizer    momentum buffers, Adam moments, param groups (under torchrun each rank's own shard;
-                 with --fsdp each rank's rows, as DTensors)
+                 with --fsdp each rank's rows, as DTensors), and after a step at which the Adam groups
+                 rested (--adam-step-every) the gradients they accumulated (each rank its own, whole)
     loader       the training stream's position
     rng          torch's CPU generator
     step         optimizer steps done
