@@ -89,8 +89,8 @@ class Muon(torch.optim.Optimizer):
     world size) and, while a group rests (step_every), "pending_grad" to each of its parameters' entries:
     p.grad, the gradients summed since its last update (this rank's own and whole, distributed), which
     load_state_dict() puts back into p.grad (None where none was saved, in every group with step_every > 1),
-    so that a resumed run steps on the same sums. It holds
-    only tensors, numbers, strings and tuples, for torch.load(weights_only=True);
+    so that a resumed run steps on the same sums. It holds only tensors, numbers, strings and tuples,
+    for torch.load(weights_only=True);
     load_state_dict() refuses, at load, a state dict that is not this optimizer's kind of state, or
     another rank's or world size's. One process also loads a state dict without "distribution", as
     torch.distributed.checkpoint.state_dict's get/set_optimizer_state_dict pass it. A one-process
