@@ -74,7 +74,8 @@ DEFAULT_STEPS = [*range(20), *range(706, 710), 1800, 1801]
 # Record #46's architecture as GPTConfig options (tests/test_model_46.py holds them to its tensors).
 RECORD_46 = dict(attention_free_layers=(0, 7), mlp_free_layers=(0,), long_window_layers=(4, 11), smear=True,
                  attn_gate=True, backout_layer=8, skips=((4, 7),), skip_gate="sigmoid", block_lambda_init=1.1,
-                 yarn=True, attn_scale=0.1, head_softcap="sigmoid_unscaled", value_lambda_all_layers=True)
+                 yarn=True, attn_scale=0.1, head_softcap="sigmoid_unscaled", value_lambda_all_layers=True,
+                 softcap_dtype="head")
 
 
 # ---- our side ------------------------------------------------------------------------------------------
