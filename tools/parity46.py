@@ -28,12 +28,13 @@ stops the run, as does `missing_for_ours` (the preset's model against RECORD_46,
 W + 1 keys, the loader's max_doc_len). Ours is initialized (--seed) and each run of steps starts the
 record and its twin from our current weights through the name table (every parameter of both covered
 once, shapes equal), every optimizer fresh; ours takes the record's 8 micro-batches. Printed under each
-step: our float32 loss, ours − record, and per kind ‖u_ref − u_ours‖/‖u_ref‖. Exit status 1 when the
-largest |ours − record| exceeds the largest |floor| plus --loss-tol. With --check-steps, beside the
-record's floor: one optimizer step of ours and of the record from our weights, fresh state and our
-gradients of that step's micro-batches (through the name table; DistAdam's on an odd step sent by its
-own `_sync_gradient`), Polar Express in float32 on both, per kind ‖u_ref − u_ours‖/‖u_ref‖ (printed,
-not held to a tolerance yet).
+step: our float32 loss, ours − record, and per kind ‖u_ref − u_ours‖/‖u_ref‖. With --check-steps,
+beside the record's floor: one optimizer step of ours and of the record from our weights, fresh state
+and our gradients of that step's micro-batches (through the name table; DistAdam's on an odd step sent
+by its own `_sync_gradient`), Polar Express in float32 on both, per kind ‖u_ref − u_ours‖/‖u_ref‖.
+Exit status 1 when the largest |ours − record| exceeds the largest |floor| plus --loss-tol, or a
+kind's one-step difference exceeds max(the record's floor, --step-tol KIND=REL, STEP_TOLERANCES_46
+by default).
 """
 
 import argparse
@@ -71,6 +72,13 @@ from tools.parity_table import (
 from training.recipe import PRESETS_TRAIN
 
 DEFAULT_STEPS = [*range(20), *range(706, 710), 1800, 1801]
+# Default one-step tolerances (relative update difference), measured in docs/RECIPE.md ("Step parity
+# with record #46"): from our gradients ours and the record differ by the record's bf16 storage alone
+# (its head and gate weights and every DistAdam moment in bf16; ours float32): hidden 5.3e-4 (the
+# gates), embed and value_embed 1.3e-2, head 1.6e-2, scalar 4.1e-3 at step 1801, about twice these
+# below. With that storage in float32 the record's step is ours to 4.3e-6 (hidden, under its
+# float32-vs-float64 floor), 1.4e-4 (value_embed) and less.
+STEP_TOLERANCES_46 = {"hidden": 1e-3, "embed": 0.03, "value_embed": 0.03, "head": 0.03, "scalar": 0.01}
 # Record #46's architecture as GPTConfig options (tests/test_model_46.py holds them to its tensors).
 RECORD_46 = dict(attention_free_layers=(0, 7), mlp_free_layers=(0,), long_window_layers=(4, 11), smear=True,
                  attn_gate=True, backout_layer=8, skips=((4, 7),), skip_gate="sigmoid", block_lambda_init=1.1,
@@ -322,7 +330,7 @@ def run(args: argparse.Namespace, out=None) -> Report46:
             if parity.ours:
                 report.our_checks[step] = parity.check_ours(step)
                 print(format_our_check(step, report.our_checks[step]), file=out)
-    report.failures = verdict(report, args.loss_tol)
+    report.failures = verdict(report, args.loss_tol, {**STEP_TOLERANCES_46, **args.step_tol})
     print(summary(report), file=out)
     return report
 
@@ -370,16 +378,25 @@ def format_check(step: int, floor: dict[str, float]) -> str:
             f"float32 against float64: {parts}")
 
 
-def verdict(report: Report46, loss_tol: float) -> list[str]:
-    """Our float32 loss held to the record's within the largest floor plus loss_tol."""
-    if not report.ours or not report.rows:
+def verdict(report: Report46, loss_tol: float, step_tol: dict[str, float]) -> list[str]:
+    """Our float32 loss held to the record's within the largest floor plus loss_tol; each kind's one-step
+    difference to max(the record's own float32-vs-float64 floor, step_tol[kind])."""
+    if not report.ours:
         return []
-    worst = max(report.rows, key=lambda r: abs(r.diff))
-    floor = max(abs(r.floor) for r in report.rows)
-    if abs(worst.diff) <= floor + loss_tol:
-        return []
-    return [f"loss: ours - record {worst.diff:+.1e} at step {worst.step} exceeds the floor {floor:.1e} "
-            f"+ --loss-tol {loss_tol:g}"]
+    failures = []
+    if report.rows:
+        worst = max(report.rows, key=lambda r: abs(r.diff))
+        floor = max(abs(r.floor) for r in report.rows)
+        if abs(worst.diff) > floor + loss_tol:
+            failures.append(f"loss: ours - record {worst.diff:+.1e} at step {worst.step} exceeds the floor "
+                            f"{floor:.1e} + --loss-tol {loss_tol:g}")
+    for step, update in report.our_checks.items():
+        for kind in KINDS:
+            allowed = max(report.checks[step][kind], step_tol[kind])
+            if update[kind] > allowed:
+                failures.append(f"one step at {step}: {kind} {update[kind]:.1e} exceeds max(floor "
+                                f"{report.checks[step][kind]:.1e}, --step-tol {kind}={step_tol[kind]:g})")
+    return failures
 
 
 def format_our_check(step: int, update: dict[str, float]) -> str:
@@ -390,14 +407,14 @@ def format_our_check(step: int, update: dict[str, float]) -> str:
 
 def summary(report: Report46) -> str:
     if not report.rows:
-        return "no steps run"
+        return "; ".join(["no steps run", *report.failures])
     floors = [abs(r.floor) for r in report.rows]
     floor = (f"noise floor of the float32 loss over {len(floors)} steps: mean "
              f"{sum(floors) / len(floors):.1e}, max {max(floors):.1e}")
     if not report.ours:
         return f"reference only: {floor}; no verdict without our side"
     diffs = [abs(r.diff) for r in report.rows]
-    verdict_line = "; ".join(report.failures) or "ours within the floor"
+    verdict_line = "; ".join(report.failures) or "ours within the floor and the one-step tolerances"
     return (f"ours - record, float32 loss: mean {sum(diffs) / len(diffs):.1e}, max {max(diffs):.1e}; "
             f"{floor}; {verdict_line}")
 
