@@ -148,6 +148,21 @@ def test_the_adapter_builds_as_the_main_body_does(stepped):
     assert [g["initial_lr"] for g in adam.param_groups] == [0.008]
 
 
+
+def test_the_float32_storage_diagnostic_converts_the_heads_gates_and_adams_moments_in_place():
+    with one_process_group(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.distributed\..*` is deprecated", FutureWarning)
+        ref, _ = load_reference(FIXTURE, 128, batch_divisor=64)
+    model, adam = ref.model, ref.adam
+    params = {id(p) for opt in ref.optimizers for g in opt.param_groups for p in g["params"]}
+    ref.store_float32()
+    assert all(p.dtype == torch.float32 for p in (model.lm_head.weight, model.smear_gate.weight,
+                                                  model.blocks[1].attn.attn_gate.weight))
+    assert model.embed.weight.dtype == model.value_embeds[0].weight.dtype == torch.bfloat16
+    assert {s["exp_avg"].dtype for s in adam.state.values()} == {torch.float32}
+    assert {s["exp_avg_sq"].dtype for s in adam.state.values()} == {torch.float32}
+    assert {id(p) for opt in ref.optimizers for g in opt.param_groups for p in g["params"]} == params
+
 def test_the_first_losses_are_the_zero_heads_and_adam_moves_only_on_odd_steps(stepped):
     _, _, rows = stepped
     (loss0, trained0, moved0, tokens0), (loss1, _, moved1, _), (loss2, *_), (_, _, moved3, tokens3) = rows

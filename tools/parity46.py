@@ -200,6 +200,9 @@ class RecordParity:
         if args.floor:
             self.sides.append(Side(load_reference(args.reference, args.width,
                                                   batch_divisor=args.batch_divisor)[0], [SDPBackend.MATH]))
+        if args.record_float32:
+            for side in self.sides:
+                side.ref.store_float32()
         ref.open_data(str(shards(args.data)[0].parent / "*_train_*.bin"), [*args.steps, *args.check_steps][0])
 
     def start_segment(self) -> None:
@@ -331,7 +334,8 @@ def run(args: argparse.Namespace, out=None) -> Report46:
                 report.our_checks[step] = parity.check_ours(step)
                 print(format_our_check(step, report.our_checks[step]), file=out)
     report.failures = verdict(report, args.loss_tol, {**STEP_TOLERANCES_46, **args.step_tol})
-    print(summary(report), file=out)
+    diagnostic = "DIAGNOSTIC (--record-float32), not the record: " if args.record_float32 else ""
+    print(diagnostic + summary(report), file=out)
     return report
 
 
@@ -351,7 +355,9 @@ def last_shard_quiet():
 def header(args: argparse.Namespace, report: Report46) -> str:
     made = ", ".join(f"{what} x{n}" for what, n in report.substitutions.items())
     names = " ".join(f"{k:>11}" for k in KINDS)
-    return (f"reference {args.reference} ({Record20251129.name}); CPU substitutions: {made}\n"
+    diagnostic = ("DIAGNOSTIC (--record-float32): the record's head, gate weights and DistAdam moments in "
+                  "float32, as ours; not the record\n" if args.record_float32 else "")
+    return (f"{diagnostic}reference {args.reference} ({Record20251129.name}); CPU substitutions: {made}\n"
             f"name table: {report.table_entries} entries, every parameter of the record and of our GPT "
             f"with its options (width {args.width}) covered once, shapes equal\n"
             f"width {args.width}, 12 layers, batch sizes / {args.batch_divisor}, 8 micro-batches a step; "
