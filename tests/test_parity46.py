@@ -272,6 +272,11 @@ def test_ours_beside_the_record_and_its_twin_from_our_weights(monkeypatch, shard
     assert "momentum differs at 102 steps (first 2)" in out.getvalue()  # printed before training
     assert "GPU kernel dropped x1" in out.getvalue() and "ours - record, float32 loss" in out.getvalue()
     assert "one optimizer step at step 3, ours against the record" in out.getvalue()
+    # Gradients at equal weights: sums in another order (SDPA per segment or not, bf16 sums of the record's
+    # bf16 head and gates), measured 1.2e-3 to 6.8e-3, the twin's 1.4e-3 to 4.4e-3.
+    grads, twin = report.gradients[3]
+    assert all(0 < grads[k] < 0.02 and 0 < twin[k] < 0.02 for k in parity.KINDS)
+    assert "gradients at step 3 from our weights, ours against the record" in out.getvalue()
     assert report.failures == []  # within the floor + --loss-tol 1, its Muon within --step-tol hidden=1
 
 

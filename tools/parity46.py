@@ -182,6 +182,7 @@ class Report46:
     rows: list[Row] = field(default_factory=list)
     checks: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> the one-step floor per kind
     our_checks: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> ours vs the record
+    gradients: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # step -> [ours, twin] vs it
     failures: list[str] = field(default_factory=list)  # none without our side: nothing to hold to a floor
     ours: bool = False  # our side ran
 
@@ -256,17 +257,33 @@ class RecordParity:
         self.restore(weights, {})
         return relative_differences(self.kinds, updates[torch.float32], updates[torch.float64])
 
-    def check_ours(self, step: int) -> dict[str, float]:
-        """Ours against the record, one optimizer step each from our weights, fresh state and our
-        gradients of step's micro-batches (the same scale: both losses are sums / 8), Polar Express in
-        float32 on both: per kind ‖u_ref − u_ours‖/‖u_ref‖. Ours is left at its weights."""
+    def check_ours(self, step: int) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+        """Ours against the record from our weights on step's micro-batches: one optimizer step each
+        from fresh state and our gradients (the same scale: both losses are sums / 8), Polar Express in
+        float32 on both, per kind ‖u_ref − u_ours‖/‖u_ref‖; and the gradients themselves, per kind
+        ‖g_ref − g_ours‖/‖g_ref‖ and the twin's ‖g_ref − g_twin‖/‖g_ref‖ (0 without a twin). Ours is
+        left at its weights."""
         self.start_segment()
         weights = our_weights(self.ours.model)
-        grads = self.ours.gradients(self.sides[0].ref.batches(step), step)
+        batches = self.sides[0].ref.batches(step)
+        grads = self.ours.gradients(batches, step)
+        record_grads = [self.reference_gradients(side, batches, step) for side in self.sides]
         record_update = self.record_step_from(grads, step)
         ours_update = self.ours.one_step(step, torch.float32)
         self.ours.restore(weights)
-        return relative_differences(self.our_kinds, record_update, ours_update)
+        return (relative_differences(self.our_kinds, record_update, ours_update),
+                relative_differences(self.our_kinds, record_grads[0], grads),
+                relative_differences(self.our_kinds, record_grads[0], record_grads[-1]))
+
+    def reference_gradients(self, side: Side, batches: list, step: int) -> dict[str, Tensor]:
+        """side's gradients of step's training loss at its current weights, by our names (float32
+        copies); its optimizers left fresh."""
+        with side.kernel():
+            side.ref.forward_backward(batches, step)
+        grads = {e.ours: reference_tensor(side.ref, e, grad=True).float().clone()
+                 for e in self.table if e.ours is not None}
+        side.ref.fresh_state()
+        return grads
 
     def record_step_from(self, grads: dict[str, Tensor], step: int) -> dict[str, Tensor]:
         """The record's step_optimizers on `grads` (our names) through the name table: NorMuon reads
@@ -331,8 +348,8 @@ def run(args: argparse.Namespace, out=None) -> Report46:
             report.checks[step] = parity.check_step(step)
             print(format_check(step, report.checks[step]), file=out)
             if parity.ours:
-                report.our_checks[step] = parity.check_ours(step)
-                print(format_our_check(step, report.our_checks[step]), file=out)
+                report.our_checks[step], *report.gradients[step] = parity.check_ours(step)
+                print(format_our_check(step, report.our_checks[step], *report.gradients[step]), file=out)
     report.failures = verdict(report, args.loss_tol, {**STEP_TOLERANCES_46, **args.step_tol})
     diagnostic = "DIAGNOSTIC (--record-float32), not the record: " if args.record_float32 else ""
     print(diagnostic + summary(report), file=out)
@@ -405,10 +422,13 @@ def verdict(report: Report46, loss_tol: float, step_tol: dict[str, float]) -> li
     return failures
 
 
-def format_our_check(step: int, update: dict[str, float]) -> str:
+def format_our_check(step: int, update: dict[str, float], grads: dict[str, float],
+                     twin: dict[str, float]) -> str:
     parts = ", ".join(f"{k} {update[k]:.1e}" for k in KINDS)
+    gradients = ", ".join(f"{k} {grads[k]:.1e} ({twin[k]:.1e})" for k in KINDS)
     return (f"one optimizer step at step {step}, ours against the record (our weights, fresh state, our "
-            f"gradients), Polar Express float32: {parts}")
+            f"gradients), Polar Express float32: {parts}\n"
+            f"gradients at step {step} from our weights, ours against the record (the twin's): {gradients}")
 
 
 def summary(report: Report46) -> str:
