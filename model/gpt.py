@@ -54,6 +54,7 @@ CUDA_DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "flex", "sdpa")
 HEAD_MATMULS = ("auto", "fp8", "bf16")
 TRAIN_LOSSES = ("mean_fp32", "sum_bf16")
+SOFTCAP_DTYPES = ("float32", "head")
 
 
 @dataclass(frozen=True)
@@ -106,6 +107,11 @@ class GPTConfig:
         times the mean, whose gradients are B*T times the mean's (docs/MATH.md §4.8: Adam's and
         Newton-Schulz's eps then act as the records'; the FP8 head's s_g is the records' 1/448).
         Evaluation (model.eval()) always returns the float32 mean.
+    softcap_dtype: where the float32 logits (evaluation, the "mean_fp32" loss, no targets) are
+        soft-capped. "float32": the head's output cast to float32, then soft-capped (the 2025-07-12
+        record). "head": soft-capped in the head's output dtype (bf16 when the residual stream is bf16),
+        then cast to float32 (record #46, which soft-caps in bf16 in training and evaluation alike):
+        each logit then carries the bf16 rounding of the cap, ~2^-9 of it.
     gate_dims: g, how many leading residual dims feed the smear and attention gates (the record's 12).
     smear: token embeddings mixed one position forward (record #34), before the first norm:
         e_t <- e_t + lambda * sigmoid(w . e_t[:g]) * e_{t-1} for t >= 1, e_0 unchanged; w (1, g) and
@@ -151,6 +157,7 @@ class GPTConfig:
     head_matmul: str = "bf16"
     fp8_weight_scale: float = WEIGHT_SCALES["2025-07-12"]
     train_loss: str = "mean_fp32"
+    softcap_dtype: str = "float32"
     mlp_free_layers: tuple[int, ...] = ()
     gate_dims: int = 12
     smear: bool = False
@@ -164,7 +171,7 @@ class GPTConfig:
     def __post_init__(self):
         for name, allowed in (("head_softcap", SOFTCAPS), ("cuda_dtype", CUDA_DTYPES),
                               ("attention", ATTENTION_BACKENDS), ("head_matmul", HEAD_MATMULS),
-                              ("train_loss", TRAIN_LOSSES),
+                              ("train_loss", TRAIN_LOSSES), ("softcap_dtype", SOFTCAP_DTYPES),
                               ("window_rule", WINDOW_RULES), ("skip_gate", tuple(SKIP_GATES))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -242,6 +249,7 @@ PRESETS: dict[str, GPTConfig] = {
                          mlp_free_layers=(0,), smear=True, attn_gate=True, backout_layer=8, skips=((4, 7),),
                          skip_gate="sigmoid", block_lambda_init=1.1, yarn=True, attn_scale=0.1,
                          fp8_weight_scale=WEIGHT_SCALES["2025-11-29"], train_loss="sum_bf16",
+                         softcap_dtype="head",
                          **RECORD | dict(head_softcap="sigmoid_unscaled", window_rule="varlen")),
     # Deeper shapes take the record's head, value scaling and dtypes, which do not depend on depth.
     # They keep attention in every block: the record drops layer 7's at 12 layers, and no measurement
@@ -528,7 +536,8 @@ class GPT(nn.Module):
         if targets is not None and self.training and self.config.train_loss == "sum_bf16":
             logits = self.soft_cap(z.bfloat16())
             return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), reduction="sum")
-        logits = self.soft_cap(z.float())
+        float32 = self.config.softcap_dtype == "float32"
+        logits = self.soft_cap(z.float()) if float32 else self.soft_cap(z).float()
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))

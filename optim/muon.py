@@ -71,7 +71,8 @@ class Muon(torch.optim.Optimizer):
       bf16 dot products, float32 elsewhere), compiled on CUDA. It starts from X₀ = G/(s·‖G‖_F + ε),
       ε = ns_eps (None: the coefficient set's own, 1e-7 for "muon"), normalized in at least float32
       and rounded once, then fused matmul-adds (ns_rounding "precise", the more accurate), or rounded
-      to ns_dtype after every operation ("stepwise", the speedrun records' arithmetic;
+      to ns_dtype after every operation ("stepwise", the 2025-07-12 record's arithmetic), or normalized
+      as "stepwise", then fused matmul-adds ("fused", record #46's Polar Express kernels;
       optim/newton_schulz.py orthogonalize).
     - Adam's ε: adam_eps_form "corrected" adds it to the bias-corrected √v̂ (torch's AdamW), "raw" to
       √v before the correction (the Adam paper's efficient form, the speedrun records' DistAdam;

@@ -72,8 +72,9 @@ COEFFICIENTS: dict[str, Coefficients] = {
 
 
 # Where orthogonalize rounds to its dtype: once after a float32 normalization, then once per fused
-# matmul-add ("precise"), or after every operation, the speedrun records' arithmetic ("stepwise").
-ROUNDINGS = ("precise", "stepwise")
+# matmul-add ("precise"); after every operation, the 2025-07-12 record's arithmetic ("stepwise"); or
+# normalized as "stepwise", then once per fused matmul-add, record #46's Polar Express kernels ("fused").
+ROUNDINGS = ("precise", "stepwise", "fused")
 
 
 def resolve_coefficients(coefficients: "str | Coefficients | Sequence") -> Coefficients:
@@ -136,6 +137,9 @@ def orthogonalize(
       `dtype`, norm included; then every product, scaling and sum is rounded apart, in the order
       B = b·A + (c·A)·A, X = a·X + B·X. In bf16 its result differs from "precise" by ~2.5% (as the
       records' own result moves under a 1e-6 change of its input); an fp16 norm can overflow.
+    - "fused": record #46's Polar Express (its Triton kernels, record #38). G rounded to `dtype` and
+      normalized in `dtype` as "stepwise"; then each of A = X Xᵀ, B = b·A + c·A², X = a·X + B·X
+      summed in float32 and rounded once, as "precise".
 
     `compile`: None compiles on CUDA only, True compiles anywhere, False never, a torch.compile
     backend (name or callable) compiles with it. Compiled means torch.compile(fullgraph=True,
@@ -194,7 +198,7 @@ def _newton_schulz(G: torch.Tensor, triples: tuple[Triple, ...], scale: float, e
 def _normalized(X: torch.Tensor, scale: float, eps: float, dtype: torch.dtype,
                 rounding: str) -> torch.Tensor:
     """X/(scale·‖X‖_F + eps) per matrix (B, m, n), in `dtype`, rounded as orthogonalize's `rounding` says."""
-    if rounding == "stepwise":
+    if rounding in ("stepwise", "fused"):
         X = X.to(dtype)
         return X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) * scale + eps)
     # The norm sums m·n squares: in float32 at least, so fp16 neither overflows nor underflows

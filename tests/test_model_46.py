@@ -204,6 +204,25 @@ def test_the_unscaled_sigmoid_softcap_divides_by_s_alone():
     assert model.soft_cap(torch.tensor(7.5)).item() == pytest.approx(30 / (1 + math.exp(-1)))
 
 
+def test_softcap_dtype_head_caps_bf16_logits_in_bf16_before_the_float32_loss():
+    # Record #46's evaluation: logits = 30 sigmoid(z / 7.5) in the head's bf16, then .float() for the
+    # mean cross-entropy; "float32" (the 2025-07-12 record) casts z first. With bf16 tables z is bf16.
+    idx = tokens(24, seed=3)
+    targets = tokens(24, seed=4)
+    unscaled = dataclasses.replace(SMALL, head_softcap="sigmoid_unscaled")
+    model = random_gpt(unscaled).cast_embeddings(torch.bfloat16)
+    z = model.lm_head(rms_norm(model.residual(idx)))
+    assert z.dtype == torch.bfloat16
+    for choice, logits in (("float32", 30 * torch.sigmoid(z.float() / 7.5)),
+                           ("head", (30 * torch.sigmoid(z / 7.5)).float())):
+        chosen = GPT(dataclasses.replace(model.config, softcap_dtype=choice)).cast_embeddings(torch.bfloat16)
+        chosen.load_state_dict(model.state_dict())
+        chosen.eval()
+        assert torch.equal(chosen(idx), logits)
+        assert torch.equal(chosen(idx, targets), F.cross_entropy(logits[0], targets[0]))
+    assert not torch.equal((30 * torch.sigmoid(z / 7.5)).float(), 30 * torch.sigmoid(z.float() / 7.5))
+
+
 # YaRN (record #31) ------------------------------------------------------------------------------
 
 # Record #46's long windows, in tokens (128-token blocks): 3, 7, 11 during the schedule, 13 on the
@@ -299,7 +318,7 @@ def test_yarn_off_the_model_has_no_yarn_and_on_it_compiles_once_across_extension
 RECORD_46 = GPTConfig(attention_free_layers=(0, 7), mlp_free_layers=(0,), long_window_layers=(4, 11),
                       smear=True, attn_gate=True, backout_layer=8, skips=((4, 7),), skip_gate="sigmoid",
                       block_lambda_init=1.1, yarn=True, attn_scale=0.1, head_softcap="sigmoid_unscaled",
-                      value_lambda_all_layers=True)
+                      value_lambda_all_layers=True, softcap_dtype="head")
 
 
 def test_record_46_options_give_its_tensors_one_for_one():

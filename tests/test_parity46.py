@@ -148,6 +148,21 @@ def test_the_adapter_builds_as_the_main_body_does(stepped):
     assert [g["initial_lr"] for g in adam.param_groups] == [0.008]
 
 
+
+def test_the_float32_storage_diagnostic_converts_the_heads_gates_and_adams_moments_in_place():
+    with one_process_group(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"`torch\.distributed\..*` is deprecated", FutureWarning)
+        ref, _ = load_reference(FIXTURE, 128, batch_divisor=64)
+    model, adam = ref.model, ref.adam
+    params = {id(p) for opt in ref.optimizers for g in opt.param_groups for p in g["params"]}
+    ref.store_float32()
+    assert all(p.dtype == torch.float32 for p in (model.lm_head.weight, model.smear_gate.weight,
+                                                  model.blocks[1].attn.attn_gate.weight))
+    assert model.embed.weight.dtype == model.value_embeds[0].weight.dtype == torch.bfloat16
+    assert {s["exp_avg"].dtype for s in adam.state.values()} == {torch.float32}
+    assert {s["exp_avg_sq"].dtype for s in adam.state.values()} == {torch.float32}
+    assert {id(p) for opt in ref.optimizers for g in opt.param_groups for p in g["params"]} == params
+
 def test_the_first_losses_are_the_zero_heads_and_adam_moves_only_on_odd_steps(stepped):
     _, _, rows = stepped
     (loss0, trained0, moved0, tokens0), (loss1, _, moved1, _), (loss2, *_), (_, _, moved3, tokens3) = rows
@@ -239,7 +254,8 @@ def test_ours_beside_the_record_and_its_twin_from_our_weights(monkeypatch, shard
 
     monkeypatch.setattr(parity46, "build_ours46", build_with_a_head)
     out = io.StringIO()
-    args = parity.parse_args(run_args(shard_dir, "--steps", "0-1", "--check-steps", "3", "--loss-tol", "1"))
+    args = parity.parse_args(run_args(shard_dir, "--steps", "0-1", "--check-steps", "3", "--loss-tol", "1",
+                                      "--step-tol", "hidden=1"))
     report = parity.run(args, out=out)
     assert [r.batch for r in report.rows] == [2048] * 2 and report.rows[0].windows == (128, 384)
     assert report.rows[0].loss > ZERO_HEAD_LOSS + 0.1  # our head, not the record's zero one
@@ -256,7 +272,32 @@ def test_ours_beside_the_record_and_its_twin_from_our_weights(monkeypatch, shard
     assert "momentum differs at 102 steps (first 2)" in out.getvalue()  # printed before training
     assert "GPU kernel dropped x1" in out.getvalue() and "ours - record, float32 loss" in out.getvalue()
     assert "one optimizer step at step 3, ours against the record" in out.getvalue()
-    assert report.failures == []  # within the floor + --loss-tol 1
+    # Gradients at equal weights: sums in another order (SDPA per segment or not, bf16 sums of the record's
+    # bf16 head and gates), measured 1.2e-3 to 6.8e-3, the twin's 1.4e-3 to 4.4e-3.
+    grads, twin = report.gradients[3]
+    assert all(0 < grads[k] < 0.02 and 0 < twin[k] < 0.02 for k in parity.KINDS)
+    assert "gradients at step 3 from our weights, ours against the record" in out.getvalue()
+    assert report.failures == []  # within the floor + --loss-tol 1, its Muon within --step-tol hidden=1
+
+
+def test_the_verdict_holds_each_kinds_one_step_to_its_floor_or_tolerance():
+    zero = dict.fromkeys(parity.KINDS, 0.0)
+    row = parity46.Row(2, 2048, (128, 384), 6.0, 6.0, 1e-3, zero, ours=6.0005, update=zero)
+    report = parity46.Report46({}, 87, [row], ours=True)
+    report.checks[1801] = dict(zero, hidden=2.8e-5)  # the record's float32-vs-float64 floor
+    report.our_checks[1801] = dict(zero, hidden=5e-4, head=0.02, scalar=4e-3)  # as measured, inside
+    tolerances = parity46.STEP_TOLERANCES_46
+    assert parity46.verdict(report, 0.0, tolerances) == []
+    report.our_checks[1801]["head"] = 0.04
+    assert parity46.verdict(report, 0.0, tolerances) == [
+        "one step at 1801: head 4.0e-02 exceeds max(floor 0.0e+00, --step-tol head=0.03)"]
+    assert parity46.verdict(report, 0.0, {**tolerances, "head": 0.05}) == []  # --step-tol head=0.05
+    report.our_checks[1801].update(head=0.0, hidden=2e-3)
+    report.checks[1801]["hidden"] = 3e-3  # a floor above the tolerance allows up to it
+    assert parity46.verdict(report, 0.0, tolerances) == []
+    row.ours = 6.002  # ours - record 2e-3 against a floor of 1e-3
+    assert parity46.verdict(report, 0.0, tolerances) == [
+        "loss: ours - record +2.0e-03 at step 2 exceeds the floor 1.0e-03 + --loss-tol 0"]
 
 
 def test_the_reference_only_run_has_no_verdict(stepped, shard_dir):

@@ -49,7 +49,7 @@ def test_the_46_model_preset_has_the_records_tensors():
 # (768, 3072): 1; c_fc (768, 3072) with lr_mul 2: 2; the gates (1, 12), (6, 12): 1.
 NORMUON = dict(beta2=0.95, weight_decay=1.2, wd_form="in_update", cautious_wd=True, step_every=1,
                momentum=0.95, ns_coefficients="polar_express_speedrun", ns_eps=1e-6,
-               ns_rounding="stepwise", lr_mul=1.0)
+               ns_rounding="fused", lr_mul=1.0)
 ADAM = dict(momentum=0.65, beta2=0.95, eps=1e-8, eps_form="raw", weight_decay=0.0, step_every=2,
             lr_mul=1.0)
 STEPS = {

@@ -245,7 +245,7 @@ def test_the_speedrun_optimizer_computes_as_the_record_and_the_demo_as_the_libra
     model = GPT(PRESETS["demo"])
     record = dict(eps_form="raw", ns_rounding="stepwise")
     for preset, want in (("speedrun-2025-07-12", dict(record, ns_eps=1e-7 / 49152)),
-                         ("speedrun", dict(record, ns_eps=1e-6)),
+                         ("speedrun", dict(record, ns_eps=1e-6, ns_rounding="fused")),
                          ("demo", dict(eps_form="corrected", ns_eps=None, ns_rounding="precise"))):
         optimizer = recipe.build_optimizer(model, recipe.parse_config(["--preset", preset]))
         for group in optimizer.param_groups:

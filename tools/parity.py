@@ -291,7 +291,7 @@ def run(args: argparse.Namespace, out=None) -> Report:
         for step in args.check_steps:
             report.checks.append(parity.check_step(step))
             print(format_check(report.checks[-1]), file=out)
-    report.failures = verdicts(report, args.loss_tol, args.step_tol)
+    report.failures = verdicts(report, args.loss_tol, {**STEP_TOLERANCES, **args.step_tol})
     for line in report.failures or ["PASS: every difference within its tolerance"]:
         print(line, file=out)
     return report
@@ -394,7 +394,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="loss difference allowed beyond the measured noise floor [0]")
     parser.add_argument("--step-tol", type=tolerance, action="append", default=[],
                         help="KIND=REL: one-step relative update difference allowed for KIND "
-                             f"[{' '.join(f'{k}={v:g}' for k, v in STEP_TOLERANCES.items())}]")
+                             f"[2025-07-12: {' '.join(f'{k}={v:g}' for k, v in STEP_TOLERANCES.items())}; "
+                             f"record #46: "
+                             f"{' '.join(f'{k}={v:g}' for k, v in parity46.STEP_TOLERANCES_46.items())}]")
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
                         help="train the reference's noise-floor twin (--no-floor: a third less work; "
                              "the floor is then 0)")
@@ -403,9 +405,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="record #46: its batch sizes over this (a smaller step for the CPU) [1]")
     parser.add_argument("--reference-only", action="store_true",
                         help="record #46: run the record and its noise-floor twin without our side")
+    parser.add_argument("--record-float32", action="store_true",
+                        help="record #46, a diagnostic: its bf16 head and gate weights and DistAdam moments "
+                             "kept in float32 as ours (no longer the record: tells their share apart)")
     args = parser.parse_args(argv)
     args.steps = None if args.steps is None else sorted({s for part in args.steps for s in part})
-    args.step_tol = {**STEP_TOLERANCES, **dict(args.step_tol)}
+    args.step_tol = dict(args.step_tol)  # each format's defaults under these
     for flag, value in (("--width", args.width), ("--seq-len", args.seq_len)):
         if value < 128 or value % 128:
             parser.error(f"{flag} must be a positive multiple of 128, got {value}")

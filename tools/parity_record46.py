@@ -307,6 +307,16 @@ class Record20251129(Reference):
     def set_ns_dtype(self, dtype: torch.dtype) -> None:
         self.ns["NS_DTYPE"] = dtype
 
+    def store_float32(self) -> None:
+        """A diagnostic, no longer the record: its CastedLinears (head, smear and attention gates, bf16
+        from line 1305) and DistAdam's moments (bf16, line 663) in float32, as ours keeps them; the
+        embeddings stay bf16. The parameters stay the optimizers' (converted in place)."""
+        for m in self.model.modules():
+            if isinstance(m, nn.Linear):
+                m.float()
+        for state in self.adam.state.values():
+            state.update(exp_avg=state["exp_avg"].float(), exp_avg_sq=state["exp_avg_sq"].float())
+
 
 def per_token(total: float, micro_batches: list[tuple[Tensor, Tensor, Tensor]]) -> float:
     return total / sum(targets.numel() for _, targets, _ in micro_batches)

@@ -52,7 +52,7 @@ PRESETS_TRAIN: dict[str, dict] = {
         head_lr=0.008, scalar_lr=0.008 * 5, embed_map="adam", lr_scale="muon", adam_betas=(0.65, 0.95),
         adam_eps=1e-8, adam_eps_form="raw", adam_weight_decay=0.0, adam_step_every=2,
         normuon=True, normuon_beta2=0.95, weight_decay=1.2, wd_form="in_update", cautious_wd=True,
-        ns_coefficients="polar_express_speedrun", ns_eps=1e-6, ns_rounding="stepwise",
+        ns_coefficients="polar_express_speedrun", ns_eps=1e-6, ns_rounding="fused",
         cooldown_frac=0.55, lr_floor=0.1, lr_levels=(1.0, 1.51, 1.93), lr_level_fracs=(0.33, 0.66),
         momentum_cooldown_steps=50, window_end=0, window_blocks=(3, 7, 11, 13), final_val_windows=(2560, 768),
         sample_tokens=0, warmup_kernel_steps=10,
@@ -175,7 +175,9 @@ class TrainConfig:
                                   "(default: the coefficient set's own, 1e-7 for muon)", within=POSITIVE)
     ns_rounding: str = option("precise", "where Newton-Schulz rounds to its dtype (bf16 on GPUs): precise "
                               "(normalized in float32 and rounded once, then fused matmul-adds; the more "
-                              "accurate) or stepwise (after every operation, as the records compute it)",
+                              "accurate), stepwise (after every operation, as the 2025-07-12 record) or "
+                              "fused (normalized as stepwise, then fused matmul-adds, as record #46's "
+                              "kernels)",
                               choices=ROUNDINGS)
     # attention: the long window grows linearly from window_start to window_end, rounded up to a multiple
     # of 128 tokens, at least 128 (window_end 0: full causal attention), or follows window_blocks
