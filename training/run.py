@@ -11,8 +11,9 @@ step, a validation, a checkpoint.
 
 train_gpt.py's loop calls these; the schedule (training/schedule.py: lr, momentum, window and tokens
 by step, from the config by training/recipe.py's schedule_of) is built with the Run and applied in its
-training step: the step's batch shape (`step_shapes`), its lr and momentum, and YaRN (`follow_yarn`: the model's rotary extended at each long-window change,
-as record #46 does, before training and validation alike).
+training step: the step's batch shape (`step_shapes`), its lr and momentum, and YaRN (`follow_yarn`:
+the model's rotary extended at each long-window change, as record #46 does, before training and
+validation alike).
 """
 
 import dataclasses
