@@ -95,6 +95,12 @@ class GPTConfig:
     cuda_dtype: dtype of the embedding tables, hence of the residual stream and every matmul, when
         `to_device` puts the model on CUDA. "bfloat16": the record's (run it without autocast);
         "float32": fp32 tables (run under bf16 autocast). Off CUDA the model stays float32.
+    head_gate_dtype: dtype the LM head's and the smear and attention gates' weights are stored in when
+        `to_device` puts the model on CUDA (GPT.cast_storage); the other matrices and the scalars stay
+        float32. "bfloat16": record #46's (it casts every nn.Linear, which are these, to bf16): the
+        weights, their gradients and, with optim.Muon's state_dtype "param", their NorMuon state are
+        bf16, each update rounded to bf16; "float32": each cast to bf16 for its matmul only. Off CUDA
+        they stay float32. Either way the forward's matmuls take the same bf16 operands.
     head_matmul: the LM head's matmul in training (evaluation always takes "bf16"). "fp8": the
         record's FP8 matmul with its fixed scales (model/fp8.py), on a device that has one, else an
         error; "bf16": CastedLinear, in the input's dtype (bf16 on the GPU presets, float32 on CPU);
@@ -154,6 +160,7 @@ class GPTConfig:
     attention_free_layers: tuple[int, ...] = ()
     value_lambda_all_layers: bool = False
     cuda_dtype: str = "float32"
+    head_gate_dtype: str = "float32"
     head_matmul: str = "bf16"
     fp8_weight_scale: float = WEIGHT_SCALES["2025-07-12"]
     train_loss: str = "mean_fp32"
@@ -170,6 +177,7 @@ class GPTConfig:
 
     def __post_init__(self):
         for name, allowed in (("head_softcap", SOFTCAPS), ("cuda_dtype", CUDA_DTYPES),
+                              ("head_gate_dtype", CUDA_DTYPES),
                               ("attention", ATTENTION_BACKENDS), ("head_matmul", HEAD_MATMULS),
                               ("train_loss", TRAIN_LOSSES), ("softcap_dtype", SOFTCAP_DTYPES),
                               ("window_rule", WINDOW_RULES), ("skip_gate", tuple(SKIP_GATES))):
@@ -196,6 +204,11 @@ class GPTConfig:
         """The embedding tables' dtype on device, as GPT.to_device stores them: cuda_dtype on CUDA,
         float32 elsewhere."""
         return getattr(torch, self.cuda_dtype) if torch.device(device).type == "cuda" else torch.float32
+
+    def head_gate_storage(self, device: torch.device | str) -> torch.dtype:
+        """The LM head's and the gates' weight dtype on device, as GPT.cast_storage stores them:
+        head_gate_dtype on CUDA, float32 elsewhere."""
+        return getattr(torch, self.head_gate_dtype) if torch.device(device).type == "cuda" else torch.float32
 
 
 def value_embed_tables(cfg: GPTConfig) -> int:
@@ -243,13 +256,13 @@ PRESETS: dict[str, GPTConfig] = {
     # GPT-2 small shape as record #46 (2025-11-29, docs/RECIPE.md): block 0 empty, block 7 MLP only, long
     # windows on blocks 4 and 11, smear and attention gates on the first 12 dims, one gated skip 4 -> 7,
     # backout of block 8, lambdas from 1.1, YaRN from attention scale 0.1, head 30 sigmoid(z / 7.5),
-    # FA3 varlen's token-exact windows of W + 1 keys, the FP8 head's weight scale 2^-9 and the bf16
-    # training loss summed over each GPU's tokens (docs/MATH.md 4.8).
+    # FA3 varlen's token-exact windows of W + 1 keys, the FP8 head's weight scale 2^-9, the bf16
+    # training loss summed over each GPU's tokens (docs/MATH.md 4.8), head and gate weights stored in bf16.
     "124m-46": GPTConfig(max_seq_len=262144, long_window_layers=(4, 11), attention_free_layers=(0, 7),
                          mlp_free_layers=(0,), smear=True, attn_gate=True, backout_layer=8, skips=((4, 7),),
                          skip_gate="sigmoid", block_lambda_init=1.1, yarn=True, attn_scale=0.1,
                          fp8_weight_scale=WEIGHT_SCALES["2025-11-29"], train_loss="sum_bf16",
-                         softcap_dtype="head",
+                         softcap_dtype="head", head_gate_dtype="bfloat16",
                          **RECORD | dict(head_softcap="sigmoid_unscaled", window_rule="varlen")),
     # Deeper shapes take the record's head, value scaling and dtypes, which do not depend on depth.
     # They keep attention in every block: the record drops layer 7's at 12 layers, and no measurement
@@ -265,8 +278,9 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """Bias-free y = x W^T in x's dtype: W (d_out, d_in) stays float32 (the optimizer's copy) and is
-    cast to x's dtype for the matmul, so a bf16 residual stream gets bf16 matmuls without autocast."""
+    """Bias-free y = x W^T in x's dtype: W (d_out, d_in), float32 (the optimizer's copy; bf16 for the head
+    and gates under GPTConfig.head_gate_dtype on CUDA), is cast to x's dtype for the matmul, so a bf16
+    residual stream gets bf16 matmuls without autocast."""
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.weight.type_as(x))
@@ -476,14 +490,28 @@ class GPT(nn.Module):
             table.to(dtype)
         return self
 
+    def head_and_gates(self) -> list[nn.Module]:
+        """The LM head and the smear and attention gates: the CastedLinears head_gate_dtype stores."""
+        gates = [m.gate for m in self.modules()
+                 if isinstance(m, Smear | CausalSelfAttention) and m.gate is not None]
+        return [self.lm_head, *gates]
+
+    def cast_storage(self, device: torch.device | str) -> "GPT":
+        """Store the weights in their dtypes on `device` (on this device or not): the embedding tables in
+        config.table_dtype(device), the head and gates in config.head_gate_storage(device), the rest
+        float32. Returns self."""
+        for module in self.head_and_gates():
+            module.to(self.config.head_gate_storage(device))
+        return self.cast_embeddings(self.config.table_dtype(device))
+
     def to_device(self, device: torch.device | str) -> "GPT":
-        """Move to device, the embedding tables in config.table_dtype(device) (cuda_dtype on CUDA,
-        float32 elsewhere). Returns self.
+        """Move to device, the weights in their dtypes there (cast_storage: on CUDA the tables in
+        cuda_dtype, the head and gates in head_gate_dtype; float32 elsewhere). Returns self.
 
         With cuda_dtype "bfloat16" the forward runs in bf16 with no autocast (the record's dtypes);
         check `self.embed.weight.dtype` to decide whether to enable autocast (only for float32).
         """
-        return self.to(device).cast_embeddings(self.config.table_dtype(device))
+        return self.to(device).cast_storage(device)
 
     def soft_cap(self, z: Tensor) -> Tensor:
         """The head's soft-cap (GPTConfig.head_softcap), in z's dtype (float32 logits, or bf16 for the

@@ -127,10 +127,10 @@ class FullyShardedParallel:
     def saved(self, state_dict: dict, groups: list[dict]) -> dict:
         """Every parameter's state (zeros where none yet), as DTensors sharded like the parameter."""
         state = state_dict["state"]
-        params = [(p, group["kind"]) for group in groups for p in group["params"]]
-        for i, (p, kind) in enumerate(params):  # torch numbers parameters in this order
+        params = [(p, group) for group in groups for p in group["params"]]
+        for i, (p, group) in enumerate(params):  # torch numbers parameters in this order
             entry = state.get(i, {})
-            layout = muon_state_layout(p, kind, self._local_shape(p))
+            layout = muon_state_layout(p, group["kind"], self._local_shape(p), group)
             state[i] = {key: self._sharded_like(p, entry[key] if key in entry else
                                                 torch.zeros(shape, dtype=dtype, device=p.device))
                         for key, (shape, dtype) in layout.items()}

@@ -11,7 +11,7 @@ from .distribution import OneProcess, make_distribution
 from .kinds import KINDS, LR_SCALES
 from .newton_schulz import COEFFICIENTS, ROUNDINGS, Coefficients, resolve_coefficients
 from .state import check_muon_state_dict, with_pending_gradients, without_pending_gradients
-from .update import kind_update, resting
+from .update import STATE_DTYPES, kind_update, resting
 
 
 class Muon(torch.optim.Optimizer):
@@ -35,9 +35,9 @@ class Muon(torch.optim.Optimizer):
     cautious_wd, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_rounding, lr_scale, beta2, eps
     and eps_form (Adam's β₂, ε and ε's place: adam_betas[1], adam_eps, adam_eps_form here), and record
     #46's options (docs/MATH.md §4.7), each off by default: normuon, wd_form, lr_mul, step_every,
-    matrix_shape; besides them a group may hold kind, role (optim.param_groups), initial_lr (torch's
-    schedulers) and pending_steps (step_every's counter); any other key is refused. Every value is
-    checked at construction and in add_param_group (ValueError).
+    matrix_shape, state_dtype; besides them a group may hold kind, role (optim.param_groups),
+    initial_lr (torch's schedulers) and pending_steps (step_every's counter); any other key is
+    refused. Every value is checked at construction and in add_param_group (ValueError).
 
     Record #46's options (optim/update.py has the formulas):
     - normuon: None, "row", "column" or "auto" (hidden only): NorMuon's second moment (β₂ = beta2) of
@@ -50,6 +50,12 @@ class Muon(torch.optim.Optimizer):
     - step_every: k > 1 steps the group at every k-th step() on the sum of the gradients since
       (record #39's Adam); zero_grad() keeps a resting group's gradients, and its state dict holds them.
     - matrix_shape: (m, n) maps each hidden parameter as the stack of (m, n) matrices its memory holds.
+    - state_dtype: the dtype of the group's state (optim/update.py STATE_DTYPES): "float32" (the
+      default) at least float32, whatever the parameter's dtype; "param" the parameter's own, so a bf16
+      parameter's momentum and NorMuon buffers are bf16 and its update is computed in bf16 (record #46's
+      NorMuon on its bf16 gates); "bfloat16" bf16 for every parameter: Adam's moments stored in bf16,
+      read into at least float32, rounded once when stored, the step computed from the stored values
+      (record #46's DistAdam).
 
     `momentum` is every kind's first-moment coefficient: μ below, and β₁ for adam, whose groups
     default to adam_betas[0]. So a scheduler that cycles momentum (OneCycleLR, CyclicLR with
@@ -79,7 +85,8 @@ class Muon(torch.optim.Optimizer):
       optim/update.py adam_math has both formulas). Within a group, matrices of one shape
       are stacked into one batched call: that stack is the unit a distributed step shards.
     - State is kept in float32 (float64 for float64 parameters) whatever the parameter's dtype, so
-      a bf16 embedding's Adam moments are float32 and its update is rounded once, as stored.
+      a bf16 embedding's Adam moments are float32 and its update is rounded once, as stored; unless
+      the group's state_dtype says otherwise (record #46's, above).
 
     Parameters: real, dense and non-empty (a complex, sparse or size-0 one is refused at
     construction, a sparse gradient at step()); hidden takes (m, n) matrices and (B, m, n) stacks of
@@ -156,6 +163,7 @@ class Muon(torch.optim.Optimizer):
         adam_betas: tuple[float, float] = (0.9, 0.95),
         adam_eps: float = 1e-8,
         adam_eps_form: str = "corrected",
+        state_dtype: str = "float32",
         process_group=WORLD,
         unused_parameters: bool = False,
     ):
@@ -191,6 +199,7 @@ class Muon(torch.optim.Optimizer):
             beta2=adam_betas[1],
             eps=adam_eps,
             eps_form=adam_eps_form,
+            state_dtype=state_dtype,
         )
         _check_hyperparameters(defaults, "Muon")
         _check_range("Muon: adam_betas[0]", adam_betas[0], 0, 1)
@@ -468,7 +477,7 @@ def _check_hyperparameters(group: dict, where: str) -> None:
         if not isinstance(group[name], int):
             raise ValueError(f"{where}: {name}={group[name]!r}; expected an integer ≥ 1")
     for name, choices in (("normuon", NORMUON_AXES), ("wd_form", WD_FORMS), ("eps_form", EPS_FORMS),
-                          ("ns_rounding", ROUNDINGS)):
+                          ("ns_rounding", ROUNDINGS), ("state_dtype", tuple(STATE_DTYPES))):
         if group[name] not in choices:
             raise ValueError(f"{where}: {name}={group[name]!r}; use one of {choices}")
     eps = group["ns_eps"]

@@ -21,13 +21,14 @@ from .update import normuon_shape, state_dtype
 def muon_state_layout(p: torch.Tensor, kind: str, shape: tuple,
                       group: dict | None = None) -> dict[str, tuple[tuple, torch.dtype]]:
     """key → (shape, dtype) of the state a Muon kind keeps for a parameter (or this rank's slice of it);
-    with its `group`, NorMuon's "second_moment" too where the group has normuon on."""
+    with its `group`, in the dtype of the group's state_dtype rule (else the default, at least float32),
+    and NorMuon's "second_moment" too where the group has normuon on."""
+    dtype = state_dtype(p, "float32" if group is None else group["state_dtype"])
     if kind == "adam":
-        return {"step": ((), torch.float32), "exp_avg": (shape, state_dtype(p)),
-                "exp_avg_sq": (shape, state_dtype(p))}
-    layout = {"momentum_buffer": (shape, state_dtype(p))}
+        return {"step": ((), torch.float32), "exp_avg": (shape, dtype), "exp_avg_sq": (shape, dtype)}
+    layout = {"momentum_buffer": (shape, dtype)}
     if group is not None and group["normuon"] is not None:
-        layout["second_moment"] = (normuon_shape(group, shape), state_dtype(p))
+        layout["second_moment"] = (normuon_shape(group, shape), dtype)
     return layout
 
 

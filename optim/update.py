@@ -4,8 +4,9 @@ The same code steps whole parameters in one process and each rank's share of the
 (optim/distributed.py), where a tensor may be a slice of a parameter. `flags` is None when every
 tensor has a gradient, or a bool vector on the device, one per tensor: False where no rank had a
 gradient, which makes that tensor's step an exact no-op, computed without reading the flags on the
-host. Optimizer state is kept in at least float32, whatever the parameter's dtype, and the whole
-update is computed in it from the stored value; a bf16 parameter is then rounded once, as it is stored.
+host. Optimizer state is kept in the dtype of the group's state_dtype rule (STATE_DTYPES): by default
+at least float32, whatever the parameter's dtype, and the whole update is computed in it from the stored
+value; a bf16 parameter is then rounded once, as it is stored.
 
 Adam's update (the speedrun's embeddings, head and scalars) is one function, adam_math, compiled on
 CUDA with torch.compile(fullgraph=True, dynamic=False), as Newton–Schulz is
@@ -29,9 +30,18 @@ from .newton_schulz import compile_backend, compiled
 Dualize = Callable[[Kind, dict, list[torch.Tensor]], list[torch.Tensor]]
 
 
-def state_dtype(p: torch.Tensor) -> torch.dtype:
-    """float32 for bf16/fp16/fp32 parameters, float64 for float64."""
-    return torch.promote_types(p.dtype, torch.float32)
+# A group's state_dtype: the dtype of its state tensors (Adam's step counter aside) for a parameter p.
+STATE_DTYPES = {
+    "float32": lambda p: torch.promote_types(p.dtype, torch.float32),  # at least float32: Muon's rule
+    "param": lambda p: p.dtype,  # p's own: a bf16 gate's NorMuon buffers in bf16 (record #46)
+    "bfloat16": lambda p: torch.bfloat16,  # record #46's DistAdam moments, for every parameter
+}
+
+
+def state_dtype(p: torch.Tensor, rule: str = "float32") -> torch.dtype:
+    """The dtype of p's optimizer state under a group's state_dtype `rule` (STATE_DTYPES): "float32"
+    float32 for bf16/fp16/fp32 parameters and float64 for float64; "param" p's dtype; "bfloat16" bf16."""
+    return STATE_DTYPES[rule](p)
 
 
 def where_flagged(flags: torch.Tensor | None, on: float, off: float = 0.0) -> "float | list[torch.Tensor]":
@@ -75,8 +85,9 @@ def kind_update(kind: Kind, group: dict, states: list[dict], tensors: list[torch
     if kind.dualize is None:
         adam_update(group, states, tensors, grads, flags)
         return
-    precise = [t if t.dtype == state_dtype(t) else t.to(state_dtype(t)) for t in tensors]
-    grads = [g.to(state_dtype(t)) for g, t in zip(grads, tensors, strict=True)]
+    dtypes = [state_dtype(t, group["state_dtype"]) for t in tensors]  # the update is computed in it
+    precise = [t if t.dtype == d else t.to(d) for t, d in zip(tensors, dtypes, strict=True)]
+    grads = [g.to(d) for g, d in zip(grads, dtypes, strict=True)]
     _momentum_update(kind, group, states, precise, grads, flags, dualize or dualize_all)
     for t, p in zip(tensors, precise, strict=True):
         if p is not t:
@@ -90,7 +101,7 @@ def _momentum_update(kind, group, states, tensors, grads, flags, dualize) -> Non
     bufs = []
     for state, t in zip(states, tensors, strict=True):
         if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(t, dtype=state_dtype(t))
+            state["momentum_buffer"] = torch.zeros_like(t)  # t is in its state dtype (kind_update)
         bufs.append(state["momentum_buffer"])
     mu = group["momentum"]
     torch._foreach_lerp_(bufs, grads, where_flagged(flags, 1 - mu))  # buf ← lerp(buf, g, 1−μ)
@@ -197,8 +208,8 @@ def adam_update(group: dict, states: list[dict], tensors: list[torch.Tensor], gr
     for state, t in zip(states, tensors, strict=True):
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=t.device)
-            state["exp_avg"] = torch.zeros_like(t, dtype=state_dtype(t))
-            state["exp_avg_sq"] = torch.zeros_like(t, dtype=state_dtype(t))
+            state["exp_avg"] = torch.zeros_like(t, dtype=state_dtype(t, group["state_dtype"]))
+            state["exp_avg_sq"] = torch.zeros_like(t, dtype=state_dtype(t, group["state_dtype"]))
     moments = ([s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states])
     beta1, beta2, lr_mul = group["momentum"], group["beta2"], group["lr_mul"]
     step = group["lr"] * lr_mul
@@ -220,7 +231,7 @@ def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
               exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], flags: torch.Tensor | None,
               lr: "float | torch.Tensor", weight_decay: float, beta1: float, beta2: float,
               eps: float, cautious: bool = False, squared: bool = False, raw_eps: bool = False) -> None:
-    """torch.optim.AdamW's math in state_dtype, with its step count on the device (no host reads).
+    """torch.optim.AdamW's math in at least float32, with its step count on the device (no host reads).
 
     m ← lerp(m, g, 1−β₁);  v ← β₂·v + (1−β₂)·g²;  d = lr/(1−β₁ᵗ)·m/(√v/√(1−β₂ᵗ) + ε);
     p ← p·(1 − ρ) − d, with ρ = lr·wd (lr²·wd if squared). cautious: p ← p − ρ·[d·p ≥ 0]·p − d instead,
@@ -231,13 +242,18 @@ def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     form with ε/√(1−β₂ᵗ) in place of ε: 1/√(1−β₂) times larger at t = 1 (4.5× at β₂ = 0.95), the same
     once β₂ᵗ ≪ 1.
 
-    tensors (any float dtype) are read into state_dtype and written back rounded once; grads are
-    read into it. lr: a float, or a 0-dim tensor on the device (the compiled call's). Every tensor's
-    storage is updated in place; nothing else is written.
+    tensors (any float dtype) are read into at least float32 (state_dtype's "float32" rule) and
+    written back rounded once; grads are read into it. Moments stored in a lower precision (a group's
+    state_dtype "bfloat16", record #46's DistAdam) are read into it too, updated, rounded once as
+    stored, and d is computed from the stored, rounded m and v. lr: a float, or a 0-dim tensor on the
+    device (the compiled call's). Every tensor's storage is updated in place; nothing else is written.
     """
     precise = [t if t.dtype == state_dtype(t) else t.to(state_dtype(t)) for t in tensors]
-    grads = [g if g.dtype == state_dtype(t) else g.to(state_dtype(t))
-             for g, t in zip(grads, tensors, strict=True)]
+    grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, precise, strict=True)]
+    stored = (exp_avgs, exp_avg_sqs)
+    exp_avgs, exp_avg_sqs = ([m if m.dtype == p.dtype else m.to(p.dtype) for m, p in zip(moments, precise,
+                                                                                          strict=True)]
+                             for moments in stored)
     rate = lr * lr * weight_decay if squared else lr * weight_decay
     torch._foreach_add_(steps, where_flagged(flags, 1.0))
     if weight_decay and not cautious:
@@ -245,6 +261,7 @@ def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     torch._foreach_lerp_(exp_avgs, grads, where_flagged(flags, 1 - beta1))
     torch._foreach_mul_(exp_avg_sqs, where_flagged(flags, beta2, 1.0))
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)  # g = 0 where no rank had one
+    _round_to_stored(stored, (exp_avgs, exp_avg_sqs))
     step = torch.stack(steps)
     bias1, bias2_sqrt = 1 - beta1**step, (1 - beta2**step).sqrt()
     step_size = lr * (bias2_sqrt / bias1) if raw_eps else lr / bias1
@@ -264,6 +281,16 @@ def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     for t, p in zip(tensors, precise, strict=True):
         if t.dtype != p.dtype:
             t.copy_(p)  # a low-precision parameter, rounded once
+
+
+def _round_to_stored(stored: tuple[list, list], working: tuple[list, list]) -> None:
+    """Each working moment (at least float32) written into its stored tensor where that is of a lower
+    precision, and read back from it: the stored value is rounded once, the step reads what is stored."""
+    for stored_list, working_list in zip(stored, working, strict=True):
+        for s, w in zip(stored_list, working_list, strict=True):
+            if s is not w:
+                s.copy_(w)
+                w.copy_(s)
 
 
 @functools.cache

@@ -83,7 +83,7 @@ STEP_TOLERANCES_46 = {"hidden": 1e-3, "embed": 0.03, "value_embed": 0.03, "head"
 RECORD_46 = dict(attention_free_layers=(0, 7), mlp_free_layers=(0,), long_window_layers=(4, 11), smear=True,
                  attn_gate=True, backout_layer=8, skips=((4, 7),), skip_gate="sigmoid", block_lambda_init=1.1,
                  yarn=True, attn_scale=0.1, head_softcap="sigmoid_unscaled", value_lambda_all_layers=True,
-                 softcap_dtype="head")
+                 softcap_dtype="head", head_gate_dtype="bfloat16")
 
 
 # ---- our side ------------------------------------------------------------------------------------------

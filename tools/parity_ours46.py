@@ -14,14 +14,14 @@ alone, at most ROUNDING relative (ours and the record may write the same line in
 our momentum warm-up (1 − f) m₀ + f m₁, record #46's m₀ + f (m₁ − m₀)); such steps are counted.
 
 Our model and step (build_ours46, Ours46.train_step). The preset at --width (heads of 128, its 12
-layers), its embedding tables in bf16 as on CUDA, Newton–Schulz in bf16, built by training/recipe.py
-(build_optimizer: NorMuon on the hidden matrices, Adam stepped every other step). A step takes the
-record's 8 micro-batches, each as one sequence inputs[None], targets[None]: our document ids come
-from its BOS tokens, so each cu_seqlens segment of the record's aligned loader must start at a BOS
-(check_segments_start_at_bos). Long window Schedule.window_at(s) tokens, short as the window rule
-says; YaRN extended at each long-window change from step 0's, as the record's loop does; each
-micro-batch's training loss (the preset's bf16 sum) / 8 backward, as the record's; then the
-schedule's lr and momentum and one optimizer step.
+layers), its weights in their CUDA dtypes (bf16 tables, head and gates), Newton–Schulz in bf16, built by
+training/recipe.py (build_optimizer: NorMuon on the hidden matrices, Adam stepped every other step;
+record #46's state dtypes). A step takes the record's 8 micro-batches, each as one sequence
+inputs[None], targets[None]: our document ids come from its BOS tokens, so each cu_seqlens segment of
+the record's aligned loader must start at a BOS (check_segments_start_at_bos). Long window
+Schedule.window_at(s) tokens, short as the window rule says; YaRN extended at each long-window change
+from step 0's, as the record's loop does; each micro-batch's training loss (the preset's bf16 sum) / 8
+backward, as the record's; then the schedule's lr and momentum and one optimizer step.
 """
 
 import dataclasses
@@ -125,12 +125,13 @@ def set_ns_dtype(optimizer: Muon, dtype: torch.dtype) -> None:
 
 
 def model_and_optimizer(cfg: TrainConfig, width: int, max_seq_len: int, seed: int) -> tuple[GPT, Muon]:
-    """cfg's model at `width` (heads of 128) on SDPA, initialized from `seed`, with its embedding tables
-    in their CUDA dtype, and cfg's optimizer with Newton–Schulz in bf16: both as the run has them on CUDA."""
+    """cfg's model at `width` (heads of 128) on SDPA, initialized from `seed`, with its weights in their
+    CUDA dtypes (GPT.cast_storage: bf16 tables, head and gates), and cfg's optimizer with Newton–Schulz
+    in bf16: both as the run has them on CUDA."""
     model_cfg = dataclasses.replace(PRESETS[cfg.model], dim=width, n_head=width // 128,
                                     max_seq_len=max_seq_len, attention="sdpa")
     torch.manual_seed(seed)
-    model = GPT(model_cfg).cast_embeddings(model_cfg.table_dtype("cuda"))
+    model = GPT(model_cfg).cast_storage("cuda")
     optimizer = build_optimizer(model, cfg)
     set_ns_dtype(optimizer, torch.bfloat16)
     return model, optimizer

@@ -51,7 +51,8 @@ PRESETS_TRAIN: dict[str, dict] = {
         val_seq_len=4 * 64 * 1024, val_batch_size=1, log_every=25, lr=0.023, embed_lr=0.008 * 75,
         head_lr=0.008, scalar_lr=0.008 * 5, embed_map="adam", lr_scale="muon", adam_betas=(0.65, 0.95),
         adam_eps=1e-8, adam_eps_form="raw", adam_weight_decay=0.0, adam_step_every=2,
-        normuon=True, normuon_beta2=0.95, weight_decay=1.2, wd_form="in_update", cautious_wd=True,
+        adam_state_dtype="bfloat16", muon_state_dtype="param", normuon=True, normuon_beta2=0.95,
+        weight_decay=1.2, wd_form="in_update", cautious_wd=True,
         ns_coefficients="polar_express_speedrun", ns_eps=1e-6, ns_rounding="fused",
         cooldown_frac=0.55, lr_floor=0.1, lr_levels=(1.0, 1.51, 1.93), lr_level_fracs=(0.33, 0.66),
         momentum_cooldown_steps=50, window_end=0, window_blocks=(3, 7, 11, 13), final_val_windows=(2560, 768),
@@ -135,6 +136,13 @@ class TrainConfig:
                                 "the Adam paper's efficient form)", choices=EPS_FORMS)
     adam_step_every: int = option(1, "Adam groups step every N optimizer steps, on the sum of the N steps' "
                                   "gradients (record #39: 2, on the odd steps)", within=AT_LEAST_1)
+    adam_state_dtype: str = option("float32", "dtype of Adam's moments: float32 (at least the parameter's), "
+                                   "or bfloat16 for every Adam parameter, rounded once a step as stored "
+                                   "(record #46's DistAdam)", choices=("float32", "bfloat16"))
+    muon_state_dtype: str = option("float32", "dtype of the Muon kinds' momentum and NorMuon buffers: "
+                                   "float32 (at least the parameter's), or param: the parameter's own, so "
+                                   "a bf16 gate (the model's head_gate_dtype, on CUDA) is updated in bf16 "
+                                   "(record #46)", choices=("float32", "param"))
     weight_decay: float = option(0.0, "weight decay, of the form --wd-form", within=AT_LEAST_0)
     wd_form: str = option("decoupled", "decoupled: p <- p (1 - lr wd); in_update: the decay lr wd p joins "
                           "the update before its step size, p <- p - step (u + lr wd p) (record #43: the "
@@ -226,7 +234,8 @@ class TrainConfig:
 # refused unless --resume-changed-ok. The model's shape is checked apart (training/state.py).
 PLAN_FIELDS = ("max_steps", "tokens_per_step", "seq_len", "max_doc_len", "align_to_bos", "data_dir", "lr",
                "embed_lr", "head_lr", "scalar_lr", "embed_map", "lr_scale", "adam_betas", "adam_eps",
-               "adam_eps_form", "adam_step_every", "weight_decay", "wd_form", "cautious_wd",
+               "adam_eps_form", "adam_step_every", "adam_state_dtype", "muon_state_dtype", "weight_decay",
+               "wd_form", "cautious_wd",
                "adam_weight_decay", "normuon", "normuon_beta2", "warmup_steps", "cooldown_frac", "lr_floor",
                "momentum", "momentum_start", "momentum_warmup_steps", "ns_coefficients", "ns_steps",
                "ns_eps", "ns_rounding", "window_start", "window_end", "scheduled_steps", "lr_levels",
@@ -368,7 +377,8 @@ def optimizer_groups(model: GPT, cfg: TrainConfig) -> list[dict]:
     hidden matrices (attention q/k/v/o, MLP fc/proj, gates) -> Newton-Schulz, with --normuon one group
     per family (NORMUON_FAMILIES: its axis, beta2 = --normuon-beta2); token and value embeddings -> the
     embedding dual map (or Adam); LM head -> Adam; gains, lambdas, skip weights -> Adam. Adam groups
-    step every --adam-step-every steps and decay by --adam-weight-decay.
+    step every --adam-step-every steps and decay by --adam-weight-decay; their state is in
+    --adam-state-dtype, every other group's in --muon-state-dtype (optim.Muon's state_dtype).
     """
     groups = param_groups(model, embed="embed" if cfg.embed_map == "dual" else "adam", head="adam",
                           lrs=dict(hidden=cfg.lr, embed=cfg.embed_lr, head=cfg.head_lr, scalar=cfg.scalar_lr))
@@ -376,11 +386,12 @@ def optimizer_groups(model: GPT, cfg: TrainConfig) -> list[dict]:
     routed = []
     for group in groups:
         if group["kind"] == "adam":
-            routed.append(group | dict(step_every=cfg.adam_step_every, weight_decay=adam_wd))
+            routed.append(group | dict(step_every=cfg.adam_step_every, weight_decay=adam_wd,
+                                       state_dtype=cfg.adam_state_dtype))
         elif group["kind"] == "hidden" and cfg.normuon:
-            routed += normuon_groups(group, cfg.normuon_beta2)
+            routed += normuon_groups(group | dict(state_dtype=cfg.muon_state_dtype), cfg.normuon_beta2)
         else:
-            routed.append(group)
+            routed.append(group | dict(state_dtype=cfg.muon_state_dtype))
     return routed
 
 
