@@ -1,0 +1,153 @@
+"""Record #46's storage: the LM head and gates stored in bf16 (GPTConfig.head_gate_dtype) and optimizer
+state in bf16 (optim.Muon's group key state_dtype), each against its defining property.
+
+Adam's reference is the record's DistAdam formula (its line 663 on: bf16 moments, ε added to √v before
+the bias correction) written out per step, each moment computed in float64 and rounded to bf16 as
+stored, the step computed from the stored moments. Ours computes in float32 before that rounding, so
+a moment may land one bf16 step away where the float64 and float32 values straddle a rounding
+boundary: moments are held to one bf16 ulp (2⁻⁸ relative), the parameters to 1e-5 relative (float32
+arithmetic on the same stored moments).
+"""
+
+import dataclasses
+import io
+
+import pytest
+import torch
+
+from model import GPT, PRESETS
+from optim import Muon
+from training import recipe
+
+BF16 = torch.bfloat16
+BF16_ULP = dict(rtol=2**-8, atol=0.0)
+LR, BETAS, EPS = 0.01, (0.65, 0.95), 1e-8
+
+
+def adam_bf16_reference(p: torch.Tensor, grads: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The record's DistAdam with bf16 moments, no weight decay: per step t, in float64,
+    m ← bf16(β₁·m + (1 − β₁)·g), v ← bf16(β₂·v + (1 − β₂)·g²),
+    p ← p − lr·√(1 − β₂ᵗ)/(1 − β₁ᵗ)·m/(√v + ε), rounded to p's dtype. Returns (p, m, v)."""
+    b1, b2 = BETAS
+    m = v = torch.zeros_like(p, dtype=BF16)
+    work = p.double()
+    for t, g in enumerate(grads, start=1):
+        g = g.to(p.dtype).double()  # the gradient is in p's dtype
+        m = (b1 * m.double() + (1 - b1) * g).to(BF16)
+        v = (b2 * v.double() + (1 - b2) * g * g).to(BF16)
+        step = LR * (1 - b2**t) ** 0.5 / (1 - b1**t)
+        work = work.to(p.dtype).double() - step * m.double() / (v.double().sqrt() + EPS)
+    return work.to(p.dtype), m, v
+
+
+def adam_run(p: torch.Tensor, grads: list[torch.Tensor], state_dtype: str) -> tuple[torch.Tensor, Muon]:
+    p = p.clone().requires_grad_()
+    opt = Muon([dict(params=[p], kind="adam", state_dtype=state_dtype)], lr=LR, adam_betas=BETAS,
+               adam_eps=EPS, adam_eps_form="raw")
+    for g in grads:
+        p.grad = g.to(p.dtype)
+        opt.step()
+    return p.detach(), opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, BF16])
+def test_adam_with_bf16_moments_equals_the_records_distadam_formula(dtype):
+    gen = torch.Generator().manual_seed(0)
+    p = (0.01 * torch.randn(5, 7, generator=gen)).to(dtype)  # small: p − d resolves d's rounding
+    grads = [torch.randn(5, 7, generator=gen) for _ in range(4)]
+    want_p, want_m, want_v = adam_bf16_reference(p, grads)
+    got_p, opt = adam_run(p, grads, "bfloat16")
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == BF16
+    torch.testing.assert_close(state["exp_avg"], want_m, **BF16_ULP)
+    torch.testing.assert_close(state["exp_avg_sq"], want_v, **BF16_ULP)
+    tol = dict(rtol=1e-5, atol=1e-9) if dtype == torch.float32 else BF16_ULP
+    torch.testing.assert_close(got_p, want_p, **tol)
+    # The rounding matters: float32 moments (the default) take another path.
+    default_p, default = adam_run(p, grads, "float32")
+    assert default.state[default.param_groups[0]["params"][0]]["exp_avg"].dtype == torch.float32
+    if dtype == torch.float32:
+        assert not torch.allclose(default_p, want_p, rtol=1e-5, atol=1e-9)
+
+
+def test_param_state_follows_each_parameters_dtype_and_updates_a_bf16_one_in_bf16():
+    # The record's NorMuon keeps a bf16 gate's momentum (zeros_like its bf16 gradient) in bf16 and lerps
+    # there: buf = lerp(0, g, 1 − μ) in bf16 after one step; a float32 matrix keeps float32 buffers.
+    gen = torch.Generator().manual_seed(1)
+    gate = torch.randn(6, 12, generator=gen).to(BF16).requires_grad_()
+    hidden = torch.randn(8, 8, generator=gen).requires_grad_()
+    opt = Muon([dict(params=[gate], kind="hidden", state_dtype="param", normuon="auto"),
+                dict(params=[hidden], kind="hidden", state_dtype="param", normuon="auto")],
+               lr=0.02, momentum=0.95)
+    gate.grad, hidden.grad = torch.randn(6, 12, generator=gen).to(BF16), torch.randn(8, 8, generator=gen)
+    opt.step()
+    dtypes = {k: v.dtype for k, v in opt.state[gate].items()}
+    assert dtypes == {"momentum_buffer": BF16, "second_moment": BF16}
+    dtypes = {k: v.dtype for k, v in opt.state[hidden].items()}
+    assert dtypes == {"momentum_buffer": torch.float32, "second_moment": torch.float32}
+    assert torch.equal(opt.state[gate]["momentum_buffer"], torch.zeros_like(gate).lerp_(gate.grad, 1 - 0.95))
+    assert gate.dtype == BF16
+
+
+def test_a_bf16_state_dict_round_trips_and_float32_state_is_refused_at_load():
+    gen = torch.Generator().manual_seed(2)
+    grads = [torch.randn(3, 4, generator=gen) for _ in range(3)]
+    p, opt = adam_run(torch.zeros(3, 4), grads[:2], "bfloat16")
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    q = p.clone().requires_grad_()
+    resumed = Muon([dict(params=[q], kind="adam", state_dtype="bfloat16")], lr=LR, adam_betas=BETAS,
+                   adam_eps=EPS, adam_eps_form="raw")
+    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    want, _ = adam_run(torch.zeros(3, 4), grads, "bfloat16")
+    q.grad = grads[2]
+    resumed.step()
+    assert torch.equal(q.detach(), want)
+    _, float32 = adam_run(torch.zeros(3, 4), grads[:2], "float32")
+    with pytest.raises(ValueError, match="exp_avg"):
+        resumed.load_state_dict(float32.state_dict())
+
+
+def test_an_unknown_state_dtype_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="state_dtype='float16'.*'param'"):
+        Muon([torch.zeros(2, 2, requires_grad=True)], state_dtype="float16")
+
+
+TINY_46 = dataclasses.replace(PRESETS["124m-46"], n_layer=4, n_head=1, head_dim=64, dim=64, vocab_size=256,
+                              max_seq_len=128, long_window_layers=(1, 3), attention_free_layers=(0,),
+                              mlp_free_layers=(0,), backout_layer=2, skips=((1, 2),), bos_token=0)
+
+
+def test_the_head_and_gates_are_stored_in_head_gate_dtype_on_cuda_and_float32_elsewhere():
+    assert PRESETS["124m-46"].head_gate_dtype == "bfloat16" and PRESETS["124m"].head_gate_dtype == "float32"
+    model = GPT(TINY_46).cast_storage("cuda")  # the dtypes to_device gives on CUDA, here on the CPU
+    stored = {name: p.dtype for name, p in model.named_parameters() if p.dtype != torch.float32}
+    gates = {f"blocks.{i}.attn.gate.weight" for i in (1, 2, 3)} | {"smear.gate.weight"}
+    tables = {"embed.weight", *(f"value_embeds.{i}.weight" for i in range(2))}
+    assert stored == dict.fromkeys({"lm_head.weight", *gates, *tables}, BF16)
+    assert all(p.dtype == torch.float32 for p in GPT(TINY_46).cast_storage("cpu").parameters())
+
+
+def test_bf16_head_and_gates_leave_the_bf16_forward_unchanged():
+    # With a bf16 stream each CastedLinear casts its weight to bf16 for the matmul: storing it in bf16
+    # (weights bf16-representable) computes the same logits.
+    torch.manual_seed(3)
+    fp32 = GPT(dataclasses.replace(TINY_46, head_gate_dtype="float32")).cast_storage("cuda")
+    with torch.no_grad():
+        for p in fp32.parameters():
+            p.copy_((0.1 * torch.randn_like(p, dtype=torch.float32)).to(BF16))
+    bf16 = GPT(TINY_46).cast_storage("cuda")
+    bf16.load_state_dict(fp32.state_dict())
+    idx = torch.randint(1, 256, (1, 64))
+    idx[0, 0] = 0
+    assert torch.equal(fp32(idx), bf16(idx))
+    assert bf16.lm_head.weight.dtype == BF16
+
+
+@pytest.mark.parametrize("preset, adam, muon", [("speedrun", "bfloat16", "param"),
+                                                ("speedrun-2025-07-12", "float32", "float32"),
+                                                ("demo", "float32", "float32")])
+def test_the_speedrun_preset_takes_the_records_state_dtypes_and_the_others_the_default(preset, adam, muon):
+    optimizer = recipe.build_optimizer(GPT(TINY_46), recipe.parse_config(["--preset", preset]))
+    got = {(group["kind"] == "adam", group["state_dtype"]) for group in optimizer.param_groups}
+    assert got == {(True, adam), (False, muon)}
