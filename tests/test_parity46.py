@@ -267,8 +267,10 @@ def test_ours_beside_the_record_and_its_twin_from_our_weights(monkeypatch, shard
     assert 0 < floor["hidden"] < 1e-3 and [floor[k] for k in parity.KINDS[1:]] == [0.0] * 4
     one_step = report.our_checks[3]  # an odd step: DistAdam steps on what _sync_gradient sent
     assert one_step["hidden"] > 0.1  # the fixture's NorMuon is a plain Muon: not ours (measured 0.68)
-    # its Adam is ours but for its bf16 weights (measured 0.7%, 1.9%, 1.2%; scalars float32: 7.9e-7)
-    assert max(one_step[k] for k in ("embed", "value_embed", "head")) < 0.05 and one_step["scalar"] < 1e-5
+    # its Adam is ours but for its eager bf16 arithmetic on the bf16 weights (largest measured 1.9%) and
+    # its float32 moments for the float32 scalars, where ours (the preset's adam_state_dtype) keeps bf16
+    # moments (measured 1.7e-3; 7.9e-7 with float32 moments)
+    assert max(one_step[k] for k in ("embed", "value_embed", "head")) < 0.05 and one_step["scalar"] < 5e-3
     assert "momentum differs at 102 steps (first 2)" in out.getvalue()  # printed before training
     assert "GPU kernel dropped x1" in out.getvalue() and "ours - record, float32 loss" in out.getvalue()
     assert "one optimizer step at step 3, ours against the record" in out.getvalue()
