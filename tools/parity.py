@@ -407,7 +407,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="record #46: run the record and its noise-floor twin without our side")
     parser.add_argument("--record-float32", action="store_true",
                         help="record #46, a diagnostic: its bf16 head and gate weights and DistAdam moments "
-                             "kept in float32 as ours (no longer the record: tells their share apart)")
+                             "kept in float32 (no longer the record: tells their share apart)")
     args = parser.parse_args(argv)
     args.steps = None if args.steps is None else sorted({s for part in args.steps for s in part})
     args.step_tol = dict(args.step_tol)  # each format's defaults under these

@@ -309,8 +309,9 @@ class Record20251129(Reference):
 
     def store_float32(self) -> None:
         """A diagnostic, no longer the record: its CastedLinears (head, smear and attention gates, bf16
-        from line 1305) and DistAdam's moments (bf16, line 663) in float32, as ours keeps them; the
-        embeddings stay bf16. The parameters stay the optimizers' (converted in place)."""
+        from line 1305) and DistAdam's moments (bf16, line 663) in float32, as ours kept them before the
+        preset took the record's bf16 storage; the embeddings stay bf16. The parameters stay the
+        optimizers' (converted in place)."""
         for m in self.model.modules():
             if isinstance(m, nn.Linear):
                 m.float()
