@@ -73,12 +73,12 @@ from training.recipe import PRESETS_TRAIN
 
 DEFAULT_STEPS = [*range(20), *range(706, 710), 1800, 1801]
 # Default one-step tolerances (relative update difference), measured in docs/RECIPE.md ("Step parity
-# with record #46"): from our gradients, with ours' storage float32 (before 8c0baad), ours and the record
+# with record #46"): from our gradients, with ours' storage float32 (before 7840bbf), ours and the record
 # differed by the record's bf16 storage alone (its head and gate weights and every DistAdam moment in
 # bf16): hidden 6.5e-4 (the gates), embed and value_embed 1.3e-2, head 1.7e-2, scalar 3.9e-3 at step
 # 1801, about twice these below. With that storage in float32 (--record-float32) the record's step was
 # ours to 3.2e-6 (hidden, under its float32-vs-float64 floor), 1.2e-4 (value_embed) and less. With the
-# record's storage in the preset (8c0baad): 2.7e-4, 1.3e-2, 1.3e-2, 3.1e-3, 3.6e-3, the CPU reference's
+# record's storage in the preset (7840bbf): 2.7e-4, 1.3e-2, 1.3e-2, 3.1e-3, 3.6e-3, the CPU reference's
 # eager bf16 Adam arithmetic (0 for the Adam kinds with ours computed that way).
 STEP_TOLERANCES_46 = {"hidden": 1e-3, "embed": 0.03, "value_embed": 0.03, "head": 0.03, "scalar": 0.01}
 # Record #46's architecture as GPTConfig options (tests/test_model_46.py holds them to its tensors).
