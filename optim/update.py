@@ -245,8 +245,10 @@ def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     tensors (any float dtype) are read into at least float32 (state_dtype's "float32" rule) and
     written back rounded once; grads are read into it. Moments stored in a lower precision (a group's
     state_dtype "bfloat16", record #46's DistAdam) are read into it too, updated, rounded once as
-    stored, and d is computed from the stored, rounded m and v. lr: a float, or a 0-dim tensor on the
-    device (the compiled call's). Every tensor's storage is updated in place; nothing else is written.
+    stored, and d is computed from the stored, rounded m and v (eagerly; compiled, inductor's fused
+    kernel keeps their float32 values, as it does for the record's compiled DistAdam). lr: a float, or
+    a 0-dim tensor on the device (the compiled call's). Every tensor's storage is updated in place;
+    nothing else is written.
     """
     precise = [t if t.dtype == state_dtype(t) else t.to(state_dtype(t)) for t in tensors]
     grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, precise, strict=True)]
@@ -285,7 +287,8 @@ def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
 
 def _round_to_stored(stored: tuple[list, list], working: tuple[list, list]) -> None:
     """Each working moment (at least float32) written into its stored tensor where that is of a lower
-    precision, and read back from it: the stored value is rounded once, the step reads what is stored."""
+    precision, and read back from it: the stored value is rounded once, the step reads what is stored
+    (eagerly: inductor elides the read-back's rounding inside a fused kernel)."""
     for stored_list, working_list in zip(stored, working, strict=True):
         for s, w in zip(stored_list, working_list, strict=True):
             if s is not w:
