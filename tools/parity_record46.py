@@ -125,6 +125,7 @@ class Record20251129(Reference):
                          "polar_express"})
     stand_ins = StandIns(
         "polar_express",  # its first line casts G to bf16 (line 382)
+        compiled=frozenset({"DistAdam.step"}),  # @torch.compile (line 695): bf16 moments, float32 math
         gpu_modules=("triton", "kernels"),
         replaced={"XXT": (xxt, "PyTorch X Xᵀ (tools.parity_record46.xxt)"),
                   "ba_plus_cAA": (ba_plus_caa, "PyTorch b A + c A² (tools.parity_record46.ba_plus_caa)")},

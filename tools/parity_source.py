@@ -6,7 +6,8 @@ imports, function and class definitions, assignments to plain names of constant 
 `name = LocalClass()` (the Hyperparameters instance) are kept, so nothing touches a GPU, a file or a
 process group at load. Then the CPU substitutions, each counted and reported:
 
-  - torch.compile decorators are removed (eager);
+  - torch.compile decorators are removed (eager), but on the adapter's `compiled` methods, kept:
+    inductor on the CPU, as the record runs them (counted too);
   - definitions decorated by torch.library (custom operators: the records' FP8 head matmul) and
     definitions decorated through one of them are dropped; the adapter switches the FP8 flag off,
     so the head runs the script's own bf16 path, F.linear(x, W.type_as(x));
@@ -27,6 +28,8 @@ import ast
 import contextlib
 import functools
 import re
+import sys
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -56,6 +59,8 @@ class StandIns:
     """What an adapter substitutes beyond the common rewrites (module docstring).
 
     ns_function: the Newton–Schulz function whose bf16 input cast becomes NS_DTYPE.
+    compiled: methods ("Class.method") whose torch.compile is kept (their arithmetic is the
+        compiled one: inductor computes a bf16 pointwise chain in float32 and rounds at each store).
     gpu_modules: module roots ("triton") whose imports are dropped; the names they bound are
         `Unavailable`, and a top-level definition decorated from them (a GPU kernel) is dropped.
     replaced: top-level function name -> (our stand-in, what it is): the script's definition is
@@ -65,6 +70,7 @@ class StandIns:
     """
 
     ns_function: str
+    compiled: frozenset[str] = frozenset()
     gpu_modules: tuple[str, ...] = ()
     replaced: dict[str, tuple[Callable, str]] = field(default_factory=dict)
     injected: dict[str, tuple[object, str | None]] = field(default_factory=dict)
@@ -89,21 +95,35 @@ class Unavailable:
 class CpuRewrite(ast.NodeTransformer):
     """The in-definition substitutions (module docstring); `made` counts each one."""
 
-    def __init__(self, ns_function: str):
+    def __init__(self, ns_function: str, compiled: frozenset[str] = frozenset()):
         self.ns_function = ns_function
+        self.compiled = compiled
         self.inside_ns = False
+        self.scope: list[str] = []  # the enclosing class and function names
         self.made: dict[str, int] = {}
 
     def count(self, what: str) -> None:
         self.made[what] = self.made.get(what, 0) + 1
 
-    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.FunctionDef:
-        kept = [d for d in node.decorator_list if not is_torch_compile(d)]
-        if len(kept) < len(node.decorator_list):
-            self.count("torch.compile removed")
-        node.decorator_list = kept
-        outer, self.inside_ns = self.inside_ns, self.inside_ns or node.name == self.ns_function
+    def visit_ClassDef(self, node: ast.ClassDef) -> ast.ClassDef:
+        self.scope.append(node.name)
         node = self.generic_visit(node)
+        self.scope.pop()
+        return node
+
+    def visit_FunctionDef(self, node: ast.FunctionDef) -> ast.FunctionDef:
+        name = ".".join([*self.scope, node.name])
+        if name in self.compiled and any(is_torch_compile(d) for d in node.decorator_list):
+            self.count(f"torch.compile kept on {name} (inductor, CPU)")
+        else:
+            kept = [d for d in node.decorator_list if not is_torch_compile(d)]
+            if len(kept) < len(node.decorator_list):
+                self.count("torch.compile removed")
+            node.decorator_list = kept
+        outer, self.inside_ns = self.inside_ns, self.inside_ns or node.name == self.ns_function
+        self.scope.append(node.name)
+        node = self.generic_visit(node)
+        self.scope.pop()
         self.inside_ns = outer
         return node
 
@@ -251,10 +271,11 @@ def load_definitions(source: str, stand_ins: StandIns, filename: str = "<referen
     tree = ast.parse(source, filename)
     kept = Definitions(stand_ins)
     tree.body = kept.keep(tree)
-    rewrite = CpuRewrite(stand_ins.ns_function)
+    rewrite = CpuRewrite(stand_ins.ns_function, stand_ins.compiled)
     tree = ast.fix_missing_locations(rewrite.visit(tree))
     made = {**kept.made, **rewrite.made}
-    namespace = {"__name__": "reference", "rank": 0, "world_size": 1, "NS_DTYPE": torch.bfloat16}
+    namespace = importable_namespace()
+    namespace.update(rank=0, world_size=1, NS_DTYPE=torch.bfloat16)
     namespace.update({name: Unavailable(name) for name in kept.unavailable})
     exec(compile(tree, filename, "exec"), namespace)  # definitions only: no statement with effects is left
     namespace["dist"] = CollectivesWithFutures()
@@ -265,6 +286,14 @@ def load_definitions(source: str, stand_ins: StandIns, filename: str = "<referen
             made[what] = made.get(what, 0) + 1
     uses = any(isinstance(node, ast.Name) and node.id == "NS_DTYPE" for node in ast.walk(tree))
     return Loaded(namespace, made, uses)
+
+
+def importable_namespace() -> dict:
+    """A fresh module's globals, registered in sys.modules as `reference_<n>`: torch.compile (a kept
+    decorator) imports the module of the globals it reads by name."""
+    name = f"reference_{sum(m.startswith('reference_') for m in sys.modules)}"
+    module = sys.modules[name] = types.ModuleType(name)
+    return module.__dict__
 
 
 # ---- the collectives on one rank ------------------------------------------------------------------
@@ -294,6 +323,7 @@ class CollectivesWithFutures:
         if not callable(attr) or isinstance(attr, type):
             return attr
 
+        @torch._dynamo.disable  # opaque to a kept torch.compile: a graph break, as an async collective
         @functools.wraps(attr)
         def call(*args, **kwargs):
             out = attr(*args, **kwargs)
