@@ -8,6 +8,7 @@ tables), on a synthetic shard: documents of 100 random tokens, each after a BOS.
 import argparse
 import io
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -210,3 +211,32 @@ def test_steps_flags_parse_ranges_and_lists():
         parity.step_list("2161")
     with pytest.raises(SystemExit, match="the 2025-07-12 schedule has steps 0..1750, got 1751"):
         parity.run(parity.parse_args(["--reference", str(FIXTURE), "--steps", "1751"]))
+
+
+KEPT_COMPILE = '''
+import torch
+
+class Adam:
+    @torch.compile
+    @torch.no_grad()
+    def step(self, x):
+        return x.sqrt().add_(1e-8)
+
+    @torch.compile
+    def sync(self, x):
+        return x
+
+def zeropower(G):
+    return G.bfloat16()
+'''
+
+
+def test_the_loader_keeps_torch_compile_on_the_methods_the_adapter_names_only():
+    loaded = load_definitions(KEPT_COMPILE, StandIns("zeropower", compiled=frozenset({"Adam.step"})))
+    ns = loaded.namespace
+    assert loaded.substitutions == {"torch.compile kept on Adam.step (inductor, CPU)": 1,
+                                    "torch.compile removed": 1,
+                                    "Newton-Schulz input .bfloat16() -> .to(NS_DTYPE)": 1}
+    assert hasattr(ns["Adam"].step, "_torchdynamo_orig_callable")  # torch.compile's wrapper
+    assert not hasattr(ns["Adam"].sync, "_torchdynamo_orig_callable")
+    assert sys.modules[ns["__name__"]].__dict__ is ns  # dynamo imports the globals' module by name
