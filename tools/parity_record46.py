@@ -14,7 +14,10 @@ Stand-ins, beyond tools/parity_source.py's common substitutions (each counted in
     each segment's diagonal block alone: the blocks off the diagonal are all masked, and a (49152)²
     mask would not fit a CPU's memory;
   - its `kernels.get_kernel` and `triton` imports are dropped (the kernels they served are replaced),
-    its FP8 head is off by its own switch DISABLE_FP8=1, `device` (line 1261) is the CPU.
+    its FP8 head is off by its own switch DISABLE_FP8=1, `device` (line 1261) is the CPU;
+  - its `@torch.compile` on `DistAdam.step` (line 695) is kept, inductor on the CPU. Dynamo meets a
+    graph break inside the step's loop (the reduce-scatter future's wait) and runs the step eagerly,
+    as it does on the GPU: bf16 moments, each operation rounded to bf16 (docs/RECIPE.md).
 
 World size 1 with grad_accum_steps = 8 // 1 = 8 micro-batches (line 1259) reproduces the 8 ranks'
 split: its data generator gives rank 0 of 1 the whole step's tokens in 8 sequences of the per-rank
