@@ -251,11 +251,8 @@ def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     nothing else is written.
     """
     precise = [t if t.dtype == state_dtype(t) else t.to(state_dtype(t)) for t in tensors]
-    grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, precise, strict=True)]
     stored = (exp_avgs, exp_avg_sqs)
-    exp_avgs, exp_avg_sqs = ([m if m.dtype == p.dtype else m.to(p.dtype) for m, p in zip(moments, precise,
-                                                                                          strict=True)]
-                             for moments in stored)
+    grads, exp_avgs, exp_avg_sqs = (_read_as(xs, precise) for xs in (grads, *stored))
     rate = lr * lr * weight_decay if squared else lr * weight_decay
     torch._foreach_add_(steps, where_flagged(flags, 1.0))
     if weight_decay and not cautious:
@@ -283,6 +280,11 @@ def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     for t, p in zip(tensors, precise, strict=True):
         if t.dtype != p.dtype:
             t.copy_(p)  # a low-precision parameter, rounded once
+
+
+def _read_as(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each tensor in its partner's dtype in `like`: itself where it already is, else a copy."""
+    return [t if t.dtype == p.dtype else t.to(p.dtype) for t, p in zip(tensors, like, strict=True)]
 
 
 def _round_to_stored(stored: tuple[list, list], working: tuple[list, list]) -> None:
