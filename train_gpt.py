@@ -321,7 +321,7 @@ def cli(argv: list[str] | None = None) -> None:
         exit_with(f"error: {first_sentences(error, 2)}; lower --batch-size (sequences per micro-batch) or "
                   f"--seq-len")
     except RuntimeError as error:
-        if not (isinstance(error, torch.distributed.DistError) or "/gloo/" in str(error)):
+        if not is_collective_failure(error):
             raise
         exit_with(f"error: rank {os.environ.get('RANK', 0)}: a collective failed ({first_sentences(error)}); "
                   f"another process died or stopped answering: its own output, or torchrun's report, says "
@@ -330,6 +330,14 @@ def cli(argv: list[str] | None = None) -> None:
         if not isinstance(stop.code, str):
             raise
         exit_with(stop.code)
+
+
+def is_collective_failure(error: RuntimeError) -> bool:
+    """A peer died or stopped answering: torch's DistError, a gloo error naming its source file, or gloo's
+    timeout that closes the pair ("Application timeout caused pair closure", which names no file)."""
+    message = str(error)
+    return (isinstance(error, torch.distributed.DistError) or "/gloo/" in message
+            or "timeout caused pair closure" in message)
 
 
 def first_sentences(error: Exception, count: int = 1) -> str:
