@@ -11,7 +11,7 @@ from .distribution import OneProcess, make_distribution
 from .kinds import KINDS, LR_SCALES
 from .newton_schulz import COEFFICIENTS, ROUNDINGS, Coefficients, resolve_coefficients
 from .state import check_muon_state_dict, with_pending_gradients, without_pending_gradients
-from .update import STATE_DTYPES, kind_update, resting
+from .update import ADAM_ROUNDINGS, STATE_DTYPES, kind_update, resting
 
 
 class Muon(torch.optim.Optimizer):
@@ -35,7 +35,7 @@ class Muon(torch.optim.Optimizer):
     cautious_wd, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_rounding, lr_scale, beta2, eps
     and eps_form (Adam's β₂, ε and ε's place: adam_betas[1], adam_eps, adam_eps_form here), and record
     #46's options (docs/MATH.md §4.7), each off by default: normuon, wd_form, lr_mul, step_every,
-    matrix_shape, state_dtype; besides them a group may hold kind, role (optim.param_groups),
+    matrix_shape, state_dtype, adam_rounding; besides them a group may hold kind, role (optim.param_groups),
     initial_lr (torch's schedulers) and pending_steps (step_every's counter); any other key is
     refused. Every value is checked at construction and in add_param_group (ValueError).
 
@@ -56,6 +56,9 @@ class Muon(torch.optim.Optimizer):
       NorMuon on its bf16 gates); "bfloat16" bf16 for every parameter: Adam's moments stored in bf16,
       read into at least float32, rounded once when stored, the step computed from the stored values
       (record #46's DistAdam).
+    - adam_rounding (adam only): "precise" (the default) computes Adam's step in at least float32 and
+      rounds each tensor once as stored; "stepwise" rounds every operation's result to the dtype it
+      writes, as eager PyTorch on record #46's bf16 moments (optim/update.py adam_math_stepwise).
 
     `momentum` is every kind's first-moment coefficient: μ below, and β₁ for adam, whose groups
     default to adam_betas[0]. So a scheduler that cycles momentum (OneCycleLR, CyclicLR with
@@ -164,6 +167,7 @@ class Muon(torch.optim.Optimizer):
         adam_eps: float = 1e-8,
         adam_eps_form: str = "corrected",
         state_dtype: str = "float32",
+        adam_rounding: str = "precise",
         process_group=WORLD,
         unused_parameters: bool = False,
     ):
@@ -200,6 +204,7 @@ class Muon(torch.optim.Optimizer):
             eps=adam_eps,
             eps_form=adam_eps_form,
             state_dtype=state_dtype,
+            adam_rounding=adam_rounding,
         )
         _check_hyperparameters(defaults, "Muon")
         _check_range("Muon: adam_betas[0]", adam_betas[0], 0, 1)
@@ -477,7 +482,8 @@ def _check_hyperparameters(group: dict, where: str) -> None:
         if not isinstance(group[name], int):
             raise ValueError(f"{where}: {name}={group[name]!r}; expected an integer ≥ 1")
     for name, choices in (("normuon", NORMUON_AXES), ("wd_form", WD_FORMS), ("eps_form", EPS_FORMS),
-                          ("ns_rounding", ROUNDINGS), ("state_dtype", tuple(STATE_DTYPES))):
+                          ("ns_rounding", ROUNDINGS), ("state_dtype", tuple(STATE_DTYPES)),
+                          ("adam_rounding", ADAM_ROUNDINGS)):
         if group[name] not in choices:
             raise ValueError(f"{where}: {name}={group[name]!r}; use one of {choices}")
     eps = group["ns_eps"]

@@ -38,6 +38,12 @@ STATE_DTYPES = {
 }
 
 
+# A group's adam_rounding: where Adam's arithmetic rounds to the stored dtypes. "precise": at least
+# float32 throughout, each tensor rounded once as stored (adam_math); "stepwise": after every operation,
+# as eager PyTorch on bf16 moments (adam_math_stepwise, record #46's DistAdam).
+ADAM_ROUNDINGS = ("precise", "stepwise")
+
+
 def state_dtype(p: torch.Tensor, rule: str = "float32") -> torch.dtype:
     """The dtype of p's optimizer state under a group's state_dtype `rule` (STATE_DTYPES): "float32"
     float32 for bf16/fp16/fp32 parameters and float64 for float64; "param" p's dtype; "bfloat16" bf16."""
@@ -201,7 +207,8 @@ def adam_update(group: dict, states: list[dict], tensors: list[torch.Tensor], gr
     with β₁ the group's momentum (so schedulers that cycle momentum drive it), β₂ its beta2, the step
     size lr·lr_mul, ε where its eps_form puts it ("raw": raw_eps), and the weight decay of its wd_form
     (as _apply's, with s = 1): "decoupled" ρ = lr·lr_mul·wd, torch's AdamW and the record's DistAdam;
-    "in_update" ρ = (lr·lr_mul)·lr·wd.
+    "in_update" ρ = (lr·lr_mul)·lr·wd. The group's adam_rounding (ADAM_ROUNDINGS) picks the arithmetic:
+    "precise" adam_math, "stepwise" adam_math_stepwise (eager, whatever `compile` says).
 
     `compile` as orthogonalize's: None compiles on CUDA only, True or a backend anywhere, False never.
     """
@@ -219,6 +226,9 @@ def adam_update(group: dict, states: list[dict], tensors: list[torch.Tensor], gr
     weight_decay = group["weight_decay"] / lr_mul if squared else group["weight_decay"]
     constants = dict(weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=group["eps"],
                      cautious=group["cautious_wd"], squared=squared, raw_eps=group["eps_form"] == "raw")
+    if group["adam_rounding"] == "stepwise":
+        adam_math_stepwise(tensors, grads, *moments, flags, step, **constants)
+        return
     backend = compile_backend(tensors[0].device, compile)
     if backend is None:
         adam_math(tensors, grads, *moments, flags, step, **constants)
@@ -261,11 +271,7 @@ def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     torch._foreach_mul_(exp_avg_sqs, where_flagged(flags, beta2, 1.0))
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)  # g = 0 where no rank had one
     _round_to_stored(stored, (exp_avgs, exp_avg_sqs))
-    step = torch.stack(steps)
-    bias1, bias2_sqrt = 1 - beta1**step, (1 - beta2**step).sqrt()
-    step_size = lr * (bias2_sqrt / bias1) if raw_eps else lr / bias1
-    if flags is not None:  # a tensor never stepped has t = 0: keep its 1/0 out of the arithmetic
-        step_size, bias2_sqrt = torch.where(flags, step_size, 0.0), torch.where(flags, bias2_sqrt, 1.0)
+    step_size, bias2_sqrt = _step_sizes(steps, flags, lr, beta1, beta2, raw_eps)
     denom = torch._foreach_sqrt(exp_avg_sqs)
     if not raw_eps:  # the correction on √v, before ε; raw_eps has it in step_size
         torch._foreach_div_(denom, list(bias2_sqrt.unbind()))
@@ -280,6 +286,73 @@ def adam_math(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: 
     for t, p in zip(tensors, precise, strict=True):
         if t.dtype != p.dtype:
             t.copy_(p)  # a low-precision parameter, rounded once
+
+
+def adam_math_stepwise(tensors: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                       exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], flags: torch.Tensor | None,
+                       lr: float, weight_decay: float, beta1: float, beta2: float, eps: float,
+                       cautious: bool = False, squared: bool = False, raw_eps: bool = False) -> None:
+    """adam_math's step as record #46's DistAdam computes it (adam_rounding "stepwise"): PyTorch's
+    eager ops in place on the stored tensors, in the record's order, each rounding its result ⌊·⌉ to
+    the dtype of the tensor it writes (the moments' for m, v and the step u; p's for p):
+
+        p ← ⌊p·(1 − ρ)⌉;  m ← ⌊⌊m·β₁⌉ + (1 − β₁)·g⌉;  v ← ⌊⌊v·β₂⌉ + (1 − β₂)·g²⌉;
+        raw_eps:  u = ⌊⌊m / ⌊⌊√v⌉ + ε⌉⌉ · s⌉,  s = lr·√(1−β₂ᵗ)/(1−β₁ᵗ);
+        else:     u = ⌊⌊m / ⌊⌊⌊√v⌉/√(1−β₂ᵗ)⌉ + ε⌉⌉ · s⌉,  s = lr/(1−β₁ᵗ);
+        p ← ⌊p − u⌉
+
+    with s computed in float64, as the record's Python floats (cautious: p ← ⌊p − ρ·[u·p ≥ 0]·p⌉ in
+    place of the first decay). The additions are the record's own ops, so they round as its code does
+    on each device (on CPU, bf16's add_ takes its alpha in bf16); the products by a scalar are
+    _scale_, eager's mul_ by a Python float. With float32 moments this is adam_math up to float32
+    rounding (m's mul-add in place of its lerp); with bf16 moments (state_dtype "bfloat16") every line
+    rounds to bf16, where adam_math rounds once, at the store. Eager, as the record's step runs (its
+    torch.compile breaks at its first collective): a fused kernel would keep float32 intermediates.
+    Arguments as adam_math's, lr a float.
+    """
+    torch._foreach_add_(steps, where_flagged(flags, 1.0))
+    step_size, bias2_sqrt = _step_sizes([t.double() for t in steps], flags, lr, beta1, beta2, raw_eps)
+    rate = lr * lr * weight_decay if squared else lr * weight_decay
+    count = len(tensors)
+    keep_m, keep_v, decay = (_per_tensor(where_flagged(flags, *on_off), count)
+                             for on_off in ((beta1, 1.0), (beta2, 1.0), (rate, 0.0)))
+    for i, (p, g, m, v) in enumerate(zip(tensors, grads, exp_avgs, exp_avg_sqs, strict=True)):
+        # g is 0 where no rank had one: with the keeps at 1 there, m and v stay as they are
+        if weight_decay and not cautious:
+            _scale_(p, 1 - decay[i])
+        _scale_(m, keep_m[i]).add_(g, alpha=1 - beta1)
+        _scale_(v, keep_v[i]).addcmul_(g, g, value=1 - beta2)
+        denom = v.sqrt()
+        if not raw_eps:  # ⌊√v/√(1−β₂ᵗ)⌉, as _scale_ multiplies
+            denom.copy_(denom.to(torch.promote_types(denom.dtype, torch.float32)) / bias2_sqrt[i])
+        update = _scale_(m.div(denom.add_(eps)), step_size[i])
+        if weight_decay and cautious:
+            p.sub_(p * (update * p >= 0) * decay[i])
+        p.add_(update, alpha=-1.0)
+
+
+def _scale_(t: torch.Tensor, factor: "float | torch.Tensor") -> torch.Tensor:
+    """t ← ⌊t·factor⌉, the product in at least float32: eager PyTorch's t.mul_(a Python float) on CPU
+    and CUDA alike, also for a factor held as a tensor on the device (which t.mul_ would round to a bf16
+    t's dtype first on CUDA)."""
+    return t.copy_(t.to(torch.promote_types(t.dtype, torch.float32)) * factor)
+
+
+def _step_sizes(steps: list[torch.Tensor], flags: torch.Tensor | None, lr: "float | torch.Tensor",
+                beta1: float, beta2: float, raw_eps: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, √(1−β₂ᵗ)) per tensor at its step count t, vectors on the device in the steps' dtype:
+    s = lr·√(1−β₂ᵗ)/(1−β₁ᵗ) with raw_eps, else lr/(1−β₁ᵗ); an unflagged tensor gets s = 0 and 1."""
+    step = torch.stack(steps)
+    bias1, bias2_sqrt = 1 - beta1**step, (1 - beta2**step).sqrt()
+    step_size = lr * (bias2_sqrt / bias1) if raw_eps else lr / bias1
+    if flags is not None:  # a tensor never stepped has t = 0: keep its 1/0 out of the arithmetic
+        step_size, bias2_sqrt = torch.where(flags, step_size, 0.0), torch.where(flags, bias2_sqrt, 1.0)
+    return step_size, bias2_sqrt
+
+
+def _per_tensor(values: "float | list[torch.Tensor]", count: int) -> list:
+    """where_flagged's answer as one entry per tensor."""
+    return values if isinstance(values, list) else [values] * count
 
 
 def _read_as(tensors: list[torch.Tensor], like: list[torch.Tensor]) -> list[torch.Tensor]:

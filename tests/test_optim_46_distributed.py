@@ -7,7 +7,8 @@ The shapes and options follow record #46's groups at toy size (docs/MATH.md §4.
 tensor (d, 4d) viewed as four (d, d) matrices with NorMuon by columns; its c_fc with lr_mul 2 (ours
 (4d, d), NorMuon by rows, the larger side); its gates (1 x g and heads x g, bf16 in the record; here
 also stepped every other step, to cover a resting Newton–Schulz group); the Adam side with the
-cautious decay and lr_mul, stepped on odd steps. Two gates of one shape share a stack, three attention
+cautious decay and lr_mul, stepped on odd steps, and one Adam group with the record's bf16 moments
+and its eager arithmetic (state_dtype "bfloat16", adam_rounding "stepwise"). Two gates of one shape share a stack, three attention
 tensors do too, so 2 and 3 ranks split the stacks unevenly.
 """
 
@@ -30,7 +31,7 @@ GROUPS = [  # (shapes, options) per param group
     ([(4 * D, D), (D, 4 * D)], dict(kind="hidden", normuon="auto", lr_mul=2.0, **DECAY)),
     ([(1, G), (HEADS, G), (HEADS, G)], dict(kind="hidden", normuon="auto", step_every=2, **DECAY)),
     ([(16, D), (5,), (3, 4)], dict(kind="adam", step_every=2, cautious_wd=True, lr_mul=3.0)),
-    ([(6,)], dict(kind="adam", lr_mul=5.0, **DECAY)),
+    ([(6,)], dict(kind="adam", lr_mul=5.0, state_dtype="bfloat16", adam_rounding="stepwise", **DECAY)),
 ]
 RESTING = [options.get("step_every", 1) > 1 for shapes, options in GROUPS for _ in shapes]  # per parameter
 # Adam's eps is near the gradients' size, so that Adam's step depends on the gradient's scale: every

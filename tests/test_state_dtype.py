@@ -40,10 +40,27 @@ def adam_bf16_reference(p: torch.Tensor, grads: list[torch.Tensor]) -> tuple[tor
     return work.to(p.dtype), m, v
 
 
-def adam_run(p: torch.Tensor, grads: list[torch.Tensor], state_dtype: str) -> tuple[torch.Tensor, Muon]:
+def adam_eager_reference(p: torch.Tensor, grads: list[torch.Tensor],
+                         weight_decay: float) -> tuple[torch.Tensor, ...]:
+    """The record's DistAdam step as its eager code computes it (its line 721 on): PyTorch ops in place on
+    the bf16 moments and on p, each rounding its result to the tensor it writes. Returns (p, m, v)."""
+    b1, b2 = BETAS
+    p, m, v = p.clone(), torch.zeros_like(p, dtype=BF16), torch.zeros_like(p, dtype=BF16)
+    for t, g in enumerate(grads, start=1):
+        g = g.to(p.dtype)
+        p.mul_(1 - LR * weight_decay)
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        update = m.div(v.sqrt().add_(EPS)).mul_(LR * ((1 - b2**t) ** 0.5 / (1 - b1**t)))
+        p.add_(update, alpha=-1.0)
+    return p, m, v
+
+
+def adam_run(p: torch.Tensor, grads: list[torch.Tensor], state_dtype: str, rounding: str = "precise",
+             weight_decay: float = 0.0) -> tuple[torch.Tensor, Muon]:
     p = p.clone().requires_grad_()
-    opt = Muon([dict(params=[p], kind="adam", state_dtype=state_dtype)], lr=LR, adam_betas=BETAS,
-               adam_eps=EPS, adam_eps_form="raw")
+    opt = Muon([dict(params=[p], kind="adam", state_dtype=state_dtype, adam_rounding=rounding)], lr=LR,
+               adam_betas=BETAS, adam_eps=EPS, adam_eps_form="raw", weight_decay=weight_decay)
     for g in grads:
         p.grad = g.to(p.dtype)
         opt.step()
@@ -68,6 +85,34 @@ def test_adam_with_bf16_moments_equals_the_records_distadam_formula(dtype):
     assert default.state[default.param_groups[0]["params"][0]]["exp_avg"].dtype == torch.float32
     if dtype == torch.float32:
         assert not torch.allclose(default_p, want_p, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype, weight_decay", [(torch.float32, 0.0), (torch.float32, 0.5), (BF16, 0.5)])
+def test_stepwise_adam_is_the_records_eager_distadam_bit_for_bit(dtype, weight_decay):
+    gen = torch.Generator().manual_seed(3)
+    p = (0.01 * torch.randn(9, 33, generator=gen)).to(dtype)
+    grads = [torch.randn(9, 33, generator=gen) for _ in range(5)]
+    want_p, want_m, want_v = adam_eager_reference(p, grads, weight_decay)
+    got_p, opt = adam_run(p, grads, "bfloat16", "stepwise", weight_decay)
+    state = opt.state[opt.param_groups[0]["params"][0]]
+    assert torch.equal(state["exp_avg"], want_m) and torch.equal(state["exp_avg_sq"], want_v)
+    assert torch.equal(got_p, want_p)
+    # The precise form (float32, rounded once as stored) is another arithmetic on the same moments.
+    precise_p, _ = adam_run(p, grads, "bfloat16", "precise", weight_decay)
+    assert not torch.equal(precise_p, want_p)
+
+
+def test_stepwise_adam_on_float32_moments_is_the_precise_form_to_float32_rounding():
+    gen = torch.Generator().manual_seed(4)
+    p, grads = torch.randn(6, 10, generator=gen), [torch.randn(6, 10, generator=gen) for _ in range(4)]
+    stepwise, _ = adam_run(p, grads, "float32", "stepwise", 0.1)
+    precise, _ = adam_run(p, grads, "float32", "precise", 0.1)
+    torch.testing.assert_close(stepwise, precise, rtol=1e-6, atol=1e-7)
+
+
+def test_an_unknown_adam_rounding_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="adam_rounding='fused'.*'stepwise'"):
+        Muon([torch.zeros(2, 2, requires_grad=True)], adam_rounding="fused")
 
 
 def test_param_state_follows_each_parameters_dtype_and_updates_a_bf16_one_in_bf16():
