@@ -8,8 +8,8 @@ tensor (d, 4d) viewed as four (d, d) matrices with NorMuon by columns; its c_fc 
 (4d, d), NorMuon by rows, the larger side); its gates (1 x g and heads x g, bf16 in the record; here
 also stepped every other step, to cover a resting Newton–Schulz group); the Adam side with the
 cautious decay and lr_mul, stepped on odd steps, and one Adam group with the record's bf16 moments
-and its eager arithmetic (state_dtype "bfloat16", adam_rounding "stepwise"). Two gates of one shape share a stack, three attention
-tensors do too, so 2 and 3 ranks split the stacks unevenly.
+and its eager arithmetic (state_dtype "bfloat16", adam_rounding "stepwise"). Two gates of one shape
+share a stack, three attention tensors do too, so 2 and 3 ranks split the stacks unevenly.
 """
 
 import copy

@@ -111,7 +111,7 @@ def test_one_process_step_allocates_the_same_after_the_first():
 
 # Muon's defaults
 DEFAULT_ADAM_OPTIONS = dict(lr_mul=1.0, wd_form="decoupled", cautious_wd=False, eps_form="corrected",
-                            state_dtype="float32")
+                            state_dtype="float32", adam_rounding="precise")
 
 
 def adam_problem() -> tuple[list[torch.Tensor], list[dict]]:
@@ -122,8 +122,8 @@ def adam_problem() -> tuple[list[torch.Tensor], list[dict]]:
 
 
 @pytest.mark.parametrize("options", [DEFAULT_ADAM_OPTIONS,
-                                     dict(lr_mul=2.0, wd_form="in_update", cautious_wd=True, eps_form="raw",
-                                          state_dtype="float32"),
+                                     DEFAULT_ADAM_OPTIONS | dict(lr_mul=2.0, wd_form="in_update",
+                                                                 cautious_wd=True, eps_form="raw"),
                                      DEFAULT_ADAM_OPTIONS | dict(eps_form="raw", state_dtype="bfloat16")],
                          ids=["decoupled", "cautious_in_update_raw_eps", "bf16_moments"])
 def test_compiled_adam_equals_eager_in_one_graph_as_lr_changes(options):

@@ -17,6 +17,7 @@ import torch
 
 from model import GPT, PRESETS
 from optim import Muon
+from optim.update import adam_update
 from training import recipe
 
 BF16 = torch.bfloat16
@@ -108,6 +109,33 @@ def test_stepwise_adam_on_float32_moments_is_the_precise_form_to_float32_roundin
     stepwise, _ = adam_run(p, grads, "float32", "stepwise", 0.1)
     precise, _ = adam_run(p, grads, "float32", "precise", 0.1)
     torch.testing.assert_close(stepwise, precise, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cautious", [False, True])
+def test_stepwise_adam_leaves_an_unflagged_tensor_alone_and_steps_a_flagged_one_as_without_flags(cautious):
+    # flags (a distributed step's "no rank had a gradient"): the flagged tensor steps as with flags=None;
+    # the unflagged one, stepped once before, keeps its value, its moments and its step count exactly.
+    group = dict(lr=LR, momentum=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=0.5, lr_mul=1.0,
+                 wd_form="decoupled", cautious_wd=cautious, eps_form="raw", state_dtype="bfloat16",
+                 adam_rounding="stepwise")
+    gen = torch.Generator().manual_seed(5)
+    flagged = [torch.randn(4, 6, generator=gen), torch.randn(3, generator=gen).to(BF16)]
+    plain, flagged_states, plain_states = [flagged[0].clone()], [{}, {}], [{}]
+    for step in range(3):
+        grads = [torch.randn(4, 6, generator=gen), torch.randn(3, generator=gen).to(BF16)]
+        if step == 0:
+            adam_update(group, flagged_states, flagged, grads, torch.tensor([True, True]))
+            moments = (flagged_states[1][k].clone() for k in ("exp_avg", "exp_avg_sq"))
+            after_one = [flagged[1].clone(), *moments]
+        else:
+            grads[1].zero_()  # what a step without any rank's gradient receives
+            adam_update(group, flagged_states, flagged, grads, torch.tensor([True, False]))
+        adam_update(group, plain_states, plain, grads[:1], None)
+    assert torch.equal(flagged[0], plain[0])
+    assert torch.equal(flagged_states[0]["exp_avg_sq"], plain_states[0]["exp_avg_sq"])
+    now = [flagged[1], flagged_states[1]["exp_avg"], flagged_states[1]["exp_avg_sq"]]
+    assert all(torch.equal(a, b) for a, b in zip(now, after_one, strict=True))
+    assert flagged_states[1]["step"].item() == 1
 
 
 def test_an_unknown_adam_rounding_is_refused_naming_the_choices():
