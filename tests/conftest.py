@@ -67,8 +67,8 @@ def torchrun_pair(out_dir: Path, *flags: str) -> subprocess.CompletedProcess:
     GLOO_PAIR_FLAGS and `flags`; each rank's threads alive after main() in out_dir.parent. Asserts exit 0."""
     script = out_dir.parent / "threads_after_main.py"
     script.write_text(THREADS_AFTER_MAIN.format(root=str(ROOT), report_dir=str(out_dir.parent)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               "--out-dir", str(out_dir), *GLOO_PAIR_FLAGS, *flags]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(script), "--out-dir", str(out_dir), *GLOO_PAIR_FLAGS, *flags]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]

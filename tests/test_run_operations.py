@@ -1,7 +1,6 @@
 """Run operations of train_gpt.py: exact resume, signals, NaN stop, record mode, warm-up, wandb, the log."""
 
 import json
-import os
 import signal
 import struct
 import subprocess
@@ -13,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.utils._pytree as pytree
+from conftest import torchrun_pair
 
 import train_gpt
-from conftest import torchrun_pair
 from model import GPT
 from optim import Muon
 
