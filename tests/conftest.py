@@ -1,7 +1,13 @@
-"""Shared fixtures: a tiny GPT saved as a checkpoint directory (training/checkpoint.py's format)."""
+"""Shared fixtures: a tiny GPT saved as a checkpoint directory (training/checkpoint.py's format); one
+small run of README's torchrun line, 2 gloo processes, which several tests read (each run costs ~10 s)."""
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
 
 # As train_gpt.py sets it, before torch loads MKL: CPU GEMMs bitwise reproducible from process to process
 # (the bitwise resume, distributed and bundle tests compare processes), inherited by every subprocess.
@@ -37,3 +43,48 @@ def tiny_checkpoint(tmp_path_factory):
                   loader={})
     write_step(directory, 7, shared, {})
     return directory, model
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# README's torchrun line in small form: 2 gloo processes, 4 steps, Adam every other step (so a checkpoint
+# after step 3 holds the gradients its groups rested on), a validation at step 3 and at the end.
+GLOO_PAIR_FLAGS = ["--batch-size", "4", "--max-steps", "4", "--adam-step-every", "2", "--val-every", "3",
+                   "--log-every", "1", "--val-tokens", "2048", "--sample-tokens", "0", "--no-plot"]
+# train_gpt.py as torchrun starts it, then each rank's live threads to threads.rank<R>.json beside the run.
+THREADS_AFTER_MAIN = """
+import json, os, runpy, sys
+from pathlib import Path
+
+sys.path.insert(0, {root!r})
+runpy.run_path(os.path.join({root!r}, "train_gpt.py"), run_name="__main__")
+threads = sorted(Path(task, "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
+Path({report_dir!r}, "threads.rank" + os.environ["RANK"] + ".json").write_text(json.dumps(threads))
+"""
+
+
+def torchrun_pair(out_dir: Path, *flags: str) -> subprocess.CompletedProcess:
+    """train_gpt.py under torchrun, 2 processes of one thread each (the tests share 2 cores), with
+    GLOO_PAIR_FLAGS and `flags`; each rank's threads alive after main() in out_dir.parent. Asserts exit 0."""
+    script = out_dir.parent / "threads_after_main.py"
+    script.write_text(THREADS_AFTER_MAIN.format(root=str(ROOT), report_dir=str(out_dir.parent)))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(script), "--out-dir", str(out_dir), *GLOO_PAIR_FLAGS, *flags]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+class GlooPairRun(NamedTuple):
+    out_dir: Path
+    stdout: str
+    threads: list[list[str]]  # per rank, the names of its threads alive after main() returned
+
+
+@pytest.fixture(scope="session")
+def gloo_pair_run(tmp_path_factory) -> GlooPairRun:
+    """One straight torchrun_pair run, read by the README, resume and thread tests."""
+    out_dir = tmp_path_factory.mktemp("gloo_pair") / "straight"
+    done = torchrun_pair(out_dir)
+    threads = [json.loads((out_dir.parent / f"threads.rank{rank}.json").read_text()) for rank in (0, 1)]
+    return GlooPairRun(out_dir, done.stdout, threads)

@@ -1,7 +1,6 @@
 """Run operations of train_gpt.py: exact resume, signals, NaN stop, record mode, warm-up, wandb, the log."""
 
 import json
-import os
 import signal
 import struct
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.utils._pytree as pytree
+from conftest import torchrun_pair
 
 import train_gpt
 from model import GPT
@@ -36,32 +36,31 @@ def train(out_dir: Path, *flags: str) -> dict:
     return train_gpt.main(train_gpt.parse_config(["--out-dir", str(out_dir), *FAST, *flags]))
 
 
-def test_exit_and_resume_reproduce_the_straight_run_bitwise(tmp_path):
-    train(tmp_path / "straight", "--max-steps", "6")
-    result = train(tmp_path / "split", "--max-steps", "6", "--exit-after-steps", "3")
+@pytest.fixture(scope="module")
+def straight_losses(tmp_path_factory) -> list[tuple[int, str, float]]:
+    """The losses of one straight 6-step run, which the resumed and the warmed-up runs must reproduce."""
+    out_dir = tmp_path_factory.mktemp("straight")
+    train(out_dir, "--max-steps", "6")
+    return losses(out_dir)
+
+
+def test_exit_and_resume_reproduce_the_straight_run_bitwise(tmp_path, straight_losses):
+    result = train(tmp_path, "--max-steps", "6", "--exit-after-steps", "3")
     assert result["step"] == 3
-    assert (tmp_path / "split" / "checkpoints" / "latest").read_text() == "step_000003"
-    train(tmp_path / "split", "--max-steps", "6", "--resume", "auto")
-    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000003"
+    train(tmp_path, "--max-steps", "6", "--resume", "auto")
+    assert losses(tmp_path) == straight_losses
 
 
-def test_resume_across_two_gloo_processes_is_bitwise(tmp_path):
-    def torchrun(out_dir: Path, *flags: str) -> None:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "train_gpt.py", "--out-dir", str(out_dir), "--batch-size", "4", "--max-steps", "4", *FAST,
-                   *flags]
-        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-
-    # Adam every other step: saved after 3 steps, the last of which its groups rested at (step 2), each
-    # rank's checkpoint holds its own gradient accumulated there, which the update at step 3 adds to and
-    # averages over the ranks.
-    torchrun(tmp_path / "straight", "--adam-step-every", "2")
-    torchrun(tmp_path / "split", "--adam-step-every", "2", "--exit-after-steps", "3")
+def test_resume_across_two_gloo_processes_is_bitwise(tmp_path, gloo_pair_run):
+    # Adam every other step (conftest's GLOO_PAIR_FLAGS): saved after 3 steps, the last of which its
+    # groups rested at (step 2), each rank's checkpoint holds its own gradient accumulated there, which
+    # the update at step 3 adds to and averages over the ranks.
+    torchrun_pair(tmp_path / "split", "--exit-after-steps", "3")
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoints" / "step_000003").iterdir()) == [
         "rank0.pt", "rank1.pt", "shared.pt"]
-    torchrun(tmp_path / "split", "--adam-step-every", "2", "--resume", "auto")
-    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    torchrun_pair(tmp_path / "split", "--resume", "auto")
+    assert losses(tmp_path / "split") == losses(gloo_pair_run.out_dir)
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
@@ -127,10 +126,9 @@ def test_record_mode_stops_at_the_target_and_writes_the_record_log(tmp_path, mon
     assert len(records) == 1 and "target val_loss 9.0 reached" in records[0].read_text()
 
 
-def test_kernel_warmup_does_not_change_the_trajectory(tmp_path):
-    train(tmp_path / "plain", "--max-steps", "4")
-    train(tmp_path / "warm", "--max-steps", "4", "--warmup-kernel-steps", "2")
-    assert losses(tmp_path / "warm") == losses(tmp_path / "plain")
+def test_kernel_warmup_does_not_change_the_trajectory(tmp_path, straight_losses):
+    train(tmp_path, "--max-steps", "6", "--warmup-kernel-steps", "2")
+    assert losses(tmp_path) == straight_losses
 
 
 def test_log_starts_with_the_source_and_environment(tmp_path):
@@ -251,27 +249,9 @@ def test_non_finite_weights_are_never_saved_and_the_last_finite_checkpoint_is_ke
         assert tensors and all(t.isfinite().all() for t in tensors)
 
 
-NO_GLOO_THREAD_LEFT = """
-import json, os, runpy, sys
-from pathlib import Path
-
-sys.path.insert(0, {root!r})
-runpy.run_path(os.path.join({root!r}, "train_gpt.py"), run_name="__main__")
-threads = sorted(Path(task, "comm").read_text().strip() for task in Path("/proc/self/task").iterdir())
-Path({report_dir!r}, "threads.rank" + os.environ["RANK"] + ".json").write_text(json.dumps(threads))
-"""
-
-
-def test_no_gloo_thread_survives_main_under_torchrun(tmp_path):
+def test_no_gloo_thread_survives_main_under_torchrun(gloo_pair_run):
     # A gloo thread alive after main() can abort the interpreter at exit (see init_distributed); it
     # is there or not deterministically, so this does not flake as the abort does. Each rank reports
     # to its own file: the ranks share stdout, where one rank's line can land inside the other's.
-    script = tmp_path / "threads.py"
-    script.write_text(NO_GLOO_THREAD_LEFT.format(root=str(ROOT), report_dir=str(tmp_path)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(script), "--out-dir", str(tmp_path / "out"), "--max-steps", "1", *FAST]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"threads.rank{rank}.json").read_text()) for rank in (0, 1)]
+    reports = gloo_pair_run.threads
     assert [[name for name in threads if "gloo" in name] for threads in reports] == [[], []]
