@@ -10,7 +10,7 @@ from .distributed import WORLD, is_dtensor
 from .distribution import OneProcess, make_distribution
 from .kinds import KINDS, LR_SCALES
 from .newton_schulz import COEFFICIENTS, ROUNDINGS, Coefficients, resolve_coefficients
-from .state import check_muon_state_dict, with_pending_gradients, without_pending_gradients
+from .state import check_muon_state_dict, with_keys_since, with_pending_gradients, without_pending_gradients
 from .update import ADAM_ROUNDINGS, STATE_DTYPES, kind_update, resting
 
 
@@ -336,11 +336,13 @@ class Muon(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's load, after checking that the state is this optimizer's and this rank's (else ValueError).
 
-        Unlike torch's, state keeps its own dtype (float32 moments stay float32 for bf16 parameters).
+        Unlike torch's, state keeps its own dtype (float32 moments stay float32 for bf16 parameters). A
+        state dict saved before a group key of optim/state.py KEYS_SINCE existed loads as saved with the
+        value that reproduces its run (state_dtype "float32", adam_rounding "precise").
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
-        state_dict = self._distribution.loaded(state_dict, self.param_groups)
+        state_dict = self._distribution.loaded(with_keys_since(state_dict), self.param_groups)
         check_muon_state_dict(state_dict, self.param_groups, self.defaults, self._distribution.stamp(),
                               self._distribution.state_shape)
         saved_groups = state_dict["param_groups"]

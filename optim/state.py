@@ -57,6 +57,21 @@ def without_pending_gradients(state: dict) -> tuple[dict, dict]:
 
 StateShape = Callable[[torch.Tensor], "tuple | None"]  # p → its state's shape on this rank, None: not kept
 
+# Group keys optim.Muon gained after its state dicts were first saved, each with the value that
+# reproduces how a state dict saved without it was computed: such a state dict loads as saved with it.
+KEYS_SINCE = {"state_dtype": "float32", "adam_rounding": "precise"}
+
+
+def with_keys_since(state_dict):
+    """state_dict with each saved param group given the KEYS_SINCE it lacks (the same object if none
+    lacks any, or if it is no state dict, which check_muon_state_dict then refuses)."""
+    groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        return state_dict
+    if all(KEYS_SINCE.keys() <= g.keys() for g in groups):
+        return state_dict
+    return {**state_dict, "param_groups": [{**KEYS_SINCE, **g} for g in groups]}
+
 
 def check_muon_state_dict(state_dict, groups: list[dict], hyperparameters: Iterable[str], stamp: dict,
                           state_shape: StateShape) -> None:

@@ -181,6 +181,27 @@ def test_a_bf16_state_dict_round_trips_and_float32_state_is_refused_at_load():
         resumed.load_state_dict(float32.state_dict())
 
 
+def test_a_state_dict_from_before_state_dtype_and_adam_rounding_resumes_as_it_was_saved():
+    gen = torch.Generator().manual_seed(6)
+    grads = [torch.randn(3, 4, generator=gen) for _ in range(3)]
+    p, opt = adam_run(torch.zeros(3, 4), grads[:2], "float32")
+    old = opt.state_dict()
+    old["param_groups"] = [{k: v for k, v in g.items() if k not in ("state_dtype", "adam_rounding")}
+                           for g in old["param_groups"]]
+    q = p.clone().requires_grad_()
+    resumed = Muon([dict(params=[q], kind="adam")], lr=LR, adam_betas=BETAS, adam_eps=EPS,
+                   adam_eps_form="raw", adam_rounding="stepwise")
+    resumed.load_state_dict(old)
+    assert (resumed.param_groups[0]["state_dtype"], resumed.param_groups[0]["adam_rounding"]) == (
+        "float32", "precise")
+    q.grad = grads[2]
+    resumed.step()
+    assert torch.equal(q.detach(), adam_run(torch.zeros(3, 4), grads, "float32")[0])
+    old["param_groups"][0].pop("eps_form")  # a key older than these is still refused
+    with pytest.raises(ValueError, match=r"lacks \['eps_form'\]: it was saved by another version"):
+        resumed.load_state_dict(old)
+
+
 def test_an_unknown_state_dtype_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match="state_dtype='float16'.*'param'"):
         Muon([torch.zeros(2, 2, requires_grad=True)], state_dtype="float16")
