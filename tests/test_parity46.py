@@ -192,6 +192,12 @@ def test_the_name_table_covers_both_models_with_the_records_layouts(stepped):
     assert len(table) == 38 + 2 * 10 + 29  # rules 1 + 3 + 1 + 10 + 11 + 11 + 1, qkvo halves, scalars
     fc = next(e for e in table if e.reference == "blocks.1.mlp.c_fc")
     assert fc.view(ref.model.blocks[1].mlp.c_fc).shape == (512, 128) == ours.blocks[1].mlp.fc.weight.shape
+    # the smear gate and the 10 attention layers' gates (bf16 in the record) are reported apart from the
+    # float32 hidden matrices
+    gates = {"smear.gate.weight", *(f"blocks.{i}.attn.gate.weight" for i in (1, 2, 3, 4, 5, 6, 8, 9, 10, 11))}
+    assert {e.ours for e in table if e.kind == "gate"} == gates
+    assert {e.reference for e in table if e.kind == "gate"} == {
+        "smear_gate.weight", *(f"blocks.{i}.attn.attn_gate.weight" for i in (1, 2, 3, 4, 5, 6, 8, 9, 10, 11))}
     rules = [r[:3] if r[0] == "blocks.{i}.mlp.c_fc" else r for r in ref.rules]  # forget the transpose
     with pytest.raises(NameTableError, match=r"blocks.1.mlp.c_fc \(128, 512\) and our blocks.1.mlp.fc.weight "
                                              r"\(512, 128\) differ in shape"):
@@ -255,7 +261,7 @@ def test_ours_beside_the_record_and_its_twin_from_our_weights(monkeypatch, shard
     monkeypatch.setattr(parity46, "build_ours46", build_with_a_head)
     out = io.StringIO()
     args = parity.parse_args(run_args(shard_dir, "--steps", "0-1", "--check-steps", "3", "--loss-tol", "1",
-                                      "--step-tol", "hidden=1"))
+                                      "--step-tol", "hidden=1", "--step-tol", "gate=1"))
     report = parity.run(args, out=out)
     assert [r.batch for r in report.rows] == [2048] * 2 and report.rows[0].windows == (128, 384)
     assert report.rows[0].loss > ZERO_HEAD_LOSS + 0.1  # our head, not the record's zero one
@@ -263,10 +269,15 @@ def test_ours_beside_the_record_and_its_twin_from_our_weights(monkeypatch, shard
     assert all(abs(r.floor) < 1e-3 for r in report.rows)  # the twin: SDPA's math kernel
     assert report.rows[1].update["head"] > 0  # the fixture's Adam is not ours: they differ
     assert report.table_entries == 87
-    floor = report.checks[3]  # Polar Express in float32 against float64: rounding, on the hidden kind only
-    assert 0 < floor["hidden"] < 1e-3 and [floor[k] for k in parity.KINDS[1:]] == [0.0] * 4
+    assert list(report.checks[3]) == list(parity.KINDS)  # the gates a column of their own
+    assert "twin diff      hidden        gate       embed value_embed" in out.getvalue()
+    # Polar Express in float32 against float64: rounding, on the float32 hidden matrices only (the bf16
+    # gates' weights round it away: measured 0)
+    floor = report.checks[3]
+    assert 0 < floor["hidden"] < 1e-3 and [floor[k] for k in parity.KINDS[1:]] == [0.0] * 5
     one_step = report.our_checks[3]  # an odd step: DistAdam steps on what _sync_gradient sent
-    assert one_step["hidden"] > 0.1  # the fixture's NorMuon is a plain Muon: not ours (measured 0.68)
+    # the fixture's NorMuon is a plain Muon: not ours (measured 0.68, the gates 0.80)
+    assert one_step["hidden"] > 0.1 and one_step["gate"] > 0.1
     # its Adam is ours but for its eager bf16 arithmetic on the bf16 weights (largest measured 1.9%) and
     # its float32 moments for the float32 scalars, where ours (the preset's adam_state_dtype) keeps bf16
     # moments (measured 1.7e-3; 7.9e-7 with float32 moments)
@@ -279,7 +290,7 @@ def test_ours_beside_the_record_and_its_twin_from_our_weights(monkeypatch, shard
     grads, twin = report.gradients[3]
     assert all(0 < grads[k] < 0.02 and 0 < twin[k] < 0.02 for k in parity.KINDS)
     assert "gradients at step 3 from our weights, ours against the record" in out.getvalue()
-    assert report.failures == []  # within the floor + --loss-tol 1, its Muon within --step-tol hidden=1
+    assert report.failures == []  # within the floor + --loss-tol 1; its Muon: --step-tol hidden=1 gate=1
 
 
 def test_the_verdict_holds_each_kinds_one_step_to_its_floor_or_tolerance():
@@ -287,9 +298,13 @@ def test_the_verdict_holds_each_kinds_one_step_to_its_floor_or_tolerance():
     row = parity46.Row(2, 2048, (128, 384), 6.0, 6.0, 1e-3, zero, ours=6.0005, update=zero)
     report = parity46.Report46({}, 87, [row], ours=True)
     report.checks[1801] = dict(zero, hidden=2.8e-5)  # the record's float32-vs-float64 floor
-    report.our_checks[1801] = dict(zero, hidden=5e-4, head=0.02, scalar=4e-3)  # as measured, inside
+    report.our_checks[1801] = dict(zero, hidden=3e-5, gate=8.1e-3, head=0.02, scalar=4e-3)  # as measured
     tolerances = parity46.STEP_TOLERANCES_46
     assert parity46.verdict(report, 0.0, tolerances) == []
+    report.our_checks[1801].update(hidden=2.4e-4, gate=0.0)  # the gates' difference on the hidden matrices
+    assert parity46.verdict(report, 0.0, tolerances) == [
+        "one step at 1801: hidden 2.4e-04 exceeds max(floor 2.8e-05, --step-tol hidden=0.0001)"]
+    report.our_checks[1801].update(hidden=3e-5)
     report.our_checks[1801]["head"] = 0.04
     assert parity46.verdict(report, 0.0, tolerances) == [
         "one step at 1801: head 4.0e-02 exceeds max(floor 0.0e+00, --step-tol head=0.03)"]

@@ -141,8 +141,8 @@ class Record20251129(Reference):
     rules = [
         ("embed.weight", "embed.weight", "embed"),
         ("value_embeds.{i}.weight", "value_embeds.{i}.weight", "value_embed"),
-        ("smear_gate.weight", "smear.gate.weight", "hidden"),
-        ("blocks.{i}.attn.attn_gate.weight", "blocks.{i}.attn.gate.weight", "hidden"),
+        ("smear_gate.weight", "smear.gate.weight", "gate"),
+        ("blocks.{i}.attn.attn_gate.weight", "blocks.{i}.attn.gate.weight", "gate"),
         ("blocks.{i}.mlp.c_fc", "blocks.{i}.mlp.fc.weight", "hidden", "T"),  # x @ c_fc (line 903)
         ("blocks.{i}.mlp.c_proj", "blocks.{i}.mlp.proj.weight", "hidden"),
         ("lm_head.weight", "lm_head.weight", "head"),

@@ -13,7 +13,10 @@ from torch import Tensor, nn
 
 from data.shards import ShardError, list_shards
 
-KINDS = ("hidden", "embed", "value_embed", "head", "scalar")  # how the differences are reported
+# How the differences are reported, in this order: the hidden matrices, the gates (record #46's smear and
+# attention gates: Muon-stepped, stored in bf16), the embeddings, value embeddings, head and scalars. A
+# format's report has the kinds its name table uses (`kinds_in`): the 2025-07-12 record has no gates.
+KINDS = ("hidden", "gate", "embed", "value_embed", "head", "scalar")
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class Entry:
     reference: str
     part: slice | None
     ours: str | None
-    kind: str  # hidden, embed, value_embed, head, scalar: how the differences are reported
+    kind: str  # one of KINDS: how the differences are reported
     layout: str | tuple[int, ...] | None = None
 
     def view(self, tensor: Tensor) -> Tensor:
@@ -173,14 +176,22 @@ def kind_of(table: list[Entry]) -> dict[str, str]:
     return {e.ours: e.kind for e in table if e.ours is not None}
 
 
+def kinds_in(kinds: dict[str, str]) -> tuple[str, ...]:
+    """The kinds that `kinds` (parameter -> kind) uses, in KINDS order: the columns of its report."""
+    used = set(kinds.values())
+    return tuple(k for k in KINDS if k in used)
+
+
 def relative_differences(kinds: dict[str, str], a: dict[str, Tensor],
                          b: dict[str, Tensor]) -> dict[str, float]:
-    """Per kind, ‖a − b‖/‖a‖ over all of that kind's tensors together (0/0 counts as 0)."""
-    num, den = dict.fromkeys(KINDS, 0.0), dict.fromkeys(KINDS, 0.0)
+    """Per kind of kinds_in(kinds), ‖a − b‖/‖a‖ over all of that kind's tensors together (0/0 counts
+    as 0)."""
+    columns = kinds_in(kinds)
+    num, den = dict.fromkeys(columns, 0.0), dict.fromkeys(columns, 0.0)
     for name, kind in kinds.items():
         num[kind] += torch.linalg.vector_norm(a[name] - b[name]).item() ** 2
         den[kind] += torch.linalg.vector_norm(a[name]).item() ** 2
-    return {k: math.sqrt(num[k] / den[k]) if den[k] else math.sqrt(num[k]) for k in KINDS}
+    return {k: math.sqrt(num[k] / den[k]) if den[k] else math.sqrt(num[k]) for k in columns}
 
 
 def change(after: dict[str, Tensor], before: dict[str, Tensor]) -> dict[str, Tensor]:
