@@ -12,11 +12,6 @@ from typing import NamedTuple
 # As train_gpt.py sets it, before torch loads MKL: CPU GEMMs bitwise reproducible from process to process
 # (the bitwise resume, distributed and bundle tests compare processes), inherited by every subprocess.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
-# train_gpt.py puts large CPU tensors on transparent huge pages by default. How fast the kernel serves
-# them depends on the machine's state: on one 2-core VM they once halved the CPU demo's time, and later
-# the same day doubled it (a 2-step demo run: 11.0 s with them, 5.4 s without). So the suite runs on
-# 4 KiB pages, whose cost holds steady.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
