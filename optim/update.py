@@ -324,7 +324,7 @@ def adam_math_stepwise(tensors: list[torch.Tensor], grads: list[torch.Tensor], e
         _scale_(v, keep_v[i]).addcmul_(g, g, value=1 - beta2)
         denom = v.sqrt()
         if not raw_eps:  # ⌊√v/√(1−β₂ᵗ)⌉, as _scale_ multiplies
-            denom.copy_(denom.to(torch.promote_types(denom.dtype, torch.float32)) / bias2_sqrt[i])
+            denom.copy_(denom.to(state_dtype(denom)) / bias2_sqrt[i])
         update = _scale_(m.div(denom.add_(eps)), step_size[i])
         if weight_decay and cautious:
             p.sub_(p * (update * p >= 0) * decay[i])
@@ -332,10 +332,10 @@ def adam_math_stepwise(tensors: list[torch.Tensor], grads: list[torch.Tensor], e
 
 
 def _scale_(t: torch.Tensor, factor: "float | torch.Tensor") -> torch.Tensor:
-    """t ← ⌊t·factor⌉, the product in at least float32: eager PyTorch's t.mul_(a Python float) on CPU
-    and CUDA alike, also for a factor held as a tensor on the device (which t.mul_ would round to a bf16
-    t's dtype first on CUDA)."""
-    return t.copy_(t.to(torch.promote_types(t.dtype, torch.float32)) * factor)
+    """t ← ⌊t·factor⌉, the product in at least float32 (state_dtype's rule): eager PyTorch's
+    t.mul_(a Python float) on CPU and CUDA alike, also for a factor held as a tensor on the device
+    (which t.mul_ would round to a bf16 t's dtype first on CUDA)."""
+    return t.copy_(t.to(state_dtype(t)) * factor)
 
 
 def _step_sizes(steps: list[torch.Tensor], flags: torch.Tensor | None, lr: "float | torch.Tensor",
