@@ -62,15 +62,21 @@ Path({report_dir!r}, "threads.rank" + os.environ["RANK"] + ".json").write_text(j
 """
 
 
+def torchrun(processes: int, script: str, *args: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node=PROCESSES SCRIPT ARGS` from the repo root, each process on
+    one thread (the tests share 2 cores); the module behind the torchrun command, so the venv's."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               script, *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
 def torchrun_pair(out_dir: Path, *flags: str) -> subprocess.CompletedProcess:
-    """train_gpt.py under torchrun, 2 processes of one thread each (the tests share 2 cores), with
-    GLOO_PAIR_FLAGS and `flags`; each rank's threads alive after main() in out_dir.parent. Asserts exit 0."""
+    """train_gpt.py under torchrun, 2 processes, with GLOO_PAIR_FLAGS and `flags`; each rank's threads
+    alive after main() in out_dir.parent. Asserts exit 0."""
     script = out_dir.parent / "threads_after_main.py"
     script.write_text(THREADS_AFTER_MAIN.format(root=str(ROOT), report_dir=str(out_dir.parent)))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(script), "--out-dir", str(out_dir), *GLOO_PAIR_FLAGS, *flags]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = torchrun(2, str(script), "--out-dir", str(out_dir), *GLOO_PAIR_FLAGS, *flags)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from pydoc_data.topics import topics
 
 import pytest
+from conftest import torchrun
 
 from training import recipe
 from training.flags import build_parser
@@ -198,14 +199,6 @@ def test_the_readme_command_runs_in_small_form(command, work):
 TORCHRUN_SMALL = ["--max-steps", "2", "--val-every", "0", "--sample-tokens", "0", "--no-plot"]
 
 
-def torchrun(processes: int, *flags: str) -> subprocess.CompletedProcess:
-    """README's torchrun line with `processes` processes (one thread each: the tests share 2 cores)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run"]  # the module behind the torchrun command
-    command = [*launcher, "--standalone", f"--nproc_per_node={processes}", "train_gpt.py", *flags]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-
-
 def test_the_readme_torchrun_line_runs_with_2_processes(gloo_pair_run):
     out = gloo_pair_run.stdout  # conftest's run of the line with 2 processes, 4 steps
     assert "1,024 tokens/step = 2 process(es) x 4 sequences x 128 tokens x 1 micro-batch(es)" in out
@@ -213,7 +206,7 @@ def test_the_readme_torchrun_line_runs_with_2_processes(gloo_pair_run):
 
 
 def test_the_readme_torchrun_line_with_3_processes_names_the_flags_that_fit(tmp_path):
-    refused = torchrun(3, *TORCHRUN_SMALL, "--out-dir", str(tmp_path))
+    refused = torchrun(3, "train_gpt.py", *TORCHRUN_SMALL, "--out-dir", str(tmp_path))
     lines = [line for line in (refused.stdout + refused.stderr).splitlines() if line.startswith("error: ")]
     # One line from each rank that gets to say it before torchrun stops the others; no process group.
     assert refused.returncode != 0 and 1 <= len(lines) <= 3 and len(set(lines)) == 1
@@ -221,6 +214,6 @@ def test_the_readme_torchrun_line_with_3_processes_names_the_flags_that_fit(tmp_
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
     fits = lines[0].split("; try ")[1].split()
     assert fits == ["--tokens-per-step", "1152", "--val-tokens", "8064"]
-    done = torchrun(3, *TORCHRUN_SMALL, *fits, "--out-dir", str(tmp_path))
+    done = torchrun(3, "train_gpt.py", *TORCHRUN_SMALL, *fits, "--out-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "done: step 2/2" in done.stdout
