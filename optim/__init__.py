@@ -25,8 +25,8 @@ public names:
                         ROUNDINGS its roundings; default_dtype its default precision;
                         newton_schulz_flops its cost; polar_reference the exact U Vᵀ by SVD
   dualize_linear, dualize_embed, dualize_sign, dualize_conv2d   the duality maps
-  EPS_FORMS, WD_FORMS, NORMUON_AXES, ADAM_ROUNDINGS   the choices of Muon's adam_eps_form, wd_form,
-                        normuon and adam_rounding
+  EPS_FORMS, WD_FORMS, NORMUON_AXES, STEP_ROUNDINGS   the choices of Muon's adam_eps_form, wd_form,
+                        normuon and step_rounding
   Distribution          what Muon calls for everything that depends on the ranks; OneProcess is one rank
   is_dtensor            whether a tensor is a DTensor (fully_shard's), without importing DTensor
   step_collectives      one DataParallel step's collectives at W ranks, without a process group;
@@ -57,11 +57,11 @@ from .newton_schulz import (
     resolve_coefficients,
 )
 from .state import muon_state_layout
-from .update import ADAM_ROUNDINGS
+from .update import STEP_ROUNDINGS
 from .zero import ALL_GATHER, ALL_REDUCE, REDUCE_SCATTER, Collective
 
 __all__ = [
-    "ADAM_ROUNDINGS",
+    "STEP_ROUNDINGS",
     "ALL_GATHER",
     "ALL_REDUCE",
     "COEFFICIENTS",

@@ -8,10 +8,10 @@ import torch
 
 from .distributed import WORLD, is_dtensor
 from .distribution import OneProcess, make_distribution
-from .kinds import KINDS, LR_SCALES
+from .kinds import KINDS, LR_SCALES, MATRIX
 from .newton_schulz import COEFFICIENTS, ROUNDINGS, Coefficients, resolve_coefficients
 from .state import check_muon_state_dict, with_keys_since, with_pending_gradients, without_pending_gradients
-from .update import ADAM_ROUNDINGS, STATE_DTYPES, kind_update, resting
+from .update import STATE_DTYPES, STEP_ROUNDINGS, kind_update, resting
 
 
 class Muon(torch.optim.Optimizer):
@@ -35,7 +35,7 @@ class Muon(torch.optim.Optimizer):
     cautious_wd, ns_steps, ns_coefficients, ns_dtype, ns_eps, ns_rounding, lr_scale, beta2, eps
     and eps_form (Adam's β₂, ε and ε's place: adam_betas[1], adam_eps, adam_eps_form here), and record
     #46's options (docs/MATH.md §4.7), each off by default: normuon, wd_form, lr_mul, step_every,
-    matrix_shape, state_dtype, adam_rounding; besides them a group may hold kind, role (optim.param_groups),
+    matrix_shape, state_dtype, step_rounding; besides them a group may hold kind, role (optim.param_groups),
     initial_lr (torch's schedulers) and pending_steps (step_every's counter); any other key is
     refused. Every value is checked at construction and in add_param_group (ValueError).
 
@@ -56,9 +56,12 @@ class Muon(torch.optim.Optimizer):
       NorMuon on its bf16 gates); "bfloat16" bf16 for every parameter: Adam's moments stored in bf16,
       read into at least float32, rounded once when stored, the step computed from the stored values
       (record #46's DistAdam).
-    - adam_rounding (adam only): "precise" (the default) computes Adam's step in at least float32 and
-      rounds each tensor once as stored; "stepwise" rounds every operation's result to the dtype it
-      writes, as eager PyTorch on record #46's bf16 moments (optim/update.py adam_math_stepwise).
+    - step_rounding: where the step's arithmetic rounds. "precise" (the default) computes it in the
+      state dtype (at least float32 by default) and rounds each tensor once as stored; "stepwise" is
+      record #46's eager ops in its order, each result rounded to the dtype it writes: on adam, its
+      DistAdam on bf16 moments (optim/update.py adam_math_stepwise); on a matrix kind (hidden, conv,
+      head_linear), its NorMuon, the update kept in ns_dtype from the map on, as its Polar Express
+      returns it (optim/update.py matrix_update_stepwise). embed and head_sign take "precise" only.
 
     `momentum` is every kind's first-moment coefficient: μ below, and β₁ for adam, whose groups
     default to adam_betas[0]. So a scheduler that cycles momentum (OneCycleLR, CyclicLR with
@@ -167,7 +170,7 @@ class Muon(torch.optim.Optimizer):
         adam_eps: float = 1e-8,
         adam_eps_form: str = "corrected",
         state_dtype: str = "float32",
-        adam_rounding: str = "precise",
+        step_rounding: str = "precise",
         process_group=WORLD,
         unused_parameters: bool = False,
     ):
@@ -204,7 +207,7 @@ class Muon(torch.optim.Optimizer):
             eps=adam_eps,
             eps_form=adam_eps_form,
             state_dtype=state_dtype,
-            adam_rounding=adam_rounding,
+            step_rounding=step_rounding,
         )
         _check_hyperparameters(defaults, "Muon")
         _check_range("Muon: adam_betas[0]", adam_betas[0], 0, 1)
@@ -338,7 +341,7 @@ class Muon(torch.optim.Optimizer):
 
         Unlike torch's, state keeps its own dtype (float32 moments stay float32 for bf16 parameters). A
         state dict saved before a group key of optim/state.py KEYS_SINCE existed loads as saved with the
-        value that reproduces its run (state_dtype "float32", adam_rounding "precise").
+        value that reproduces its run (state_dtype "float32", step_rounding "precise").
         """
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
@@ -457,6 +460,14 @@ def _check_group(group: dict, index: int) -> None:
         if group[name] is not None and kind.name != "hidden":
             raise ValueError(f"Muon param group {index}: {name}={group[name]!r} on kind {kind.name!r}; "
                              "it is an option of kind 'hidden' only")
+    if group["step_rounding"] == "stepwise" and kind.dualize is not None:
+        if kind.shard != MATRIX:
+            raise ValueError(f"Muon param group {index}: step_rounding='stepwise' on kind {kind.name!r}; it "
+                             "is record #46's arithmetic of adam and the matrix kinds only: use 'precise'")
+        if any(is_dtensor(p) for p in group["params"]):
+            raise ValueError(f"Muon param group {index}: step_rounding='stepwise' on kind {kind.name!r} with "
+                             "fully_shard (DTensor) parameters; leave it 'precise': it maps whole matrices "
+                             "where fully_shard steps rows")
     if group["matrix_shape"] is not None:
         group["matrix_shape"] = tuple(group["matrix_shape"])
     for p in group["params"]:
@@ -485,7 +496,7 @@ def _check_hyperparameters(group: dict, where: str) -> None:
             raise ValueError(f"{where}: {name}={group[name]!r}; expected an integer ≥ 1")
     for name, choices in (("normuon", NORMUON_AXES), ("wd_form", WD_FORMS), ("eps_form", EPS_FORMS),
                           ("ns_rounding", ROUNDINGS), ("state_dtype", tuple(STATE_DTYPES)),
-                          ("adam_rounding", ADAM_ROUNDINGS)):
+                          ("step_rounding", STEP_ROUNDINGS)):
         if group[name] not in choices:
             raise ValueError(f"{where}: {name}={group[name]!r}; use one of {choices}")
     eps = group["ns_eps"]

@@ -59,18 +59,22 @@ StateShape = Callable[[torch.Tensor], "tuple | None"]  # p → its state's shape
 
 # Group keys optim.Muon gained after its state dicts were first saved, each with the value that
 # reproduces how a state dict saved without it was computed: such a state dict loads as saved with it.
-KEYS_SINCE = {"state_dtype": "float32", "adam_rounding": "precise"}
+KEYS_SINCE = {"state_dtype": "float32", "step_rounding": "precise"}
+# Group keys renamed since, old name → new: a state dict saved under the old name loads under the new.
+KEYS_RENAMED = {"adam_rounding": "step_rounding"}
 
 
 def with_keys_since(state_dict):
-    """state_dict with each saved param group given the KEYS_SINCE it lacks (the same object if none
-    lacks any, or if it is no state dict, which check_muon_state_dict then refuses)."""
+    """state_dict with each saved param group's KEYS_RENAMED under their new names and the KEYS_SINCE
+    it lacks given (the same object if no group needs either, or if it is no state dict, which
+    check_muon_state_dict then refuses)."""
     groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         return state_dict
-    if all(KEYS_SINCE.keys() <= g.keys() for g in groups):
+    if all(KEYS_SINCE.keys() <= g.keys() and not KEYS_RENAMED.keys() & g.keys() for g in groups):
         return state_dict
-    return {**state_dict, "param_groups": [{**KEYS_SINCE, **g} for g in groups]}
+    renamed = [{KEYS_RENAMED.get(k, k): v for k, v in g.items()} for g in groups]
+    return {**state_dict, "param_groups": [{**KEYS_SINCE, **g} for g in renamed]}
 
 
 def check_muon_state_dict(state_dict, groups: list[dict], hyperparameters: Iterable[str], stamp: dict,

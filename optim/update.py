@@ -24,7 +24,7 @@ from functools import partial
 import torch
 
 from .kinds import LR_SCALES, MATRIX, Kind
-from .newton_schulz import compile_backend, compiled
+from .newton_schulz import compile_backend, compiled, default_dtype
 
 # (kind, group, updates) -> the mapped updates, in order: dualize_all or a distributed stand-in.
 Dualize = Callable[[Kind, dict, list[torch.Tensor]], list[torch.Tensor]]
@@ -38,10 +38,11 @@ STATE_DTYPES = {
 }
 
 
-# A group's adam_rounding: where Adam's arithmetic rounds to the stored dtypes. "precise": at least
-# float32 throughout, each tensor rounded once as stored (adam_math); "stepwise": after every operation,
-# as eager PyTorch on bf16 moments (adam_math_stepwise, record #46's DistAdam).
-ADAM_ROUNDINGS = ("precise", "stepwise")
+# A group's step_rounding: where its step's arithmetic rounds. "precise": in the state dtype (at least
+# float32 by default) throughout, each tensor rounded once as stored (adam_math, _momentum_update);
+# "stepwise": after every operation, as eager PyTorch in record #46's order and dtypes (adam_math_stepwise,
+# its DistAdam on bf16 moments; matrix_update_stepwise, its NorMuon on Polar Express's bf16 result).
+STEP_ROUNDINGS = ("precise", "stepwise")
 
 
 def state_dtype(p: torch.Tensor, rule: str = "float32") -> torch.dtype:
@@ -94,7 +95,10 @@ def kind_update(kind: Kind, group: dict, states: list[dict], tensors: list[torch
     dtypes = [state_dtype(t, group["state_dtype"]) for t in tensors]  # the update is computed in it
     precise = [t if t.dtype == d else t.to(d) for t, d in zip(tensors, dtypes, strict=True)]
     grads = [g.to(d) for g, d in zip(grads, dtypes, strict=True)]
-    _momentum_update(kind, group, states, precise, grads, flags, dualize or dualize_all)
+    if group["step_rounding"] == "stepwise":  # Muon refuses it where `dualize` stands in (fully_shard)
+        matrix_update_stepwise(kind, group, states, precise, grads, flags)
+    else:
+        _momentum_update(kind, group, states, precise, grads, flags, dualize or dualize_all)
     for t, p in zip(tensors, precise, strict=True):
         if p is not t:
             t.copy_(p)  # a low-precision parameter, rounded once
@@ -104,20 +108,27 @@ def _momentum_update(kind, group, states, tensors, grads, flags, dualize) -> Non
     """u = map(m(g)), or m(map(g)) for kinds that dualize before momentum; p ← p·(1 − lr·wd) − lr·u."""
     if kind.before_momentum:
         grads = [kind.dualize(g, group) for g in grads]
-    bufs = []
-    for state, t in zip(states, tensors, strict=True):
-        if "momentum_buffer" not in state:
-            state["momentum_buffer"] = torch.zeros_like(t)  # t is in its state dtype (kind_update)
-        bufs.append(state["momentum_buffer"])
-    mu = group["momentum"]
-    torch._foreach_lerp_(bufs, grads, where_flagged(flags, 1 - mu))  # buf ← lerp(buf, g, 1−μ)
-    updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs  # Nesterov: lerp(g, buf, μ)
+    updates = _momentum(group, states, tensors, grads, flags)
     if not kind.before_momentum:
         if group["normuon"] is None:
             updates = dualize(kind, group, updates)
         else:  # Muon refuses normuon where another map stands in (fully_shard): it needs whole matrices
             updates = dualize_all(kind, group, updates, partial(normuon, group, states, flags))
     _apply(kind, group, tensors, updates, flags)
+
+
+def _momentum(group: dict, states: list[dict], tensors: list[torch.Tensor], grads: list[torch.Tensor],
+              flags: torch.Tensor | None) -> list[torch.Tensor]:
+    """buf ← lerp(buf, g, 1−μ) (state "momentum_buffer", made at the first call in t's dtype, its state
+    dtype: kind_update); returns the update u = lerp(g, buf, μ) with Nesterov, else the buffers."""
+    bufs = []
+    for state, t in zip(states, tensors, strict=True):
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(t)
+        bufs.append(state["momentum_buffer"])
+    mu = group["momentum"]
+    torch._foreach_lerp_(bufs, grads, where_flagged(flags, 1 - mu))
+    return torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
 
 
 def dualize_all(kind: Kind, group: dict, updates: list[torch.Tensor],
@@ -176,6 +187,74 @@ def normuon(group: dict, states: list[dict], flags: torch.Tensor | None, V: torc
     return V * (norm / torch.linalg.vector_norm(V, dim=(-2, -1), keepdim=True).clamp_min(1e-10))
 
 
+def matrix_update_stepwise(kind: Kind, group: dict, states: list[dict], tensors: list[torch.Tensor],
+                           grads: list[torch.Tensor], flags: torch.Tensor | None) -> None:
+    """_momentum_update of a matrix kind as record #46's NorMuon computes it (step_rounding "stepwise"):
+    eager ops in its order, in place, each result rounded ⌊·⌉ to the dtype it writes. Momentum and p in
+    their state dtype; the map's result V in ns_dtype (the record's Polar Express returns bf16 whatever
+    it is given), and every later op on V in V's dtype:
+
+        b ← ⌊lerp(b, g, 1−μ)⌉;  u = ⌊lerp(g, b, μ)⌉ (Nesterov; else u = b);  V = ⌊map(u)⌉ in ns_dtype
+        NorMuon (normuon set): r = ⌊‖V‖_F⌉, q = ⌊mean of V² over its axis⌉, s ← ⌊lerp(s, q, 1−β₂)⌉,
+            V ← ⌊V·⌊1/√max(s, 1e-10)⌉⌉,  V ← ⌊V·⌊r/max(⌊‖V‖_F⌉, 1e-10)⌉⌉
+        in_update decay:  V ← ⌊V + ⌊lr·wd⌉·[V·p ≥ 0]·p⌉   (the mask only with cautious_wd)
+        p ← ⌊p − e·V⌉,  e = ⌊lr·⌊a·⌊lr_mul⌉⌉⌉,  a the kind's lr_scale
+
+    the coefficients rounded to p's dtype, as the record's tensors hold them. "decoupled" decay is
+    p ← ⌊p·(1 − lr·wd)⌉ (cautious: ⌊p − lr·wd·[V·p ≥ 0]·p⌉) before the step instead. With float32 p
+    and float32 Newton–Schulz this is _momentum_update up to float32 rounding; with bf16 Newton–Schulz
+    NorMuon runs on bf16 V, which _momentum_update reads into p's dtype first. An unflagged tensor's V
+    is multiplied by 0: it and its second moment stay as they are.
+    """
+    updates = _momentum(group, states, tensors, grads, flags)
+    stack = torch.stack(updates)
+    matrices = stack.view(len(updates), -1, *group["matrix_shape"]) if group["matrix_shape"] else stack
+    work = group["ns_dtype"] or default_dtype(stack.device)
+    V = kind.dualize(matrices.to(torch.promote_types(stack.dtype, work)), group).to(work)
+    if group["normuon"] is not None:
+        _normuon_stepwise(group, states, flags, V)
+    V = V.view(stack.shape)
+    P = torch.stack(tensors)  # the record's param_chunk: stepped as one tensor, then copied back
+    flag = True if flags is None else flags.view(-1, *[1] * (V.dim() - 1))
+    if flags is not None:
+        V.mul_(flag)
+    lr, wd, cautious = group["lr"], group["weight_decay"], group["cautious_wd"]
+    mask = (V * P >= 0) if cautious else True
+    if wd and group["wd_form"] == "in_update":
+        V.addcmul_(P, lr * wd * _record_coefficient(P, 1.0, 1.0) * mask * flag)
+    elif wd and cautious:
+        P.sub_(P * mask * (lr * wd) * flag)
+    elif wd:
+        _scale_(P, 1 - lr * wd if flags is None else torch.where(flag, 1 - lr * wd, 1.0))
+    scale = lr_scale(kind, group, tuple(stack.shape[1:]))
+    P.addcmul_(V, -(lr * _record_coefficient(P, scale, group["lr_mul"])))
+    torch._foreach_copy_(tensors, list(P.unbind(0)))
+
+
+def _normuon_stepwise(group: dict, states: list[dict], flags: torch.Tensor | None, V: torch.Tensor) -> None:
+    """normuon's map in place on V (K, …, m, n), as record #46 computes it: r, q and V's products in V's
+    dtype, the second moment ("second_moment", in the momentum's dtype) and its 1/√ in its own."""
+    m, n = V.shape[-2:]
+    dim = normuon_axis(group, m, n)
+    for state, v in zip(states, V.unbind(0), strict=True):
+        if "second_moment" not in state:
+            state["second_moment"] = torch.zeros_like(v.mean(dim=dim, keepdim=True),
+                                                      dtype=state["momentum_buffer"].dtype)
+    buffers = [state["second_moment"] for state in states]
+    norm = V.norm(dim=(-2, -1), keepdim=True)
+    mean = V.square().mean(dim=dim, keepdim=True)
+    means = [q.to(b.dtype) for q, b in zip(mean.unbind(0), buffers, strict=True)]
+    torch._foreach_lerp_(buffers, means, where_flagged(flags, 1 - group["beta2"]))
+    V.mul_(torch.stack(buffers).clamp_min(1e-10).rsqrt_())
+    V.mul_(norm / V.norm(dim=(-2, -1), keepdim=True).clamp_min_(1e-10))
+
+
+def _record_coefficient(like: torch.Tensor, scale: float, factor: float) -> torch.Tensor:
+    """⌊scale·⌊factor⌉⌉ as a 0-dim tensor of like's dtype on its device: record #46's per-parameter
+    coefficients (its param_lr, param_wd), which it holds as tensors of the parameter's dtype."""
+    return scale * torch.full((), factor, dtype=like.dtype, device=like.device)
+
+
 def _apply(kind: Kind, group: dict, tensors: list[torch.Tensor], updates: list[torch.Tensor], flags) -> None:
     """p ← p − lr·lr_mul·u − ρ·[u·p ≥ 0]·p; the mask only with cautious_wd. The decay rate ρ:
 
@@ -207,7 +286,7 @@ def adam_update(group: dict, states: list[dict], tensors: list[torch.Tensor], gr
     with β₁ the group's momentum (so schedulers that cycle momentum drive it), β₂ its beta2, the step
     size lr·lr_mul, ε where its eps_form puts it ("raw": raw_eps), and the weight decay of its wd_form
     (as _apply's, with s = 1): "decoupled" ρ = lr·lr_mul·wd, torch's AdamW and the record's DistAdam;
-    "in_update" ρ = (lr·lr_mul)·lr·wd. The group's adam_rounding (ADAM_ROUNDINGS) picks the arithmetic:
+    "in_update" ρ = (lr·lr_mul)·lr·wd. The group's step_rounding (STEP_ROUNDINGS) picks the arithmetic:
     "precise" adam_math, "stepwise" adam_math_stepwise (eager, whatever `compile` says).
 
     `compile` as orthogonalize's: None compiles on CUDA only, True or a backend anywhere, False never.
@@ -226,7 +305,7 @@ def adam_update(group: dict, states: list[dict], tensors: list[torch.Tensor], gr
     weight_decay = group["weight_decay"] / lr_mul if squared else group["weight_decay"]
     constants = dict(weight_decay=weight_decay, beta1=beta1, beta2=beta2, eps=group["eps"],
                      cautious=group["cautious_wd"], squared=squared, raw_eps=group["eps_form"] == "raw")
-    if group["adam_rounding"] == "stepwise":
+    if group["step_rounding"] == "stepwise":
         adam_math_stepwise(tensors, grads, *moments, flags, step, **constants)
         return
     backend = compile_backend(tensors[0].device, compile)
@@ -292,7 +371,7 @@ def adam_math_stepwise(tensors: list[torch.Tensor], grads: list[torch.Tensor], e
                        exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], flags: torch.Tensor | None,
                        lr: float, weight_decay: float, beta1: float, beta2: float, eps: float,
                        cautious: bool = False, squared: bool = False, raw_eps: bool = False) -> None:
-    """adam_math's step as record #46's DistAdam computes it (adam_rounding "stepwise"): PyTorch's
+    """adam_math's step as record #46's DistAdam computes it (step_rounding "stepwise"): PyTorch's
     eager ops in place on the stored tensors, in the record's order, each rounding its result ⌊·⌉ to
     the dtype of the tensor it writes (the moments' for m, v and the step u; p's for p):
 

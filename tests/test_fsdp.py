@@ -227,6 +227,9 @@ def scenarios(mesh: DeviceMesh, tmp: Path) -> dict:
     record["no_group_error"] = refusal(lambda: Muon(param_groups(model), process_group=None))
     record["later_error"] = refusal(lambda: Muon([{"params": [plain]}, {"params": list(model.parameters())}],
                                                  process_group=mesh.get_group()))
+    matrix = next(p for p in model.parameters() if p.ndim == 2)
+    stepwise = dict(params=[matrix], kind="hidden", step_rounding="stepwise")
+    record["stepwise_error"] = refusal(lambda: Muon([stepwise], process_group=mesh.get_group()))
     opt.close()
     return record
 
@@ -344,6 +347,7 @@ def test_plain_tensors_mixed_with_sharded_ones_and_a_process_group_are_refused(r
     assert "plain tensor among DTensors" in record["mixed_error"]
     assert "process_group=None with DTensor" in record["no_group_error"]
     assert "a DTensor among plain ones" in record["later_error"]
+    assert "step_rounding='stepwise' on kind 'hidden' with fully_shard" in record["stepwise_error"]
 
 
 def test_fsdp_computes_in_bf16_and_reduces_gradients_in_float32_on_cuda_only():

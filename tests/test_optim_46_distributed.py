@@ -6,9 +6,10 @@ stepped every other step (step_every = 2) on the sum of two steps' gradients. On
 The shapes and options follow record #46's groups at toy size (docs/MATH.md §4.7): its attention
 tensor (d, 4d) viewed as four (d, d) matrices with NorMuon by columns; its c_fc with lr_mul 2 (ours
 (4d, d), NorMuon by rows, the larger side); its gates (1 x g and heads x g, bf16 in the record; here
-also stepped every other step, to cover a resting Newton–Schulz group); the Adam side with the
+also stepped every other step, to cover a resting Newton–Schulz group, with the record's op order:
+step_rounding "stepwise"); the Adam side with the
 cautious decay and lr_mul, stepped on odd steps, and one Adam group with the record's bf16 moments
-and its eager arithmetic (state_dtype "bfloat16", adam_rounding "stepwise"). Two gates of one shape
+and its eager arithmetic (state_dtype "bfloat16", step_rounding "stepwise"). Two gates of one shape
 share a stack, three attention tensors do too, so 2 and 3 ranks split the stacks unevenly.
 """
 
@@ -29,9 +30,10 @@ DECAY = dict(wd_form="in_update", cautious_wd=True)
 GROUPS = [  # (shapes, options) per param group
     ([(D, 4 * D)] * 3, dict(kind="hidden", matrix_shape=(D, D), normuon="column", **DECAY)),
     ([(4 * D, D), (D, 4 * D)], dict(kind="hidden", normuon="auto", lr_mul=2.0, **DECAY)),
-    ([(1, G), (HEADS, G), (HEADS, G)], dict(kind="hidden", normuon="auto", step_every=2, **DECAY)),
+    ([(1, G), (HEADS, G), (HEADS, G)], dict(kind="hidden", normuon="auto", step_every=2,
+                                            step_rounding="stepwise", **DECAY)),
     ([(16, D), (5,), (3, 4)], dict(kind="adam", step_every=2, cautious_wd=True, lr_mul=3.0)),
-    ([(6,)], dict(kind="adam", lr_mul=5.0, state_dtype="bfloat16", adam_rounding="stepwise", **DECAY)),
+    ([(6,)], dict(kind="adam", lr_mul=5.0, state_dtype="bfloat16", step_rounding="stepwise", **DECAY)),
 ]
 RESTING = [options.get("step_every", 1) > 1 for shapes, options in GROUPS for _ in shapes]  # per parameter
 # Adam's eps is near the gradients' size, so that Adam's step depends on the gradient's scale: every

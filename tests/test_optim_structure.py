@@ -111,7 +111,7 @@ def test_one_process_step_allocates_the_same_after_the_first():
 
 # Muon's defaults
 DEFAULT_ADAM_OPTIONS = dict(lr_mul=1.0, wd_form="decoupled", cautious_wd=False, eps_form="corrected",
-                            state_dtype="float32", adam_rounding="precise")
+                            state_dtype="float32", step_rounding="precise")
 
 
 def adam_problem() -> tuple[list[torch.Tensor], list[dict]]:

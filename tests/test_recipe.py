@@ -95,9 +95,11 @@ def test_a_window_that_shrinks_is_refused(capsys):
 
 def test_fsdp_with_an_option_fully_shard_refuses_is_one_line_naming_each(capsys):
     error = parse_error(capsys, "--preset", "speedrun", "--fsdp")
-    assert error.count("\n") == 1 and ("--fsdp with --adam-step-every 2, --normuon, --wd-form in_update: "
-                                        "fully_shard averages each gradient at every backward") in error
-    assert "pass --adam-step-every 1, --no-normuon, --wd-form decoupled, or leave out --fsdp" in error
+    assert error.count("\n") == 1 and ("--fsdp with --adam-step-every 2, --normuon, --step-rounding "
+                                        "stepwise, --wd-form in_update: fully_shard averages each gradient "
+                                        "at every backward") in error
+    assert ("pass --adam-step-every 1, --no-normuon, --step-rounding precise, --wd-form decoupled, or "
+            "leave out --fsdp") in error
     assert recipe.parse_config(["--fsdp", "--adam-step-every", "1"]).fsdp
 
 

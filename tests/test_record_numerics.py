@@ -180,7 +180,7 @@ def test_raw_eps_compiles_in_one_graph_and_equals_eager():
     # The form is a constant of adam_math's graph (compiled with fullgraph on CUDA); aot_eager traces it.
     group = dict(lr=0.01, momentum=0.8, beta2=0.95, eps=1e-3, weight_decay=0.0, lr_mul=1.0,
                  wd_form="decoupled", cautious_wd=False, eps_form="raw", state_dtype="float32",
-                 adam_rounding="precise")
+                 step_rounding="precise")
     counter = CompileCounterWithBackend("aot_eager")
     results = []
     for compile in (False, counter):

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from model import GPT, PRESETS
-from optim import Muon
-from optim.update import adam_update
+from optim import Muon, orthogonalize
+from optim.kinds import KINDS
+from optim.update import adam_update, kind_update
 from training import recipe
 
 BF16 = torch.bfloat16
@@ -60,7 +61,7 @@ def adam_eager_reference(p: torch.Tensor, grads: list[torch.Tensor],
 def adam_run(p: torch.Tensor, grads: list[torch.Tensor], state_dtype: str, rounding: str = "precise",
              weight_decay: float = 0.0) -> tuple[torch.Tensor, Muon]:
     p = p.clone().requires_grad_()
-    opt = Muon([dict(params=[p], kind="adam", state_dtype=state_dtype, adam_rounding=rounding)], lr=LR,
+    opt = Muon([dict(params=[p], kind="adam", state_dtype=state_dtype, step_rounding=rounding)], lr=LR,
                adam_betas=BETAS, adam_eps=EPS, adam_eps_form="raw", weight_decay=weight_decay)
     for g in grads:
         p.grad = g.to(p.dtype)
@@ -117,7 +118,7 @@ def test_stepwise_adam_leaves_an_unflagged_tensor_alone_and_steps_a_flagged_one_
     # the unflagged one, stepped once before, keeps its value, its moments and its step count exactly.
     group = dict(lr=LR, momentum=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=0.5, lr_mul=1.0,
                  wd_form="decoupled", cautious_wd=cautious, eps_form="raw", state_dtype="bfloat16",
-                 adam_rounding="stepwise")
+                 step_rounding="stepwise")
     gen = torch.Generator().manual_seed(5)
     flagged = [torch.randn(4, 6, generator=gen), torch.randn(3, generator=gen).to(BF16)]
     plain, flagged_states, plain_states = [flagged[0].clone()], [{}, {}], [{}]
@@ -138,9 +139,115 @@ def test_stepwise_adam_leaves_an_unflagged_tensor_alone_and_steps_a_flagged_one_
     assert flagged_states[1]["step"].item() == 1
 
 
-def test_an_unknown_adam_rounding_is_refused_naming_the_choices():
-    with pytest.raises(ValueError, match="adam_rounding='fused'.*'stepwise'"):
-        Muon([torch.zeros(2, 2, requires_grad=True)], adam_rounding="fused")
+# ---- NorMuon with step_rounding "stepwise": record #46's NorMuon.step, op for op ------------------------
+
+PE = "polar_express_speedrun"
+NORMUON = dict(lr=0.023, lr_mul=2.0, wd=1.2, mu=0.95, beta2=0.95)
+
+
+def normuon_eager_reference(params: list[torch.Tensor], grads: list[torch.Tensor], ns_dtype: torch.dtype,
+                            axis: int, scale: float, matrix_shape=None) -> tuple[torch.Tensor, ...]:
+    """Record #46's NorMuon step (its lines 548–610) on one group's parameters of one shape, as its eager
+    code computes it: stacked, in the parameters' dtype, the update in what Polar Express returns
+    (ns_dtype; the map is optim's orthogonalize, checked against the record's elsewhere), in place,
+    the in-update cautious decay. grads: one stacked (K, *shape) gradient per step. Returns
+    (parameters, momentum, second moment)."""
+    P = torch.stack(params).clone()
+    momentum, second = torch.zeros_like(P), None
+    lr, wd, mu, beta2 = NORMUON["lr"], NORMUON["wd"], NORMUON["mu"], NORMUON["beta2"]
+    for G in grads:
+        G = G.to(P.dtype).clone()
+        momentum.lerp_(G, 1 - mu)
+        U = G.lerp_(momentum, mu)
+        matrices = U.view(len(params), -1, *matrix_shape) if matrix_shape else U
+        V = orthogonalize(matrices.to(ns_dtype), coefficients=PE, dtype=ns_dtype, rounding="fused")
+        if second is None:
+            second = torch.zeros_like(V.mean(dim=axis, keepdim=True), dtype=P.dtype)
+        eff_lr = lr * (scale * P.new_tensor([NORMUON["lr_mul"]] * len(params)).view(-1, 1, 1))
+        eff_wd = lr * wd * P.new_tensor([1.0] * len(params)).view(-1, 1, 1)
+        norm = V.norm(dim=(-2, -1), keepdim=True)
+        second.lerp_(V.square().mean(dim=axis, keepdim=True).to(P.dtype), 1 - beta2)
+        V.mul_(second.clamp_min(1e-10).rsqrt_())
+        V.mul_(norm / V.norm(dim=(-2, -1), keepdim=True).clamp_min_(1e-10))
+        V = V.view(P.shape)
+        mask = (V * P) >= 0
+        V.addcmul_(P, (eff_wd.view(-1, *[1] * (P.dim() - 1)) * mask).to(P.dtype))
+        P.addcmul_(V, -eff_lr.view(-1, *[1] * (P.dim() - 1)))
+    return P, momentum, second
+
+
+def normuon_run(params: list[torch.Tensor], grads: list[torch.Tensor], ns_dtype: torch.dtype, rounding: str,
+                **options) -> tuple[list[torch.Tensor], Muon]:
+    params = [p.clone().requires_grad_() for p in params]
+    opt = Muon([dict(params=params, kind="hidden", state_dtype="param", step_rounding=rounding, **options)],
+               lr=NORMUON["lr"], lr_mul=NORMUON["lr_mul"], momentum=NORMUON["mu"], weight_decay=NORMUON["wd"],
+               wd_form="in_update", cautious_wd=True, adam_betas=(0.9, NORMUON["beta2"]), lr_scale="muon",
+               ns_coefficients=PE, ns_dtype=ns_dtype, ns_rounding="fused")
+    for G in grads:
+        for p, g in zip(params, G.unbind(0), strict=True):
+            p.grad = g.to(p.dtype)
+        opt.step()
+    return [p.detach() for p in params], opt
+
+
+@pytest.mark.parametrize("dtype, ns_dtype, shape, normuon, axis, matrix_shape", [
+    (BF16, BF16, (6, 12), "auto", -2, None),  # the record's attention gates: bf16, one moment per column
+    (BF16, torch.float32, (6, 12), "auto", -2, None),  # the same with float32 Polar Express (parity's check)
+    (BF16, BF16, (1, 12), "auto", -2, None),  # the smear gate
+    (torch.float32, BF16, (32, 8), "auto", -1, None),  # a float32 MLP matrix, tall: per row
+    (torch.float32, BF16, (8, 32), "column", -2, (8, 8)),  # attention: (d, 4d) as four (d, d), by columns
+])
+def test_stepwise_normuon_is_the_records_eager_normuon_bit_for_bit(dtype, ns_dtype, shape, normuon, axis,
+                                                                   matrix_shape):
+    gen = torch.Generator().manual_seed(7)
+    params = [(0.1 * torch.randn(shape, generator=gen)).to(dtype) for _ in range(2)]
+    grads = [torch.randn(2, *shape, generator=gen) for _ in range(3)]
+    m, n = matrix_shape or shape
+    scale = max(1.0, shape[0] / shape[1]) ** 0.5  # the record's sizing, on the stored shape
+    want_p, want_b, want_s = normuon_eager_reference(params, grads, ns_dtype, axis, scale, matrix_shape)
+    got, opt = normuon_run(params, grads, ns_dtype, "stepwise", normuon=normuon, matrix_shape=matrix_shape)
+    states = [opt.state[p] for p in opt.param_groups[0]["params"]]
+    assert torch.equal(torch.stack(got), want_p)
+    assert torch.equal(torch.stack([s["momentum_buffer"] for s in states]), want_b)
+    assert torch.equal(torch.stack([s["second_moment"] for s in states]).view(want_s.shape), want_s)
+    precise, _ = normuon_run(params, grads, ns_dtype, "precise", normuon=normuon, matrix_shape=matrix_shape)
+    assert not torch.equal(torch.stack(precise), want_p)  # another arithmetic: V rounded once, as stored
+
+
+def test_stepwise_normuon_leaves_an_unflagged_tensor_alone_and_steps_a_flagged_one_as_without_flags():
+    group = dict(lr=0.05, momentum=0.9, nesterov=True, beta2=0.95, weight_decay=1.2, lr_mul=2.0,
+                 wd_form="in_update", cautious_wd=True, normuon="auto", matrix_shape=None, lr_scale="muon",
+                 ns_steps=5, ns_coefficients=PE, ns_dtype=BF16, ns_eps=None, ns_rounding="fused",
+                 state_dtype="param", step_rounding="stepwise")
+    # float32 parameters, the record's hidden matrices (flags are 0-dim float32 tensors, which lerp would
+    # round to a bf16 buffer's dtype; no preset sends flags: the record's model uses every parameter).
+    gen = torch.Generator().manual_seed(8)
+    flagged = [torch.randn(6, 12, generator=gen) for _ in range(2)]
+    plain, flagged_states, plain_states = [flagged[0].clone()], [{}, {}], [{}]
+    for step in range(3):
+        grads = [torch.randn(6, 12, generator=gen) for _ in range(2)]
+        if step == 0:
+            kind_update(KINDS["hidden"], group, flagged_states, flagged, grads, torch.tensor([True, True]))
+            after_one = [flagged[1].clone(), *(flagged_states[1][k].clone() for k in flagged_states[1])]
+        else:
+            grads[1].zero_()  # what a step without any rank's gradient receives
+            kind_update(KINDS["hidden"], group, flagged_states, flagged, grads, torch.tensor([True, False]))
+        kind_update(KINDS["hidden"], group, plain_states, plain, grads[:1], None)
+    assert torch.equal(flagged[0], plain[0])
+    assert all(torch.equal(flagged_states[0][k], plain_states[0][k]) for k in plain_states[0])
+    now = [flagged[1], *flagged_states[1].values()]
+    assert all(torch.equal(a, b) for a, b in zip(now, after_one, strict=True))
+
+
+@pytest.mark.parametrize("kind", ["embed", "head_sign"])
+def test_stepwise_rounding_is_refused_on_a_kind_the_records_have_not(kind):
+    with pytest.raises(ValueError, match=f"step_rounding='stepwise' on kind '{kind}'.*use 'precise'"):
+        Muon([dict(params=[torch.zeros(4, 4, requires_grad=True)], kind=kind, step_rounding="stepwise")])
+
+
+def test_an_unknown_step_rounding_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="step_rounding='fused'.*'stepwise'"):
+        Muon([torch.zeros(2, 2, requires_grad=True)], step_rounding="fused")
 
 
 def test_param_state_follows_each_parameters_dtype_and_updates_a_bf16_one_in_bf16():
@@ -181,18 +288,18 @@ def test_a_bf16_state_dict_round_trips_and_float32_state_is_refused_at_load():
         resumed.load_state_dict(float32.state_dict())
 
 
-def test_a_state_dict_from_before_state_dtype_and_adam_rounding_resumes_as_it_was_saved():
+def test_a_state_dict_from_before_state_dtype_and_step_rounding_resumes_as_it_was_saved():
     gen = torch.Generator().manual_seed(6)
     grads = [torch.randn(3, 4, generator=gen) for _ in range(3)]
     p, opt = adam_run(torch.zeros(3, 4), grads[:2], "float32")
     old = opt.state_dict()
-    old["param_groups"] = [{k: v for k, v in g.items() if k not in ("state_dtype", "adam_rounding")}
+    old["param_groups"] = [{k: v for k, v in g.items() if k not in ("state_dtype", "step_rounding")}
                            for g in old["param_groups"]]
     q = p.clone().requires_grad_()
     resumed = Muon([dict(params=[q], kind="adam")], lr=LR, adam_betas=BETAS, adam_eps=EPS,
-                   adam_eps_form="raw", adam_rounding="stepwise")
+                   adam_eps_form="raw", step_rounding="stepwise")
     resumed.load_state_dict(old)
-    assert (resumed.param_groups[0]["state_dtype"], resumed.param_groups[0]["adam_rounding"]) == (
+    assert (resumed.param_groups[0]["state_dtype"], resumed.param_groups[0]["step_rounding"]) == (
         "float32", "precise")
     q.grad = grads[2]
     resumed.step()

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import torch
 
 from model import GPT, PRESETS
-from optim import ADAM_ROUNDINGS, COEFFICIENTS, EPS_FORMS, LR_SCALES, ROUNDINGS, WD_FORMS, Muon, param_groups
+from optim import COEFFICIENTS, EPS_FORMS, LR_SCALES, ROUNDINGS, STEP_ROUNDINGS, WD_FORMS, Muon, param_groups
 from training.flags import (
     AT_LEAST_0,
     AT_LEAST_1,
@@ -51,7 +51,7 @@ PRESETS_TRAIN: dict[str, dict] = {
         val_seq_len=4 * 64 * 1024, val_batch_size=1, log_every=25, lr=0.023, embed_lr=0.008 * 75,
         head_lr=0.008, scalar_lr=0.008 * 5, embed_map="adam", lr_scale="muon", adam_betas=(0.65, 0.95),
         adam_eps=1e-8, adam_eps_form="raw", adam_weight_decay=0.0, adam_step_every=2,
-        adam_state_dtype="bfloat16", adam_rounding="stepwise", muon_state_dtype="param", normuon=True,
+        adam_state_dtype="bfloat16", step_rounding="stepwise", muon_state_dtype="param", normuon=True,
         normuon_beta2=0.95, weight_decay=1.2, wd_form="in_update", cautious_wd=True,
         ns_coefficients="polar_express_speedrun", ns_eps=1e-6, ns_rounding="fused",
         cooldown_frac=0.55, lr_floor=0.1, lr_levels=(1.0, 1.51, 1.93), lr_level_fracs=(0.33, 0.66),
@@ -139,10 +139,11 @@ class TrainConfig:
     adam_state_dtype: str = option("float32", "dtype of Adam's moments: float32 (at least the parameter's), "
                                    "or bfloat16 for every Adam parameter, rounded once a step as stored "
                                    "(record #46's DistAdam)", choices=("float32", "bfloat16"))
-    adam_rounding: str = option("precise", "where Adam's arithmetic rounds to the dtypes it writes: precise "
-                                "(in float32, each tensor rounded once as stored; compiled on CUDA) or "
-                                "stepwise (after every operation, eagerly, as record #46's DistAdam on its "
-                                "bf16 moments)", choices=ADAM_ROUNDINGS)
+    step_rounding: str = option("precise", "where the Adam and hidden-matrix steps' arithmetic rounds to the "
+                                "dtypes it writes: precise (in the state dtype, each tensor rounded once as "
+                                "stored; Adam compiled on CUDA) or stepwise (after every operation, eagerly, "
+                                "in record #46's order: its DistAdam on bf16 moments, its NorMuon on Polar "
+                                "Express's bf16 result)", choices=STEP_ROUNDINGS)
     muon_state_dtype: str = option("float32", "dtype of the Muon kinds' momentum and NorMuon buffers: "
                                    "float32 (at least the parameter's), or param: the parameter's own, so "
                                    "a bf16 gate (the model's head_gate_dtype, on CUDA) is updated in bf16 "
@@ -238,7 +239,7 @@ class TrainConfig:
 # refused unless --resume-changed-ok. The model's shape is checked apart (training/state.py).
 PLAN_FIELDS = ("max_steps", "tokens_per_step", "seq_len", "max_doc_len", "align_to_bos", "data_dir", "lr",
                "embed_lr", "head_lr", "scalar_lr", "embed_map", "lr_scale", "adam_betas", "adam_eps",
-               "adam_eps_form", "adam_step_every", "adam_state_dtype", "adam_rounding", "muon_state_dtype",
+               "adam_eps_form", "adam_step_every", "adam_state_dtype", "step_rounding", "muon_state_dtype",
                "weight_decay", "wd_form", "cautious_wd",
                "adam_weight_decay", "normuon", "normuon_beta2", "warmup_steps", "cooldown_frac", "lr_floor",
                "momentum", "momentum_start", "momentum_warmup_steps", "ns_coefficients", "ns_steps",
@@ -296,6 +297,7 @@ def sharding_problem(cfg: TrainConfig) -> str | None:
     matrices, or gradients kept across steps, where fully_shard leaves rows averaged at every backward)."""
     refused = [(f"--adam-step-every {cfg.adam_step_every}", "--adam-step-every 1", cfg.adam_step_every > 1),
                ("--normuon", "--no-normuon", cfg.normuon),
+               ("--step-rounding stepwise", "--step-rounding precise", cfg.step_rounding == "stepwise"),
                (f"--wd-form {cfg.wd_form}", "--wd-form decoupled", cfg.wd_form != "decoupled")]
     given = [(flag, fix) for flag, fix, on in refused if on]
     if cfg.fsdp and given:
@@ -382,8 +384,9 @@ def optimizer_groups(model: GPT, cfg: TrainConfig) -> list[dict]:
     per family (NORMUON_FAMILIES: its axis, beta2 = --normuon-beta2); token and value embeddings -> the
     embedding dual map (or Adam); LM head -> Adam; gains, lambdas, skip weights -> Adam. Adam groups
     step every --adam-step-every steps and decay by --adam-weight-decay; their state is in
-    --adam-state-dtype, with the arithmetic of --adam-rounding, every other group's in --muon-state-dtype
-    (optim.Muon's state_dtype and adam_rounding).
+    --adam-state-dtype, every other group's in --muon-state-dtype; the Adam and hidden groups step with
+    the arithmetic of --step-rounding (optim.Muon's state_dtype and step_rounding; the embedding map
+    has only the precise one).
     """
     groups = param_groups(model, embed="embed" if cfg.embed_map == "dual" else "adam", head="adam",
                           lrs=dict(hidden=cfg.lr, embed=cfg.embed_lr, head=cfg.head_lr, scalar=cfg.scalar_lr))
@@ -392,9 +395,10 @@ def optimizer_groups(model: GPT, cfg: TrainConfig) -> list[dict]:
     for group in groups:
         if group["kind"] == "adam":
             routed.append(group | dict(step_every=cfg.adam_step_every, weight_decay=adam_wd,
-                                       state_dtype=cfg.adam_state_dtype, adam_rounding=cfg.adam_rounding))
-        elif group["kind"] == "hidden" and cfg.normuon:
-            routed += normuon_groups(group | dict(state_dtype=cfg.muon_state_dtype), cfg.normuon_beta2)
+                                       state_dtype=cfg.adam_state_dtype, step_rounding=cfg.step_rounding))
+        elif group["kind"] == "hidden":
+            hidden = group | dict(state_dtype=cfg.muon_state_dtype, step_rounding=cfg.step_rounding)
+            routed += normuon_groups(hidden, cfg.normuon_beta2) if cfg.normuon else [hidden]
         else:
             routed.append(group | dict(state_dtype=cfg.muon_state_dtype))
     return routed
