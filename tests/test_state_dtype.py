@@ -309,6 +309,24 @@ def test_a_state_dict_from_before_state_dtype_and_step_rounding_resumes_as_it_wa
         resumed.load_state_dict(old)
 
 
+def test_a_state_dict_saved_with_adam_rounding_loads_it_as_step_rounding():
+    gen = torch.Generator().manual_seed(9)
+    grads = [torch.randn(3, 4, generator=gen) for _ in range(3)]
+    p, opt = adam_run(torch.zeros(3, 4), grads[:2], "bfloat16", "stepwise")
+    old = opt.state_dict()
+    old["param_groups"] = [{("adam_rounding" if k == "step_rounding" else k): v for k, v in g.items()}
+                           for g in old["param_groups"]]
+    q = p.clone().requires_grad_()
+    resumed = Muon([dict(params=[q], kind="adam", state_dtype="bfloat16")], lr=LR, adam_betas=BETAS,
+                   adam_eps=EPS, adam_eps_form="raw")
+    resumed.load_state_dict(old)
+    assert resumed.param_groups[0]["step_rounding"] == "stepwise"
+    assert "adam_rounding" not in resumed.param_groups[0]
+    q.grad = grads[2]
+    resumed.step()
+    assert torch.equal(q.detach(), adam_run(torch.zeros(3, 4), grads, "bfloat16", "stepwise")[0])
+
+
 def test_an_unknown_state_dtype_is_refused_naming_the_choices():
     with pytest.raises(ValueError, match="state_dtype='float16'.*'param'"):
         Muon([torch.zeros(2, 2, requires_grad=True)], state_dtype="float16")
