@@ -62,8 +62,9 @@ def test_each_choice_flag_lists_exactly_its_choices():
 
 def test_every_value_the_table_lists_is_accepted():
     alternatives = listed_alternatives()
-    assert len(alternatives) == 15  # preset model embed-map lr-scale adam-eps-form adam-state-dtype
-    # step-rounding muon-state-dtype wd-form ns-coefficients ns-rounding device compile compile-backend resume
+    assert len(alternatives) == 16  # preset model embed-map lr-scale adam-eps-form adam-state-dtype
+    # step-rounding muon-state-dtype momentum-blend wd-form ns-coefficients ns-rounding device compile
+    # compile-backend resume
     for name, values in alternatives.items():
         for value in values:
             if value.isupper():  # a placeholder such as PATH

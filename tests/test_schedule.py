@@ -187,6 +187,19 @@ def test_record_46_schedule_at_every_step_equals_its_formula(record_46):
         assert record_46.at(s).tokens == entry((131072, 262144, 393216, 393216), s), s
 
 
+@pytest.mark.parametrize("preset, blend", [("speedrun", "offset"), ("speedrun-2025-07-12", "weighted")])
+def test_each_preset_warms_momentum_up_in_its_records_float_operations_to_the_bit(preset, blend):
+    # Record #46: 0.85 + f (0.95 - 0.85); the 2025-07-12 record: (1 - f) 0.85 + f 0.95. The same numbers
+    # but for the last bit at some steps, which bf16 Newton-Schulz turns into another update.
+    schedule = recipe.schedule_of(recipe.parse_config(["--preset", preset]))
+    assert schedule.momentum_blend == blend
+    forms = {"offset": lambda f: 0.85 + f * (0.95 - 0.85), "weighted": lambda f: (1 - f) * 0.85 + f * 0.95}
+    warm_up = [schedule.momentum_at(s) for s in range(301)]
+    assert warm_up == [forms[blend](s / 300) for s in range(300)] + [0.95]
+    other = forms["weighted" if blend == "offset" else "offset"]
+    assert sum(schedule.momentum_at(s) != other(s / 300) for s in range(300)) > 50
+
+
 @pytest.mark.parametrize("flags, error", [
     (["--lr-levels", "1", "2"], "--lr-levels has 2 values for the 0 of --lr-level-fracs; expected one more"),
     (["--lr-levels", "1", "2", "3", "--lr-level-fracs", "0.6", "0.3"], "expected ascending fractions"),

@@ -30,7 +30,7 @@ from training.flags import (
     option,
     parse_flags,
 )
-from training.schedule import Schedule
+from training.schedule import MOMENTUM_BLENDS, Schedule
 
 DEVICE = Form(r"auto|cpu|mps|cuda(:\d+)?", "auto, cpu, cuda, cuda:N or mps")
 
@@ -55,8 +55,8 @@ PRESETS_TRAIN: dict[str, dict] = {
         normuon_beta2=0.95, weight_decay=1.2, wd_form="in_update", cautious_wd=True,
         ns_coefficients="polar_express_speedrun", ns_eps=1e-6, ns_rounding="fused",
         cooldown_frac=0.55, lr_floor=0.1, lr_levels=(1.0, 1.51, 1.93), lr_level_fracs=(0.33, 0.66),
-        momentum_cooldown_steps=50, window_end=0, window_blocks=(3, 7, 11, 13), final_val_windows=(2560, 768),
-        sample_tokens=0, warmup_kernel_steps=10,
+        momentum_cooldown_steps=50, momentum_blend="offset", window_end=0, window_blocks=(3, 7, 11, 13),
+        final_val_windows=(2560, 768), sample_tokens=0, warmup_kernel_steps=10,
     ),
     # The 2025-07-12 record's recipe (#26), kept as it was; its own table and step parity in
     # docs/RECIPE.md. 1750 steps x 393,216 tokens; on 8 GPUs one 48k-token sequence per rank per step.
@@ -179,6 +179,10 @@ class TrainConfig:
     momentum_start: float = option(0.85, "Muon momentum at step 0, raised linearly to --momentum",
                                    within=BELOW_1)
     momentum_warmup_steps: int = option(300, "steps of the momentum warm-up", within=AT_LEAST_0)
+    momentum_blend: str = option("weighted", "float form of the warm-up's blend: weighted, (1 - f) start + "
+                                 "f end (the 2025-07-12 record's), or offset, start + f (end - start) "
+                                 "(record #46's): the same number up to its last bit",
+                                 choices=MOMENTUM_BLENDS)
     momentum_cooldown_steps: int = option(0, "last steps of the run over which Muon momentum falls "
                                           "linearly back to --momentum-start (0: none)", within=AT_LEAST_0)
     ns_coefficients: str = option("muon", "Newton-Schulz coefficient set",
@@ -242,9 +246,9 @@ PLAN_FIELDS = ("max_steps", "tokens_per_step", "seq_len", "max_doc_len", "align_
                "adam_eps_form", "adam_step_every", "adam_state_dtype", "step_rounding", "muon_state_dtype",
                "weight_decay", "wd_form", "cautious_wd",
                "adam_weight_decay", "normuon", "normuon_beta2", "warmup_steps", "cooldown_frac", "lr_floor",
-               "momentum", "momentum_start", "momentum_warmup_steps", "ns_coefficients", "ns_steps",
-               "ns_eps", "ns_rounding", "window_start", "window_end", "scheduled_steps", "lr_levels",
-               "lr_level_fracs", "momentum_cooldown_steps", "window_blocks", "tokens_schedule",
+               "momentum", "momentum_start", "momentum_warmup_steps", "momentum_blend", "ns_coefficients",
+               "ns_steps", "ns_eps", "ns_rounding", "window_start", "window_end", "scheduled_steps",
+               "lr_levels", "lr_level_fracs", "momentum_cooldown_steps", "window_blocks", "tokens_schedule",
                "final_val_windows")
 
 

@@ -6,7 +6,10 @@ S = scheduled_steps (0: all T; the steps after S keep the final values), with x 
               lr_level_fracs below x (x > f); over the last cooldown_frac of S, L w + (1 - w) lr_floor
               with w = min(max((1 - x)/cooldown_frac, 0), 1): linear from L to lr_floor at s = S, then
               lr_floor. Every param group's lr is its base lr (group["initial_lr"]) times the factor.
-  momentum    Muon's mu: (1 - f) momentum_start + f momentum, f = min(s/momentum_warmup_steps, 1);
+  momentum    Muon's mu: (1 - f) momentum_start + f momentum, f = min(s/momentum_warmup_steps, 1), or
+              momentum_start + f (momentum - momentum_start) with momentum_blend "offset" (the same
+              number in other float operations: each record's own, a last-bit difference that bf16
+              Newton-Schulz can turn into another update);
               in the last momentum_cooldown_steps (s > T - C, after the warm-up) momentum - f'
               (momentum - momentum_start), f' = (s - (T - C))/C: back down to momentum_start at s = T.
   window      the long attention window in tokens. From a table window_blocks = (b_0, ..., b_n) of
@@ -36,6 +39,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+# The float form of the momentum warm-up's blend (module docstring): "weighted" the 2025-07-12 record's,
+# "offset" record #46's.
+MOMENTUM_BLENDS = ("weighted", "offset")
+
 
 class StepSettings(NamedTuple):
     """What the schedule sets at one step."""
@@ -59,6 +66,7 @@ class Schedule:
     momentum: float = 0.95
     momentum_start: float = 0.95
     momentum_warmup_steps: float = 0  # may be fractional: a share of a run of any length
+    momentum_blend: str = "weighted"  # the warm-up's float form (MOMENTUM_BLENDS)
     window_start: int = 0
     window_end: int = 0
     scheduled_steps: int = 0
@@ -144,7 +152,11 @@ class Schedule:
         if self.momentum_cooldown_steps and step > cooldown_start and step >= self.momentum_warmup_steps:
             frac = (step - cooldown_start) / self.momentum_cooldown_steps
             return self.momentum - frac * (self.momentum - self.momentum_start)
-        frac = min(step / self.momentum_warmup_steps, 1.0) if self.momentum_warmup_steps else 1.0
+        if not self.momentum_warmup_steps or step >= self.momentum_warmup_steps:
+            return self.momentum
+        frac = step / self.momentum_warmup_steps
+        if self.momentum_blend == "offset":
+            return self.momentum_start + frac * (self.momentum - self.momentum_start)
         return (1 - frac) * self.momentum_start + frac * self.momentum
 
     def window_at(self, step: int) -> int | None:
