@@ -17,7 +17,7 @@ help:
 	@echo "make train     train (CPU demo by default; see README for presets)"
 	@echo "make data      download FineWeb: the val shard + 9 train shards (enough for the 124M speedrun)"
 	@echo "make speedrun  make data, then the speedrun preset (record #46) on every visible GPU (torchrun)"
-	@echo "make bench     CPU benchmarks (optimizer, tokenization, distributed sharding, the step's structure)"
+	@echo "make bench     CPU benchmarks (optimizer, tokenization, distributed sharding, the step's structure, host memory)"
 	@echo "make bench-gpu the whole GPU benchmark in one command (ARGS=--smoke: toy sizes, runs on a CPU too)"
 	@echo "make gpu-check record #46's speedrun schedule (or --preset speedrun-2025-07-12) compressed on one GPU (ARGS=\"--out-dir DIR [--preset P] [--smoke]\")"
 	@echo "make lint      ruff check"
@@ -47,6 +47,7 @@ bench: $(STAMP)
 	$(PY) -m bench.tokenize
 	$(PY) -m bench.distributed
 	$(PY) -m bench.structure
+	$(PY) -m bench.host_memory
 
 # One line instead of a traceback where that python has no torch (a fresh clone without .venv).
 HAS_TORCH = $(BENCH_PY) -c 'import torch' 2>/dev/null || { echo "error: $(BENCH_PY) cannot import torch: run \`make install\` (or pip install -r requirements.txt) first" >&2; exit 1; }

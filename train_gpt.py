@@ -20,9 +20,6 @@ import sys
 import time
 from pathlib import Path
 
-# Large CPU tensors (the 50304-wide logits) on transparent huge pages: the CPU demo otherwise spends
-# about half its time in the kernel zeroing freshly mapped 4 KiB pages. Read when torch allocates.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 # CUDA's caching allocator grows segments in place instead of stranding memory between the
 # training (48k-token) and validation (256k-token) shapes, as the record runs. Read by torch's CUDA
 # allocator when it starts, so set before torch is imported; a value the user set wins.
@@ -59,6 +56,7 @@ from training.runtime import (  # noqa: E402
     check_writable,
     close_distributed,
     init_distributed,
+    keep_freed_host_memory,
     resolve_device,
     shorten_collective_timeout,
     wait_for_all_ranks,
@@ -75,6 +73,7 @@ def main(cfg: TrainConfig) -> dict:
 
     What can be checked before any process group or file exists is checked first, each failure one line.
     """
+    keep_freed_host_memory()
     layout = batch_layout(cfg, world_size_from_env())
     step_shapes(cfg, layout, world_size_from_env())  # every --tokens-schedule value splits, or one line
     cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or f"out/{cfg.preset}")
