@@ -82,9 +82,11 @@ DEFAULT_STEPS = [*range(20), *range(706, 710), 1800, 1801]
 # (hidden and gates, under its float32-vs-float64 floor), 1.2e-4 (value_embed) and less. With the
 # record's storage and Adam arithmetic in the preset (a7a6bb8): every Adam kind 0, hidden and gates
 # together 2.4e-4; apart (f6653f1) hidden 3.4e-6 against the floor 3.1e-5, the gates 8.1e-3, their bf16
-# NorMuon in another op order. So hidden, the float32 matrices, is held to float32 Newton–Schulz noise
-# (the floor, 1.5e-5 to 3.1e-5 measured, or 1e-4), the gates to 0.02, about twice their figure.
-STEP_TOLERANCES_46 = {"hidden": 1e-4, "gate": 0.02, "embed": 0.03, "value_embed": 0.03, "head": 0.03,
+# NorMuon in another op order; with the record's NorMuon arithmetic (db8bf7b) the gates 4.0e-4 (seed 0)
+# and 2.9e-3 (seed 1), where the record's own float32-vs-float64 floor measured 0 and 3.0e-3: Newton-Schulz
+# noise flipping bf16 roundings of the gates' small entries. So hidden, the float32 matrices, is held to
+# float32 Newton-Schulz noise (the floor, 5.7e-6 to 3.1e-5 measured, or 1e-4), the gates to 0.01.
+STEP_TOLERANCES_46 = {"hidden": 1e-4, "gate": 0.01, "embed": 0.03, "value_embed": 0.03, "head": 0.03,
                       "scalar": 0.01}
 # Record #46's architecture as GPTConfig options (tests/test_model_46.py holds them to its tensors).
 RECORD_46 = dict(attention_free_layers=(0, 7), mlp_free_layers=(0,), long_window_layers=(4, 11), smear=True,
