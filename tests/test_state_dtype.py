@@ -14,6 +14,7 @@ import io
 
 import pytest
 import torch
+from test_distributed import counting_host_reads
 
 from model import GPT, PRESETS
 from optim import Muon, orthogonalize
@@ -237,6 +238,22 @@ def test_stepwise_normuon_leaves_an_unflagged_tensor_alone_and_steps_a_flagged_o
     assert all(torch.equal(flagged_states[0][k], plain_states[0][k]) for k in plain_states[0])
     now = [flagged[1], *flagged_states[1].values()]
     assert all(torch.equal(a, b) for a, b in zip(now, after_one, strict=True))
+
+
+def test_a_stepwise_normuon_step_reads_nothing_on_the_host():
+    # Its coefficients are tensors made on the device (torch.full), as the lr is a Python float: on CUDA
+    # no step waits for the GPU.
+    gen = torch.Generator().manual_seed(10)
+    params = [(0.1 * torch.randn(6, 12, generator=gen)).to(BF16) for _ in range(2)]
+    grads = [torch.randn(2, 6, 12, generator=gen) for _ in range(2)]
+    normuon_run(params, grads[:1], BF16, "stepwise", normuon="auto")  # the state made before counting
+    _, opt = normuon_run(params, grads[:1], BF16, "stepwise", normuon="auto")
+    for p, g in zip(opt.param_groups[0]["params"], grads[1].unbind(0), strict=True):
+        p.grad = g.to(p.dtype)
+    reads = []
+    with counting_host_reads(reads):
+        opt.step()
+    assert reads == []
 
 
 @pytest.mark.parametrize("kind", ["embed", "head_sign"])
