@@ -141,8 +141,7 @@ def dualize_all(kind: Kind, group: dict, updates: list[torch.Tensor],
     """
     if kind.shard != MATRIX:
         return [kind.dualize(u, group) for u in updates]
-    stack = torch.stack(updates)
-    matrices = stack.view(len(updates), -1, *group["matrix_shape"]) if group["matrix_shape"] else stack
+    stack, matrices = _stacked_matrices(group, updates)
     dual = kind.dualize(matrices, group)  # one batched Newton–Schulz call
     if normalize is not None:
         dual = normalize(dual)
@@ -150,6 +149,13 @@ def dualize_all(kind: Kind, group: dict, updates: list[torch.Tensor],
     if kind.lr_scale:
         dual.mul_(lr_scale(kind, group, stack.shape))
     return list(dual.unbind(0))
+
+
+def _stacked_matrices(group: dict, updates: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the stack (K, *shape) of same-shape updates, its (K, …, m, n) matrices: the group's matrix_shape
+    view of each tensor's memory, or the stack itself)."""
+    stack = torch.stack(updates)
+    return stack, stack.view(len(updates), -1, *group["matrix_shape"]) if group["matrix_shape"] else stack
 
 
 def normuon_axis(group: dict, m: int, n: int) -> int:
@@ -166,6 +172,18 @@ def normuon_shape(group: dict, shape: tuple) -> tuple:
     return (*stack, m, 1) if normuon_axis(group, m, n) == -1 else (*stack, 1, n)
 
 
+def _second_moments(group: dict, states: list[dict], V: torch.Tensor) -> tuple[int, list[torch.Tensor]]:
+    """(the normuon axis of V's (K, …, m, n) matrices, each of the K states' "second_moment"), made at the
+    first call: zeros of V[k]'s shape with the axis 1, in the state's momentum dtype."""
+    dim = normuon_axis(group, *V.shape[-2:])
+    shape = list(V.shape[1:])
+    shape[dim] = 1
+    for state in states:
+        if "second_moment" not in state:
+            state["second_moment"] = torch.zeros(shape, dtype=state["momentum_buffer"].dtype, device=V.device)
+    return dim, [state["second_moment"] for state in states]
+
+
 def normuon(group: dict, states: list[dict], flags: torch.Tensor | None, V: torch.Tensor) -> torch.Tensor:
     """NorMuon (Li et al. 2025) on the mapped matrices V (K, …, m, n), one entry of `states` per k.
 
@@ -174,12 +192,7 @@ def normuon(group: dict, states: list[dict], flags: torch.Tensor | None, V: torc
     V ← V/√max(s, 1e-10), broadcast along the axis;  V ← V·r/max(‖V‖_F, 1e-10).
     An unflagged tensor's s is left as it is.
     """
-    m, n = V.shape[-2:]
-    dim = normuon_axis(group, m, n)
-    for state, v in zip(states, V.unbind(0), strict=True):
-        if "second_moment" not in state:
-            state["second_moment"] = torch.zeros_like(v.mean(dim=dim, keepdim=True))
-    buffers = [state["second_moment"] for state in states]
+    dim, buffers = _second_moments(group, states, V)
     norm = torch.linalg.vector_norm(V, dim=(-2, -1), keepdim=True)
     mean = V.square().mean(dim=dim, keepdim=True)
     torch._foreach_lerp_(buffers, list(mean.unbind(0)), where_flagged(flags, 1 - group["beta2"]))
@@ -206,9 +219,7 @@ def matrix_update_stepwise(kind: Kind, group: dict, states: list[dict], tensors:
     NorMuon runs on bf16 V, which _momentum_update reads into p's dtype first. An unflagged tensor's V
     is multiplied by 0: it and its second moment stay as they are.
     """
-    updates = _momentum(group, states, tensors, grads, flags)
-    stack = torch.stack(updates)
-    matrices = stack.view(len(updates), -1, *group["matrix_shape"]) if group["matrix_shape"] else stack
+    stack, matrices = _stacked_matrices(group, _momentum(group, states, tensors, grads, flags))
     work = group["ns_dtype"] or default_dtype(stack.device)
     V = kind.dualize(matrices.to(torch.promote_types(stack.dtype, work)), group).to(work)
     if group["normuon"] is not None:
@@ -219,13 +230,14 @@ def matrix_update_stepwise(kind: Kind, group: dict, states: list[dict], tensors:
     if flags is not None:
         V.mul_(flag)
     lr, wd, cautious = group["lr"], group["weight_decay"], group["cautious_wd"]
-    mask = (V * P >= 0) if cautious else True
-    if wd and group["wd_form"] == "in_update":
-        V.addcmul_(P, lr * wd * _record_coefficient(P, 1.0, 1.0) * mask * flag)
-    elif wd and cautious:
-        P.sub_(P * mask * (lr * wd) * flag)
-    elif wd:
-        _scale_(P, 1 - lr * wd if flags is None else torch.where(flag, 1 - lr * wd, 1.0))
+    if wd:
+        mask = (V * P >= 0) if cautious else True
+        if group["wd_form"] == "in_update":
+            V.addcmul_(P, lr * wd * _record_coefficient(P, 1.0, 1.0) * mask * flag)
+        elif cautious:
+            P.sub_(P * mask * (lr * wd) * flag)
+        else:
+            _scale_(P, 1 - lr * wd if flags is None else torch.where(flag, 1 - lr * wd, 1.0))
     scale = lr_scale(kind, group, tuple(stack.shape[1:]))
     P.addcmul_(V, -(lr * _record_coefficient(P, scale, group["lr_mul"])))
     torch._foreach_copy_(tensors, list(P.unbind(0)))
@@ -234,13 +246,7 @@ def matrix_update_stepwise(kind: Kind, group: dict, states: list[dict], tensors:
 def _normuon_stepwise(group: dict, states: list[dict], flags: torch.Tensor | None, V: torch.Tensor) -> None:
     """normuon's map in place on V (K, …, m, n), as record #46 computes it: r, q and V's products in V's
     dtype, the second moment ("second_moment", in the momentum's dtype) and its 1/√ in its own."""
-    m, n = V.shape[-2:]
-    dim = normuon_axis(group, m, n)
-    for state, v in zip(states, V.unbind(0), strict=True):
-        if "second_moment" not in state:
-            state["second_moment"] = torch.zeros_like(v.mean(dim=dim, keepdim=True),
-                                                      dtype=state["momentum_buffer"].dtype)
-    buffers = [state["second_moment"] for state in states]
+    dim, buffers = _second_moments(group, states, V)
     norm = V.norm(dim=(-2, -1), keepdim=True)
     mean = V.square().mean(dim=dim, keepdim=True)
     means = [q.to(b.dtype) for q, b in zip(mean.unbind(0), buffers, strict=True)]
