@@ -55,6 +55,14 @@ from torch import Tensor
 
 BLOCK = 128  # FlexAttention's tile: the block mask says, per 128 x 128 tile, none / some / all allowed
 
+# torch's CPU cos, sin, exp, ... go through MKL's vector math, which sets itself up on its first call.
+# When that first call is split over threads (tensors of more than 2048 elements), a thread can come
+# out of the set-up on a low-accuracy path for that call: the rotary tables below, a 256 x 32 cos on 2
+# threads, were then off by up to 2e-4 past position 64 (the second thread's half), in 5 to 40% of
+# fresh processes (torch 2.13, MKL 2024.2), and every loss after them moved. One single-threaded call
+# now, before any table is built, sets it up; tests/test_model.py checks both.
+torch.ones(1).cos()
+
 
 class Rotary(torch.nn.Module):
     """Rotary position embedding on the last dim (size head_dim), for positions < max_seq_len.

@@ -1,12 +1,15 @@
 """The GPT: shapes, the architecture's invariants (causality, windows, document masks), back-end agreement."""
 
 import dataclasses
+import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch._dynamo
-from conftest import random_gpt
+from conftest import ROOT, random_gpt
 
 from data.tokenizer import EOT
 from model import GPT, PRESETS, GPTConfig
@@ -161,6 +164,40 @@ def test_generate_is_seeded_and_stays_in_vocab():
 def test_sequence_longer_than_rotary_table_is_refused():
     with pytest.raises(ValueError, match="max_seq_len"):
         GPT(TINY)(tokens(1, TINY.max_seq_len + 1))
+
+
+# A fresh process with 2 threads: record the vector-math calls made while model.attention is imported and
+# a Rotary builds its (256, 32) tables, and measure the tables against float64's cos and sin of the same
+# float32 angles.
+FRESH_ROTARY = """
+import json, torch
+from torch.overrides import TorchFunctionMode
+torch.set_num_threads(2)
+calls = []
+class Record(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("cos", "sin"):
+            calls.append([func.__name__, args[0].numel()])
+        return func(*args, **(kwargs or {}))
+with Record():
+    from model.attention import Rotary
+    rotary = Rotary(64, 256)
+angles = torch.outer(torch.arange(256, dtype=torch.float32), rotary.theta).double()
+errors = [(rotary.cos.double() - angles.cos()).abs().max().item(),
+          (rotary.sin.double() - angles.sin()).abs().max().item()]
+print(json.dumps(dict(calls=calls, errors=errors)))
+"""
+
+
+def test_rotary_tables_are_accurate_in_a_fresh_process():
+    """MKL's vector math is set up by a single-threaded call before the first table is built: its first
+    call split over threads left one thread on a low-accuracy path (2e-4) in some processes."""
+    probe = subprocess.run([sys.executable, "-c", FRESH_ROTARY], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    report = json.loads(probe.stdout)
+    assert report["calls"][0] == ["cos", 1]  # the set-up call, before the tables' 8192-element cos
+    assert max(report["errors"]) < 1e-6  # float32 rounding of a 1-ulp cos is 6e-8; the bad path's 2e-4
 
 
 def test_eot_is_gpt2s():
