@@ -56,6 +56,7 @@ from training.runtime import (  # noqa: E402
     check_writable,
     close_distributed,
     init_distributed,
+    keep_freed_host_memory,
     resolve_device,
     shorten_collective_timeout,
     wait_for_all_ranks,
@@ -72,6 +73,7 @@ def main(cfg: TrainConfig) -> dict:
 
     What can be checked before any process group or file exists is checked first, each failure one line.
     """
+    keep_freed_host_memory()
     layout = batch_layout(cfg, world_size_from_env())
     step_shapes(cfg, layout, world_size_from_env())  # every --tokens-schedule value splits, or one line
     cfg = dataclasses.replace(cfg, out_dir=cfg.out_dir or f"out/{cfg.preset}")

@@ -18,6 +18,9 @@ import torch  # noqa: E402
 
 from model import GPT, GPTConfig
 from training.checkpoint import write_step
+from training.runtime import keep_freed_host_memory
+
+keep_freed_host_memory()  # as train_gpt.py does: the in-process runs' large temporaries reuse the heap
 
 # GPT-2's padded vocabulary, so that sampled ids decode as text; everything else tiny.
 TINY_GPT2 = GPTConfig(vocab_size=50304, n_layer=2, n_head=2, head_dim=8, dim=16, max_seq_len=64,
