@@ -24,11 +24,13 @@ from pathlib import Path
 # training (48k-token) and validation (256k-token) shapes, as the record runs. Read by torch's CUDA
 # allocator when it starts, so set before torch is imported; a value the user set wins.
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-# MKL's CPU GEMM otherwise picks its code path by the operands' memory alignment, which changes from
-# process to process: the same seed and flags then differ in the last bits (the CPU demo's val loss at
-# step 30 measured 5.6900 in one process, 5.6887 in the next), and a resumed run no longer equals an
-# uninterrupted one. Strict conditional numerical reproducibility fixes the path, at about 7% of the
-# CPU demo's time; CUDA matmuls do not use MKL. Read when MKL loads; a value the user set wins.
+# MKL's CPU GEMM may pick its code path by the operands' memory alignment, which can change from
+# process to process; strict conditional numerical reproducibility fixes the path, so the same seed and
+# flags give the same bits in every process and a resumed run equals an uninterrupted one. Its cost on
+# the CPU demo was within noise (6 steps, 3 runs each, 2026-12-06); CUDA matmuls do not use MKL. The
+# one-run-in-six last-bit difference that led here was most likely MKL's vector math instead
+# (model/attention.py).
+# Read when MKL loads; a value the user set wins.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch  # noqa: E402
