@@ -29,8 +29,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 # flags give the same bits in every process and a resumed run equals an uninterrupted one. Its cost on
 # the CPU demo was within noise (6 steps, 3 runs each, 2026-12-06); CUDA matmuls do not use MKL. The
 # one-run-in-six last-bit difference that led here was most likely MKL's vector math instead
-# (model/attention.py).
-# Read when MKL loads; a value the user set wins.
+# (model/attention.py). Read when MKL loads; a value the user set wins.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
 
 import torch  # noqa: E402
