@@ -92,7 +92,29 @@ def test_a_changed_lr_multiplier_is_caught_by_the_one_step_check_and_the_exit_st
     assert measured == pytest.approx(27.5 / 25 - 1, rel=1e-3)
     zeros = dict.fromkeys(KINDS, 0.0)
     report = parity.Report({}, checks=[parity.CheckRow(1, {**zeros, "head": measured}, zeros)])
-    assert parity.verdicts(report, 0.0, {**parity.STEP_TOLERANCES, "head": 0.1}) == []  # --step-tol head=0.1
+    head_tol = {**parity.STEP_TOLERANCES, "head": 0.1}  # --step-tol head=0.1
+    assert parity.verdicts(report, parity.LOSS_FACTOR, 0.0, head_tol) == []
+
+
+def test_the_loss_verdict_allows_loss_factor_times_the_floor_and_no_more():
+    zeros = dict.fromkeys(KINDS, 0.0)
+    report = parity.Report({}, steps=[parity.StepRow(2, 128, 6.0, 6.0015, 6.001, zeros, zeros),
+                                      parity.StepRow(3, 128, 5.0, 5.0, 5.0002, zeros, zeros)])
+    # ours 1.5e-3 from the record, the twin's largest 1.0e-3 (step 2's, not step 3's)
+    assert parity.verdicts(report, parity.LOSS_FACTOR, 0.0, parity.STEP_TOLERANCES) == []
+    assert parity.verdicts(report, 1.0, 0.0, parity.STEP_TOLERANCES) == [
+        "FAIL: loss difference +1.50e-03 at step 2 exceeds --loss-factor 1 x the noise floor 1.00e-03 "
+        "+ --loss-tol 0"]
+    assert parity.verdicts(report, 1.0, 6e-4, parity.STEP_TOLERANCES) == []  # --loss-tol 6e-4
+    report.steps[0].loss_ours = 6.0025  # beyond twice the floor
+    assert len(parity.verdicts(report, parity.LOSS_FACTOR, 0.0, parity.STEP_TOLERANCES)) == 1
+
+
+def test_the_loss_factor_defaults_to_two_and_must_be_positive(capsys):
+    assert parity.parse_args(["--reference", str(FIXTURE)]).loss_factor == parity.LOSS_FACTOR == 2.0
+    with pytest.raises(SystemExit):
+        parity.parse_args(["--reference", str(FIXTURE), "--loss-factor", "0"])
+    assert "--loss-factor must be positive, got 0" in capsys.readouterr().err
 
 
 def test_a_changed_mask_is_caught_by_the_loss(tmp_path, shard_dir):

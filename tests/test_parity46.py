@@ -305,21 +305,25 @@ def test_the_verdict_holds_each_kinds_one_step_to_its_floor_or_tolerance():
     report.checks[1801] = dict(zero, hidden=2.8e-5)  # the record's float32-vs-float64 floor
     report.our_checks[1801] = dict(zero, hidden=3e-5, gate=2.9e-3, head=0.02, scalar=4e-3)  # as measured
     tolerances = parity46.STEP_TOLERANCES_46
-    assert parity46.verdict(report, 0.0, tolerances) == []
+    assert parity46.verdict(report, 2.0, 0.0, tolerances) == []
     report.our_checks[1801].update(hidden=2.4e-4, gate=0.0)  # the gates' difference on the hidden matrices
-    assert parity46.verdict(report, 0.0, tolerances) == [
+    assert parity46.verdict(report, 2.0, 0.0, tolerances) == [
         "one step at 1801: hidden 2.4e-04 exceeds max(floor 2.8e-05, --step-tol hidden=0.0001)"]
     report.our_checks[1801].update(hidden=3e-5)
     report.our_checks[1801]["head"] = 0.04
-    assert parity46.verdict(report, 0.0, tolerances) == [
+    assert parity46.verdict(report, 2.0, 0.0, tolerances) == [
         "one step at 1801: head 4.0e-02 exceeds max(floor 0.0e+00, --step-tol head=0.03)"]
-    assert parity46.verdict(report, 0.0, {**tolerances, "head": 0.05}) == []  # --step-tol head=0.05
+    assert parity46.verdict(report, 2.0, 0.0, {**tolerances, "head": 0.05}) == []  # --step-tol head=0.05
     report.our_checks[1801].update(head=0.0, hidden=2e-3)
     report.checks[1801]["hidden"] = 3e-3  # a floor above the tolerance allows up to it
-    assert parity46.verdict(report, 0.0, tolerances) == []
-    row.ours = 6.002  # ours - record 2e-3 against a floor of 1e-3
-    assert parity46.verdict(report, 0.0, tolerances) == [
-        "loss: ours - record +2.0e-03 at step 2 exceeds the floor 1.0e-03 + --loss-tol 0"]
+    assert parity46.verdict(report, 2.0, 0.0, tolerances) == []
+    row.ours = 6.0015  # ours - record 1.5e-3 against a floor of 1e-3: within --loss-factor 2, not 1
+    assert parity46.verdict(report, 2.0, 0.0, tolerances) == []
+    assert parity46.verdict(report, 1.0, 0.0, tolerances) == [
+        "loss: ours - record +1.5e-03 at step 2 exceeds --loss-factor 1 x the floor 1.0e-03 + --loss-tol 0"]
+    row.ours = 6.0025
+    assert parity46.verdict(report, 2.0, 0.0, tolerances) == [
+        "loss: ours - record +2.5e-03 at step 2 exceeds --loss-factor 2 x the floor 1.0e-03 + --loss-tol 0"]
 
 
 def test_the_reference_only_run_has_no_verdict(stepped, shard_dir):

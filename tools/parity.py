@@ -38,8 +38,10 @@ state) and identical gradients (ours', times the tokens the reference's loss sum
 of each optimizer with both Newton–Schulz in float32, compared per kind. Its floor for the hidden
 matrices is the reference's own step with float32 against float64 Newton–Schulz.
 
-Exit status 1 when the largest loss difference exceeds the largest floor plus --loss-tol, or a
-kind's one-step difference exceeds max(its floor, --step-tol KIND=REL); 0 otherwise.
+Exit status 1 when the largest loss difference exceeds --loss-factor times the largest floor plus
+--loss-tol, or a kind's one-step difference exceeds max(its floor, --step-tol KIND=REL); 0 otherwise.
+The factor (2 by default) is there because ours and the twin are two samples of rounding-driven
+divergence, whose largest values over a run differ by chance (docs/RECIPE.md, "The loss rule").
 """
 
 import argparse
@@ -90,6 +92,12 @@ DEFAULT_STEPS = [*range(20), 1000, 1500]
 # Newton–Schulz floor and head and scalars to float32 rounding; the embeddings keep the one named
 # difference left, the record's bf16 Adam moments (measured 0.9% and 2.5%).
 STEP_TOLERANCES = {"hidden": 0.0, "embed": 0.05, "value_embed": 0.05, "head": 1e-6, "scalar": 1e-6}
+# The loss check: ours' largest |ours - record| at most LOSS_FACTOR x the twin's largest |twin - record|.
+# Both are samples of rounding-driven divergence; over the seven runs of docs/RECIPE.md ("The loss rule")
+# the ratio of their largest values was 0.63 to 1.12, log-spread 0.25 about 1: a factor of 2 is 2.7 of
+# those spreads, a chance failure of about 0.3% a run if ours and the twin were alike. The one-step check
+# is the precise part of the verdict.
+LOSS_FACTOR = 2.0
 
 
 # ---- ours ---------------------------------------------------------------------------------------------
@@ -292,21 +300,22 @@ def run(args: argparse.Namespace, out=None) -> Report:
         for step in args.check_steps:
             report.checks.append(parity.check_step(step))
             print(format_check(report.checks[-1]), file=out)
-    report.failures = verdicts(report, args.loss_tol, {**STEP_TOLERANCES, **args.step_tol})
+    report.failures = verdicts(report, args.loss_factor, args.loss_tol, {**STEP_TOLERANCES, **args.step_tol})
     for line in report.failures or ["PASS: every difference within its tolerance"]:
         print(line, file=out)
     return report
 
 
-def verdicts(report: Report, loss_tol: float, step_tol: dict[str, float]) -> list[str]:
+def verdicts(report: Report, loss_factor: float, loss_tol: float, step_tol: dict[str, float]) -> list[str]:
     """The failed checks, one line each (module docstring)."""
     failures = []
     if report.steps:
         worst = max(report.steps, key=lambda r: abs(r.loss_diff))
         floor = max(abs(r.floor_diff) for r in report.steps)
-        if abs(worst.loss_diff) > floor + loss_tol:
-            failures.append(f"FAIL: loss difference {worst.loss_diff:+.2e} at step {worst.step} exceeds the "
-                            f"noise floor {floor:.2e} + --loss-tol {loss_tol:g}")
+        if abs(worst.loss_diff) > loss_factor * floor + loss_tol:
+            failures.append(f"FAIL: loss difference {worst.loss_diff:+.2e} at step {worst.step} exceeds "
+                            f"--loss-factor {loss_factor:g} x the noise floor {floor:.2e} + --loss-tol "
+                            f"{loss_tol:g}")
     for row in report.checks:
         for kind, update in row.update.items():
             allowed = max(row.floor[kind], step_tol[kind])
@@ -391,8 +400,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="tokens per batch, a multiple of 128 [2048]")
     parser.add_argument("--data", help="folder of *_train_*.bin shards [the demo corpus]")
     parser.add_argument("--seed", type=int, default=0, help="seed of our weight init [0]")
+    parser.add_argument("--loss-factor", type=float, default=LOSS_FACTOR,
+                        help=f"the largest loss difference allowed, in multiples of the noise floor's "
+                             f"largest [{LOSS_FACTOR:g}]")
     parser.add_argument("--loss-tol", type=float, default=0.0,
-                        help="loss difference allowed beyond the measured noise floor [0]")
+                        help="loss difference allowed beyond --loss-factor x the noise floor [0]")
     parser.add_argument("--step-tol", type=tolerance, action="append", default=[],
                         help="KIND=REL: one-step relative update difference allowed for KIND "
                              f"[2025-07-12: {' '.join(f'{k}={v:g}' for k, v in STEP_TOLERANCES.items())}; "
@@ -412,6 +424,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.steps = None if args.steps is None else sorted({s for part in args.steps for s in part})
     args.step_tol = dict(args.step_tol)  # each format's defaults under these
+    if args.loss_factor <= 0:
+        parser.error(f"--loss-factor must be positive, got {args.loss_factor:g}")
     for flag, value in (("--width", args.width), ("--seq-len", args.seq_len)):
         if value < 128 or value % 128:
             parser.error(f"{flag} must be a positive multiple of 128, got {value}")

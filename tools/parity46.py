@@ -34,9 +34,9 @@ and our gradients of that step's micro-batches (through the name table; DistAdam
 by its own `_sync_gradient`), Polar Express in float32 on both, per kind ‖u_ref − u_ours‖/‖u_ref‖.
 The kinds (tools/parity_table.py KINDS): hidden (the float32 attention and MLP matrices), gate (the
 smear and attention gates, bf16 as the record stores them), embed, value_embed, head, scalar.
-Exit status 1 when the largest |ours − record| exceeds the largest |floor| plus --loss-tol, or a
-kind's one-step difference exceeds max(the record's floor, --step-tol KIND=REL, STEP_TOLERANCES_46
-by default).
+Exit status 1 when the largest |ours − record| exceeds --loss-factor (2) times the largest |floor|
+plus --loss-tol, or a kind's one-step difference exceeds max(the record's floor, --step-tol KIND=REL,
+STEP_TOLERANCES_46 by default).
 """
 
 import argparse
@@ -359,9 +359,10 @@ def run(args: argparse.Namespace, out=None) -> Report46:
             if parity.ours:
                 report.our_checks[step], *report.gradients[step] = parity.check_ours(step)
                 print(format_our_check(step, report.our_checks[step], *report.gradients[step]), file=out)
-    report.failures = verdict(report, args.loss_tol, {**STEP_TOLERANCES_46, **args.step_tol})
+    tolerances = {**STEP_TOLERANCES_46, **args.step_tol}
+    report.failures = verdict(report, args.loss_factor, args.loss_tol, tolerances)
     diagnostic = "DIAGNOSTIC (--record-float32), not the record: " if args.record_float32 else ""
-    print(diagnostic + summary(report), file=out)
+    print(diagnostic + summary(report, args.loss_factor), file=out)
     return report
 
 
@@ -410,18 +411,19 @@ def format_check(step: int, floor: dict[str, float]) -> str:
             f"float32 against float64: {parts}")
 
 
-def verdict(report: Report46, loss_tol: float, step_tol: dict[str, float]) -> list[str]:
-    """Our float32 loss held to the record's within the largest floor plus loss_tol; each kind's one-step
-    difference to max(the record's own float32-vs-float64 floor, step_tol[kind])."""
+def verdict(report: Report46, loss_factor: float, loss_tol: float, step_tol: dict[str, float]) -> list[str]:
+    """Our float32 loss held to the record's within loss_factor x the largest floor plus loss_tol; each
+    kind's one-step difference to max(the record's own float32-vs-float64 floor, step_tol[kind])."""
     if not report.ours:
         return []
     failures = []
     if report.rows:
         worst = max(report.rows, key=lambda r: abs(r.diff))
         floor = max(abs(r.floor) for r in report.rows)
-        if abs(worst.diff) > floor + loss_tol:
-            failures.append(f"loss: ours - record {worst.diff:+.1e} at step {worst.step} exceeds the floor "
-                            f"{floor:.1e} + --loss-tol {loss_tol:g}")
+        if abs(worst.diff) > loss_factor * floor + loss_tol:
+            failures.append(f"loss: ours - record {worst.diff:+.1e} at step {worst.step} exceeds "
+                            f"--loss-factor {loss_factor:g} x the floor {floor:.1e} "
+                            f"+ --loss-tol {loss_tol:g}")
     for step, update in report.our_checks.items():
         for kind, difference in update.items():
             allowed = max(report.checks[step][kind], step_tol[kind])
@@ -440,7 +442,7 @@ def format_our_check(step: int, update: dict[str, float], grads: dict[str, float
             f"gradients at step {step} from our weights, ours against the record (the twin's): {gradients}")
 
 
-def summary(report: Report46) -> str:
+def summary(report: Report46, loss_factor: float) -> str:
     if not report.rows:
         return "; ".join(["no steps run", *report.failures])
     floors = [abs(r.floor) for r in report.rows]
@@ -449,7 +451,8 @@ def summary(report: Report46) -> str:
     if not report.ours:
         return f"reference only: {floor}; no verdict without our side"
     diffs = [abs(r.diff) for r in report.rows]
-    verdict_line = "; ".join(report.failures) or "ours within the floor and the one-step tolerances"
+    verdict_line = "; ".join(report.failures) or (f"ours within {loss_factor:g} x the floor and the one-step "
+                                                   f"tolerances")
     return (f"ours - record, float32 loss: mean {sum(diffs) / len(diffs):.1e}, max {max(diffs):.1e}; "
             f"{floor}; {verdict_line}")
 
