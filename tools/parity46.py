@@ -309,10 +309,10 @@ class RecordParity:
         twins = [relative_differences(self.our_kinds, record_grads[0], g) for g in record_grads[1:]]
         stored = dict(self.ours.model.named_parameters())
         bf16 = {n: k for n, k in self.our_kinds.items() if stored[n].dtype == torch.bfloat16}
-        apart = {}
+        apart = dict.fromkeys(kinds_in(bf16), 0)  # in KINDS order
         for name, kind in bf16.items():
             steps = bf16_steps_apart(weights[name] + record_update[name], weights[name] + ours_update[name])
-            apart[kind] = max(apart.get(kind, 0), steps)
+            apart[kind] = max(apart[kind], steps)
         return (relative_differences(self.our_kinds, record_update, ours_update), apart,
                 relative_differences(self.our_kinds, record_grads[0], grads),
                 largest(twins, self.our_kinds))
