@@ -470,7 +470,7 @@ train_gpt.cli(sys.argv[1:])
 
 # A stopped peer reaches rank 0 as either of gloo's two timeouts, depending on which wait expires first.
 @pytest.mark.parametrize("fault, says", [("kill", ("Connection closed by peer",)),
-                                         ("stop", ("Timed out waiting 3000ms",
+                                         ("stop", ("Timed out waiting 10000ms",
                                                    "Application timeout caused pair closure"))])
 def test_a_peer_that_dies_or_stops_answering_is_one_line_from_the_other_rank(tmp_path, fault, says):
     script = tmp_path / "faulty_rank.py"
@@ -479,14 +479,14 @@ def test_a_peer_that_dies_or_stops_answering_is_one_line_from_the_other_rank(tmp
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     flags = ["--out-dir", str(tmp_path / "run"), *FAST[2:], "--max-steps", "8", "--log-every", "1",
-             "--batch-size", "4", "--collective-timeout-s", "3"]
+             "--batch-size", "4", "--collective-timeout-s", "10"]  # 3 s was too tight on a slow machine
     job = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
     ranks = [subprocess.Popen([sys.executable, str(script), *flags], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               env={**os.environ, **job, "RANK": str(rank), "LOCAL_RANK": str(rank)})
              for rank in (0, 1)]
     try:
-        out, err = ranks[0].communicate(timeout=TIME_LIMIT_S)  # 3 s after rank 1 stops, not 30 minutes
+        out, err = ranks[0].communicate(timeout=TIME_LIMIT_S)  # 10 s after rank 1 stops, not 30 minutes
     finally:
         ranks[1].kill()
         _, rank1_err = ranks[1].communicate()
