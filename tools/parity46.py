@@ -157,7 +157,6 @@ class Side:
     ref: Record20251129
     backend: list[SDPBackend] | None  # None: SDPA's default choice
     reverse: bool = False  # its micro-batches taken last to first: its gradients summed in reverse order
-    name: str = "the record"
 
     def kernel(self):
         return sdpa_choice(self.backend)
@@ -231,9 +230,9 @@ class RecordParity:
         self.our_kinds = kind_of(self.table)
         self.sides = [Side(ref, None)]
         if args.floor:
-            for name, backend, reverse in TWINS:
+            for _, backend, reverse in TWINS:
                 twin, _ = load_reference(args.reference, args.width, batch_divisor=args.batch_divisor)
-                self.sides.append(Side(twin, backend, reverse, name))
+                self.sides.append(Side(twin, backend, reverse))
         if args.record_float32:
             for side in self.sides:
                 side.ref.store_float32()
