@@ -173,9 +173,10 @@ class Side:
         by the record's names and by ours (through `table`)."""
         tokens = sum(targets.numel() for _, targets, _ in micro_batches)
         before, ours_before = self.weights(), reference_weights(table, self.ref)
+        fed = self.fed(micro_batches)
         with self.kernel():
-            loss = self.ref.float_loss(self.fed(micro_batches), step)
-            trained = self.ref.forward_backward(self.fed(micro_batches), step)
+            loss = self.ref.float_loss(fed, step)
+            trained = self.ref.forward_backward(fed, step)
         check_unread(table, self.ref)
         self.ref.step(step)
         return (loss / tokens, trained / tokens, change(self.weights(), before),
@@ -480,10 +481,10 @@ def verdict(report: Report46, loss_factor: float, loss_tol: float, step_tol: dic
         apart = report.steps_apart.get(step, {})
         for kind, difference in update.items():
             floor, tol = report.checks[step][kind], step_tol[kind]
-            one_rounding = apart.get(kind, 2) <= 1  # bf16 weights the record's or one bf16 step from them
+            one_rounding = kind in apart and apart[kind] <= 1  # bf16 weights the record's or a step from them
             if difference <= max(floor, tol) or one_rounding:
                 continue
-            stored = f", its bf16 weights up to {apart[kind]} steps apart" if apart.get(kind) else ""
+            stored = f", its bf16 weights up to {apart[kind]} steps apart" if kind in apart else ""
             failures.append(f"one step at {step}: {kind} {difference:.1e} exceeds max(floor {floor:.1e}, "
                             f"--step-tol {kind}={tol:g}){stored}")
     return failures
@@ -504,10 +505,10 @@ def format_our_check(step: int, update: dict[str, float], apart: dict[str, int],
 def twins_apart(rows: list[Row]) -> str:
     """Each twin's largest |twin − record| over the other twins' largest: the loss rule's chance of
     failing, seen on samples that differ from the record by rounding alone."""
-    largest = [max(abs(r.floors[i]) for r in rows) for i in range(len(rows[0].floors))]
-    if len(largest) < 2:
+    peaks = [max(abs(r.floors[i]) for r in rows) for i in range(len(rows[0].floors))]
+    if len(peaks) < 2:
         return ""
-    ratios = [value / max(largest[:i] + largest[i + 1:]) for i, value in enumerate(largest)]
+    ratios = [value / max(peaks[:i] + peaks[i + 1:]) for i, value in enumerate(peaks)]
     return f" (each twin's largest over the others': {', '.join(f'{r:.2f}' for r in ratios)})"
 
 
