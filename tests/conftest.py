@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny GPT saved as a checkpoint directory (training/checkpoint.py's format); one
-small run of README's torchrun line, 2 gloo processes, which several tests read (each run costs ~10 s)."""
+small run of README's torchrun line, 2 gloo processes, which several tests read (each run costs ~10 s);
+the suite process's freed heap handed back to the kernel after each test."""
 
+import ctypes
 import dataclasses
 import json
 import os
@@ -20,7 +22,25 @@ from model import GPT, GPTConfig
 from training.checkpoint import write_step
 from training.runtime import keep_freed_host_memory
 
-keep_freed_host_memory()  # as train_gpt.py does: the in-process runs' large temporaries reuse the heap
+# As train_gpt.py does: within a test, an in-process run's large temporaries reuse the heap.
+HEAP_KEPT = keep_freed_host_memory()
+
+
+def release_freed_host_memory() -> None:
+    """glibc's malloc_trim(0): every whole free page of the heap goes back to the kernel."""
+    if HEAP_KEPT:
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+@pytest.fixture(autouse=True)
+def freed_heap_released_after_each_test():
+    """What a test freed is not held into the next one. Held, the heap stays at the largest in-process
+    run's peak (4.5 GB after the #46 parity test), and on the 2-core CI VM every later subprocess run
+    then spent most of its time in the kernel zeroing pages: README's 3-process torchrun test measured
+    29 s with 28 s system time, 15 s with 3.6 s once the heap was released (docs/BENCHMARKS.md)."""
+    yield
+    release_freed_host_memory()
+
 
 # GPT-2's padded vocabulary, so that sampled ids decode as text; everything else tiny.
 TINY_GPT2 = GPTConfig(vocab_size=50304, n_layer=2, n_head=2, head_dim=8, dim=16, max_seq_len=64,
