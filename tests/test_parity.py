@@ -103,8 +103,8 @@ def test_the_loss_verdict_allows_loss_factor_times_the_floor_and_no_more():
     # ours 1.5e-3 from the record, the twin's largest 1.0e-3 (step 2's, not step 3's)
     assert parity.verdicts(report, parity.LOSS_FACTOR, 0.0, parity.STEP_TOLERANCES) == []
     assert parity.verdicts(report, 1.0, 0.0, parity.STEP_TOLERANCES) == [
-        "FAIL: loss difference +1.50e-03 at step 2 exceeds --loss-factor 1 x the noise floor 1.00e-03 "
-        "+ --loss-tol 0"]
+        "FAIL: loss difference +1.5e-03 (ours - record) at step 2 exceeds --loss-factor 1 x the floor "
+        "1.0e-03 + --loss-tol 0"]
     assert parity.verdicts(report, 1.0, 6e-4, parity.STEP_TOLERANCES) == []  # --loss-tol 6e-4
     report.steps[0].loss_ours = 6.0025  # beyond twice the floor
     assert len(parity.verdicts(report, parity.LOSS_FACTOR, 0.0, parity.STEP_TOLERANCES)) == 1

@@ -328,10 +328,12 @@ def test_the_verdict_holds_each_kinds_one_step_to_its_floor_or_tolerance():
     row.ours = 6.0015  # ours - record 1.5e-3 against a floor of 1e-3: within --loss-factor 2, not 1
     assert parity46.verdict(report, 2.0, 0.0, tolerances) == []
     assert parity46.verdict(report, 1.0, 0.0, tolerances) == [
-        "loss: ours - record +1.5e-03 at step 2 exceeds --loss-factor 1 x the floor 1.0e-03 + --loss-tol 0"]
+        "loss difference +1.5e-03 (ours - record) at step 2 exceeds --loss-factor 1 x the floor 1.0e-03 "
+        "+ --loss-tol 0"]
     row.ours = 6.0025
     assert parity46.verdict(report, 2.0, 0.0, tolerances) == [
-        "loss: ours - record +2.5e-03 at step 2 exceeds --loss-factor 2 x the floor 1.0e-03 + --loss-tol 0"]
+        "loss difference +2.5e-03 (ours - record) at step 2 exceeds --loss-factor 2 x the floor 1.0e-03 "
+        "+ --loss-tol 0"]
 
 
 def test_bf16_steps_apart_counts_units_in_the_last_place_across_powers_of_two_and_zero():

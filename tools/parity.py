@@ -71,6 +71,7 @@ from tools.parity_table import (
     copy_weights,
     kind_of,
     kinds_in,
+    loss_failure,
     our_weights,
     reference_tensor,
     reference_weights,
@@ -308,14 +309,8 @@ def run(args: argparse.Namespace, out=None) -> Report:
 
 def verdicts(report: Report, loss_factor: float, loss_tol: float, step_tol: dict[str, float]) -> list[str]:
     """The failed checks, one line each (module docstring)."""
-    failures = []
-    if report.steps:
-        worst = max(report.steps, key=lambda r: abs(r.loss_diff))
-        floor = max(abs(r.floor_diff) for r in report.steps)
-        if abs(worst.loss_diff) > loss_factor * floor + loss_tol:
-            failures.append(f"FAIL: loss difference {worst.loss_diff:+.2e} at step {worst.step} exceeds "
-                            f"--loss-factor {loss_factor:g} x the noise floor {floor:.2e} + --loss-tol "
-                            f"{loss_tol:g}")
+    loss = loss_failure([(r.step, r.loss_diff, r.floor_diff) for r in report.steps], loss_factor, loss_tol)
+    failures = [f"FAIL: {loss}"] if loss else []
     for row in report.checks:
         for kind, update in row.update.items():
             allowed = max(row.floor[kind], step_tol[kind])

@@ -70,6 +70,7 @@ from tools.parity_table import (
     copy_weights,
     kind_of,
     kinds_in,
+    loss_failure,
     our_weights,
     reference_tensor,
     reference_weights,
@@ -469,14 +470,8 @@ def verdict(report: Report46, loss_factor: float, loss_tol: float, step_tol: dic
     rounding of the stored weight apart."""
     if not report.ours:
         return []
-    failures = []
-    if report.rows:
-        worst = max(report.rows, key=lambda r: abs(r.diff))
-        floor = max(abs(r.floor) for r in report.rows)
-        if abs(worst.diff) > loss_factor * floor + loss_tol:
-            failures.append(f"loss: ours - record {worst.diff:+.1e} at step {worst.step} exceeds "
-                            f"--loss-factor {loss_factor:g} x the floor {floor:.1e} "
-                            f"+ --loss-tol {loss_tol:g}")
+    loss = loss_failure([(r.step, r.diff, r.floor) for r in report.rows], loss_factor, loss_tol)
+    failures = [loss] if loss else []
     for step, update in report.our_checks.items():
         apart = report.steps_apart.get(step, {})
         for kind, difference in update.items():

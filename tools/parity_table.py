@@ -1,6 +1,7 @@
 """What every tools.parity run shares, whatever the record's format: the name table (which tensor of a
 record's model is which parameter of ours), what every adapter provides (`Reference`), the weights and
-updates of both sides in our names, the runs of consecutive steps, and the training shards."""
+updates of both sides in our names, the runs of consecutive steps, the loss rule, and the training
+shards."""
 
 import math
 import re
@@ -192,6 +193,20 @@ def relative_differences(kinds: dict[str, str], a: dict[str, Tensor],
         num[kind] += torch.linalg.vector_norm(a[name] - b[name]).item() ** 2
         den[kind] += torch.linalg.vector_norm(a[name]).item() ** 2
     return {k: math.sqrt(num[k] / den[k]) if den[k] else math.sqrt(num[k]) for k in columns}
+
+
+def loss_failure(steps: list[tuple[int, float, float]], loss_factor: float, loss_tol: float) -> str | None:
+    """The loss rule (docs/RECIPE.md "The loss rule"), over (step, ours - record, floor) per step: ours'
+    largest |ours - record| at most loss_factor x the floor's largest |twin - record| + loss_tol. None
+    where it holds (or no step ran), else the failure in one line."""
+    if not steps:
+        return None
+    step, worst, _ = max(steps, key=lambda s: abs(s[1]))
+    floor = max(abs(f) for _, _, f in steps)
+    if abs(worst) <= loss_factor * floor + loss_tol:
+        return None
+    return (f"loss difference {worst:+.1e} (ours - record) at step {step} exceeds --loss-factor "
+            f"{loss_factor:g} x the floor {floor:.1e} + --loss-tol {loss_tol:g}")
 
 
 def change(after: dict[str, Tensor], before: dict[str, Tensor]) -> dict[str, Tensor]:
