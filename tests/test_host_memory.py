@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # also holds what torch's import mapped and still holds).
 PROBE = """
 import ctypes
-import resource
 from training.runtime import keep_freed_host_memory
 
 class MallInfo2(ctypes.Structure):
