@@ -398,6 +398,9 @@ def test_each_twin_is_held_to_the_others_as_ours_is_to_them():
     assert parity46.twins_apart(rows) == " (each twin's largest over the others': 0.50, 2.00, 0.50)"
     assert rows[0].floor == -4e-3 and rows[1].floor == -2e-3  # the largest magnitude, its sign kept
     assert parity46.twins_apart([parity46.Row(0, 2048, (128, 384), 6.0, 6.0, (1e-3,), zero)]) == ""
+    # step 0 alone (--steps 0): every twin's loss the record's to the last bit, no ratio to print
+    step_0 = parity46.Row(0, 2048, (128, 384), 6.0, 6.0, (0.0, 0.0, 2e-4), zero)
+    assert parity46.twins_apart([step_0]) == " (each twin's largest over the others': 0.00, 0.00, -)"
 
 
 def test_the_reference_only_run_has_no_verdict(stepped, shard_dir):

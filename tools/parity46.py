@@ -499,12 +499,14 @@ def format_our_check(step: int, update: dict[str, float], apart: dict[str, int],
 
 def twins_apart(rows: list[Row]) -> str:
     """Each twin's largest |twin − record| over the other twins' largest: the loss rule's chance of
-    failing, seen on samples that differ from the record by rounding alone."""
+    failing, seen on samples that differ from the record by rounding alone. "-" where the others' largest
+    is 0 (at step 0 every twin's loss can be the record's to the last bit)."""
     peaks = [max(abs(r.floors[i]) for r in rows) for i in range(len(rows[0].floors))]
     if len(peaks) < 2:
         return ""
-    ratios = [value / max(peaks[:i] + peaks[i + 1:]) for i, value in enumerate(peaks)]
-    return f" (each twin's largest over the others': {', '.join(f'{r:.2f}' for r in ratios)})"
+    others = [max(peaks[:i] + peaks[i + 1:]) for i in range(len(peaks))]
+    ratios = [f"{value / other:.2f}" if other else "-" for value, other in zip(peaks, others, strict=True)]
+    return f" (each twin's largest over the others': {', '.join(ratios)})"
 
 
 def summary(report: Report46, loss_factor: float) -> str:
